@@ -1,0 +1,51 @@
+# StreamSpace — `make run` runs the product, `make test` runs every test. Both install what they need.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8080
+
+.PHONY: install install-system install-test-system venv vendor run test lint unit format clean services
+
+install: install-system venv vendor
+
+install-system:
+	@bash scripts/install-system.sh product
+
+install-test-system:
+	@bash scripts/install-system.sh test
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+vendor:
+	@bash scripts/vendor-novnc.sh
+
+run: install
+	$(BIN)/streamspace up --port $(PORT)
+
+services:
+	@bash scripts/start-services.sh
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test: install install-test-system services lint
+	$(BIN)/pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf $(VENV) build test-artifacts src/streamspace/controlplane/web/vendor

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages StreamSpace needs, only those missing (idempotent, fast when done).
+#   product: what `make run` needs (VNC server, apps, noVNC files, sandbox)
+#   test:    additionally what `make test` needs (browser for UI tests, podman, databases)
+set -euo pipefail
+what="${1:-product}"
+product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap novnc x11-utils)
+test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
+           postgresql redis-server iproute2 procps)
+pkgs=("${product[@]}")
+[ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO="sudo"
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

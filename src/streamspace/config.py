@@ -1,0 +1,85 @@
+"""The one settings object. Every knob is an env var `STREAMSPACE_<NAME>`.
+
+Documented in docs/configuration.md."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "streamspace"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMSPACE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str = ""
+    redis_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""
+    replica_id: str = ""
+
+    secret_key: str = ""
+    admin_password: str = ""
+    access_token_ttl_seconds: int = 900
+    refresh_token_ttl_seconds: int = 7 * 24 * 3600
+    login_rate_per_minute: int = 10
+
+    templates_dir: Path | None = None
+    max_body_bytes: int = 1_048_576
+
+    stream_ticket_ttl_seconds: int = 30
+    agent_heartbeat_seconds: float = 10.0
+    agent_stale_after_seconds: float = 30.0
+    agent_offline_after_seconds: float = 90.0
+    join_token_ttl_seconds: int = 3600
+
+    command_timeout_seconds: float = 30.0
+    command_max_attempts: int = 3
+    starting_timeout_seconds: float = 150.0
+    stopping_timeout_seconds: float = 120.0
+    queue_timeout_seconds: float = 600.0
+    loop_interval_seconds: float = 2.0
+    idle_check_interval_seconds: float = 15.0
+    scheduler_strategy: str = "least_loaded"
+
+    default_idle_timeout_seconds: int = 3600
+    default_max_duration_seconds: int = 12 * 3600
+    default_quota_sessions: int = 5
+    default_quota_cpu_millis: int = 8000
+    default_quota_memory_mb: int = 16384
+
+    local_agent: bool = True
+    agent_max_sessions: int = 10
+    agent_cpu_millis: int = 8000
+    agent_memory_mb: int = 16384
+    agent_max_concurrent_commands: int = 8
+    local_sandbox: bool = False
+
+    log_format: str = "kv"
+    log_level: str = "INFO"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'streamspace.db'}"
+
+    def resolved_templates_dir(self) -> Path:
+        if self.templates_dir is not None:
+            return self.templates_dir
+        repo_templates = Path(__file__).resolve().parents[2] / "templates"
+        if repo_templates.is_dir():
+            return repo_templates
+        return Path(__file__).resolve().parent / "templates"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

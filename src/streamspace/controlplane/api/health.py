@@ -1,0 +1,75 @@
+"""Liveness, readiness, metrics and the live event stream (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy import func, select, text
+
+from streamspace.controlplane import metrics
+from streamspace.controlplane.deps import StateDep, UserDep
+from streamspace.db.models import Session as SessionRow
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> Response:
+    try:
+        async with state.db() as db:
+            await asyncio.wait_for(db.execute(text("SELECT 1")), 3)
+    except Exception as exc:
+        return JSONResponse(
+            {"status": "unavailable", "database": f"unreachable: {type(exc).__name__}"},
+            status_code=503,
+        )
+    return JSONResponse({"status": "ok", "database": "ok", "replica": state.replica_id})
+
+
+@router.get("/metrics")
+async def prometheus(state: StateDep) -> Response:
+    metrics.agents_connected.set(len(state.hub.connections))
+    metrics.streams_active.set(state.streams.active_streams)
+    async with state.db() as db:
+        counts = dict(
+            (await db.execute(select(SessionRow.state, func.count()).group_by(SessionRow.state)))
+            .tuples()
+            .all()
+        )
+    for st in ("pending", "running", "hibernated", "starting", "failed", "stopped"):
+        metrics.sessions_by_state.labels(st).set(counts.get(st, 0))
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/v1/events")
+async def events(request: Request, user: UserDep, state: StateDep) -> StreamingResponse:
+    """Server-sent events: `session` (a session changed) and `resync` (re-fetch the list)."""
+    sees_all = user.role in ("admin", "operator") and request.query_params.get("all") == "true"
+
+    async def stream() -> AsyncIterator[str]:
+        async with state.events.subscribe(user.id, sees_all) as sub:
+            yield "event: hello\ndata: {}\n\n"
+            while True:
+                try:
+                    event = await asyncio.wait_for(sub.queue.get(), 15)
+                except TimeoutError:
+                    yield ": keepalive\n\n"
+                    continue
+                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )

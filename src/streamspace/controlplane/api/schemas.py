@@ -1,0 +1,252 @@
+"""Request and response bodies of the REST API. Requests refuse unknown fields."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamspace.controlplane.catalog import NAME_PATTERN
+
+Role = Literal["admin", "operator", "user"]
+USERNAME = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$"
+TAG = r"^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,63}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class LoginIn(Strict):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+
+
+class RefreshIn(Strict):
+    refresh_token: str = Field(min_length=10, max_length=512)
+
+
+class LogoutIn(Strict):
+    refresh_token: str | None = Field(default=None, max_length=512)
+
+
+class PasswordChangeIn(Strict):
+    current_password: str = Field(min_length=1, max_length=1024)
+    new_password: str = Field(min_length=8, max_length=1024)
+
+
+class UserOut(Out):
+    id: str
+    username: str
+    display_name: str
+    email: str
+    role: str
+    is_active: bool
+    idle_timeout_seconds: int | None
+    created_at: datetime
+
+
+class TokenOut(BaseModel):
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int
+    refresh_token: str
+    user: UserOut
+
+
+class UserCreateIn(Strict):
+    username: str = Field(pattern=USERNAME)
+    password: str = Field(min_length=8, max_length=1024)
+    display_name: str = Field(default="", max_length=128)
+    email: str = Field(default="", max_length=254)
+    role: Role = "user"
+
+
+class UserPatchIn(Strict):
+    display_name: str | None = Field(default=None, max_length=128)
+    email: str | None = Field(default=None, max_length=254)
+    role: Role | None = None
+    is_active: bool | None = None
+    password: str | None = Field(default=None, min_length=8, max_length=1024)
+    idle_timeout_seconds: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
+
+
+class QuotaIn(Strict):
+    max_sessions: int = Field(ge=0, le=10_000)
+    max_cpu_millis: int = Field(ge=0, le=10_000_000)
+    max_memory_mb: int = Field(ge=0, le=100_000_000)
+
+
+class QuotaOut(Out):
+    max_sessions: int
+    max_cpu_millis: int
+    max_memory_mb: int
+
+
+class QuotaUsageOut(BaseModel):
+    limits: QuotaOut
+    source: str
+    used_sessions: int
+    used_cpu_millis: int
+    used_memory_mb: int
+
+
+class GroupIn(Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
+    description: str = Field(default="", max_length=512)
+
+
+class GroupPatchIn(Strict):
+    description: str | None = Field(default=None, max_length=512)
+
+
+class GroupOut(Out):
+    id: str
+    name: str
+    description: str
+    members: list[str] = Field(default_factory=list)
+    quota: QuotaOut | None = None
+
+
+class ResourcesIn(Strict):
+    cpu_millis: int | None = Field(default=None, ge=100, le=64000)
+    memory_mb: int | None = Field(default=None, ge=64, le=262144)
+
+
+class SessionCreateIn(Strict):
+    template: str = Field(pattern=NAME_PATTERN)
+    tags: list[str] = Field(default_factory=list, max_length=20)
+    cluster_id: str | None = Field(default=None, pattern=r"^[a-zA-Z0-9._-]{1,64}$")
+    resources: ResourcesIn | None = None
+    persistent_home: bool = True
+    idle_timeout_seconds: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
+
+    def clean_tags(self) -> list[str]:
+        return _clean_tags(self.tags)
+
+
+class SessionPatchIn(Strict):
+    tags: list[str] | None = Field(default=None, max_length=20)
+    idle_timeout_seconds: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
+    max_duration_seconds: int | None = Field(default=None, ge=60, le=90 * 24 * 3600)
+
+
+def _clean_tags(tags: list[str]) -> list[str]:
+    import re
+
+    out: list[str] = []
+    for tag in tags:
+        if not re.fullmatch(TAG, tag):
+            from streamspace.controlplane.problems import Problem
+
+            raise Problem(
+                422,
+                "Invalid request",
+                f"tags: {tag!r} is not a valid tag (letters, digits, . _ : / -; max 64)",
+                kind="invalid-request",
+            )
+        if tag not in out:
+            out.append(tag)
+    return out
+
+
+class SessionEventOut(Out):
+    at: datetime
+    kind: str
+    message: str
+    data: dict[str, Any]
+
+
+class SessionOut(BaseModel):
+    id: str
+    owner_id: str
+    owner: str
+    template: str
+    state: str
+    agent_id: str | None
+    cluster_id: str | None
+    requested_cluster_id: str | None
+    tags: list[str]
+    resources: dict[str, int]
+    persistent_home: bool
+    idle_timeout_seconds: int
+    max_duration_seconds: int
+    failure_reason: str
+    allowed_actions: list[str]
+    created_at: datetime
+    updated_at: datetime
+    state_changed_at: datetime
+    started_at: datetime | None
+    last_activity: datetime
+    status_message: str = ""
+    events: list[SessionEventOut] | None = None
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class JoinTokenIn(Strict):
+    ttl_seconds: int | None = Field(default=None, ge=60, le=7 * 24 * 3600)
+
+
+class JoinTokenOut(BaseModel):
+    token: str
+    expires_at: datetime
+    command: str
+
+
+class AgentOut(BaseModel):
+    id: str
+    name: str
+    cluster_id: str
+    cluster_name: str
+    region: str
+    backend: str
+    status: str
+    last_seen: datetime | None
+    draining: bool
+    revoked: bool
+    healthy: bool
+    health_detail: str
+    capacity: dict[str, int]
+    load: dict[str, int]
+    templates: list[str]
+    version: str
+    created_at: datetime
+
+
+class CredentialOut(BaseModel):
+    agent_id: str
+    credential: str
+
+
+class ConnectOut(BaseModel):
+    ticket: str
+    ws_path: str
+    expires_at: datetime
+    viewer_url: str
+
+
+class AuditOut(Out):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    resource_type: str
+    resource_id: str
+    detail: dict[str, Any]
+    ip: str
+    status_code: int

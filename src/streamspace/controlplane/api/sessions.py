@@ -1,0 +1,345 @@
+"""Sessions API. The owner always comes from the token; every access is checked per resource."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy import exists, func, literal_column, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from streamspace.controlplane import audit, quotas
+from streamspace.controlplane.api.schemas import (
+    ConnectOut,
+    Page,
+    SessionCreateIn,
+    SessionOut,
+    SessionPatchIn,
+    _clean_tags,
+)
+from streamspace.controlplane.catalog import TemplateSpec
+from streamspace.controlplane.deps import DbDep, StateDep, UserDep
+from streamspace.controlplane.lifecycle import session_view
+from streamspace.controlplane.problems import Problem, bad_request, conflict, not_found
+from streamspace.controlplane.state import AppState
+from streamspace.controlplane.statemachine import ACTIVE_STATES, State
+from streamspace.db.models import Session as SessionRow
+from streamspace.db.models import SessionEvent, Template, User
+
+router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"])
+
+
+async def load_owned(db: AsyncSession, session_id: str, user: User) -> SessionRow:
+    """The session if `user` may act on it; 404 (not 403) for other people's sessions."""
+    if len(session_id) > 64:
+        raise bad_request("session id is too long")
+    session = await db.get(SessionRow, session_id)
+    if session is None or (session.owner_id != user.id and user.role != "admin"):
+        raise not_found("session", session_id)
+    return session
+
+
+async def _view(
+    db: AsyncSession, state: AppState, row: SessionRow, with_events: bool = False
+) -> SessionOut:
+    events = None
+    if with_events:
+        events = list(
+            (
+                await db.scalars(
+                    select(SessionEvent)
+                    .where(SessionEvent.session_id == row.id)
+                    .order_by(SessionEvent.id.desc())
+                    .limit(50)
+                )
+            ).all()
+        )
+        events.reverse()
+    return session_view(row, await state.lifecycle.owner_name(db, row.owner_id), events)
+
+
+def _tag_filter(db: AsyncSession, tag: str):  # type: ignore[no-untyped-def]
+    if db.get_bind().dialect.name == "postgresql":
+        return SessionRow.tags.contains([tag])
+    each = func.json_each(SessionRow.tags).table_valued("value")
+    return exists(select(literal_column("1")).select_from(each).where(each.c.value == tag))
+
+
+@router.post("", response_model=SessionOut, status_code=201)
+async def create_session(
+    body: SessionCreateIn,
+    request: Request,
+    response: Response,
+    user: UserDep,
+    state: StateDep,
+    db: DbDep,
+    idempotency_key: str | None = Header(None, max_length=128),
+) -> SessionOut:
+    tags = body.clean_tags()
+    if idempotency_key:
+        existing = await db.scalar(
+            select(SessionRow).where(
+                SessionRow.owner_id == user.id, SessionRow.idempotency_key == idempotency_key
+            )
+        )
+        if existing is not None:
+            response.status_code = 200
+            return await _view(db, state, existing)
+    tpl_row = await db.scalar(select(Template).where(Template.name == body.template))
+    if tpl_row is None or not tpl_row.enabled:
+        raise Problem(
+            422,
+            "Invalid request",
+            f"template: {body.template!r} does not exist",
+            kind="invalid-request",
+        )
+    tpl = TemplateSpec.model_validate(tpl_row.spec)
+    res = body.resources
+    cpu = res.cpu_millis if res and res.cpu_millis else tpl.resources.cpu_millis
+    mem = res.memory_mb if res and res.memory_mb else tpl.resources.memory_mb
+    s = state.settings
+    session = SessionRow(
+        owner_id=user.id,
+        template_name=tpl.name,
+        state=State.PENDING.value,
+        requested_cluster_id=body.cluster_id,
+        tags=tags,
+        cpu_millis=cpu,
+        memory_mb=mem,
+        persistent_home=body.persistent_home,
+        idle_timeout_seconds=body.idle_timeout_seconds
+        or user.idle_timeout_seconds
+        or tpl.idle_timeout_seconds
+        or s.default_idle_timeout_seconds,
+        max_duration_seconds=tpl.max_duration_seconds or s.default_max_duration_seconds,
+        idempotency_key=idempotency_key,
+        status_message="waiting for the scheduler",
+    )
+    async with state.create_lock if db.get_bind().dialect.name == "sqlite" else _nolock():
+        await quotas.lock_subjects(db, user)
+        await quotas.check_can_create(db, user, s, cpu, mem)
+        db.add(session)
+        try:
+            await db.flush()
+        except IntegrityError as exc:
+            await db.rollback()
+            raise conflict("a session with this Idempotency-Key is being created") from exc
+        state.lifecycle.event(
+            db,
+            session,
+            "created",
+            f"requested {tpl.name} ({cpu} mCPU, {mem} MiB)"
+            + (f" in cluster {body.cluster_id}" if body.cluster_id else ""),
+        )
+        audit.record(
+            db,
+            actor=user,
+            action="session.create",
+            resource_type="session",
+            resource_id=session.id,
+            request=request,
+            status_code=201,
+            template=tpl.name,
+        )
+        await state.lifecycle.commit(db, [session])
+    state.lifecycle.wake_placer()
+    response.headers["Location"] = f"/api/v1/sessions/{session.id}"
+    return await _view(db, state, session)
+
+
+class _nolock:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+@router.get("", response_model=Page[SessionOut])
+async def list_sessions(
+    user: UserDep,
+    state: StateDep,
+    db: DbDep,
+    all: bool = Query(False, description="admins and operators: everyone's sessions"),
+    state_filter: str | None = Query(
+        None, alias="state", max_length=200, description="comma-separated states"
+    ),
+    active: bool | None = Query(None, description="only active (not stopped/failed)"),
+    tag: str | None = Query(None, max_length=64),
+    template: str | None = Query(None, max_length=64),
+    owner: str | None = Query(None, max_length=64, description="with all=true: by username"),
+    limit: int = Query(50, ge=1, le=200),
+    offset: int = Query(0, ge=0, le=1_000_000),
+) -> Page[SessionOut]:
+    stmt = select(SessionRow)
+    if all:
+        if user.role not in ("admin", "operator"):
+            raise Problem(
+                403, "Forbidden", "all=true needs the admin or operator role", kind="forbidden"
+            )
+        if owner:
+            stmt = stmt.join(User, User.id == SessionRow.owner_id).where(User.username == owner)
+    else:
+        stmt = stmt.where(SessionRow.owner_id == user.id)
+    if state_filter:
+        wanted = [s.strip() for s in state_filter.split(",") if s.strip()]
+        bad = [s for s in wanted if s not in State.__members__.values()]
+        if bad:
+            raise Problem(
+                422,
+                "Invalid request",
+                f"state: unknown state {bad[0]!r}; one of " + ", ".join(s.value for s in State),
+                kind="invalid-request",
+            )
+        stmt = stmt.where(SessionRow.state.in_(wanted))
+    if active is not None:
+        states = [s.value for s in ACTIVE_STATES]
+        stmt = stmt.where(
+            SessionRow.state.in_(states) if active else SessionRow.state.not_in(states)
+        )
+    if tag:
+        stmt = stmt.where(_tag_filter(db, tag))
+    if template:
+        stmt = stmt.where(SessionRow.template_name == template)
+    total = await db.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = (
+        await db.scalars(
+            stmt.order_by(SessionRow.created_at.desc(), SessionRow.id).limit(limit).offset(offset)
+        )
+    ).all()
+    owners = {r.owner_id for r in rows}
+    names = (
+        dict(
+            (await db.execute(select(User.id, User.username).where(User.id.in_(owners))))
+            .tuples()
+            .all()
+        )
+        if owners
+        else {}
+    )
+    return Page[SessionOut](
+        items=[session_view(r, names.get(r.owner_id, "")) for r in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=offset + limit if offset + limit < total else None,
+    )
+
+
+@router.get("/{session_id}", response_model=SessionOut)
+async def get_session(session_id: str, user: UserDep, state: StateDep, db: DbDep) -> SessionOut:
+    return await _view(db, state, await load_owned(db, session_id, user), with_events=True)
+
+
+@router.patch("/{session_id}", response_model=SessionOut)
+async def patch_session(
+    session_id: str,
+    body: SessionPatchIn,
+    request: Request,
+    user: UserDep,
+    state: StateDep,
+    db: DbDep,
+) -> SessionOut:
+    session = await load_owned(db, session_id, user)
+    if body.tags is not None:
+        session.tags = _clean_tags(body.tags)
+    if body.idle_timeout_seconds is not None:
+        session.idle_timeout_seconds = body.idle_timeout_seconds
+    if body.max_duration_seconds is not None:
+        if user.role != "admin":
+            raise Problem(
+                403, "Forbidden", "only admins may change max_duration_seconds", kind="forbidden"
+            )
+        session.max_duration_seconds = body.max_duration_seconds
+    audit.record(
+        db,
+        actor=user,
+        action="session.update",
+        resource_type="session",
+        resource_id=session.id,
+        request=request,
+        fields=sorted(body.model_dump(exclude_unset=True)),
+    )
+    await state.lifecycle.commit(db, [session])
+    return await _view(db, state, session)
+
+
+@router.delete("/{session_id}", response_model=SessionOut, status_code=202)
+async def stop_session(
+    session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
+) -> SessionOut:
+    session = await load_owned(db, session_id, user)
+    who = "you" if session.owner_id == user.id else f"admin {user.username}"
+    audit.record(
+        db,
+        actor=user,
+        action="session.stop",
+        resource_type="session",
+        resource_id=session.id,
+        request=request,
+        status_code=202,
+    )
+    await state.lifecycle.request_stop(db, session, f"stop requested by {who}")
+    return await _view(db, state, session)
+
+
+@router.post("/{session_id}/hibernate", response_model=SessionOut, status_code=202)
+async def hibernate_session(
+    session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
+) -> SessionOut:
+    session = await load_owned(db, session_id, user)
+    audit.record(
+        db,
+        actor=user,
+        action="session.hibernate",
+        resource_type="session",
+        resource_id=session.id,
+        request=request,
+        status_code=202,
+    )
+    await state.lifecycle.request_hibernate(db, session, f"hibernate requested by {user.username}")
+    return await _view(db, state, session)
+
+
+@router.post("/{session_id}/wake", response_model=SessionOut, status_code=202)
+async def wake_session(
+    session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
+) -> SessionOut:
+    session = await load_owned(db, session_id, user)
+    audit.record(
+        db,
+        actor=user,
+        action="session.wake",
+        resource_type="session",
+        resource_id=session.id,
+        request=request,
+        status_code=202,
+    )
+    await state.lifecycle.request_wake(db, session, f"wake requested by {user.username}")
+    return await _view(db, state, session)
+
+
+@router.post("/{session_id}/connect", response_model=ConnectOut)
+async def connect_session(
+    session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
+) -> ConnectOut:
+    session = await load_owned(db, session_id, user)
+    if session.state != State.RUNNING:
+        raise conflict(
+            f"cannot connect to a session that is {session.state}", current_state=session.state
+        )
+    ticket, expires = state.streams.issue_ticket(session.id, user.id)
+    audit.record(
+        db,
+        actor=user,
+        action="session.connect",
+        resource_type="session",
+        resource_id=session.id,
+        request=request,
+    )
+    await db.commit()
+    return ConnectOut(
+        ticket=ticket,
+        ws_path="/api/v1/streams/ws",
+        expires_at=expires,
+        viewer_url=f"/#/view/{session.id}",
+    )

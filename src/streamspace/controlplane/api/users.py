@@ -1,0 +1,407 @@
+"""Users, groups and quotas: admin-only management, plus each user's own quota view."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+
+from streamspace.controlplane import audit
+from streamspace.controlplane.api.schemas import (
+    GroupIn,
+    GroupOut,
+    GroupPatchIn,
+    Page,
+    QuotaIn,
+    QuotaOut,
+    QuotaUsageOut,
+    UserCreateIn,
+    UserOut,
+    UserPatchIn,
+)
+from streamspace.controlplane.deps import AdminDep, DbDep, StateDep, UserDep
+from streamspace.controlplane.problems import bad_request, conflict, not_found
+from streamspace.controlplane.quotas import usage, user_limits
+from streamspace.controlplane.security import hash_password
+from streamspace.db.models import Group, GroupMembership, Quota, User
+
+router = APIRouter(prefix="/api/v1", tags=["users"])
+
+
+async def _user(db: DbDep, user_id: str) -> User:
+    user = await db.get(User, user_id)
+    if user is None:
+        user = await db.scalar(select(User).where(User.username == user_id))
+    if user is None:
+        raise not_found("user", user_id)
+    return user
+
+
+@router.get("/users", response_model=Page[UserOut])
+async def list_users(
+    _: AdminDep,
+    db: DbDep,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+    q: str | None = Query(None, max_length=64, description="username contains"),
+) -> Page[UserOut]:
+    stmt = select(User)
+    if q:
+        stmt = stmt.where(User.username.contains(q))
+    total = await db.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = (await db.scalars(stmt.order_by(User.username).limit(limit).offset(offset))).all()
+    nxt = offset + limit if offset + limit < total else None
+    return Page[UserOut](
+        items=[UserOut.model_validate(u) for u in rows],
+        total=total,
+        limit=limit,
+        offset=offset,
+        next_offset=nxt,
+    )
+
+
+@router.post("/users", response_model=UserOut, status_code=201)
+async def create_user(body: UserCreateIn, request: Request, admin: AdminDep, db: DbDep) -> User:
+    if await db.scalar(select(User.id).where(User.username == body.username)):
+        raise conflict(f"username {body.username!r} is taken")
+    user = User(
+        username=body.username,
+        password_hash=hash_password(body.password),
+        display_name=body.display_name,
+        email=body.email,
+        role=body.role,
+    )
+    db.add(user)
+    try:
+        await db.flush()
+    except IntegrityError as exc:
+        await db.rollback()
+        raise conflict(f"username {body.username!r} is taken") from exc
+    audit.record(
+        db,
+        actor=admin,
+        action="user.create",
+        resource_type="user",
+        resource_id=user.id,
+        request=request,
+        username=user.username,
+        role=user.role,
+    )
+    await db.commit()
+    return user
+
+
+@router.get("/users/{user_id}", response_model=UserOut)
+async def get_user(user_id: str, _: AdminDep, db: DbDep) -> User:
+    return await _user(db, user_id)
+
+
+@router.patch("/users/{user_id}", response_model=UserOut)
+async def patch_user(
+    user_id: str, body: UserPatchIn, request: Request, admin: AdminDep, db: DbDep
+) -> User:
+    user = await _user(db, user_id)
+    changes = body.model_dump(exclude_unset=True)
+    if user.id == admin.id and (
+        changes.get("role", "admin") != "admin" or changes.get("is_active") is False
+    ):
+        raise bad_request("you cannot demote or disable yourself")
+    if "password" in changes:
+        user.password_hash = hash_password(changes.pop("password"))
+        user.token_version += 1
+    if changes.get("is_active") is False or ("role" in changes and changes["role"] != user.role):
+        user.token_version += 1
+    for key, value in changes.items():
+        setattr(user, key, value)
+    audit.record(
+        db,
+        actor=admin,
+        action="user.update",
+        resource_type="user",
+        resource_id=user.id,
+        request=request,
+        fields=sorted(body.model_dump(exclude_unset=True)),
+    )
+    await db.commit()
+    return user
+
+
+@router.delete("/users/{user_id}", status_code=204)
+async def delete_user(user_id: str, request: Request, admin: AdminDep, db: DbDep) -> Response:
+    user = await _user(db, user_id)
+    if user.id == admin.id:
+        raise bad_request("you cannot delete yourself")
+    from streamspace.controlplane.statemachine import ACTIVE_STATES
+    from streamspace.db.models import Session as SessionRow
+
+    active = await db.scalar(
+        select(func.count(SessionRow.id)).where(
+            SessionRow.owner_id == user.id, SessionRow.state.in_(list(ACTIVE_STATES))
+        )
+    )
+    if active:
+        raise conflict(f"user has {active} active sessions; stop them first")
+    await db.delete(user)
+    audit.record(
+        db,
+        actor=admin,
+        action="user.delete",
+        resource_type="user",
+        resource_id=user_id,
+        request=request,
+        username=user.username,
+    )
+    await db.commit()
+    return Response(status_code=204)
+
+
+async def _set_quota(
+    db: DbDep, *, user_id: str | None, group_id: str | None, body: QuotaIn
+) -> Quota:
+    cond = Quota.user_id == user_id if user_id else Quota.group_id == group_id
+    quota = await db.scalar(select(Quota).where(cond))
+    if quota is None:
+        quota = Quota(user_id=user_id, group_id=group_id, **body.model_dump())
+        db.add(quota)
+    else:
+        for key, value in body.model_dump().items():
+            setattr(quota, key, value)
+    return quota
+
+
+@router.put("/users/{user_id}/quota", response_model=QuotaOut)
+async def put_user_quota(
+    user_id: str, body: QuotaIn, request: Request, admin: AdminDep, db: DbDep
+) -> Quota:
+    user = await _user(db, user_id)
+    quota = await _set_quota(db, user_id=user.id, group_id=None, body=body)
+    audit.record(
+        db,
+        actor=admin,
+        action="quota.set",
+        resource_type="user",
+        resource_id=user.id,
+        request=request,
+        **body.model_dump(),
+    )
+    await db.commit()
+    return quota
+
+
+@router.delete("/users/{user_id}/quota", status_code=204)
+async def delete_user_quota(user_id: str, request: Request, admin: AdminDep, db: DbDep) -> Response:
+    user = await _user(db, user_id)
+    await db.execute(delete(Quota).where(Quota.user_id == user.id))
+    audit.record(
+        db,
+        actor=admin,
+        action="quota.delete",
+        resource_type="user",
+        resource_id=user.id,
+        request=request,
+    )
+    await db.commit()
+    return Response(status_code=204)
+
+
+@router.get("/users/{user_id}/quota", response_model=QuotaUsageOut)
+async def get_user_quota(user_id: str, _: AdminDep, state: StateDep, db: DbDep) -> QuotaUsageOut:
+    return await _quota_usage(db, await _user(db, user_id), state)
+
+
+@router.get("/me/quota", response_model=QuotaUsageOut)
+async def my_quota(user: UserDep, state: StateDep, db: DbDep) -> QuotaUsageOut:
+    return await _quota_usage(db, user, state)
+
+
+async def _quota_usage(db: DbDep, user: User, state: StateDep) -> QuotaUsageOut:
+    limits = await user_limits(db, user, state.settings)
+    used = await usage(db, user_id=user.id)
+    return QuotaUsageOut(
+        limits=QuotaOut(
+            max_sessions=limits.max_sessions,
+            max_cpu_millis=limits.max_cpu_millis,
+            max_memory_mb=limits.max_memory_mb,
+        ),
+        source=limits.source,
+        used_sessions=used.sessions,
+        used_cpu_millis=used.cpu_millis,
+        used_memory_mb=used.memory_mb,
+    )
+
+
+async def _group(db: DbDep, group_id: str) -> Group:
+    group = await db.get(Group, group_id)
+    if group is None:
+        group = await db.scalar(select(Group).where(Group.name == group_id))
+    if group is None:
+        raise not_found("group", group_id)
+    return group
+
+
+async def _group_out(db: DbDep, group: Group) -> GroupOut:
+    members = (
+        await db.scalars(
+            select(User.username)
+            .join(GroupMembership, GroupMembership.user_id == User.id)
+            .where(GroupMembership.group_id == group.id)
+            .order_by(User.username)
+        )
+    ).all()
+    quota = await db.scalar(select(Quota).where(Quota.group_id == group.id))
+    return GroupOut(
+        id=group.id,
+        name=group.name,
+        description=group.description,
+        members=list(members),
+        quota=QuotaOut.model_validate(quota) if quota else None,
+    )
+
+
+@router.get("/groups", response_model=list[GroupOut])
+async def list_groups(_: AdminDep, db: DbDep) -> list[GroupOut]:
+    groups = (await db.scalars(select(Group).order_by(Group.name))).all()
+    return [await _group_out(db, g) for g in groups]
+
+
+@router.post("/groups", response_model=GroupOut, status_code=201)
+async def create_group(body: GroupIn, request: Request, admin: AdminDep, db: DbDep) -> GroupOut:
+    if await db.scalar(select(Group.id).where(Group.name == body.name)):
+        raise conflict(f"group {body.name!r} exists")
+    group = Group(name=body.name, description=body.description)
+    db.add(group)
+    await db.flush()
+    audit.record(
+        db,
+        actor=admin,
+        action="group.create",
+        resource_type="group",
+        resource_id=group.id,
+        request=request,
+        name=group.name,
+    )
+    await db.commit()
+    return await _group_out(db, group)
+
+
+@router.get("/groups/{group_id}", response_model=GroupOut)
+async def get_group(group_id: str, _: AdminDep, db: DbDep) -> GroupOut:
+    return await _group_out(db, await _group(db, group_id))
+
+
+@router.patch("/groups/{group_id}", response_model=GroupOut)
+async def patch_group(
+    group_id: str, body: GroupPatchIn, request: Request, admin: AdminDep, db: DbDep
+) -> GroupOut:
+    group = await _group(db, group_id)
+    if body.description is not None:
+        group.description = body.description
+    audit.record(
+        db,
+        actor=admin,
+        action="group.update",
+        resource_type="group",
+        resource_id=group.id,
+        request=request,
+    )
+    await db.commit()
+    return await _group_out(db, group)
+
+
+@router.delete("/groups/{group_id}", status_code=204)
+async def delete_group(group_id: str, request: Request, admin: AdminDep, db: DbDep) -> Response:
+    group = await _group(db, group_id)
+    await db.delete(group)
+    audit.record(
+        db,
+        actor=admin,
+        action="group.delete",
+        resource_type="group",
+        resource_id=group.id,
+        request=request,
+        name=group.name,
+    )
+    await db.commit()
+    return Response(status_code=204)
+
+
+@router.put("/groups/{group_id}/members/{user_id}", response_model=GroupOut)
+async def add_member(
+    group_id: str, user_id: str, request: Request, admin: AdminDep, db: DbDep
+) -> GroupOut:
+    group = await _group(db, group_id)
+    user = await _user(db, user_id)
+    if await db.get(GroupMembership, (group.id, user.id)) is None:
+        db.add(GroupMembership(group_id=group.id, user_id=user.id))
+    audit.record(
+        db,
+        actor=admin,
+        action="group.add_member",
+        resource_type="group",
+        resource_id=group.id,
+        request=request,
+        user=user.username,
+    )
+    await db.commit()
+    return await _group_out(db, group)
+
+
+@router.delete("/groups/{group_id}/members/{user_id}", response_model=GroupOut)
+async def remove_member(
+    group_id: str, user_id: str, request: Request, admin: AdminDep, db: DbDep
+) -> GroupOut:
+    group = await _group(db, group_id)
+    user = await _user(db, user_id)
+    await db.execute(
+        delete(GroupMembership).where(
+            GroupMembership.group_id == group.id, GroupMembership.user_id == user.id
+        )
+    )
+    audit.record(
+        db,
+        actor=admin,
+        action="group.remove_member",
+        resource_type="group",
+        resource_id=group.id,
+        request=request,
+        user=user.username,
+    )
+    await db.commit()
+    return await _group_out(db, group)
+
+
+@router.put("/groups/{group_id}/quota", response_model=QuotaOut)
+async def put_group_quota(
+    group_id: str, body: QuotaIn, request: Request, admin: AdminDep, db: DbDep
+) -> Quota:
+    group = await _group(db, group_id)
+    quota = await _set_quota(db, user_id=None, group_id=group.id, body=body)
+    audit.record(
+        db,
+        actor=admin,
+        action="quota.set",
+        resource_type="group",
+        resource_id=group.id,
+        request=request,
+        **body.model_dump(),
+    )
+    await db.commit()
+    return quota
+
+
+@router.delete("/groups/{group_id}/quota", status_code=204)
+async def delete_group_quota(
+    group_id: str, request: Request, admin: AdminDep, db: DbDep
+) -> Response:
+    group = await _group(db, group_id)
+    await db.execute(delete(Quota).where(Quota.group_id == group.id))
+    audit.record(
+        db,
+        actor=admin,
+        action="quota.delete",
+        resource_type="group",
+        resource_id=group.id,
+        request=request,
+    )
+    await db.commit()
+    return Response(status_code=204)

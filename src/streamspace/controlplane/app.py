@@ -1,0 +1,203 @@
+"""Application factory: wires the database, hub, lifecycle, streams and loops into FastAPI."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from streamspace import __version__
+from streamspace.config import Settings
+from streamspace.controlplane import catalog, metrics, problems
+from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
+from streamspace.controlplane.events import EventBus
+from streamspace.controlplane.hub import Hub
+from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.loops import Loops
+from streamspace.controlplane.ratelimit import RateLimiter
+from streamspace.controlplane.security import hash_password, random_secret
+from streamspace.controlplane.state import AppState
+from streamspace.controlplane.streams import StreamBroker
+from streamspace.db import migrate
+from streamspace.db.engine import create_engine, session_factory
+from streamspace.db.models import User
+
+log = logging.getLogger("streamspace.app")
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+
+
+class BodyLimit:
+    """Refuse bodies over the limit with 413 before the handler buffers them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        resp = problems.problem_response(
+            None,
+            413,
+            "Payload too large",
+            f"request body exceeds {self.limit} bytes",
+            "payload-too-large",
+        )
+        await send({"type": "http.response.start", "status": 413, "headers": resp.raw_headers})
+        await send({"type": "http.response.body", "body": resp.body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def ensure_secret(settings: Settings) -> str:
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.data_dir / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = random_secret(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
+    return secret
+
+
+async def bootstrap_admin(state: AppState) -> str | None:
+    """Create `admin` on first start; returns the generated password if one was made."""
+    async with state.db() as db:
+        if (await db.scalar(select(func.count(User.id)))) or 0:
+            return None
+        password = state.settings.admin_password or random_secret(12)
+        db.add(
+            User(
+                username="admin",
+                display_name="Administrator",
+                role="admin",
+                password_hash=hash_password(password),
+            )
+        )
+        await db.commit()
+    return None if state.settings.admin_password else password
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.resolved_database_url())
+        await migrate.upgrade(engine)
+        replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        state = AppState(
+            settings=settings,
+            engine=engine,
+            db=session_factory(engine),
+            replica_id=replica,
+            secret=await ensure_secret(settings),
+            events=EventBus(),
+            limiter=RateLimiter(settings.login_rate_per_minute),
+        )
+        state.hub = Hub(state)
+        state.lifecycle = Lifecycle(state)
+        state.streams = StreamBroker(state)
+        app.state.ss = state
+        generated = await bootstrap_admin(state)
+        if generated:
+            print(
+                f"\n  Created user 'admin' with password: {generated}\n"
+                "  (shown once; set STREAMSPACE_ADMIN_PASSWORD to choose it)\n",
+                flush=True,
+            )
+        async with state.db() as db:
+            await catalog.sync_files(db, settings.resolved_templates_dir())
+        loops = Loops(state)
+        app.state.loops = loops
+        await loops.lease.renew()
+        loops.start()
+        log.info("control_plane_started replica=%s version=%s", replica, __version__)
+        try:
+            yield
+        finally:
+            await loops.stop()
+            await state.hub.close_all()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="StreamSpace",
+        version=__version__,
+        lifespan=lifespan,
+        openapi_url="/api/openapi.json",
+        docs_url="/api/docs",
+        redoc_url=None,
+    )
+    problems.install(app)
+    for module in (auth, users, templates, sessions, agents, audit, health):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests_total.labels(request.method, path, str(response.status_code)).inc()
+        metrics.request_seconds.labels(request.method, path).observe(time.perf_counter() - started)
+        return response
+
+    _mount_ui(app)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+def _mount_ui(app: FastAPI) -> None:
+    static = WEB_DIR / "static"
+    vendor = WEB_DIR / "vendor"
+    if static.is_dir():
+        app.mount("/static", StaticFiles(directory=static), name="static")
+    if vendor.is_dir():
+        app.mount("/vendor", StaticFiles(directory=vendor), name="vendor")
+    index = WEB_DIR / "index.html"
+
+    @app.get("/", include_in_schema=False)
+    async def ui_index() -> Response:
+        if not index.exists():
+            return problems.problem_response(
+                None, 404, "Not found", "the web UI is not installed", "not-found"
+            )
+        return FileResponse(index, headers={"Cache-Control": "no-store"})

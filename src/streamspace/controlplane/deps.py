@@ -1,0 +1,85 @@
+"""FastAPI dependencies: database session, the caller, and role checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from streamspace.controlplane.problems import Problem
+from streamspace.controlplane.security import decode_access_token
+from streamspace.controlplane.state import AppState
+from streamspace.db.models import User
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.ss
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+async def get_db(state: StateDep) -> AsyncIterator[AsyncSession]:
+    async with state.db() as db:
+        yield db
+
+
+DbDep = Annotated[AsyncSession, Depends(get_db)]
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(
+        401, "Unauthorized", detail, kind="unauthorized", headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token.strip()
+
+
+async def current_user(request: Request, state: StateDep, db: DbDep) -> User:
+    token = bearer_token(request)
+    if token is None:
+        raise _unauthorized("missing bearer token (log in at POST /api/v1/auth/login)")
+    claims = decode_access_token(state.secret, token)
+    if claims is None:
+        raise _unauthorized("invalid or expired access token")
+    user = await db.get(User, claims["sub"])
+    if user is None or not user.is_active:
+        raise _unauthorized("user no longer exists or is disabled")
+    if user.token_version != claims.get("tv"):
+        raise _unauthorized("token was revoked (logged out or password changed)")
+    request.state.user = user
+    return user
+
+
+UserDep = Annotated[User, Depends(current_user)]
+
+
+async def admin_user(user: UserDep) -> User:
+    if user.role != "admin":
+        raise Problem(403, "Forbidden", "this action needs the admin role", kind="forbidden")
+    return user
+
+
+async def operator_user(user: UserDep) -> User:
+    if user.role not in ("admin", "operator"):
+        raise Problem(
+            403, "Forbidden", "this action needs the operator or admin role", kind="forbidden"
+        )
+    return user
+
+
+AdminDep = Annotated[User, Depends(admin_user)]
+OperatorDep = Annotated[User, Depends(operator_user)]
+
+
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else ""

@@ -1,0 +1,56 @@
+"""Live updates for the UI: session changes fan out to the owner's (and admins') streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Subscriber:
+    user_id: str
+    sees_all: bool
+    queue: asyncio.Queue[dict[str, Any]]
+
+
+class EventBus:
+    """In-process fan-out. A slow subscriber loses old events rather than growing memory;
+    the UI re-fetches the list when it sees a `resync` event."""
+
+    def __init__(self, queue_size: int = 256) -> None:
+        self._subs: set[Subscriber] = set()
+        self._queue_size = queue_size
+        self.remote_publish: Any = None
+
+    def publish(self, event: dict[str, Any], *, owner_id: str, local_only: bool = False) -> None:
+        self.deliver(event, owner_id=owner_id)
+        if self.remote_publish is not None and not local_only:
+            self.remote_publish(event, owner_id)
+
+    def deliver(self, event: dict[str, Any], *, owner_id: str) -> None:
+        for sub in list(self._subs):
+            if not (sub.sees_all or sub.user_id == owner_id):
+                continue
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    while True:
+                        sub.queue.get_nowait()
+                sub.queue.put_nowait({"type": "resync"})
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, user_id: str, sees_all: bool) -> AsyncIterator[Subscriber]:
+        sub = Subscriber(user_id, sees_all, asyncio.Queue(self._queue_size))
+        self._subs.add(sub)
+        try:
+            yield sub
+        finally:
+            self._subs.discard(sub)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subs)

@@ -1,0 +1,622 @@
+"""Session lifecycle: placement, agent commands, their results and every timeout path.
+
+The control plane owns the state machine. Each transitional state is left either by an agent
+result (completion path) or by `expire` (timeout path), so no session stays stuck.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from streamspace import protocol
+from streamspace.controlplane import scheduler
+from streamspace.controlplane.api.schemas import SessionEventOut, SessionOut
+from streamspace.controlplane.catalog import TemplateSpec
+from streamspace.controlplane.statemachine import (
+    ACTIVE_STATES,
+    ON_AGENT_STATES,
+    State,
+    allowed_actions,
+    check_transition,
+)
+from streamspace.db.models import Agent, AgentCommand, SessionEvent, Template, User
+from streamspace.db.models import Session as SessionRow
+
+if TYPE_CHECKING:
+    from streamspace.controlplane.state import AppState
+
+log = logging.getLogger("streamspace.lifecycle")
+
+OPEN_COMMAND_STATUSES = ("pending", "sent", "acked")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def session_view(
+    row: SessionRow, owner: str, events: list[SessionEvent] | None = None
+) -> SessionOut:
+    return SessionOut(
+        id=row.id,
+        owner_id=row.owner_id,
+        owner=owner,
+        template=row.template_name,
+        state=row.state,
+        agent_id=row.agent_id,
+        cluster_id=row.cluster_id,
+        requested_cluster_id=row.requested_cluster_id,
+        tags=list(row.tags),
+        resources={"cpu_millis": row.cpu_millis, "memory_mb": row.memory_mb},
+        persistent_home=row.persistent_home,
+        idle_timeout_seconds=row.idle_timeout_seconds,
+        max_duration_seconds=row.max_duration_seconds,
+        failure_reason=row.failure_reason,
+        status_message=row.status_message,
+        allowed_actions=allowed_actions(row.state),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        state_changed_at=row.state_changed_at,
+        started_at=row.started_at,
+        last_activity=row.last_activity,
+        events=[SessionEventOut.model_validate(e) for e in events] if events is not None else None,
+    )
+
+
+def agent_status(agent: Agent, settings: Any, at: datetime | None = None) -> str:
+    """online / stale / offline, derived from last_seen only (plus whether a socket is held)."""
+    if agent.revoked:
+        return "revoked"
+    if agent.last_seen is None:
+        return "offline"
+    age = ((at or now()) - agent.last_seen).total_seconds()
+    if agent.connected_replica and age <= settings.agent_stale_after_seconds:
+        return "online"
+    if age <= settings.agent_offline_after_seconds:
+        return "stale"
+    return "offline"
+
+
+@dataclass
+class _Changed:
+    session: SessionRow
+
+
+class Lifecycle:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.settings = state.settings
+        self._place_wakeup = asyncio.Event()
+        self._usernames: dict[str, str] = {}
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def event(
+        self, db: AsyncSession, session: SessionRow, kind: str, message: str, **data: Any
+    ) -> None:
+        db.add(SessionEvent(session_id=session.id, kind=kind, message=message, data=data))
+        log.info("session_event session_id=%s kind=%s message=%r", session.id, kind, message)
+
+    def transition(
+        self,
+        db: AsyncSession,
+        session: SessionRow,
+        target: State,
+        message: str,
+        *,
+        action: str | None = None,
+        kind: str | None = None,
+        **data: Any,
+    ) -> None:
+        check_transition(session.state, target, action or target.value)
+        previous = session.state
+        session.state = target.value
+        session.state_changed_at = now()
+        if target == State.FAILED:
+            session.failure_reason = message
+        if target in (State.STOPPED, State.FAILED, State.HIBERNATED):
+            session.endpoint_host = None
+            session.endpoint_port = None
+        if target != State.PENDING:
+            session.status_message = message if target == State.FAILED else ""
+        self.event(db, session, kind or target.value, message, previous=previous, **data)
+
+    async def owner_name(self, db: AsyncSession, owner_id: str) -> str:
+        name = self._usernames.get(owner_id)
+        if name is None:
+            name = await db.scalar(select(User.username).where(User.id == owner_id)) or ""
+            self._usernames[owner_id] = name
+        return name
+
+    async def publish(self, db: AsyncSession, sessions: list[SessionRow]) -> None:
+        for s in sessions:
+            view = session_view(s, await self.owner_name(db, s.owner_id))
+            self.state.events.publish(
+                {"type": "session", "session": view.model_dump(mode="json")}, owner_id=s.owner_id
+            )
+
+    async def commit(
+        self,
+        db: AsyncSession,
+        sessions: list[SessionRow],
+        commands: list[AgentCommand] | None = None,
+    ) -> None:
+        """Commit, then tell the UI and send the commands (never before the rows exist)."""
+        await db.commit()
+        await self.publish(db, sessions)
+        for cmd in commands or []:
+            await self.state.hub.dispatch(cmd.id)
+
+    def new_command(
+        self,
+        db: AsyncSession,
+        session: SessionRow,
+        action: str,
+        spec: protocol.SessionSpec | None = None,
+    ) -> AgentCommand:
+        assert session.agent_id is not None
+        cmd = AgentCommand(
+            agent_id=session.agent_id,
+            session_id=session.id,
+            action=action,
+            payload={"spec": spec.model_dump(mode="json")} if spec else {},
+            status="pending",
+            attempts=0,
+            deadline=now() + timedelta(seconds=self.settings.command_timeout_seconds),
+        )
+        db.add(cmd)
+        return cmd
+
+    async def build_spec(self, db: AsyncSession, session: SessionRow) -> protocol.SessionSpec:
+        row = await db.scalar(select(Template).where(Template.name == session.template_name))
+        if row is None:
+            raise LookupError(f"template {session.template_name!r} no longer exists")
+        tpl = TemplateSpec.model_validate(row.spec)
+        image = tpl.launch.docker or tpl.launch.kubernetes
+        return protocol.SessionSpec(
+            session_id=session.id,
+            user=await self.owner_name(db, session.owner_id),
+            template=tpl.name,
+            local=protocol.LocalLaunch(**tpl.launch.local.model_dump())
+            if tpl.launch.local
+            else None,
+            image=protocol.ImageLaunch(**image.model_dump()) if image else None,
+            display=tpl.display,
+            resources=protocol.Resources(
+                cpu_millis=session.cpu_millis, memory_mb=session.memory_mb
+            ),
+            persistent_home=session.persistent_home,
+        )
+
+    # ---- user actions -------------------------------------------------------------------
+
+    async def request_stop(self, db: AsyncSession, session: SessionRow, why: str) -> None:
+        cmds: list[AgentCommand] = []
+        if session.state in (State.STOPPING, State.STOPPED):
+            return
+        if session.state == State.PENDING or (
+            session.state == State.FAILED and session.agent_id is None
+        ):
+            self.transition(db, session, State.STOPPED, why, action="stop")
+        else:
+            self.transition(db, session, State.STOPPING, why, action="stop")
+            if session.agent_id is not None:
+                cmds.append(self.new_command(db, session, "stop"))
+        await self.commit(db, [session], cmds)
+
+    async def request_hibernate(self, db: AsyncSession, session: SessionRow, why: str) -> None:
+        self.transition(db, session, State.HIBERNATING, why, action="hibernate")
+        cmd = self.new_command(db, session, "hibernate")
+        await self.commit(db, [session], [cmd])
+
+    async def request_wake(self, db: AsyncSession, session: SessionRow, why: str) -> None:
+        check_transition(session.state, State.WAKING, "wake")
+        try:
+            spec = await self.build_spec(db, session)
+        except LookupError as exc:
+            self.transition(db, session, State.FAILED, f"cannot wake: {exc}")
+            await self.commit(db, [session])
+            return
+        self.transition(db, session, State.WAKING, why, action="wake")
+        session.last_activity = now()
+        cmd = self.new_command(db, session, "wake", spec)
+        await self.commit(db, [session], [cmd])
+
+    # ---- placement ----------------------------------------------------------------------
+
+    def wake_placer(self) -> None:
+        self._place_wakeup.set()
+
+    async def wait_for_placement_work(self, max_wait: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._place_wakeup.wait(), max_wait)
+        self._place_wakeup.clear()
+
+    async def agent_snapshots(self, db: AsyncSession) -> list[scheduler.AgentSnapshot]:
+        at = now()
+        agents = (await db.scalars(select(Agent).where(Agent.revoked.is_(False)))).all()
+        usage = {
+            row[0]: (int(row[1]), int(row[2]), int(row[3]))
+            for row in (
+                await db.execute(
+                    select(
+                        SessionRow.agent_id,
+                        func.count(SessionRow.id),
+                        func.coalesce(func.sum(SessionRow.cpu_millis), 0),
+                        func.coalesce(func.sum(SessionRow.memory_mb), 0),
+                    )
+                    .where(
+                        SessionRow.agent_id.is_not(None),
+                        SessionRow.state.in_(
+                            [s.value for s in ON_AGENT_STATES if s != State.HIBERNATED]
+                            + [State.STOPPING.value]
+                        ),
+                    )
+                    .group_by(SessionRow.agent_id)
+                )
+            ).tuples()
+        }
+        snaps = []
+        for a in agents:
+            used = usage.get(a.id, (0, 0, 0))
+            snaps.append(
+                scheduler.AgentSnapshot(
+                    id=a.id,
+                    name=a.name,
+                    cluster_id=a.cluster_id,
+                    backend=a.backend,
+                    online=agent_status(a, self.settings, at) == "online",
+                    draining=a.draining,
+                    healthy=a.healthy,
+                    templates=frozenset(a.templates),
+                    max_sessions=a.capacity_sessions,
+                    cpu_millis=a.capacity_cpu_millis,
+                    memory_mb=a.capacity_memory_mb,
+                    used_sessions=used[0],
+                    used_cpu_millis=used[1],
+                    used_memory_mb=used[2],
+                )
+            )
+        return snaps
+
+    async def place_pending(self, limit: int = 500) -> int:
+        """Place queued sessions in creation order; returns how many were placed."""
+        async with self.state.db() as db:
+            pending = (
+                await db.scalars(
+                    select(SessionRow)
+                    .where(SessionRow.state == State.PENDING.value)
+                    .order_by(SessionRow.created_at)
+                    .limit(limit)
+                )
+            ).all()
+            if not pending:
+                return 0
+            snaps = await self.agent_snapshots(db)
+            changed: list[SessionRow] = []
+            cmds: list[AgentCommand] = []
+            placed = 0
+            for session in pending:
+                req = scheduler.Request(
+                    session_id=session.id,
+                    template=session.template_name,
+                    cpu_millis=session.cpu_millis,
+                    memory_mb=session.memory_mb,
+                    cluster_id=session.requested_cluster_id,
+                )
+                decision = scheduler.place(snaps, req, self.settings.scheduler_strategy)
+                if decision.agent is None:
+                    waiting = f"waiting for capacity: {decision.reason}"
+                    if session.status_message != waiting:
+                        session.status_message = waiting
+                        self.event(db, session, "queued", waiting, rejected=decision.rejected)
+                        changed.append(session)
+                    continue
+                try:
+                    spec = await self.build_spec(db, session)
+                except LookupError as exc:
+                    self.transition(db, session, State.FAILED, str(exc))
+                    changed.append(session)
+                    continue
+                scheduler.reserve(decision.agent, req)
+                session.agent_id = decision.agent.id
+                session.cluster_id = decision.agent.cluster_id
+                self.transition(
+                    db,
+                    session,
+                    State.SCHEDULED,
+                    decision.reason,
+                    kind="placed",
+                    agent_id=decision.agent.id,
+                    cluster_id=decision.agent.cluster_id,
+                )
+                cmds.append(self.new_command(db, session, "start", spec))
+                changed.append(session)
+                placed += 1
+            await self.commit(db, changed, cmds)
+            return placed
+
+    # ---- agent messages -----------------------------------------------------------------
+
+    async def on_ack(self, agent_id: str, ack: protocol.Ack) -> None:
+        async with self.state.db() as db:
+            cmd = await db.get(AgentCommand, ack.command_id)
+            if cmd is None or cmd.agent_id != agent_id or cmd.status not in ("pending", "sent"):
+                return
+            cmd.status = "acked"
+            changed = []
+            if cmd.action == "start" and cmd.session_id:
+                session = await db.get(SessionRow, cmd.session_id)
+                if session is not None and session.state == State.SCHEDULED:
+                    self.transition(db, session, State.STARTING, "agent is starting the session")
+                    changed.append(session)
+            await self.commit(db, changed)
+
+    async def on_result(self, agent_id: str, result: protocol.Result) -> None:
+        async with self.state.db() as db:
+            cmd = await db.get(AgentCommand, result.command_id)
+            if cmd is None or cmd.agent_id != agent_id:
+                log.warning(
+                    "result_unknown_command agent_id=%s command_id=%s", agent_id, result.command_id
+                )
+                return
+            if cmd.status in ("succeeded", "failed", "timed_out"):
+                return
+            cmd.status = "succeeded" if result.ok else "failed"
+            cmd.error = result.error
+            cmd.completed_at = now()
+            session = await db.get(SessionRow, cmd.session_id) if cmd.session_id else None
+            changed: list[SessionRow] = []
+            cmds: list[AgentCommand] = []
+            if session is not None:
+                self._apply_result(db, session, cmd, result, agent_id, cmds)
+                changed.append(session)
+            await self.commit(db, changed, cmds)
+            if cmd.action in ("stop", "hibernate") or not result.ok:
+                self.wake_placer()
+
+    def _apply_result(
+        self,
+        db: AsyncSession,
+        session: SessionRow,
+        cmd: AgentCommand,
+        result: protocol.Result,
+        agent_id: str,
+        cmds: list[AgentCommand],
+    ) -> None:
+        st = session.state
+        agent = agent_id
+        if cmd.action in ("start", "wake"):
+            if st in (State.SCHEDULED, State.STARTING, State.WAKING):
+                if result.ok and result.endpoint is not None:
+                    session.endpoint_host = result.endpoint.host
+                    session.endpoint_port = result.endpoint.port
+                    session.started_at = session.started_at or now()
+                    session.last_activity = now()
+                    verb = "started" if cmd.action == "start" else "woke"
+                    self.transition(db, session, State.RUNNING, f"{verb} on agent {agent}")
+                else:
+                    self.transition(
+                        db,
+                        session,
+                        State.FAILED,
+                        f"{cmd.action} failed on agent {agent}: {result.error}",
+                    )
+            elif result.ok and st in (State.FAILED, State.STOPPED):
+                cmds.append(self.new_command(db, session, "stop"))
+                self.event(
+                    db,
+                    session,
+                    "cleanup",
+                    f"late {cmd.action} result; stopping the leftover on agent {agent}",
+                )
+        elif cmd.action == "hibernate" and st == State.HIBERNATING:
+            if result.ok:
+                self.transition(db, session, State.HIBERNATED, "hibernated; home kept")
+            else:
+                self.transition(db, session, State.FAILED, f"hibernate failed: {result.error}")
+        elif cmd.action == "stop" and st == State.STOPPING:
+            if result.ok:
+                self.transition(db, session, State.STOPPED, f"stopped on agent {agent}")
+            else:
+                self.transition(db, session, State.FAILED, f"stop failed: {result.error}")
+
+    async def on_session_status(self, agent_id: str, msg: protocol.SessionStatus) -> None:
+        async with self.state.db() as db:
+            session = await db.get(SessionRow, msg.session_id)
+            if session is None or session.agent_id != agent_id:
+                return
+            if msg.state in ("exited", "stopped") and session.state == State.RUNNING:
+                reason = msg.reason or "the session's processes exited"
+                self.transition(
+                    db, session, State.FAILED, f"session ended on agent {agent_id}: {reason}"
+                )
+                cmd = self.new_command(db, session, "stop")
+                await self.commit(db, [session], [cmd])
+                self.wake_placer()
+
+    async def reconcile(
+        self, db: AsyncSession, agent_id: str, inventory: list[protocol.InventoryItem]
+    ) -> list[str]:
+        """Align the database with what a (re)connecting agent really runs.
+
+        Returns the inventory ids the agent must keep; it stops every other one.
+        """
+        reported = {item.session_id: item for item in inventory}
+        rows = (
+            await db.scalars(
+                select(SessionRow).where(
+                    SessionRow.agent_id == agent_id,
+                    SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
+                )
+            )
+        ).all()
+        keep: list[str] = []
+        changed: list[SessionRow] = []
+        open_cmds = set(
+            (
+                await db.scalars(
+                    select(AgentCommand.session_id).where(
+                        AgentCommand.agent_id == agent_id,
+                        AgentCommand.status.in_(OPEN_COMMAND_STATUSES),
+                    )
+                )
+            ).all()
+        )
+        for session in rows:
+            item = reported.get(session.id)
+            if session.state == State.RUNNING:
+                if item is None or item.state != "running":
+                    seen = "not running" if item is None else item.state
+                    self.transition(
+                        db,
+                        session,
+                        State.FAILED,
+                        f"agent {agent_id} reconnected and the session was {seen} there",
+                    )
+                    changed.append(session)
+                    if item is not None:
+                        continue
+                else:
+                    if item.endpoint is not None and (item.endpoint.host, item.endpoint.port) != (
+                        session.endpoint_host,
+                        session.endpoint_port,
+                    ):
+                        session.endpoint_host = item.endpoint.host
+                        session.endpoint_port = item.endpoint.port
+                    keep.append(session.id)
+            elif item is not None and (session.state in ON_AGENT_STATES or session.id in open_cmds):
+                keep.append(session.id)
+        await self.commit(db, changed)
+        return keep
+
+    # ---- timeout paths ------------------------------------------------------------------
+
+    async def expire(self) -> None:
+        await self._expire_commands()
+        await self._expire_states()
+
+    async def _expire_commands(self) -> None:
+        at = now()
+        async with self.state.db() as db:
+            overdue = (
+                await db.scalars(
+                    select(AgentCommand)
+                    .where(
+                        AgentCommand.status.in_(OPEN_COMMAND_STATUSES),
+                        AgentCommand.deadline < at,
+                    )
+                    .limit(500)
+                )
+            ).all()
+            resend: list[AgentCommand] = []
+            changed: list[SessionRow] = []
+            timeout = self.settings.command_timeout_seconds
+            max_attempts = self.settings.command_max_attempts
+            for cmd in overdue:
+                too_old = cmd.created_at < at - timedelta(seconds=timeout * (max_attempts + 1))
+                if cmd.attempts < max_attempts and not too_old:
+                    cmd.deadline = at + timedelta(seconds=timeout)
+                    resend.append(cmd)
+                    continue
+                cmd.status = "timed_out"
+                cmd.completed_at = at
+                cmd.error = (
+                    f"agent {cmd.agent_id} did not complete {cmd.action} after "
+                    f"{cmd.attempts} attempts"
+                )
+                session = await db.get(SessionRow, cmd.session_id) if cmd.session_id else None
+                if session is not None and session.state in (
+                    State.SCHEDULED,
+                    State.STARTING,
+                    State.WAKING,
+                    State.HIBERNATING,
+                    State.STOPPING,
+                ):
+                    self.transition(db, session, State.FAILED, cmd.error)
+                    changed.append(session)
+            await db.commit()
+            await self.publish(db, changed)
+        for cmd in resend:
+            await self.state.hub.dispatch(cmd.id, retry=True)
+
+    async def _expire_states(self) -> None:
+        at = now()
+        s = self.settings
+        limits = {
+            State.SCHEDULED: s.starting_timeout_seconds,
+            State.STARTING: s.starting_timeout_seconds,
+            State.WAKING: s.starting_timeout_seconds,
+            State.HIBERNATING: s.stopping_timeout_seconds,
+            State.STOPPING: s.stopping_timeout_seconds,
+            State.PENDING: s.queue_timeout_seconds,
+        }
+        async with self.state.db() as db:
+            changed: list[SessionRow] = []
+            for st, seconds in limits.items():
+                rows = (
+                    await db.scalars(
+                        select(SessionRow)
+                        .where(
+                            SessionRow.state == st.value,
+                            SessionRow.state_changed_at < at - timedelta(seconds=seconds),
+                        )
+                        .limit(500)
+                    )
+                ).all()
+                for session in rows:
+                    if st == State.PENDING:
+                        why = session.status_message.removeprefix("waiting for capacity: ")
+                        msg = f"no agent could take it within {int(seconds)} s ({why or 'queue'})"
+                    else:
+                        msg = f"stuck {st.value} for {int(seconds)} s; giving up"
+                    self.transition(db, session, State.FAILED, msg, kind="timeout")
+                    changed.append(session)
+            if changed:
+                await db.execute(
+                    update(AgentCommand)
+                    .where(
+                        AgentCommand.session_id.in_([c.id for c in changed]),
+                        AgentCommand.status.in_(OPEN_COMMAND_STATUSES),
+                    )
+                    .values(status="timed_out", completed_at=at, error="session timed out")
+                )
+            await db.commit()
+            await self.publish(db, changed)
+
+    async def cull(self) -> None:
+        """Hibernate sessions idle past idle_timeout; stop those past max_duration."""
+        at = now()
+        async with self.state.db() as db:
+            running = (
+                await db.scalars(
+                    select(SessionRow).where(
+                        SessionRow.state.in_([State.RUNNING.value, State.HIBERNATED.value])
+                    )
+                )
+            ).all()
+            for session in running:
+                age = (at - session.created_at).total_seconds()
+                idle = (at - session.last_activity).total_seconds()
+                if age > session.max_duration_seconds:
+                    await self.request_stop(
+                        db,
+                        session,
+                        f"reached its maximum duration of {session.max_duration_seconds} s; "
+                        "stopped automatically",
+                    )
+                elif session.state == State.RUNNING and idle > session.idle_timeout_seconds:
+                    await self.request_hibernate(
+                        db,
+                        session,
+                        f"idle for {int(idle)} s (timeout {session.idle_timeout_seconds} s); "
+                        "hibernated automatically",
+                    )

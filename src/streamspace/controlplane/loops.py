@@ -1,0 +1,129 @@
+"""Background loops and the lease that makes exactly one replica run the cluster-wide ones.
+
+Per-replica work (flushing this replica's heartbeats and stream activity) runs everywhere;
+cluster-wide work (placement, timeouts, idle culling) runs only on the lease holder. A holder
+that dies stops renewing and another replica takes over once the lease expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from streamspace.controlplane import metrics
+from streamspace.db.models import Lease
+
+if TYPE_CHECKING:
+    from streamspace.controlplane.state import AppState
+
+log = logging.getLogger("streamspace.loops")
+
+LEASE_NAME = "background-loops"
+
+
+class LeaderLease:
+    def __init__(self, state: AppState, ttl_seconds: float = 15.0) -> None:
+        self.state = state
+        self.ttl = ttl_seconds
+        self.is_leader = False
+
+    async def renew(self) -> bool:
+        at = datetime.now(UTC)
+        holder = self.state.replica_id
+        expires = at + timedelta(seconds=self.ttl)
+        try:
+            async with self.state.db() as db:
+                result = await db.execute(
+                    update(Lease)
+                    .where(Lease.name == LEASE_NAME)
+                    .where((Lease.holder == holder) | (Lease.expires_at < at))
+                    .values(holder=holder, expires_at=expires)
+                )
+                if result.rowcount == 0:  # type: ignore[attr-defined]
+                    exists = await db.scalar(select(Lease.name).where(Lease.name == LEASE_NAME))
+                    if exists is None:
+                        db.add(Lease(name=LEASE_NAME, holder=holder, expires_at=expires))
+                        await db.commit()
+                        leader = True
+                    else:
+                        leader = False
+                else:
+                    await db.commit()
+                    leader = True
+        except IntegrityError:
+            leader = False
+        except Exception as exc:
+            log.warning("lease_renew_failed replica=%s error=%r", holder, exc)
+            leader = False
+        if leader != self.is_leader:
+            log.info("loop_leadership replica=%s leader=%s", holder, leader)
+        self.is_leader = leader
+        metrics.loop_leader.set(1 if leader else 0)
+        return leader
+
+
+class Loops:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.lease = LeaderLease(state)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        s = self.state.settings
+        lc = self.state.lifecycle
+        self._spawn("lease", self.lease.renew, 5.0, leader_only=False)
+        self._spawn("heartbeats", self.state.hub.flush_heartbeats, 2.0, leader_only=False)
+        self._spawn("activity", self.state.streams.flush_activity, 5.0, leader_only=False)
+        self._spawn("expire", lc.expire, s.loop_interval_seconds)
+        self._spawn("cull", lc.cull, s.idle_check_interval_seconds)
+        self._tasks.append(asyncio.create_task(self._placement_loop(), name="loop-placement"))
+
+    def _spawn(
+        self,
+        name: str,
+        fn: Callable[[], Awaitable[object]],
+        interval: float,
+        leader_only: bool = True,
+    ) -> None:
+        async def run() -> None:
+            while True:
+                if not leader_only or self.lease.is_leader:
+                    try:
+                        await fn()
+                        metrics.loop_runs_total.labels(name).inc()
+                    except Exception as exc:
+                        log.warning("loop_failed loop=%s error=%r", name, exc)
+                await asyncio.sleep(interval)
+
+        self._tasks.append(asyncio.create_task(run(), name=f"loop-{name}"))
+
+    async def _placement_loop(self) -> None:
+        lc = self.state.lifecycle
+        while True:
+            await lc.wait_for_placement_work(self.state.settings.loop_interval_seconds)
+            if not self.lease.is_leader:
+                continue
+            try:
+                placed = await lc.place_pending()
+                metrics.loop_runs_total.labels("placement").inc()
+                if placed:
+                    metrics.placements_total.inc(placed)
+                    lc.wake_placer()
+            except Exception as exc:
+                log.warning("loop_failed loop=placement error=%r", exc)
+                await asyncio.sleep(1)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()

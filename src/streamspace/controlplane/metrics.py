@@ -1,0 +1,38 @@
+"""Prometheus metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+registry = CollectorRegistry(auto_describe=True)
+
+requests_total = Counter(
+    "streamspace_http_requests_total",
+    "HTTP requests",
+    ["method", "route", "status"],
+    registry=registry,
+)
+request_seconds = Histogram(
+    "streamspace_http_request_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    registry=registry,
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+agents_connected = Gauge(
+    "streamspace_agents_connected", "agents connected to this replica", registry=registry
+)
+streams_active = Gauge("streamspace_streams_active", "open VNC streams", registry=registry)
+sessions_by_state = Gauge("streamspace_sessions", "sessions by state", ["state"], registry=registry)
+placements_total = Counter(
+    "streamspace_placements_total", "sessions placed on agents", registry=registry
+)
+loop_runs_total = Counter(
+    "streamspace_loop_runs_total",
+    "background loop iterations run by this replica",
+    ["loop"],
+    registry=registry,
+)
+loop_leader = Gauge(
+    "streamspace_loop_leader", "1 if this replica runs the background loops", registry=registry
+)

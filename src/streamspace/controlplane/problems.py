@@ -1,0 +1,170 @@
+"""RFC 9457 problem details: every error the API returns has this shape."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("streamspace.api")
+
+PROBLEM_TYPE_BASE = "https://streamspace.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    """Raise anywhere in a request to answer with problem JSON."""
+
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str = "",
+        *,
+        kind: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.kind = kind or title.lower().replace(" ", "-")
+        self.headers = headers
+        self.extra = extra
+
+
+def not_found(what: str, ident: str) -> Problem:
+    return Problem(404, "Not found", f"{what} {ident!r} does not exist", kind="not-found")
+
+
+def forbidden(detail: str) -> Problem:
+    return Problem(403, "Forbidden", detail, kind="forbidden")
+
+
+def conflict(detail: str, **extra: Any) -> Problem:
+    return Problem(409, "Conflict", detail, kind="conflict", **extra)
+
+
+def bad_request(detail: str, **extra: Any) -> Problem:
+    return Problem(400, "Bad request", detail, kind="bad-request", **extra)
+
+
+def problem_response(
+    request: Request | None,
+    status: int,
+    title: str,
+    detail: str,
+    kind: str,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + kind,
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if request is not None:
+        body["instance"] = request.url.path
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    errors = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            where = loc[0]
+            field = ".".join(loc[1:])
+        else:
+            where, field = "body", ".".join(loc)
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        if (
+            where == "body"
+            and not field
+            and err.get("type") in ("model_attributes_type", "dict_type", "missing")
+        ):
+            msg = "request body must be a JSON object (Content-Type: application/json)"
+        if err.get("type") == "json_invalid":
+            msg = f"malformed JSON: {err.get('ctx', {}).get('error', 'could not parse')}"
+        errors.append({"in": where, "field": field, "message": msg})
+    first = errors[0] if errors else {"field": "", "message": "invalid request"}
+    summary = f"{first['field']}: {first['message']}" if first["field"] else first["message"]
+    if len(errors) > 1:
+        summary += f" (and {len(errors) - 1} more)"
+    return summary, errors
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(
+            request, exc.status, exc.title, exc.detail, exc.kind, exc.headers, **exc.extra
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        summary, errors = _validation_detail(exc)
+        return problem_response(
+            request, 422, "Invalid request", summary, "invalid-request", errors=errors
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized"}
+        title = titles.get(exc.status_code, "Error")
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route for {request.method} {request.url.path}"
+        return problem_response(
+            request,
+            exc.status_code,
+            title,
+            detail,
+            title.lower().replace(" ", "-"),
+            getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(PoolTimeoutError)
+    @app.exception_handler(DBAPIError)
+    async def _db_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database_unavailable path=%s error=%s", request.url.path, type(exc).__name__)
+        return problem_response(
+            request,
+            503,
+            "Service unavailable",
+            "the database is unreachable; retry shortly",
+            "database-unavailable",
+            {"Retry-After": "2"},
+        )
+
+    @app.exception_handler(ConnectionError)
+    @app.exception_handler(OSError)
+    async def _conn(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("dependency_unavailable path=%s error=%r", request.url.path, exc)
+        return problem_response(
+            request,
+            503,
+            "Service unavailable",
+            "a backing service is unreachable; retry shortly",
+            "service-unavailable",
+            {"Retry-After": "2"},
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error path=%s", request.url.path)
+        return problem_response(
+            request, 500, "Internal error", "an unexpected error occurred", "internal-error"
+        )

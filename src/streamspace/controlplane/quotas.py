@@ -1,0 +1,125 @@
+"""Quota checks. Callers run them in the same transaction as the session insert, after
+`lock_subjects`, so concurrent creates are serialised per user and per group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from streamspace.config import Settings
+from streamspace.controlplane.problems import Problem
+from streamspace.controlplane.statemachine import ACTIVE_STATES
+from streamspace.db.models import Group, GroupMembership, Quota, User
+from streamspace.db.models import Session as SessionRow
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int
+    max_cpu_millis: int
+    max_memory_mb: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    sessions: int
+    cpu_millis: int
+    memory_mb: int
+
+
+async def user_limits(db: AsyncSession, user: User, settings: Settings) -> Limits:
+    quota = await db.scalar(select(Quota).where(Quota.user_id == user.id))
+    if quota is not None:
+        return Limits(quota.max_sessions, quota.max_cpu_millis, quota.max_memory_mb, "user quota")
+    return Limits(
+        settings.default_quota_sessions,
+        settings.default_quota_cpu_millis,
+        settings.default_quota_memory_mb,
+        "default quota",
+    )
+
+
+async def usage(db: AsyncSession, user_ids: list[str] | None = None, *, user_id: str = "") -> Usage:
+    ids = user_ids if user_ids is not None else [user_id]
+    row = (
+        await db.execute(
+            select(
+                func.count(SessionRow.id),
+                func.coalesce(func.sum(SessionRow.cpu_millis), 0),
+                func.coalesce(func.sum(SessionRow.memory_mb), 0),
+            ).where(SessionRow.owner_id.in_(ids), SessionRow.state.in_(list(ACTIVE_STATES)))
+        )
+    ).one()
+    return Usage(int(row[0]), int(row[1]), int(row[2]))
+
+
+async def group_quotas(db: AsyncSession, user: User) -> list[tuple[Group, Quota]]:
+    rows = await db.execute(
+        select(Group, Quota)
+        .join(GroupMembership, GroupMembership.group_id == Group.id)
+        .join(Quota, Quota.group_id == Group.id)
+        .where(GroupMembership.user_id == user.id)
+        .order_by(Group.id)
+    )
+    return [(g, q) for g, q in rows.tuples().all()]
+
+
+async def lock_subjects(db: AsyncSession, user: User) -> None:
+    """Row-lock the user and their quota'd groups (no-op on SQLite, which serialises writers)."""
+    if db.get_bind().dialect.name != "postgresql":
+        return
+    await db.execute(select(User.id).where(User.id == user.id).with_for_update())
+    group_ids = select(GroupMembership.group_id).where(GroupMembership.user_id == user.id)
+    await db.execute(
+        select(Group.id).where(Group.id.in_(group_ids)).order_by(Group.id).with_for_update()
+    )
+
+
+def _exceeds(limits: Limits, used: Usage, cpu: int, mem: int, subject: str) -> str | None:
+    if used.sessions + 1 > limits.max_sessions:
+        return (
+            f"{subject} allows {limits.max_sessions} active sessions and "
+            f"{used.sessions} are active; stop or delete one first"
+        )
+    if used.cpu_millis + cpu > limits.max_cpu_millis:
+        return (
+            f"{subject} allows {limits.max_cpu_millis} mCPU; {used.cpu_millis} in use, "
+            f"this session asks for {cpu}"
+        )
+    if used.memory_mb + mem > limits.max_memory_mb:
+        return (
+            f"{subject} allows {limits.max_memory_mb} MiB of memory; {used.memory_mb} in use, "
+            f"this session asks for {mem}"
+        )
+    return None
+
+
+async def check_can_create(
+    db: AsyncSession, user: User, settings: Settings, cpu_millis: int, memory_mb: int
+) -> None:
+    limits = await user_limits(db, user, settings)
+    reason = _exceeds(limits, await usage(db, user_id=user.id), cpu_millis, memory_mb, "your quota")
+    if reason is None:
+        for group, quota in await group_quotas(db, user):
+            members = list(
+                (
+                    await db.scalars(
+                        select(GroupMembership.user_id).where(GroupMembership.group_id == group.id)
+                    )
+                ).all()
+            )
+            glimits = Limits(quota.max_sessions, quota.max_cpu_millis, quota.max_memory_mb, "group")
+            reason = _exceeds(
+                glimits,
+                await usage(db, members),
+                cpu_millis,
+                memory_mb,
+                f"group {group.name!r}'s quota",
+            )
+            if reason:
+                break
+    if reason:
+        raise Problem(403, "Quota exceeded", reason, kind="quota-exceeded")

@@ -1,0 +1,35 @@
+"""Per-process wiring: what a request handler can reach through `request.app.state.ss`."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from streamspace.config import Settings
+from streamspace.db.engine import Database
+
+if TYPE_CHECKING:
+    from streamspace.controlplane.events import EventBus
+    from streamspace.controlplane.hub import Hub
+    from streamspace.controlplane.lifecycle import Lifecycle
+    from streamspace.controlplane.ratelimit import RateLimiter
+    from streamspace.controlplane.streams import StreamBroker
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: AsyncEngine
+    db: Database
+    replica_id: str
+    secret: str
+    events: EventBus
+    limiter: RateLimiter
+    hub: Hub = field(init=False)
+    lifecycle: Lifecycle = field(init=False)
+    streams: StreamBroker = field(init=False)
+    create_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises quota check + insert on SQLite, which has no row locks."""

@@ -1,0 +1,226 @@
+"""Stream tickets and the VNC tunnel: browser WebSocket <-> control plane <-> agent WebSocket.
+
+Each viewer gets its own agent WebSocket (dialled back by the agent on request), so TCP flow
+control works end to end: every pump awaits the send of one frame before reading the next, and
+the control plane holds at most one frame per direction per stream. See docs/streaming.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from fastapi import WebSocket, WebSocketDisconnect
+from sqlalchemy import update
+
+from streamspace import protocol
+from streamspace.controlplane.security import random_secret
+from streamspace.controlplane.statemachine import State
+from streamspace.db.models import Session as SessionRow
+from streamspace.db.models import User
+
+if TYPE_CHECKING:
+    from streamspace.controlplane.state import AppState
+
+log = logging.getLogger("streamspace.streams")
+
+AGENT_DIAL_TIMEOUT = 10.0
+CLOSE_DENIED = 4401
+CLOSE_UNAVAILABLE = 4503
+
+
+@dataclass(frozen=True)
+class Ticket:
+    session_id: str
+    user_id: str
+    expires_at: datetime
+
+
+@dataclass
+class PendingStream:
+    stream_id: str
+    agent_id: str
+    session_id: str
+    agent_ws: asyncio.Future[WebSocket]
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class StreamBroker:
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self._tickets: dict[str, Ticket] = {}
+        self._pending: dict[str, PendingStream] = {}
+        self._activity: dict[str, float] = {}
+        self.active_streams = 0
+        self.bytes_to_browser = 0
+        self.bytes_from_browser = 0
+
+    # ---- tickets --------------------------------------------------------------------------
+
+    def issue_ticket(self, session_id: str, user_id: str) -> tuple[str, datetime]:
+        self._drop_expired()
+        ticket = random_secret(32)
+        expires = datetime.now(UTC) + timedelta(
+            seconds=self.state.settings.stream_ticket_ttl_seconds
+        )
+        self._tickets[ticket] = Ticket(session_id, user_id, expires)
+        return ticket, expires
+
+    def consume_ticket(self, ticket: str) -> Ticket | None:
+        """Single use: the ticket is gone after the first attempt, valid or not."""
+        found = self._tickets.pop(ticket, None)
+        if found is None or found.expires_at <= datetime.now(UTC):
+            return None
+        return found
+
+    def _drop_expired(self) -> None:
+        at = datetime.now(UTC)
+        for key in [k for k, t in self._tickets.items() if t.expires_at <= at]:
+            del self._tickets[key]
+
+    # ---- browser side ---------------------------------------------------------------------
+
+    async def serve_browser(self, ws: WebSocket) -> None:
+        ticket = self.consume_ticket(ws.query_params.get("ticket", ""))
+        if ticket is None:
+            await ws.close(code=CLOSE_DENIED, reason="stream ticket invalid, used or expired")
+            return
+        async with self.state.db() as db:
+            session = await db.get(SessionRow, ticket.session_id)
+            user = await db.get(User, ticket.user_id)
+        allowed = (
+            session is not None
+            and user is not None
+            and user.is_active
+            and (session.owner_id == user.id or user.role == "admin")
+        )
+        if not allowed or session is None:
+            await ws.close(code=CLOSE_DENIED, reason="not allowed to view this session")
+            return
+        if session.state != State.RUNNING or session.agent_id is None or not session.endpoint_port:
+            await ws.close(code=CLOSE_UNAVAILABLE, reason=f"session is {session.state}")
+            return
+        subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", []) else None
+        await ws.accept(subprotocol=subprotocol)
+        stream_id = random_secret(16)
+        pending = PendingStream(
+            stream_id, session.agent_id, session.id, asyncio.get_running_loop().create_future()
+        )
+        self._pending[stream_id] = pending
+        try:
+            sent = await self.state.hub.send_to_agent(
+                session.agent_id,
+                protocol.OpenStream(
+                    stream_id=stream_id,
+                    session_id=session.id,
+                    endpoint=protocol.Endpoint(
+                        host=session.endpoint_host or "127.0.0.1", port=session.endpoint_port
+                    ),
+                    path=protocol.AGENT_STREAM_PATH_PREFIX + stream_id,
+                ),
+            )
+            if not sent:
+                await ws.close(code=CLOSE_UNAVAILABLE, reason="the session's agent is offline")
+                return
+            try:
+                agent_ws = await asyncio.wait_for(pending.agent_ws, AGENT_DIAL_TIMEOUT)
+            except (TimeoutError, ConnectionError) as exc:
+                reason = str(exc) or "agent did not open the stream in time"
+                await ws.close(code=CLOSE_UNAVAILABLE, reason=reason[:120])
+                return
+            log.info(
+                "stream_open stream_id=%s session_id=%s agent_id=%s user_id=%s",
+                stream_id,
+                session.id,
+                session.agent_id,
+                user.id if user else "",
+            )
+            await self._pump_pair(ws, agent_ws, session.id)
+        finally:
+            pending.done.set()
+            self._pending.pop(stream_id, None)
+            log.info("stream_closed stream_id=%s session_id=%s", stream_id, ticket.session_id)
+
+    def agent_failed(self, stream_id: str, error: str) -> None:
+        pending = self._pending.get(stream_id)
+        if pending is not None and not pending.agent_ws.done():
+            pending.agent_ws.set_exception(ConnectionError(f"agent: {error}"))
+
+    # ---- agent side -----------------------------------------------------------------------
+
+    async def serve_agent(self, ws: WebSocket, stream_id: str) -> None:
+        agent = await self.state.hub.authenticate(ws.headers.get("authorization", ""))
+        pending = self._pending.get(stream_id)
+        if agent is None or pending is None or pending.agent_id != agent.id:
+            await ws.close(code=1008, reason="unknown stream or wrong agent")
+            return
+        if pending.agent_ws.done():
+            await ws.close(code=1008, reason="stream already attached")
+            return
+        await ws.accept()
+        pending.agent_ws.set_result(ws)
+        await pending.done.wait()
+
+    # ---- pumping --------------------------------------------------------------------------
+
+    async def _pump_pair(self, browser: WebSocket, agent: WebSocket, session_id: str) -> None:
+        self.active_streams += 1
+        self.touch(session_id)
+        to_agent = asyncio.create_task(self._pump(browser, agent, session_id, upstream=True))
+        to_browser = asyncio.create_task(self._pump(agent, browser, session_id, upstream=False))
+        try:
+            await asyncio.wait({to_agent, to_browser}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.active_streams -= 1
+            for task in (to_agent, to_browser):
+                task.cancel()
+            for sock in (browser, agent):
+                with contextlib.suppress(Exception):
+                    await sock.close()
+
+    async def _pump(self, src: WebSocket, dst: WebSocket, session_id: str, upstream: bool) -> None:
+        last_touch = 0.0
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError, ConnectionError):
+            while True:
+                msg = await src.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                data = msg.get("bytes")
+                if data is None:
+                    text = msg.get("text")
+                    if text is None:
+                        continue
+                    data = text.encode()
+                await dst.send_bytes(data)
+                if upstream:
+                    self.bytes_from_browser += len(data)
+                else:
+                    self.bytes_to_browser += len(data)
+                now = time.monotonic()
+                if now - last_touch > 5:
+                    last_touch = now
+                    self.touch(session_id)
+
+    def touch(self, session_id: str) -> None:
+        self._activity[session_id] = time.time()
+
+    async def flush_activity(self) -> int:
+        """Persist last_activity in batches so stream traffic costs no per-frame writes."""
+        if not self._activity:
+            return 0
+        activity, self._activity = self._activity, {}
+        async with self.state.db() as db:
+            await db.execute(
+                update(SessionRow),
+                [
+                    {"id": sid, "last_activity": datetime.fromtimestamp(ts, UTC)}
+                    for sid, ts in activity.items()
+                ],
+            )
+            await db.commit()
+        return len(activity)
