@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 import webbrowser
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -87,7 +86,6 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
         access_log=False,
     )
     server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -130,7 +128,7 @@ async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any
     if not (state_dir / "agent.json").exists():
         ss = application.state.ss
         async with ss.db() as db:
-            join_token, _ = await mint_join_token(db, ss, None, 300)
+            join_token, _ = await mint_join_token(db, ss.settings, None, 300)
             await db.commit()
     backend = LocalBackend(state_dir=state_dir, sandbox=settings.local_sandbox)
     config = AgentConfig(
@@ -329,19 +327,12 @@ def admin_join_token(
     data_dir: Path | None = typer.Option(None),
 ) -> None:
     """Mint a one-time join token for a new agent."""
-    from types import SimpleNamespace
-
     from streamspace.controlplane.api.agents import mint_join_token
 
     s = settings_for(data_dir)
 
     async def mint(db: Any) -> str:
-        token, _ = await mint_join_token(
-            db,
-            SimpleNamespace(settings=s),
-            None,  # type: ignore[arg-type]
-            ttl_seconds,
-        )
+        token, _ = await mint_join_token(db, s, None, ttl_seconds)
         await db.commit()
         return token
 
@@ -616,4 +607,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

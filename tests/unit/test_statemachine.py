@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.statemachine import (
-    TRANSITIONS,
     TRANSITIONAL_STATES,
+    TRANSITIONS,
     State,
     allowed_actions,
     can_transition,
@@ -14,9 +16,19 @@ from streamspace.controlplane.statemachine import (
 
 
 def test_happy_path_is_legal() -> None:
-    path = [State.PENDING, State.SCHEDULED, State.STARTING, State.RUNNING, State.HIBERNATING,
-            State.HIBERNATED, State.WAKING, State.RUNNING, State.STOPPING, State.STOPPED]
-    for a, b in zip(path, path[1:], strict=False):
+    path = [
+        State.PENDING,
+        State.SCHEDULED,
+        State.STARTING,
+        State.RUNNING,
+        State.HIBERNATING,
+        State.HIBERNATED,
+        State.WAKING,
+        State.RUNNING,
+        State.STOPPING,
+        State.STOPPED,
+    ]
+    for a, b in itertools.pairwise(path):
         assert can_transition(a, b), f"{a} -> {b}"
 
 

@@ -51,5 +51,5 @@ class Backend(abc.ABC):
         """Whether the backend can take new sessions (e.g. engine reachable), and why not."""
         return True, ""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients; running sessions are left running."""

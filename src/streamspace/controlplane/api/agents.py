@@ -6,8 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Request, WebSocket
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace import protocol
+from streamspace.config import Settings
 from streamspace.controlplane import audit
 from streamspace.controlplane.api.schemas import AgentOut, CredentialOut, JoinTokenIn, JoinTokenOut
 from streamspace.controlplane.catalog import TemplateSpec
@@ -53,12 +55,10 @@ def agent_view(agent: Agent, state: AppState) -> AgentOut:
 
 
 async def mint_join_token(
-    db: DbDep, state: AppState, created_by: str | None, ttl_seconds: int | None = None
+    db: AsyncSession, settings: Settings, created_by: str | None, ttl_seconds: int | None = None
 ) -> tuple[str, datetime]:
     token = "ssj_" + random_secret(24)
-    expires = datetime.now(UTC) + timedelta(
-        seconds=ttl_seconds or state.settings.join_token_ttl_seconds
-    )
+    expires = datetime.now(UTC) + timedelta(seconds=ttl_seconds or settings.join_token_ttl_seconds)
     db.add(JoinToken(token_hash=sha256(token), created_by=created_by, expires_at=expires))
     return token, expires
 
@@ -67,7 +67,7 @@ async def mint_join_token(
 async def create_join_token(
     body: JoinTokenIn, request: Request, admin: AdminDep, state: StateDep, db: DbDep
 ) -> JoinTokenOut:
-    token, expires = await mint_join_token(db, state, admin.id, body.ttl_seconds)
+    token, expires = await mint_join_token(db, state.settings, admin.id, body.ttl_seconds)
     audit.record(
         db,
         actor=admin,

@@ -1,0 +1,366 @@
+// API client: bearer tokens in localStorage, one shared refresh on 401, problem+json errors,
+// and the live event stream (SSE over fetch, because EventSource cannot send headers).
+
+const STORAGE_KEY = "streamspace.auth";
+const listeners = new Set();
+
+export class ApiError extends Error {
+  constructor(status, problem) {
+    const detail = (problem && (problem.detail || problem.title)) || `request failed (HTTP ${status})`;
+    super(detail);
+    this.status = status;
+    this.problem = problem || {};
+  }
+}
+
+// ---- token storage --------------------------------------------------------------------------
+
+function load() {
+  try {
+    return JSON.parse(localStorage.getItem(STORAGE_KEY) || "null");
+  } catch {
+    return null;
+  }
+}
+
+export const auth = {
+  get state() {
+    return load();
+  },
+  get user() {
+    return load()?.user || null;
+  },
+  get loggedIn() {
+    return Boolean(load()?.access_token);
+  },
+  save(tokens) {
+    localStorage.setItem(
+      STORAGE_KEY,
+      JSON.stringify({
+        access_token: tokens.access_token,
+        refresh_token: tokens.refresh_token,
+        user: tokens.user,
+      }),
+    );
+    notify();
+  },
+  setUser(user) {
+    const s = load();
+    if (!s) return;
+    s.user = user;
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(s));
+    notify();
+  },
+  clear() {
+    localStorage.removeItem(STORAGE_KEY);
+    notify();
+  },
+  onChange(fn) {
+    listeners.add(fn);
+    return () => listeners.delete(fn);
+  },
+};
+
+function notify() {
+  for (const fn of listeners) fn(auth.user);
+}
+
+// Another tab logged in or out.
+window.addEventListener("storage", (e) => {
+  if (e.key === STORAGE_KEY) notify();
+});
+
+// ---- refresh (rotating tokens: exactly one refresh at a time, across tabs too) ---------------
+
+let refreshing = null;
+
+async function doRefresh(failedAccess) {
+  const current = load();
+  if (!current?.refresh_token) return false;
+  // Another request (or tab) refreshed while ours was in flight: just use the new token.
+  if (current.access_token && current.access_token !== failedAccess) return true;
+  const resp = await fetch("/api/v1/auth/refresh", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ refresh_token: current.refresh_token }),
+  });
+  if (!resp.ok) return false;
+  auth.save(await resp.json());
+  return true;
+}
+
+export function refreshTokens(failedAccess) {
+  if (!refreshing) {
+    const run = () => doRefresh(failedAccess).catch(() => false);
+    const p = navigator.locks ? navigator.locks.request("streamspace-refresh", run) : run();
+    refreshing = p.finally(() => {
+      refreshing = null;
+    });
+  }
+  return refreshing;
+}
+
+let onAuthLost = () => {};
+export function setAuthLostHandler(fn) {
+  onAuthLost = fn;
+}
+
+function authLost() {
+  auth.clear();
+  onAuthLost();
+}
+
+// ---- requests -------------------------------------------------------------------------------
+
+async function parseError(resp) {
+  let problem = null;
+  try {
+    problem = await resp.json();
+  } catch {
+    problem = null;
+  }
+  if (problem && typeof problem.detail !== "string") {
+    // FastAPI's plain errors carry a list or object in `detail`; keep the message readable.
+    problem.detail = problem.title || `request failed (HTTP ${resp.status})`;
+  }
+  return new ApiError(resp.status, problem);
+}
+
+/**
+ * Call the API. `body` is sent as JSON. Returns the parsed JSON (or null for 204).
+ * On 401 one token refresh is tried; if that fails the user is sent to the login page.
+ */
+export async function api(method, path, body, { headers = {}, signal, retry = true } = {}) {
+  const access = load()?.access_token;
+  const init = {
+    method,
+    headers: { Accept: "application/json", ...headers },
+    signal,
+  };
+  if (access) init.headers.Authorization = `Bearer ${access}`;
+  if (body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  let resp;
+  try {
+    resp = await fetch(path, init);
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiError(0, { detail: "cannot reach the StreamSpace server; check your connection" });
+  }
+  const authPath = path.startsWith("/api/v1/auth/login") || path.startsWith("/api/v1/auth/refresh");
+  if (resp.status === 401 && retry && access && !authPath) {
+    if (await refreshTokens(access)) return api(method, path, body, { headers, signal, retry: false });
+    authLost();
+    throw await parseError(resp);
+  }
+  if (resp.status === 401 && access && !authPath) {
+    authLost();
+    throw await parseError(resp);
+  }
+  if (!resp.ok) throw await parseError(resp);
+  if (resp.status === 204) return null;
+  const text = await resp.text();
+  return text ? JSON.parse(text) : null;
+}
+
+export const get = (path, opts) => api("GET", path, undefined, opts);
+export const post = (path, body, opts) => api("POST", path, body === undefined ? {} : body, opts);
+export const patch = (path, body, opts) => api("PATCH", path, body, opts);
+export const put = (path, body, opts) => api("PUT", path, body, opts);
+export const del = (path, opts) => api("DELETE", path, undefined, opts);
+
+export function qs(params) {
+  const u = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v === undefined || v === null || v === "" || v === false) continue;
+    u.set(k, String(v));
+  }
+  const s = u.toString();
+  return s ? `?${s}` : "";
+}
+
+export async function login(username, password) {
+  const tokens = await api("POST", "/api/v1/auth/login", { username, password }, { retry: false });
+  auth.save(tokens);
+  return tokens.user;
+}
+
+export async function logout() {
+  const s = load();
+  try {
+    if (s?.access_token) {
+      await api("POST", "/api/v1/auth/logout", { refresh_token: s.refresh_token }, { retry: false });
+    }
+  } catch {
+    // The tokens are dropped locally whatever the server said.
+  }
+  auth.clear();
+}
+
+export function newIdempotencyKey() {
+  if (crypto.randomUUID) return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+}
+
+// ---- live events ----------------------------------------------------------------------------
+
+/**
+ * One Server-Sent Events connection to /api/v1/events, reconnected with backoff.
+ * Handlers: subscribe(fn) gets {event, data}; onStatus(fn) gets "connecting"|"live"|"offline".
+ */
+class LiveEvents {
+  constructor() {
+    this.handlers = new Set();
+    this.statusHandlers = new Set();
+    this.status = "offline";
+    this.controller = null;
+    this.timer = null;
+    this.attempt = 0;
+    this.all = false;
+    this.running = false;
+  }
+
+  subscribe(fn) {
+    this.handlers.add(fn);
+    return () => this.handlers.delete(fn);
+  }
+
+  onStatus(fn) {
+    this.statusHandlers.add(fn);
+    fn(this.status);
+    return () => this.statusHandlers.delete(fn);
+  }
+
+  setStatus(s) {
+    if (s === this.status) return;
+    this.status = s;
+    for (const fn of this.statusHandlers) fn(s);
+  }
+
+  start(all) {
+    if (this.running && this.all === all) return;
+    this.stop();
+    this.all = all;
+    this.running = true;
+    this.attempt = 0;
+    this.connect();
+  }
+
+  stop() {
+    this.running = false;
+    clearTimeout(this.timer);
+    this.timer = null;
+    if (this.controller) this.controller.abort();
+    this.controller = null;
+    this.setStatus("offline");
+  }
+
+  emit(event, data) {
+    for (const fn of [...this.handlers]) {
+      try {
+        fn({ event, data });
+      } catch (err) {
+        console.warn("event handler failed", err);
+      }
+    }
+  }
+
+  scheduleReconnect() {
+    if (!this.running) return;
+    this.setStatus("offline");
+    const delay = Math.min(30000, 1000 * 2 ** this.attempt) * (0.75 + Math.random() * 0.5);
+    this.attempt = Math.min(this.attempt + 1, 5);
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.connect(), delay);
+  }
+
+  async connect() {
+    if (!this.running) return;
+    this.setStatus("connecting");
+    const controller = new AbortController();
+    this.controller = controller;
+    const access = load()?.access_token;
+    if (!access) {
+      this.stop();
+      return;
+    }
+    let resp;
+    try {
+      resp = await fetch(`/api/v1/events${this.all ? "?all=true" : ""}`, {
+        headers: { Authorization: `Bearer ${access}`, Accept: "text/event-stream" },
+        signal: controller.signal,
+        cache: "no-store",
+      });
+    } catch {
+      if (controller.signal.aborted) return;
+      this.scheduleReconnect();
+      return;
+    }
+    if (resp.status === 401) {
+      if (await refreshTokens(access)) {
+        this.connect();
+      } else {
+        this.stop();
+        authLost();
+      }
+      return;
+    }
+    if (!resp.ok || !resp.body) {
+      this.scheduleReconnect();
+      return;
+    }
+    try {
+      await this.read(resp.body.getReader(), controller);
+    } catch {
+      // dropped: fall through to reconnect
+    }
+    if (controller.signal.aborted || !this.running) return;
+    this.scheduleReconnect();
+  }
+
+  async read(reader, controller) {
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || controller.signal.aborted) return;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const frame = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        this.dispatch(frame);
+      }
+    }
+  }
+
+  dispatch(frame) {
+    let event = "message";
+    const data = [];
+    for (const line of frame.split("\n")) {
+      if (!line || line.startsWith(":")) continue;
+      const i = line.indexOf(":");
+      const field = i < 0 ? line : line.slice(0, i);
+      const value = i < 0 ? "" : line.slice(i + 1).replace(/^ /, "");
+      if (field === "event") event = value;
+      else if (field === "data") data.push(value);
+    }
+    if (!data.length && event === "message") return;
+    let parsed = null;
+    try {
+      parsed = data.length ? JSON.parse(data.join("\n")) : null;
+    } catch {
+      parsed = null;
+    }
+    if (event === "hello") {
+      this.attempt = 0;
+      this.setStatus("live");
+    }
+    this.emit(event, parsed);
+  }
+}
+
+export const live = new LiveEvents();

@@ -1,0 +1,256 @@
+"""The shared agent <-> control plane message module: every shape round-trips, bad frames fail
+with the documented ProtocolError codes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from streamspace import protocol
+from streamspace.protocol import (
+    Ack,
+    Capacity,
+    Catalog,
+    CatalogEntry,
+    Command,
+    Display,
+    Endpoint,
+    EnrollRequest,
+    EnrollResponse,
+    ErrorMessage,
+    Heartbeat,
+    Hello,
+    ImageLaunch,
+    InventoryItem,
+    Load,
+    LocalLaunch,
+    OpenStream,
+    ProtocolError,
+    Resources,
+    Result,
+    SessionSpec,
+    SessionStatus,
+    StreamFailed,
+    Welcome,
+)
+
+
+def _spec() -> SessionSpec:
+    return SessionSpec(
+        session_id="s-1",
+        user="alice",
+        template="xterm",
+        local=LocalLaunch(command=["xterm", "-fa", "Mono"], env={"LANG": "C.UTF-8"}),
+        image=ImageLaunch(image="ghcr.io/x/xterm:1", command=["xterm"], env={"A": "b"}),
+        display=Display(width=1920, height=1080, depth=32, vnc_port=5902),
+        resources=Resources(cpu_millis=1500, memory_mb=2048),
+        persistent_home=False,
+    )
+
+
+AGENT_MESSAGES: list[protocol.AgentMessage] = [
+    Hello(
+        protocol_version=protocol.PROTOCOL_VERSION,
+        agent_id="a-1",
+        cluster_id="eu-1",
+        cluster_name="Europe",
+        region="eu-west",
+        backend="docker",
+        capacity=Capacity(max_sessions=4, cpu_millis=8000, memory_mb=16384),
+        templates=["xterm", "firefox"],
+        inventory=[
+            InventoryItem(
+                session_id="s-1",
+                state="running",
+                endpoint=Endpoint(host="10.0.0.2", port=5901),
+                user="alice",
+                template="xterm",
+            ),
+            InventoryItem(session_id="s-2", state="hibernated"),
+        ],
+        version="0.1.0",
+    ),
+    Hello(
+        protocol_version=1,
+        agent_id="a-1",
+        cluster_id="c",
+        cluster_name="C",
+        backend="local",
+        capacity=Capacity(max_sessions=0, cpu_millis=0, memory_mb=0),
+        templates=[],
+    ),
+    Heartbeat(load=Load(sessions=2, cpu_millis=2000, memory_mb=2048)),
+    Heartbeat(
+        load=Load(sessions=0, cpu_millis=0, memory_mb=0),
+        healthy=False,
+        detail="docker engine unreachable",
+        templates=["xterm"],
+    ),
+    Ack(command_id="c-1"),
+    Result(command_id="c-1", ok=True, endpoint=Endpoint(port=5901)),
+    Result(command_id="c-2", ok=False, error="image not found"),
+    SessionStatus(session_id="s-1", state="exited", reason="exit code 1"),
+    StreamFailed(stream_id="st-1", error="connection refused"),
+    ErrorMessage(code="invalid_json", message="bad frame"),
+]
+
+SERVER_MESSAGES: list[protocol.ServerMessage] = [
+    Welcome(agent_id="a-1", heartbeat_seconds=10.0),
+    Welcome(
+        agent_id="a-1",
+        heartbeat_seconds=2.5,
+        keep=["s-1", "s-2"],
+        server_time=datetime(2024, 5, 1, 12, 30, tzinfo=UTC),
+    ),
+    Command(command_id="c-1", action="start", session_id="s-1", spec=_spec()),
+    Command(command_id="c-2", action="wake", session_id="s-1", spec=_spec()),
+    Command(command_id="c-3", action="stop", session_id="s-1"),
+    Command(command_id="c-4", action="hibernate", session_id="s-1"),
+    OpenStream(
+        stream_id="st-1",
+        session_id="s-1",
+        endpoint=Endpoint(host="127.0.0.1", port=5901),
+        path=protocol.AGENT_STREAM_PATH_PREFIX + "st-1",
+    ),
+    ErrorMessage(code="revoked", message="agent revoked by an administrator"),
+]
+
+
+@pytest.mark.parametrize("msg", AGENT_MESSAGES, ids=lambda m: m.type)
+def test_agent_messages_round_trip(msg: protocol.AgentMessage) -> None:
+    raw = protocol.encode(msg)
+    parsed = protocol.parse_agent_message(raw)
+    assert parsed == msg
+    assert type(parsed) is type(msg)
+    assert protocol.parse_agent_message(raw.encode()) == msg
+
+
+@pytest.mark.parametrize("msg", SERVER_MESSAGES, ids=lambda m: m.type)
+def test_server_messages_round_trip(msg: protocol.ServerMessage) -> None:
+    raw = protocol.encode(msg)
+    parsed = protocol.parse_server_message(raw)
+    assert parsed == msg
+    assert type(parsed) is type(msg)
+
+
+def test_every_message_type_is_covered() -> None:
+    agent_types = {m.type for m in AGENT_MESSAGES}
+    server_types = {m.type for m in SERVER_MESSAGES}
+    assert agent_types == {
+        "hello",
+        "heartbeat",
+        "ack",
+        "result",
+        "session_status",
+        "stream_failed",
+        "error",
+    }
+    assert server_types == {"welcome", "command", "open_stream", "error"}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        EnrollRequest(
+            join_token="jt-abcdefgh",
+            name="host-1",
+            cluster_id="eu-1.a_b",
+            cluster_name="Europe",
+            region="eu",
+            backend="kubernetes",
+        ),
+        EnrollResponse(agent_id="a-1", credential="secret-credential"),
+        Catalog(
+            templates=[
+                CatalogEntry(name="xterm", local=LocalLaunch(command=["xterm"])),
+                CatalogEntry(name="firefox", image=ImageLaunch(image="firefox:latest")),
+            ]
+        ),
+    ],
+    ids=lambda b: type(b).__name__,
+)
+def test_http_bodies_round_trip(body: protocol.EnrollRequest) -> None:
+    raw = protocol.encode(body)
+    assert type(body).model_validate_json(raw) == body
+
+
+@pytest.mark.parametrize("parse", [protocol.parse_agent_message, protocol.parse_server_message])
+@pytest.mark.parametrize("raw", ["{not json", "", b"\xff\xfe", '{"type": "ack",'])
+def test_malformed_json_is_invalid_json(parse: object, raw: str | bytes) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse(raw)  # type: ignore[operator]
+    assert info.value.code == "invalid_json"
+    assert info.value.message
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type": "bogus"}',
+        '{"command_id": "c-1"}',
+        '{"type": "ack"}',
+        "[]",
+        '"ack"',
+        '{"type": "welcome", "agent_id": "a", "heartbeat_seconds": 1}',  # wrong direction
+    ],
+)
+def test_unknown_or_incomplete_agent_message_is_invalid_message(raw: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_agent_message(raw)
+    assert info.value.code == "invalid_message"
+
+
+def test_unknown_server_message_type_is_invalid_message() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_server_message('{"type": "hello"}')
+    assert info.value.code == "invalid_message"
+
+
+def test_extra_field_is_refused() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_agent_message('{"type": "ack", "command_id": "c-1", "sneaky": true}')
+    assert info.value.code == "invalid_message"
+    assert "sneaky" in info.value.message
+    with pytest.raises(ProtocolError):
+        protocol.parse_server_message(
+            '{"type": "command", "command_id": "c", "action": "stop", "session_id": "s",'
+            ' "spec": null, "priority": 1}'
+        )
+
+
+def test_nested_extra_field_is_refused() -> None:
+    raw = protocol.encode(Result(command_id="c-1", ok=True, endpoint=Endpoint(port=5901))).replace(
+        '"port":5901', '"port":5901,"tls":true'
+    )
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_agent_message(raw)
+    assert info.value.code == "invalid_message"
+
+
+def test_invalid_enum_value_is_refused() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_server_message(
+            '{"type": "command", "command_id": "c", "action": "reboot", "session_id": "s"}'
+        )
+    assert info.value.code == "invalid_message"
+    assert "action" in info.value.message
+
+
+def test_check_version_accepts_current() -> None:
+    protocol.check_version(protocol.PROTOCOL_VERSION)
+
+
+def test_check_version_rejects_unknown_with_clear_message() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_version(99)
+    assert info.value.code == "unsupported_protocol_version"
+    assert "99" in info.value.message
+    assert "supported: 1" in info.value.message
+    assert "upgrade" in info.value.message
+
+
+def test_protocol_error_is_a_value_error() -> None:
+    err = ProtocolError("invalid_json", "boom")
+    assert isinstance(err, ValueError)
+    assert str(err) == "boom"
