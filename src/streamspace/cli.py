@@ -169,11 +169,24 @@ def server(
     data_dir: Path | None = typer.Option(None),
     database_url: str | None = typer.Option(None, help="Overrides STREAMSPACE_DATABASE_URL."),
     replica_id: str | None = typer.Option(None, help="Name of this replica in logs/leases."),
+    redis_url: str | None = typer.Option(None, help="Overrides STREAMSPACE_REDIS_URL."),
+    advertise_url: str | None = typer.Option(
+        None, help="This replica's URL as agents reach it (default: http://HOST:PORT)."
+    ),
 ) -> None:
-    """The control plane alone (agents connect to it)."""
+    """The control plane alone (agents connect to it); run several with Redis to scale out."""
     s = settings_for(
-        data_dir, port=port, host=host, database_url=database_url, replica_id=replica_id
+        data_dir,
+        port=port,
+        host=host,
+        database_url=database_url,
+        replica_id=replica_id,
+        redis_url=redis_url,
+        advertise_url=advertise_url,
     )
+    if s.redis_url and not s.advertise_url:
+        reach = "127.0.0.1" if s.host in ("0.0.0.0", "::") else s.host
+        s.advertise_url = f"http://{reach}:{s.port}"
     logs.configure(s.log_level, s.log_format)
     run(_serve(s, with_local_agent=False))
 

@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""
+    advertise_url: str = ""
+    """This replica's own URL as agents can reach it (multi-replica stream dial-back)."""
     replica_id: str = ""
 
     secret_key: str = ""

@@ -186,6 +186,10 @@ class OpenStream(_Msg):
     session_id: str
     endpoint: Endpoint
     path: str
+    base_url: str = Field(
+        default="",
+        description="ws(s) base of the replica holding the viewer; empty = the agent's server",
+    )
 
 
 class ErrorMessage(_Msg):

@@ -893,7 +893,10 @@ class Agent:
         if not msg.path.startswith("/"):
             self._stream_failed(msg, f"invalid stream path {msg.path!r}")
             return
-        url = self._ws_base + msg.path
+        url = (msg.base_url.rstrip("/") or self._ws_base) + msg.path
+        if not url.startswith(("ws://", "wss://")):
+            self._stream_failed(msg, f"invalid stream base URL {msg.base_url!r}")
+            return
         try:
             ws = await connect(
                 url,

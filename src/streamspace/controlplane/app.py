@@ -9,9 +9,8 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
@@ -86,6 +85,35 @@ class _TooLarge(Exception):
     pass
 
 
+class Observe:
+    """Request count and latency per route template (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            metrics.requests_total.labels(method, path, str(status)).inc()
+            metrics.request_seconds.labels(method, path).observe(time.perf_counter() - started)
+
+
 async def ensure_secret(settings: Settings) -> str:
     if settings.secret_key:
         return settings.secret_key
@@ -146,6 +174,13 @@ def create_app(settings: Settings) -> FastAPI:
             )
         async with state.db() as db:
             await catalog.sync_files(db, settings.resolved_templates_dir())
+        router = None
+        if settings.redis_url:
+            from streamspace.controlplane.router import RedisRouter
+
+            router = RedisRouter(state, settings.redis_url)
+            state.streams.router = router
+            router.start()
         loops = Loops(state)
         app.state.loops = loops
         await loops.lease.renew()
@@ -156,6 +191,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await loops.stop()
             await state.hub.close_all()
+            if router is not None:
+                await router.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -170,16 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (auth, users, templates, sessions, agents, audit, health):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        started = time.perf_counter()
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests_total.labels(request.method, path, str(response.status_code)).inc()
-        metrics.request_seconds.labels(request.method, path).observe(time.perf_counter() - started)
-        return response
-
+    app.add_middleware(Observe)
     _mount_ui(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

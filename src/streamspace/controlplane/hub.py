@@ -78,6 +78,7 @@ class Hub:
         self._beats: dict[str, tuple[datetime, protocol.Heartbeat]] = {}
         self.remote_send: Callable[[str, Any], Awaitable[bool]] | None = None
         """Set by the cross-replica router; delivers to agents held by other replicas."""
+        self.remote_disconnect: Callable[[str, str, str], Awaitable[None]] | None = None
 
     # ---- authentication -------------------------------------------------------------------
 
@@ -261,9 +262,13 @@ class Hub:
                     await db.commit()
             log.info("agent_disconnected agent_id=%s", conn.agent_id)
 
-    async def disconnect(self, agent_id: str, code: str, message: str) -> None:
+    async def disconnect(
+        self, agent_id: str, code: str, message: str, local_only: bool = False
+    ) -> None:
         conn = self.connections.get(agent_id)
         if conn is None:
+            if self.remote_disconnect is not None and not local_only:
+                await self.remote_disconnect(agent_id, code, message)
             return
         await self._error(conn, code, message)
         await self._close(conn, CLOSE_REVOKED, code)

@@ -25,6 +25,7 @@ from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import User
 
 if TYPE_CHECKING:
+    from streamspace.controlplane.router import RedisRouter
     from streamspace.controlplane.state import AppState
 
 log = logging.getLogger("streamspace.streams")
@@ -56,27 +57,52 @@ class StreamBroker:
         self._tickets: dict[str, Ticket] = {}
         self._pending: dict[str, PendingStream] = {}
         self._activity: dict[str, float] = {}
+        self.router: RedisRouter | None = None
         self.active_streams = 0
         self.bytes_to_browser = 0
         self.bytes_from_browser = 0
 
     # ---- tickets --------------------------------------------------------------------------
 
-    def issue_ticket(self, session_id: str, user_id: str) -> tuple[str, datetime]:
+    async def issue_ticket(self, session_id: str, user_id: str) -> tuple[str, datetime]:
         self._drop_expired()
         ticket = random_secret(32)
-        expires = datetime.now(UTC) + timedelta(
-            seconds=self.state.settings.stream_ticket_ttl_seconds
-        )
-        self._tickets[ticket] = Ticket(session_id, user_id, expires)
+        ttl = self.state.settings.stream_ticket_ttl_seconds
+        expires = datetime.now(UTC) + timedelta(seconds=ttl)
+        if self.router is not None:
+            await self.router.put_ticket(
+                ticket,
+                {"session_id": session_id, "user_id": user_id, "expires_at": expires.isoformat()},
+                ttl,
+            )
+        else:
+            self._tickets[ticket] = Ticket(session_id, user_id, expires)
         return ticket, expires
 
-    def consume_ticket(self, ticket: str) -> Ticket | None:
+    async def consume_ticket(self, ticket: str) -> Ticket | None:
         """Single use: the ticket is gone after the first attempt, valid or not."""
-        found = self._tickets.pop(ticket, None)
+        if not ticket or len(ticket) > 128:
+            return None
+        found: Ticket | None
+        if self.router is not None:
+            raw = await self.router.take_ticket(ticket)
+            found = (
+                Ticket(raw["session_id"], raw["user_id"], datetime.fromisoformat(raw["expires_at"]))
+                if raw
+                else None
+            )
+        else:
+            found = self._tickets.pop(ticket, None)
         if found is None or found.expires_at <= datetime.now(UTC):
             return None
         return found
+
+    def stream_base_url(self) -> str:
+        """Where the agent dials back: this replica itself when several replicas run."""
+        url = self.state.settings.advertise_url.rstrip("/")
+        if not url:
+            return ""
+        return "ws" + url[4:] if url.startswith("http") else url
 
     def _drop_expired(self) -> None:
         at = datetime.now(UTC)
@@ -86,7 +112,12 @@ class StreamBroker:
     # ---- browser side ---------------------------------------------------------------------
 
     async def serve_browser(self, ws: WebSocket) -> None:
-        ticket = self.consume_ticket(ws.query_params.get("ticket", ""))
+        try:
+            ticket = await self.consume_ticket(ws.query_params.get("ticket", ""))
+        except Exception as exc:  # Redis down: refuse clearly instead of failing the handshake
+            log.warning("ticket_store_unavailable error=%r", exc)
+            await ws.close(code=CLOSE_UNAVAILABLE, reason="ticket store unavailable; retry")
+            return
         if ticket is None:
             await ws.close(code=CLOSE_DENIED, reason="stream ticket invalid, used or expired")
             return
@@ -122,6 +153,7 @@ class StreamBroker:
                         host=session.endpoint_host or "127.0.0.1", port=session.endpoint_port
                     ),
                     path=protocol.AGENT_STREAM_PATH_PREFIX + stream_id,
+                    base_url=self.stream_base_url(),
                 ),
             )
             if not sent:

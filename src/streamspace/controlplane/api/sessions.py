@@ -327,7 +327,7 @@ async def connect_session(
         raise conflict(
             f"cannot connect to a session that is {session.state}", current_state=session.state
         )
-    ticket, expires = state.streams.issue_ticket(session.id, user.id)
+    ticket, expires = await state.streams.issue_ticket(session.id, user.id)
     audit.record(
         db,
         actor=user,

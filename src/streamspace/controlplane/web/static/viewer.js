@@ -1,0 +1,456 @@
+// The session viewer: noVNC over the control plane's stream tunnel, one fresh ticket per connect.
+import { ApiError, get, post } from "./api.js";
+import { appIcon, busy, copyText, h, shortId, showError, stateBadge, toast } from "./ui.js";
+
+const SCALE_KEY = "streamspace.viewer.scale";
+let RFBClass = null;
+
+async function loadRFB() {
+  if (!RFBClass) {
+    try {
+      RFBClass = (await import("/vendor/novnc/core/rfb.js")).default;
+    } catch (err) {
+      throw new Error(
+        "the noVNC client is not installed on this server (run `make vendor`); the viewer cannot start",
+      );
+    }
+  }
+  return RFBClass;
+}
+
+const WAITING = {
+  pending: "Waiting for a place to run this session…",
+  scheduled: "The session is being placed on an agent…",
+  starting: "The session is starting…",
+  waking: "The session is waking up…",
+};
+
+export async function viewerView(main, { match, ctx, setTitle }) {
+  const id = match[1];
+  let session = null;
+  let template = null;
+  let rfb = null;
+  let connecting = false;
+  let attempt = 0;
+  let retryTimer = null;
+  let countdownTimer = null;
+  let disposed = false;
+  let scale = localStorage.getItem(SCALE_KEY) !== "off";
+
+  // ---- layout ------------------------------------------------------------------------------
+  const screen = h("div", { class: "screen", dataset: { testid: "screen" }, "aria-label": "Remote screen" });
+  const overlay = h("div", { class: "overlay", dataset: { testid: "viewer-overlay" }, hidden: true });
+  const badgeSlot = h("span", { class: "badge-slot" });
+  const connStatus = h("span", {
+    class: "conn-status",
+    role: "status",
+    "aria-live": "polite",
+    dataset: { testid: "connection-status", status: "connecting" },
+  });
+  const titleText = h("span", { class: "viewer-name", dataset: { testid: "session-name" } }, "Session ", shortId(id));
+  const iconSlot = h("span", { class: "viewer-icon" });
+
+  const reconnectBtn = h(
+    "button",
+    { type: "button", class: "btn btn-bar", dataset: { testid: "reconnect" }, onclick: () => reconnectNow() },
+    "Reconnect",
+  );
+  const scaleBtn = h(
+    "button",
+    {
+      type: "button",
+      class: "btn btn-bar",
+      "aria-pressed": String(scale),
+      title: "Fit the remote screen into the window",
+      dataset: { testid: "toggle-scale" },
+      onclick: () => setScale(!scale),
+    },
+    "Fit to window",
+  );
+  const clipBtn = h(
+    "button",
+    {
+      type: "button",
+      class: "btn btn-bar",
+      "aria-expanded": "false",
+      "aria-controls": "clipboard-panel",
+      dataset: { testid: "toggle-clipboard" },
+      onclick: () => toggleClipboard(),
+    },
+    "Clipboard",
+  );
+  const fsBtn = h(
+    "button",
+    {
+      type: "button",
+      class: "btn btn-bar",
+      "aria-pressed": "false",
+      dataset: { testid: "fullscreen" },
+      onclick: () => toggleFullscreen(),
+      hidden: !document.fullscreenEnabled,
+    },
+    "Fullscreen",
+  );
+
+  const sendText = h("textarea", {
+    id: "clip-send",
+    rows: 4,
+    placeholder: "Type or paste text here, then send it to the session's clipboard.",
+    dataset: { testid: "clipboard-input" },
+  });
+  const received = h("textarea", {
+    id: "clip-received",
+    rows: 4,
+    readonly: true,
+    placeholder: "Text copied inside the session appears here.",
+    dataset: { testid: "clipboard-received" },
+  });
+  const clipPanel = h(
+    "aside",
+    { class: "clipboard-panel", id: "clipboard-panel", "aria-label": "Clipboard", hidden: true, dataset: { testid: "clipboard-panel" } },
+    h(
+      "div",
+      { class: "panel-head" },
+      h("h2", {}, "Clipboard"),
+      h("button", { type: "button", class: "btn btn-ghost btn-small", onclick: () => toggleClipboard(false), "aria-label": "Close the clipboard panel" }, "Close"),
+    ),
+    h("label", { for: "clip-send" }, "Send to the session"),
+    sendText,
+    h(
+      "button",
+      {
+        type: "button",
+        class: "btn btn-primary btn-small",
+        dataset: { testid: "clipboard-send" },
+        onclick: () => {
+          if (!rfb) {
+            showError("not connected; the text can be sent once the session is connected");
+            return;
+          }
+          rfb.clipboardPasteFrom(sendText.value);
+          toast("Sent to the session's clipboard — paste it there");
+        },
+      },
+      "Send to session",
+    ),
+    h("label", { for: "clip-received" }, "Received from the session"),
+    received,
+    h(
+      "button",
+      { type: "button", class: "btn btn-small", onclick: () => copyText(received.value, received) },
+      "Copy to my clipboard",
+    ),
+  );
+
+  const bar = h(
+    "header",
+    { class: "viewer-bar" },
+    h("a", { class: "btn btn-bar", href: "#/sessions", dataset: { testid: "back" } }, "← Sessions"),
+    h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
+    connStatus,
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer" }, reconnectBtn, scaleBtn, clipBtn, fsBtn),
+  );
+  const root = h(
+    "div",
+    { class: "viewer", dataset: { testid: "viewer" } },
+    bar,
+    h("div", { class: "viewer-body" }, screen, overlay, clipPanel),
+  );
+  main.append(root);
+  setConn("connecting", "Connecting…");
+
+  // ---- status helpers ----------------------------------------------------------------------
+  function setConn(status, text) {
+    connStatus.dataset.status = status;
+    connStatus.textContent = text;
+    root.dataset.conn = status;
+  }
+
+  function setSession(s) {
+    session = s;
+    badgeSlot.replaceChildren(stateBadge(s.state, "session-state"));
+  }
+
+  function showOverlay(message, ...actions) {
+    overlay.replaceChildren(
+      h("div", { class: "overlay-card" }, h("p", { dataset: { testid: "overlay-message" } }, message), actions.length ? h("div", { class: "overlay-actions" }, actions) : null),
+    );
+    overlay.hidden = false;
+  }
+
+  function hideOverlay() {
+    overlay.hidden = true;
+    overlay.replaceChildren();
+  }
+
+  function stopTimers() {
+    clearTimeout(retryTimer);
+    clearInterval(countdownTimer);
+    retryTimer = null;
+    countdownTimer = null;
+  }
+
+  function backLink() {
+    return h("a", { class: "btn", href: "#/sessions" }, "Back to sessions");
+  }
+
+  /** Explain a session that cannot be viewed right now, with what the user can do. */
+  function explainState() {
+    const s = session;
+    if (!s || s.state === "running") return;
+    if (WAITING[s.state]) {
+      setConn("disconnected", "Waiting for the session");
+      showOverlay(`${WAITING[s.state]}${s.status_message ? ` (${s.status_message})` : ""} The viewer connects as soon as it is running.`, backLink());
+      return;
+    }
+    if (s.state === "hibernating" || s.state === "hibernated") {
+      setConn("disconnected", "Disconnected");
+      const wake = (s.allowed_actions || []).includes("wake")
+        ? h(
+            "button",
+            {
+              type: "button",
+              class: "btn btn-primary",
+              dataset: { testid: "viewer-wake" },
+              onclick: (e) =>
+                busy(e.currentTarget, async () => {
+                  setSession(await post(`/api/v1/sessions/${id}/wake`));
+                  explainState();
+                }),
+            },
+            "Wake it",
+          )
+        : null;
+      showOverlay(s.state === "hibernating" ? "The session is hibernating." : "This session is hibernated.", wake, backLink());
+      return;
+    }
+    if (s.state === "failed") {
+      setConn("disconnected", "Disconnected");
+      showOverlay(`This session failed${s.failure_reason ? `: ${s.failure_reason}` : "."}`, backLink());
+      return;
+    }
+    setConn("disconnected", "Disconnected");
+    showOverlay(s.state === "stopping" ? "This session is stopping." : "This session has ended.", backLink());
+  }
+
+  // ---- connecting --------------------------------------------------------------------------
+  function dropRfb() {
+    const old = rfb;
+    rfb = null;
+    if (old) {
+      try {
+        old.disconnect();
+      } catch {
+        // already closed
+      }
+    }
+  }
+
+  async function connect() {
+    stopTimers();
+    if (disposed || connecting) return;
+    dropRfb();
+    connecting = true;
+    setConn("connecting", "Connecting…");
+    let ticket;
+    try {
+      const RFB = await loadRFB();
+      ticket = await post(`/api/v1/sessions/${id}/connect`);
+      if (disposed) return;
+      const proto = location.protocol === "https:" ? "wss:" : "ws:";
+      const url = `${proto}//${location.host}${ticket.ws_path}?ticket=${encodeURIComponent(ticket.ticket)}`;
+      screen.replaceChildren();
+      const client = new RFB(screen, url, { wsProtocols: ["binary"], shared: true });
+      rfb = client;
+      client.scaleViewport = scale;
+      client.resizeSession = false;
+      client.clipViewport = false;
+      client.focusOnClick = true;
+      client.background = "#1b1d23";
+      client.addEventListener("connect", () => {
+        if (client !== rfb) return;
+        attempt = 0;
+        setConn("connected", "Connected");
+        hideOverlay();
+        client.focus();
+      });
+      client.addEventListener("disconnect", (e) => onDisconnect(client, e.detail));
+      client.addEventListener("credentialsrequired", () => {
+        showError("the session asked for a VNC password, which StreamSpace does not expect");
+        client.disconnect();
+      });
+      client.addEventListener("securityfailure", (e) => {
+        showError(`the session refused the connection: ${e.detail?.reason || "security failure"}`);
+      });
+      client.addEventListener("clipboard", (e) => {
+        received.value = e.detail.text;
+        if (clipPanel.hidden) clipBtn.classList.add("has-news");
+      });
+      client.addEventListener("desktopname", (e) => {
+        if (e.detail?.name) screen.setAttribute("aria-label", `Remote screen: ${e.detail.name}`);
+      });
+    } catch (err) {
+      if (disposed) return;
+      if (err instanceof ApiError && err.status === 409) {
+        await refreshSession();
+        if (session?.state === "running") retryLater(err.message);
+        else explainState();
+      } else if (err instanceof ApiError && err.status === 404) {
+        setConn("disconnected", "Disconnected");
+        showOverlay(err.message, backLink());
+      } else if (err instanceof ApiError) {
+        retryLater(err.message);
+      } else {
+        setConn("disconnected", "Disconnected");
+        showError(err);
+        showOverlay(err.message, backLink());
+      }
+    } finally {
+      connecting = false;
+    }
+  }
+
+  async function onDisconnect(client, detail) {
+    if (client !== rfb || disposed) return;
+    rfb = null;
+    setConn("disconnected", detail?.clean ? "Disconnected" : "Connection lost");
+    await refreshSession();
+    if (disposed || rfb || connecting) return;
+    if (session?.state === "running") retryLater("the connection dropped");
+    else explainState();
+  }
+
+  function retryLater(why) {
+    stopTimers();
+    if (disposed) return;
+    const delay = Math.min(30, 2 ** attempt);
+    attempt = Math.min(attempt + 1, 5);
+    let left = delay;
+    const tick = () => {
+      setConn("disconnected", `Disconnected — reconnecting in ${left} s`);
+    };
+    tick();
+    showOverlay(
+      `Disconnected: ${why}. Reconnecting automatically…`,
+      h("button", { type: "button", class: "btn btn-primary", dataset: { testid: "overlay-reconnect" }, onclick: () => reconnectNow() }, "Reconnect now"),
+      backLink(),
+    );
+    countdownTimer = setInterval(() => {
+      left = Math.max(0, left - 1);
+      tick();
+    }, 1000);
+    retryTimer = setTimeout(() => {
+      clearInterval(countdownTimer);
+      connect();
+    }, delay * 1000);
+  }
+
+  async function reconnectNow() {
+    attempt = 0;
+    stopTimers();
+    await refreshSession();
+    if (session && session.state !== "running") {
+      explainState();
+      return;
+    }
+    connect();
+  }
+
+  async function refreshSession() {
+    try {
+      const s = await get(`/api/v1/sessions/${id}`);
+      if (!disposed) setSession(s);
+    } catch (err) {
+      if (!disposed && err.status !== 404) showError(err);
+      if (err.status === 404) session = null;
+    }
+  }
+
+  // ---- tools -------------------------------------------------------------------------------
+  function setScale(on) {
+    scale = on;
+    localStorage.setItem(SCALE_KEY, on ? "on" : "off");
+    scaleBtn.setAttribute("aria-pressed", String(on));
+    if (rfb) rfb.scaleViewport = on;
+  }
+
+  function toggleClipboard(force) {
+    const open = force === undefined ? clipPanel.hidden : force;
+    clipPanel.hidden = !open;
+    clipBtn.setAttribute("aria-expanded", String(open));
+    clipBtn.classList.remove("has-news");
+    if (open) sendText.focus();
+    else if (rfb) rfb.focus();
+  }
+
+  async function toggleFullscreen() {
+    try {
+      if (document.fullscreenElement) await document.exitFullscreen();
+      else await root.requestFullscreen();
+    } catch (err) {
+      showError(`fullscreen is not available: ${err.message}`);
+    }
+  }
+
+  const onFullscreen = () => {
+    const on = document.fullscreenElement === root;
+    fsBtn.setAttribute("aria-pressed", String(on));
+    fsBtn.textContent = on ? "Exit fullscreen" : "Fullscreen";
+  };
+  document.addEventListener("fullscreenchange", onFullscreen);
+
+  // ---- live session state ------------------------------------------------------------------
+  const unsubscribe = ctx.live.subscribe(({ event, data }) => {
+    if (disposed) return;
+    if (event === "session" && data?.session?.id === id) {
+      const before = session?.state;
+      setSession(data.session);
+      if (data.session.state === "running") {
+        if (!rfb && !connecting && before !== "running") {
+          attempt = 0;
+          connect();
+        }
+      } else {
+        stopTimers();
+        if (!rfb) explainState();
+      }
+    } else if (event === "hello" && !rfb && !connecting) {
+      refreshSession().then(() => {
+        if (!disposed && session?.state === "running" && !rfb && !connecting && !retryTimer) connect();
+      });
+    }
+  });
+
+  // ---- start -------------------------------------------------------------------------------
+  try {
+    setSession(await get(`/api/v1/sessions/${id}`));
+  } catch (err) {
+    setConn("disconnected", "Disconnected");
+    showOverlay(err.message, backLink());
+    return () => {
+      disposed = true;
+      unsubscribe();
+      document.removeEventListener("fullscreenchange", onFullscreen);
+    };
+  }
+  try {
+    template = (await ctx.templates()).get(session.template) || null;
+  } catch {
+    template = null;
+  }
+  const name = template?.display_name || session.template;
+  titleText.replaceChildren(name, " ", h("code", { class: "muted" }, shortId(id)));
+  iconSlot.replaceChildren(appIcon(template || { name: session.template }, 24));
+  setTitle(name);
+  if (session.state === "running") connect();
+  else explainState();
+
+  return () => {
+    disposed = true;
+    stopTimers();
+    unsubscribe();
+    dropRfb();
+    document.removeEventListener("fullscreenchange", onFullscreen);
+    if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
+  };
+}
