@@ -14,6 +14,7 @@ from fastapi import FastAPI, Response
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamspace import __version__
@@ -61,7 +62,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(413, f"request body exceeds {self.limit} bytes")
             return msg
 
         try:
@@ -81,8 +82,8 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": resp.body})
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(StarletteHTTPException):
+    """An HTTPException so that FastAPI's body reader re-raises it instead of answering 400."""
 
 
 class Observe:

@@ -47,6 +47,15 @@ def make_credential(agent_id: str, secret: str) -> str:
     return f"{agent_id}.{secret}"
 
 
+async def _receive_text(ws: WebSocket) -> str | None:
+    """The next text frame; None for a binary frame (answered with an error, not a crash)."""
+    msg = await ws.receive()
+    if msg["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(msg.get("code", 1000))
+    text = msg.get("text")
+    return text if isinstance(text, str) else None
+
+
 @dataclass
 class AgentConnection:
     agent_id: str
@@ -127,12 +136,14 @@ class Hub:
         self, ws: WebSocket, conn: AgentConnection, agent: Agent
     ) -> protocol.Hello | None:
         try:
-            raw = await asyncio.wait_for(ws.receive_text(), HELLO_TIMEOUT)
+            raw = await asyncio.wait_for(_receive_text(ws), HELLO_TIMEOUT)
         except TimeoutError:
             await self._error(conn, "hello_timeout", "no hello within 10 s")
             await self._close(conn, CLOSE_PROTOCOL, "no hello")
             return None
         try:
+            if raw is None:
+                raise protocol.ProtocolError("binary_frame", "the hello must be a JSON text frame")
             msg = protocol.parse_agent_message(raw)
             if not isinstance(msg, protocol.Hello):
                 raise protocol.ProtocolError("expected_hello", "the first message must be hello")
@@ -209,7 +220,10 @@ class Hub:
     async def _read_loop(self, conn: AgentConnection) -> None:
         lifecycle = self.state.lifecycle
         while True:
-            raw = await conn.ws.receive_text()
+            raw = await _receive_text(conn.ws)
+            if raw is None:
+                await self._error(conn, "binary_frame", "control messages are JSON text frames")
+                continue
             try:
                 msg = protocol.parse_agent_message(raw)
             except protocol.ProtocolError as exc:
@@ -319,6 +333,40 @@ class Hub:
                 cmd.attempts,
             )
             return True
+
+    async def dispatch_many(self, commands: list[AgentCommand]) -> None:
+        """Send freshly committed commands; one UPDATE records all that reached an agent."""
+        local: list[str] = []
+        for cmd in commands:
+            conn = self.connections.get(cmd.agent_id)
+            if conn is None:
+                await self.dispatch(cmd.id)
+                continue
+            spec = cmd.payload.get("spec")
+            await conn.send(
+                protocol.Command(
+                    command_id=cmd.id,
+                    action=cmd.action,  # type: ignore[arg-type]
+                    session_id=cmd.session_id or "",
+                    spec=protocol.SessionSpec.model_validate(spec) if spec else None,
+                )
+            )
+            local.append(cmd.id)
+        if not local:
+            return
+        at = datetime.now(UTC)
+        async with self.state.db() as db:
+            await db.execute(
+                update(AgentCommand)
+                .where(AgentCommand.id.in_(local), AgentCommand.status == "pending")
+                .values(
+                    status="sent",
+                    attempts=AgentCommand.attempts + 1,
+                    sent_at=at,
+                    deadline=at + timedelta(seconds=self.state.settings.command_timeout_seconds),
+                )
+            )
+            await db.commit()
 
     # ---- heartbeats -----------------------------------------------------------------------
 

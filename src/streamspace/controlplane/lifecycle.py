@@ -152,8 +152,8 @@ class Lifecycle:
         """Commit, then tell the UI and send the commands (never before the rows exist)."""
         await db.commit()
         await self.publish(db, sessions)
-        for cmd in commands or []:
-            await self.state.hub.dispatch(cmd.id)
+        if commands:
+            await self.state.hub.dispatch_many(commands)
 
     def new_command(
         self,
@@ -175,11 +175,18 @@ class Lifecycle:
         db.add(cmd)
         return cmd
 
-    async def build_spec(self, db: AsyncSession, session: SessionRow) -> protocol.SessionSpec:
-        row = await db.scalar(select(Template).where(Template.name == session.template_name))
-        if row is None:
-            raise LookupError(f"template {session.template_name!r} no longer exists")
-        tpl = TemplateSpec.model_validate(row.spec)
+    async def build_spec(
+        self,
+        db: AsyncSession,
+        session: SessionRow,
+        templates: dict[str, TemplateSpec] | None = None,
+    ) -> protocol.SessionSpec:
+        tpl = templates.get(session.template_name) if templates is not None else None
+        if tpl is None:
+            row = await db.scalar(select(Template).where(Template.name == session.template_name))
+            if row is None:
+                raise LookupError(f"template {session.template_name!r} no longer exists")
+            tpl = TemplateSpec.model_validate(row.spec)
         image = tpl.launch.docker or tpl.launch.kubernetes
         return protocol.SessionSpec(
             session_id=session.id,
@@ -262,7 +269,7 @@ class Lifecycle:
                     )
                     .group_by(SessionRow.agent_id)
                 )
-            ).tuples()
+            )
         }
         snaps = []
         for a in agents:
@@ -301,6 +308,10 @@ class Lifecycle:
             if not pending:
                 return 0
             snaps = await self.agent_snapshots(db)
+            templates = {
+                t.name: TemplateSpec.model_validate(t.spec)
+                for t in (await db.scalars(select(Template))).all()
+            }
             changed: list[SessionRow] = []
             cmds: list[AgentCommand] = []
             placed = 0
@@ -321,7 +332,7 @@ class Lifecycle:
                         changed.append(session)
                     continue
                 try:
-                    spec = await self.build_spec(db, session)
+                    spec = await self.build_spec(db, session, templates)
                 except LookupError as exc:
                     self.transition(db, session, State.FAILED, str(exc))
                     changed.append(session)
@@ -368,7 +379,9 @@ class Lifecycle:
                     "result_unknown_command agent_id=%s command_id=%s", agent_id, result.command_id
                 )
                 return
-            if cmd.status in ("succeeded", "failed", "timed_out"):
+            if cmd.status in ("succeeded", "failed"):
+                return
+            if cmd.status == "timed_out" and not (result.ok and cmd.action in ("start", "wake")):
                 return
             cmd.status = "succeeded" if result.ok else "failed"
             cmd.error = result.error
@@ -497,6 +510,29 @@ class Lifecycle:
                 keep.append(session.id)
         await self.commit(db, changed)
         return keep
+
+    async def fail_agent_sessions(self, db: AsyncSession, agent_id: str, reason: str) -> int:
+        """Sessions on an agent that can never answer again (revoked) fail with the reason."""
+        rows = (
+            await db.scalars(
+                select(SessionRow).where(
+                    SessionRow.agent_id == agent_id,
+                    SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
+                )
+            )
+        ).all()
+        for session in rows:
+            self.transition(db, session, State.FAILED, reason)
+        await db.execute(
+            update(AgentCommand)
+            .where(
+                AgentCommand.agent_id == agent_id,
+                AgentCommand.status.in_(OPEN_COMMAND_STATUSES),
+            )
+            .values(status="failed", completed_at=now(), error=reason)
+        )
+        await self.commit(db, list(rows))
+        return len(rows)
 
     # ---- timeout paths ------------------------------------------------------------------
 

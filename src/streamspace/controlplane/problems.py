@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -96,6 +96,7 @@ def _validation_detail(exc: RequestValidationError) -> tuple[str, list[dict[str,
         ):
             msg = "request body must be a JSON object (Content-Type: application/json)"
         if err.get("type") == "json_invalid":
+            field = ""
             msg = f"malformed JSON: {err.get('ctx', {}).get('error', 'could not parse')}"
         errors.append({"in": where, "field": field, "message": msg})
     first = errors[0] if errors else {"field": "", "message": "invalid request"}
@@ -121,7 +122,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        titles = {404: "Not found", 405: "Method not allowed", 401: "Unauthorized"}
+        titles = {
+            404: "Not found",
+            405: "Method not allowed",
+            401: "Unauthorized",
+            413: "Payload too large",
+            400: "Bad request",
+        }
         title = titles.get(exc.status_code, "Error")
         detail = exc.detail if isinstance(exc.detail, str) else title
         if exc.status_code == 404 and detail == "Not Found":
@@ -135,9 +142,41 @@ def install(app: FastAPI) -> None:
             getattr(exc, "headers", None),
         )
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(PoolTimeoutError)
+    @app.exception_handler(DataError)
+    async def _bad_value(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(
+            request,
+            422,
+            "Invalid request",
+            "a value in the request cannot be stored (e.g. a NUL character or out of range)",
+            "invalid-request",
+        )
+
+    @app.exception_handler(IntegrityError)
+    async def _conflict(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(
+            request, 409, "Conflict", "the change conflicts with existing data", "conflict"
+        )
+
     @app.exception_handler(DBAPIError)
+    async def _db_error(request: Request, exc: DBAPIError) -> JSONResponse:
+        code = str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", "") or "")
+        if code.startswith("22"):  # SQL "data exception": the input, not the server
+            return await _bad_value(request, exc)
+        if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
+            return await _db_down(request, exc)
+        log.exception("database_error path=%s", request.url.path)
+        return problem_response(
+            request,
+            500,
+            "Internal error",
+            "an unexpected database error occurred",
+            "internal-error",
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeoutError)
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database_unavailable path=%s error=%s", request.url.path, type(exc).__name__)
         return problem_response(

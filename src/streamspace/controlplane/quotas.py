@@ -64,7 +64,7 @@ async def group_quotas(db: AsyncSession, user: User) -> list[tuple[Group, Quota]
         .where(GroupMembership.user_id == user.id)
         .order_by(Group.id)
     )
-    return [(g, q) for g, q in rows.tuples().all()]
+    return [(g, q) for g, q in rows.all()]
 
 
 async def lock_subjects(db: AsyncSession, user: User) -> None:

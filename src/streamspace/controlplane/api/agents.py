@@ -237,6 +237,9 @@ async def revoke_agent(
     )
     await db.commit()
     await state.hub.disconnect(agent.id, "revoked", "this agent's credential was revoked")
+    await state.lifecycle.fail_agent_sessions(
+        db, agent.id, f"agent {agent.name} was revoked; its sessions can no longer be reached"
+    )
     return agent_view(agent, state)
 
 

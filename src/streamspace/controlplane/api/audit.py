@@ -17,7 +17,7 @@ async def list_audit(
     _: AdminDep,
     db: DbDep,
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000),
     action: str | None = Query(None, max_length=64),
     actor: str | None = Query(None, max_length=128),
     resource_type: str | None = Query(None, max_length=32),

@@ -66,13 +66,20 @@ async def issue_tokens(
     )
 
 
-def _rate_limit(state: AppState, key: str) -> None:
-    wait = state.limiter.retry_after(key)
+IP_LIMIT_FACTOR = 10
+"""Many users may share one address (NAT), so the per-IP limit is looser than the per-user one."""
+
+
+def _check_rate(state: AppState, ip_key: str, user_key: str) -> None:
+    wait = max(
+        state.limiter.retry_after(user_key),
+        state.limiter.retry_after(ip_key, state.limiter.limit * IP_LIMIT_FACTOR),
+    )
     if wait > 0:
         raise Problem(
             429,
             "Too many requests",
-            f"too many login attempts; try again in {int(wait) + 1} s",
+            f"too many failed login attempts; try again in {int(wait) + 1} s",
             kind="rate-limited",
             headers={"Retry-After": str(int(wait) + 1)},
         )
@@ -80,10 +87,12 @@ def _rate_limit(state: AppState, key: str) -> None:
 
 @router.post("/login", response_model=TokenOut)
 async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> TokenOut:
-    _rate_limit(state, f"ip:{client_ip(request)}")
-    _rate_limit(state, f"user:{body.username.lower()}")
+    ip_key, user_key = f"ip:{client_ip(request)}", f"user:{body.username.lower()}"
+    _check_rate(state, ip_key, user_key)
     user = await db.scalar(select(User).where(User.username == body.username))
     if user is None or not verify_password(user.password_hash, body.password):
+        state.limiter.hit(ip_key)
+        state.limiter.hit(user_key)
         audit.record(
             db,
             actor=None,
@@ -97,7 +106,7 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         raise _unauthorized("wrong username or password")
     if not user.is_active:
         raise _unauthorized("this account is disabled")
-    state.limiter.reset(f"user:{body.username.lower()}")
+    state.limiter.reset(user_key)
     tokens = await issue_tokens(state, db, user)
     audit.record(
         db,
@@ -153,7 +162,7 @@ async def refresh(body: RefreshIn, request: Request, state: StateDep, db: DbDep)
 
 
 @router.post("/logout", status_code=204)
-async def logout(body: LogoutIn, request: Request, user: UserDep, db: DbDep) -> None:
+async def logout(request: Request, user: UserDep, db: DbDep, body: LogoutIn | None = None) -> None:
     """Revokes every refresh token of the user and every access token issued so far."""
     now = datetime.now(UTC)
     await db.execute(

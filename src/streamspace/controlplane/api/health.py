@@ -44,7 +44,7 @@ async def prometheus(state: StateDep) -> Response:
     async with state.db() as db:
         counts = dict(
             (await db.execute(select(SessionRow.state, func.count()).group_by(SessionRow.state)))
-            .tuples()
+            
             .all()
         )
     for st in ("pending", "running", "hibernated", "starting", "failed", "stopped"):

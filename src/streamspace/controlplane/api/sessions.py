@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy import exists, func, literal_column, select
+from sqlalchemy import exists, func, literal_column, select, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -59,7 +60,7 @@ async def _view(
 
 def _tag_filter(db: AsyncSession, tag: str):  # type: ignore[no-untyped-def]
     if db.get_bind().dialect.name == "postgresql":
-        return SessionRow.tags.contains([tag])
+        return type_coerce(SessionRow.tags, JSONB).contains([tag])
     each = func.json_each(SessionRow.tags).table_valued("value")
     return exists(select(literal_column("1")).select_from(each).where(each.c.value == tag))
 
@@ -210,7 +211,7 @@ async def list_sessions(
     names = (
         dict(
             (await db.execute(select(User.id, User.username).where(User.id.in_(owners))))
-            .tuples()
+            
             .all()
         )
         if owners

@@ -42,7 +42,7 @@ async def list_users(
     _: AdminDep,
     db: DbDep,
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=1_000_000),
     q: str | None = Query(None, max_length=64, description="username contains"),
 ) -> Page[UserOut]:
     stmt = select(User)

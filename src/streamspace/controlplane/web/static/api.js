@@ -110,6 +110,13 @@ function authLost() {
   onAuthLost();
 }
 
+/** The user is being sent to the login page: callers need not show this error. */
+function lostError(problem) {
+  const err = new ApiError(401, problem);
+  err.silent = true;
+  return err;
+}
+
 // ---- requests -------------------------------------------------------------------------------
 
 async function parseError(resp) {
@@ -150,14 +157,13 @@ export async function api(method, path, body, { headers = {}, signal, retry = tr
     throw new ApiError(0, { detail: "cannot reach the StreamSpace server; check your connection" });
   }
   const authPath = path.startsWith("/api/v1/auth/login") || path.startsWith("/api/v1/auth/refresh");
-  if (resp.status === 401 && retry && access && !authPath) {
-    if (await refreshTokens(access)) return api(method, path, body, { headers, signal, retry: false });
+  if (resp.status === 401 && !authPath) {
+    if (retry && access && (await refreshTokens(access))) {
+      return api(method, path, body, { headers, signal, retry: false });
+    }
+    const problem = (await parseError(resp)).problem;
     authLost();
-    throw await parseError(resp);
-  }
-  if (resp.status === 401 && access && !authPath) {
-    authLost();
-    throw await parseError(resp);
+    throw lostError(problem);
   }
   if (!resp.ok) throw await parseError(resp);
   if (resp.status === 204) return null;

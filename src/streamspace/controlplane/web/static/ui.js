@@ -57,7 +57,7 @@ export function setToastRoot(el) {
 
 /** Show an error (an ApiError, Error or string) in a dismissible banner. */
 export function showError(err, { title } = {}) {
-  if (err && err.name === "AbortError") return;
+  if (err && (err.name === "AbortError" || err.silent)) return;
   const message = typeof err === "string" ? err : err?.message || "something went wrong";
   console.info("[streamspace] error:", message);
   if (!bannerRoot) return;
@@ -100,6 +100,7 @@ export function toast(message) {
   if (!toastRoot) return;
   const t = h("div", { class: "toast", dataset: { testid: "toast" } }, message);
   toastRoot.append(t);
+  while (toastRoot.children.length > 3) toastRoot.firstElementChild.remove();
   setTimeout(() => t.classList.add("toast-out"), 3500);
   setTimeout(() => t.remove(), 4000);
 }
@@ -190,7 +191,6 @@ export function appIcon(template, size = 40) {
     alt: "",
     width: size,
     height: size,
-    loading: "lazy",
   });
   img.addEventListener("error", () => {
     if (!img.src.endsWith("/default.svg")) img.src = "/static/icons/default.svg";
@@ -217,6 +217,10 @@ export function pager(page, onGo, noun = "items") {
   if (!page || page.total === 0) return null;
   const first = page.offset + 1;
   const last = page.offset + page.items.length;
+  if (page.offset === 0 && (page.next_offset === null || page.next_offset === undefined)) {
+    const one = { sessions: "session", users: "user", entries: "entry", items: "item" }[noun] || noun;
+    return h("p", { class: "pager muted small", "aria-live": "polite" }, `${page.total} ${page.total === 1 ? one : noun}`);
+  }
   return h(
     "nav",
     { class: "pager", "aria-label": "Pages" },

@@ -142,13 +142,15 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     ),
   );
 
+  const backLinkBar = h("a", { class: "btn btn-bar", href: "#/sessions", dataset: { testid: "back" } }, "← Sessions");
   const bar = h(
     "header",
     { class: "viewer-bar" },
-    h("a", { class: "btn btn-bar", href: "#/sessions", dataset: { testid: "back" } }, "← Sessions"),
+    h("p", { class: "sr-only" }, "The remote screen takes all keys while it has focus. Press Control+Alt+Shift+T to come back to this toolbar."),
+    backLinkBar,
     h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
     connStatus,
-    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer" }, reconnectBtn, scaleBtn, clipBtn, fsBtn),
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, fsBtn),
   );
   const root = h(
     "div",
@@ -169,6 +171,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   function setSession(s) {
     session = s;
     badgeSlot.replaceChildren(stateBadge(s.state, "session-state"));
+    reconnectBtn.disabled = ["stopping", "stopped", "failed"].includes(s.state);
   }
 
   function showOverlay(message, ...actions) {
@@ -399,6 +402,16 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   };
   document.addEventListener("fullscreenchange", onFullscreen);
 
+  // Keyboard users: the remote screen swallows every key (Tab included), so offer a way out.
+  const onKey = (e) => {
+    if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyT") {
+      e.preventDefault();
+      e.stopPropagation();
+      backLinkBar.focus();
+    }
+  };
+  window.addEventListener("keydown", onKey, true);
+
   // ---- live session state ------------------------------------------------------------------
   const unsubscribe = ctx.live.subscribe(({ event, data }) => {
     if (disposed) return;
@@ -431,6 +444,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       disposed = true;
       unsubscribe();
       document.removeEventListener("fullscreenchange", onFullscreen);
+      window.removeEventListener("keydown", onKey, true);
     };
   }
   try {
@@ -451,6 +465,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     unsubscribe();
     dropRfb();
     document.removeEventListener("fullscreenchange", onFullscreen);
+    window.removeEventListener("keydown", onKey, true);
     if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
   };
 }

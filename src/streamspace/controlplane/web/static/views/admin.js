@@ -86,9 +86,14 @@ export async function agentsView(main, { ctx }) {
     : null;
 
   main.append(
-    pageHead("Agents", "Machines that run sessions, grouped by cluster.", refreshBtn, enrolBtn),
+    pageHead(
+      "Agents",
+      "Machines that run sessions, grouped by cluster.",
+      h("div", { class: "field field-check" }, revokedBox, h("label", { for: "show-revoked" }, "Show revoked")),
+      refreshBtn,
+      enrolBtn,
+    ),
     enrolBox,
-    h("div", { class: "filters" }, h("div", { class: "field field-check" }, revokedBox, h("label", { for: "show-revoked" }, "Show revoked agents"))),
     body,
   );
 
@@ -365,6 +370,7 @@ export async function usersView(main, { ctx }) {
     const form = h(
       "form",
       { class: "inline-form" },
+      h("input", { type: "text", autocomplete: "username", value: u.username, hidden: true, readonly: true, tabindex: "-1", "aria-hidden": "true" }),
       h("label", { for: `pw-${u.id}` }, `New password for ${u.username}`),
       input,
       h("button", { type: "submit", class: "btn btn-primary btn-small" }, "Set password"),

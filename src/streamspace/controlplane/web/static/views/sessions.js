@@ -155,6 +155,12 @@ export async function sessionsView(main, { ctx, params }) {
     try {
       const result = await get(`/api/v1/sessions${apiQuery()}`);
       if (disposed || seq !== loadSeq) return;
+      if (result.total === 0 && filters.status === "active" && !filters.template && !filters.tag) {
+        // Tell "never had a session" apart from "nothing running right now".
+        const any = await get(`/api/v1/sessions${qs({ limit: 1, all: filters.everyone ? "true" : "" })}`);
+        if (disposed || seq !== loadSeq) return;
+        result.anyEnded = any.total > 0;
+      }
       page = result;
       if (page.items.length === 0 && page.total > 0 && filters.offset > 0) {
         filters.offset = Math.max(0, page.total - PAGE_SIZE);
@@ -225,14 +231,47 @@ export async function sessionsView(main, { ctx, params }) {
     const keep = new Map();
     for (const s of page.items) {
       const old = previous.get(s.id);
-      keep.set(s.id, { data: s, el: null, expanded: old?.expanded || false, confirming: false, addingTag: false, events: old?.events || null });
+      keep.set(s.id, {
+        data: s,
+        el: null,
+        expanded: old?.expanded || false,
+        confirming: false,
+        addingTag: old?.addingTag || false,
+        tagDraft: old?.tagDraft || "",
+        events: old?.events || null,
+      });
     }
     rows.clear();
     for (const [k, v] of keep) rows.set(k, v);
     list.replaceChildren();
     if (!page.items.length) {
       const filtered = filters.status !== "active" || filters.template || filters.tag || filters.offset;
-      if (filtered) {
+      if (!filtered && page.anyEnded) {
+        list.append(
+          emptyState(
+            "No active sessions — pick an app in the catalog",
+            "Your earlier sessions have ended.",
+            h(
+              "div",
+              { class: "empty-actions" },
+              h("a", { class: "btn btn-primary", href: "#/catalog" }, "Open the catalog"),
+              h(
+                "button",
+                {
+                  type: "button",
+                  class: "btn",
+                  dataset: { testid: "show-ended" },
+                  onclick: () => {
+                    statusSel.value = "all";
+                    applyFilters();
+                  },
+                },
+                "Show all sessions",
+              ),
+            ),
+          ),
+        );
+      } else if (filtered) {
         list.append(
           emptyState(
             "No sessions match these filters",
@@ -499,7 +538,11 @@ export async function sessionsView(main, { ctx, params }) {
             class: "chip-remove",
             "aria-label": `Remove tag ${tag} from ${name}`,
             dataset: { testid: `remove-tag-${tag}` },
-            onclick: (e) => busy(e.currentTarget, () => setTags(s.tags.filter((x) => x !== tag))),
+            onclick: (e) =>
+              busy(e.currentTarget, async () => {
+                await setTags(row.data.tags.filter((x) => x !== tag));
+                row.el.querySelector('[data-testid="add-tag"]')?.focus();
+              }),
           },
           "×",
         ),
@@ -513,7 +556,12 @@ export async function sessionsView(main, { ctx, params }) {
         "aria-label": `New tag for ${name}`,
         placeholder: "new tag",
         maxlength: 64,
+        value: row.tagDraft || "",
         dataset: { testid: "tag-input" },
+      });
+      // Live updates re-render the row; keep what was typed so far.
+      input.addEventListener("input", () => {
+        row.tagDraft = input.value;
       });
       adder = h(
         "form",
@@ -542,8 +590,11 @@ export async function sessionsView(main, { ctx, params }) {
           return;
         }
         busy(adder.querySelector("button[type=submit]"), async () => {
+          await setTags([...(row.data.tags || []), tag]);
           row.addingTag = false;
-          await setTags([...(s.tags || []), tag]);
+          row.tagDraft = "";
+          updateRow(row);
+          row.el.querySelector('[data-testid="add-tag"]')?.focus();
         });
       });
       input.addEventListener("keydown", (e) => {
@@ -553,7 +604,10 @@ export async function sessionsView(main, { ctx, params }) {
           row.el.querySelector('[data-testid="add-tag"]')?.focus();
         }
       });
-      queueMicrotask(() => input.focus());
+      if (row.focusTag) {
+        row.focusTag = false;
+        queueMicrotask(() => input.focus());
+      }
     } else {
       adder = h(
         "button",
@@ -564,6 +618,8 @@ export async function sessionsView(main, { ctx, params }) {
           dataset: { testid: "add-tag" },
           onclick: () => {
             row.addingTag = true;
+            row.focusTag = true;
+            row.tagDraft = "";
             updateRow(row);
           },
         },

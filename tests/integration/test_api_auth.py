@@ -1,0 +1,237 @@
+"""Auth API against a real control plane: login, rotating refresh tokens with replay detection,
+logout, /me, password change, login rate limits, disabled users and the first-start admin."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+
+from conftest import ADMIN_PASSWORD
+from streamspace.controlplane import security
+
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+# Login attempts from 127.0.0.1 are rate limited; keep the limiter out of tests about other things.
+NO_LIMIT = {"login_rate_per_minute": 10_000}
+
+_TLS = ssl.create_default_context()  # shared: building one per client costs ~50 ms
+
+
+def client(cp: Any, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=cp.url, headers=headers, timeout=30, verify=_TLS)
+
+
+def login(cp: Any, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
+    with client(cp) as anon:
+        r = anon.post("/api/v1/auth/login", json={"username": username, "password": password})
+    assert r.status_code == 200, r.text
+    return client(cp, r.json()["access_token"])
+
+
+@pytest.fixture(autouse=True)
+def _cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production-cost argon2 would dominate the runtime; the API logic under test is the same."""
+    monkeypatch.setattr(
+        security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    )
+
+
+def assert_problem(r: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body: dict[str, Any] = r.json()
+    assert set(body) >= PROBLEM_KEYS, body
+    assert body["status"] == status, body
+    assert body["detail"], body
+    for fragment in fragments:
+        assert fragment.lower() in body["detail"].lower(), (fragment, body)
+    return body
+
+
+def attempt(cp: Any, username: str, password: str) -> httpx.Response:
+    with client(cp) as c:
+        return c.post("/api/v1/auth/login", json={"username": username, "password": password})
+
+
+def test_first_start_admin_login_and_me(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    r = attempt(cp, "admin", ADMIN_PASSWORD)
+    assert r.status_code == 200, r.text
+    tokens = r.json()
+    assert tokens["token_type"] == "bearer"
+    assert tokens["expires_in"] > 0
+    assert tokens["access_token"] and tokens["refresh_token"]
+    assert tokens["user"]["username"] == "admin"
+    assert tokens["user"]["role"] == "admin"
+    assert tokens["user"]["is_active"] is True
+    assert "password_hash" not in tokens["user"]
+
+    with client(cp, tokens["access_token"]) as admin:
+        me = admin.get("/api/v1/auth/me")
+        assert me.status_code == 200, me.text
+        assert me.json()["username"] == "admin"
+        assert me.json()["id"] == tokens["user"]["id"]
+        # exactly one user exists after the first start: the bootstrap admin
+        users = admin.get("/api/v1/users").json()
+        assert [u["username"] for u in users["items"]] == ["admin"]
+
+    # wrong password, unknown user: 401 problem JSON, same message (no user enumeration)
+    wrong = assert_problem(attempt(cp, "admin", "not-the-password"), 401)
+    ghost = assert_problem(attempt(cp, "nobody-here", "whatever-123"), 401)
+    assert wrong["detail"] == ghost["detail"]
+
+    # /me without or with a garbage token
+    with client(cp) as anon:
+        assert_problem(anon.get("/api/v1/auth/me"), 401)
+    with client(cp, "not.a.jwt") as bogus:
+        assert_problem(bogus.get("/api/v1/auth/me"), 401)
+    # the refresh token is not an access token
+    with client(cp, tokens["refresh_token"]) as wrong_kind:
+        assert_problem(wrong_kind.get("/api/v1/auth/me"), 401)
+
+
+def test_refresh_rotation_and_reuse_revokes_the_family(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    first = attempt(cp, "admin", ADMIN_PASSWORD).json()
+    # an unrelated login (another family) must survive the replay below
+    other = attempt(cp, "admin", ADMIN_PASSWORD).json()
+
+    with client(cp) as anon:
+        r1 = anon.post("/api/v1/auth/refresh", json={"refresh_token": first["refresh_token"]})
+        assert r1.status_code == 200, r1.text
+        second = r1.json()
+        assert second["refresh_token"] != first["refresh_token"]
+        assert second["access_token"]
+        with client(cp, second["access_token"]) as c:
+            assert c.get("/api/v1/auth/me").status_code == 200
+
+        # replaying the already-used token: 401, and the whole family is revoked
+        replay = anon.post("/api/v1/auth/refresh", json={"refresh_token": first["refresh_token"]})
+        assert_problem(replay, 401, "already used")
+        after = anon.post("/api/v1/auth/refresh", json={"refresh_token": second["refresh_token"]})
+        assert_problem(after, 401)
+
+        # the other family is untouched
+        r3 = anon.post("/api/v1/auth/refresh", json={"refresh_token": other["refresh_token"]})
+        assert r3.status_code == 200, r3.text
+
+        # garbage refresh tokens
+        assert_problem(anon.post("/api/v1/auth/refresh", json={"refresh_token": "x" * 40}), 401)
+
+
+def test_logout_revokes_refresh_and_access_tokens(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    tokens = attempt(cp, "admin", ADMIN_PASSWORD).json()
+    second = attempt(cp, "admin", ADMIN_PASSWORD).json()
+    with client(cp, tokens["access_token"]) as c:
+        assert c.get("/api/v1/auth/me").status_code == 200
+        r = c.post("/api/v1/auth/logout", json={"refresh_token": tokens["refresh_token"]})
+        assert r.status_code == 204, r.text
+        # the access token is dead (token_version bump), and so is every other one
+        assert_problem(c.get("/api/v1/auth/me"), 401, "revoked")
+    with client(cp, second["access_token"]) as c2:
+        assert_problem(c2.get("/api/v1/auth/me"), 401)
+    with client(cp) as anon:
+        for refresh in (tokens["refresh_token"], second["refresh_token"]):
+            r = anon.post("/api/v1/auth/refresh", json={"refresh_token": refresh})
+            assert_problem(r, 401)
+        # logging out anonymously is a 401
+        assert_problem(anon.post("/api/v1/auth/logout", json={}), 401)
+    # logging in again works
+    assert attempt(cp, "admin", ADMIN_PASSWORD).status_code == 200
+
+
+def test_password_change(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    with login(cp) as admin:
+        r = admin.post("/api/v1/users", json={"username": "carol", "password": "carol-pass-1"})
+        assert r.status_code == 201, r.text
+    tokens = attempt(cp, "carol", "carol-pass-1").json()
+    with client(cp, tokens["access_token"]) as c:
+        wrong = c.post(
+            "/api/v1/auth/password",
+            json={"current_password": "not-it-123", "new_password": "carol-pass-2"},
+        )
+        assert_problem(wrong, 403, "current password")
+        # still logged in after a failed attempt
+        assert c.get("/api/v1/auth/me").status_code == 200
+        too_short = c.post(
+            "/api/v1/auth/password",
+            json={"current_password": "carol-pass-1", "new_password": "short"},
+        )
+        assert_problem(too_short, 422, "new_password")
+        ok = c.post(
+            "/api/v1/auth/password",
+            json={"current_password": "carol-pass-1", "new_password": "carol-pass-2"},
+        )
+        assert ok.status_code == 200, ok.text
+        fresh = ok.json()
+        # the old access token is rejected right away
+        assert_problem(c.get("/api/v1/auth/me"), 401)
+    # the old refresh token too
+    with client(cp) as anon:
+        r = anon.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+        assert_problem(r, 401)
+    # the tokens returned by the change work
+    with client(cp, fresh["access_token"]) as c:
+        assert c.get("/api/v1/auth/me").json()["username"] == "carol"
+    assert_problem(attempt(cp, "carol", "carol-pass-1"), 401)
+    assert attempt(cp, "carol", "carol-pass-2").status_code == 200
+
+
+def test_disabled_user_cannot_log_in(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    with login(cp) as admin:
+        r = admin.post("/api/v1/users", json={"username": "dave", "password": "dave-pass-1"})
+        assert r.status_code == 201, r.text
+        tokens = attempt(cp, "dave", "dave-pass-1").json()
+        dave = client(cp, tokens["access_token"])
+        assert dave.get("/api/v1/auth/me").status_code == 200
+        r = admin.patch("/api/v1/users/dave", json={"is_active": False})
+        assert r.status_code == 200, r.text
+        assert r.json()["is_active"] is False
+        # an existing access token stops working at once, and so does the refresh token
+        assert_problem(dave.get("/api/v1/auth/me"), 401)
+        with client(cp) as anon:
+            r = anon.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+            assert_problem(r, 401)
+        assert_problem(attempt(cp, "dave", "dave-pass-1"), 401, "disabled")
+        r = admin.patch("/api/v1/users/dave", json={"is_active": True})
+        assert r.status_code == 200, r.text
+    assert attempt(cp, "dave", "dave-pass-1").status_code == 200
+    dave.close()
+
+
+def test_login_rate_limit_per_user(make_control_plane: Any) -> None:
+    cp = make_control_plane(login_rate_per_minute=3)
+    # an account that does not exist, so no admin login is needed to set it up
+    for _ in range(3):
+        assert_problem(attempt(cp, "mallory", "guess-123"), 401)
+    limited = assert_problem(attempt(cp, "mallory", "guess-123"), 429)
+    assert "try again" in limited["detail"]
+    retry_after = attempt(cp, "mallory", "guess-123").headers.get("retry-after")
+    assert retry_after is not None and retry_after.isdigit(), retry_after
+    assert 1 <= int(retry_after) <= 61
+    # the username is case-folded for the limit
+    assert_problem(attempt(cp, "MALLORY", "guess-123"), 429)
+
+
+def test_login_rate_limit_does_not_lock_out_other_users(make_control_plane: Any) -> None:
+    """One user's failed attempts must not lock everyone else (same IP) out of logging in."""
+    cp = make_control_plane(login_rate_per_minute=3)
+    for _ in range(3):
+        assert_problem(attempt(cp, "mallory", "guess-123"), 401)
+    assert_problem(attempt(cp, "mallory", "guess-123"), 429)
+    r = attempt(cp, "admin", ADMIN_PASSWORD)
+    assert r.status_code == 200, f"admin locked out by mallory's failures: {r.text}"
+
+
+def test_successful_logins_are_not_rate_limited(make_control_plane: Any) -> None:
+    """The limit is on failures: N+2 correct logins in a minute all succeed."""
+    cp = make_control_plane(login_rate_per_minute=3)
+    codes = [attempt(cp, "admin", ADMIN_PASSWORD).status_code for _ in range(5)]
+    assert codes == [200] * 5, codes

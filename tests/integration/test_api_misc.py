@@ -1,0 +1,242 @@
+"""Health, readiness, metrics, the OpenAPI document, the audit log and template management."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+
+from conftest import ADMIN_PASSWORD
+from streamspace.controlplane import security
+
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+NO_LIMIT = {"login_rate_per_minute": 10_000}
+
+_TLS = ssl.create_default_context()  # shared: building one per client costs ~50 ms
+
+
+def client(cp: Any, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=cp.url, headers=headers, timeout=30, verify=_TLS)
+
+
+def login(cp: Any, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
+    with client(cp) as anon:
+        r = anon.post("/api/v1/auth/login", json={"username": username, "password": password})
+    assert r.status_code == 200, r.text
+    return client(cp, r.json()["access_token"])
+
+
+@pytest.fixture(autouse=True)
+def _cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production-cost argon2 would dominate the runtime; the API logic under test is the same."""
+    monkeypatch.setattr(
+        security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    )
+
+
+SPEC = {
+    "name": "my-editor",
+    "display_name": "My Editor",
+    "category": "Office",
+    "description": "An editor added through the API",
+    "icon": "editor.svg",
+    "tags": ["text", "edit"],
+    "resources": {"cpu_millis": 250, "memory_mb": 256},
+    "launch": {"local": {"command": ["mousepad"]}, "docker": {"image": "example/editor:1"}},
+}
+
+
+def assert_problem(r: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body: dict[str, Any] = r.json()
+    assert set(body) >= PROBLEM_KEYS, body
+    for fragment in fragments:
+        assert fragment.lower() in body["detail"].lower(), (fragment, body)
+    return body
+
+
+def test_health_ready_metrics_openapi(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    with client(cp) as anon:
+        r = anon.get("/healthz")
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+        r = anon.get("/readyz")
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "ok" and r.json()["database"] == "ok"
+        # some traffic so that the request counter has samples
+        anon.get("/api/v1/sessions")
+        r = anon.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        assert "streamspace_http_requests_total" in text
+        assert 'route="/api/v1/sessions"' in text and 'status="401"' in text
+        assert "streamspace_sessions" in text
+        r = anon.get("/api/openapi.json")
+        assert r.status_code == 200
+        spec = json.loads(r.text)
+        assert spec["openapi"].startswith("3.")
+        assert spec["info"]["title"] == "StreamSpace"
+        for path in (
+            "/api/v1/sessions",
+            "/api/v1/auth/login",
+            "/api/v1/templates",
+            "/api/v1/users",
+            "/api/v1/agents",
+            "/api/v1/audit",
+        ):
+            assert path in spec["paths"], path
+        # request bodies refuse unknown fields, and the schema says so
+        schemas = spec["components"]["schemas"]
+        assert schemas["SessionCreateIn"].get("additionalProperties") is False
+
+
+def test_audit_log_records_actor(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    admin = login(cp)
+    r = admin.post("/api/v1/users", json={"username": "audrey", "password": "audrey-pass-1"})
+    assert r.status_code == 201, r.text
+    audrey_id = r.json()["id"]
+    audrey = login(cp, "audrey", "audrey-pass-1")
+    r = audrey.post("/api/v1/sessions", json={"template": "xterm"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert audrey.delete(f"/api/v1/sessions/{sid}").status_code == 202
+    with client(cp) as anon:
+        anon.post("/api/v1/auth/login", json={"username": "audrey", "password": "wrong-one"})
+
+    def entries(**params: Any) -> list[dict[str, Any]]:
+        r = admin.get("/api/v1/audit", params=params)
+        assert r.status_code == 200, r.text
+        return list(r.json()["items"])
+
+    created = entries(action="user.create")
+    assert len(created) == 1, created
+    assert created[0]["actor"] == "admin"
+    assert created[0]["resource_type"] == "user" and created[0]["resource_id"] == audrey_id
+    assert created[0]["detail"]["username"] == "audrey"
+    assert created[0]["ip"] == "127.0.0.1"
+
+    sess = entries(action="session.create")
+    assert len(sess) == 1, sess
+    assert sess[0]["actor"] == "audrey" and sess[0]["resource_id"] == sid
+    assert sess[0]["status_code"] == 201
+    assert sess[0]["detail"]["template"] == "xterm"
+    stop = entries(action="session.stop")
+    assert [e["actor"] for e in stop] == ["audrey"] and stop[0]["resource_id"] == sid
+    failed = entries(action="auth.login_failed")
+    assert failed and failed[0]["actor"] == "" and failed[0]["resource_id"] == "audrey"
+    assert failed[0]["status_code"] == 401
+    # filters, newest first, pagination
+    mine = entries(actor="audrey")
+    assert {e["action"] for e in mine} >= {"session.create", "session.stop", "auth.login"}
+    ids = [e["id"] for e in entries()]
+    assert ids == sorted(ids, reverse=True)
+    page = admin.get("/api/v1/audit", params={"limit": 2}).json()
+    assert len(page["items"]) == 2 and page["next_offset"] == 2 and page["total"] >= 5
+    # users cannot read it
+    assert_problem(audrey.get("/api/v1/audit"), 403)
+    admin.close()
+    audrey.close()
+
+
+def test_templates_crud(make_control_plane: Any) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    admin = login(cp)
+    r = admin.post("/api/v1/users", json={"username": "tess", "password": "tess-pass-12"})
+    assert r.status_code == 201, r.text
+    user = login(cp, "tess", "tess-pass-12")
+
+    # file templates are there
+    names = {t["name"] for t in user.get("/api/v1/templates").json()}
+    assert {"xterm", "firefox"} <= names
+    xterm = user.get("/api/v1/templates/xterm").json()
+    assert xterm["source"] == "file" and xterm["enabled"] is True
+
+    # create
+    r = admin.post("/api/v1/templates", json=SPEC)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["name"] == "my-editor" and body["source"] == "api"
+    assert body["tags"] == ["text", "edit"] and body["category"] == "Office"
+    assert body["spec"]["resources"] == {"cpu_millis": 250, "memory_mb": 256}
+    assert_problem(admin.post("/api/v1/templates", json=SPEC), 409, "my-editor")
+    got = user.get("/api/v1/templates/my-editor")
+    assert got.status_code == 200 and got.json()["display_name"] == "My Editor"
+    # it can be used, with its resources
+    r = user.post("/api/v1/sessions", json={"template": "my-editor"})
+    assert r.status_code == 201, r.text
+    assert r.json()["resources"] == {"cpu_millis": 250, "memory_mb": 256}
+    # filters
+    office = admin.get("/api/v1/templates", params={"category": "Office"}).json()
+    assert "my-editor" in {t["name"] for t in office}
+    assert all(t["category"] == "Office" for t in office)
+    tagged = admin.get("/api/v1/templates", params={"tag": "edit"}).json()
+    assert [t["name"] for t in tagged] == ["my-editor"]
+
+    # invalid specs name the field
+    invalid = [
+        ({**SPEC, "name": "other", "launch": {}}, "launch"),
+        (
+            {k: v for k, v in SPEC.items() if k != "display_name"} | {"name": "other"},
+            "display_name",
+        ),
+        ({**SPEC, "name": "Other_Name"}, "name"),
+        ({**SPEC, "name": "other", "resources": {"cpu_millis": 5}}, "resources.cpu_millis"),
+        ({**SPEC, "name": "other", "launch": {"local": {"command": []}}}, "launch.local.command"),
+        ({**SPEC, "name": "other", "display": {"depth": 8}}, "display.depth"),
+        ({**SPEC, "name": "other", "colour": "red"}, "colour"),
+        (
+            {**SPEC, "name": "other", "launch": {"local": {"command": ["x"], "shell": True}}},
+            "launch.local.shell",
+        ),
+    ]
+    for spec, field in invalid:
+        assert_problem(admin.post("/api/v1/templates", json=spec), 422, field)
+    assert admin.get("/api/v1/templates/other").status_code == 404
+
+    # PUT replaces; the name in the body must match the URL
+    replaced = {**SPEC, "display_name": "My Editor 2", "tags": ["text"]}
+    r = admin.put("/api/v1/templates/my-editor", json=replaced)
+    assert r.status_code == 200, r.text
+    assert r.json()["display_name"] == "My Editor 2" and r.json()["tags"] == ["text"]
+    assert user.get("/api/v1/templates/my-editor").json()["display_name"] == "My Editor 2"
+    assert_problem(admin.put("/api/v1/templates/else", json=replaced), 400, "differs")
+    assert_problem(
+        admin.put("/api/v1/templates/my-editor", json={**replaced, "launch": {}}), 422, "launch"
+    )
+    # PUT on a new name creates
+    r = admin.put("/api/v1/templates/fresh-one", json={**SPEC, "name": "fresh-one"})
+    assert r.status_code in (200, 201), r.text
+    assert user.get("/api/v1/templates/fresh-one").status_code == 200
+
+    # disabled templates: only admins see them, nobody can start them
+    r = admin.put("/api/v1/templates/my-editor", json={**replaced, "enabled": False})
+    assert r.status_code == 200 and r.json()["enabled"] is False
+    assert "my-editor" not in {t["name"] for t in user.get("/api/v1/templates").json()}
+    assert_problem(user.get("/api/v1/templates/my-editor"), 404)
+    assert "my-editor" in {t["name"] for t in admin.get("/api/v1/templates").json()}
+    assert admin.get("/api/v1/templates/my-editor").status_code == 200
+    assert_problem(user.post("/api/v1/sessions", json={"template": "my-editor"}), 422, "my-editor")
+
+    # delete
+    assert admin.delete("/api/v1/templates/fresh-one").status_code == 204
+    assert_problem(admin.get("/api/v1/templates/fresh-one"), 404)
+    assert_problem(admin.delete("/api/v1/templates/fresh-one"), 404)
+    assert_problem(user.post("/api/v1/sessions", json={"template": "fresh-one"}), 422, "fresh-one")
+
+    # audit trail of the template changes
+    actions = [
+        e["action"]
+        for e in admin.get("/api/v1/audit", params={"resource_type": "template"}).json()["items"]
+    ]
+    assert actions.count("template.create") == 2, actions  # POST my-editor, PUT fresh-one
+    assert "template.update" in actions and "template.delete" in actions
+    admin.close()
+    user.close()

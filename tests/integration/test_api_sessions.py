@@ -1,0 +1,261 @@
+"""Sessions API on SQLite and PostgreSQL. No agent is connected, so sessions stay pending."""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+import pytest
+from argon2 import PasswordHasher
+from sqlalchemy import func, select
+
+from conftest import ADMIN_PASSWORD, wait_for
+from streamspace.controlplane import security
+from streamspace.db.models import Session as SessionRow
+from streamspace.db.models import User
+
+PROBLEM_KEYS = {"type", "title", "status", "detail"}
+NO_LIMIT = {"login_rate_per_minute": 10_000}
+
+_TLS = ssl.create_default_context()  # shared: building one per client costs ~50 ms
+
+
+def client(cp: Any, token: str | None = None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=cp.url, headers=headers, timeout=30, verify=_TLS)
+
+
+def login(cp: Any, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
+    with client(cp) as anon:
+        r = anon.post("/api/v1/auth/login", json={"username": username, "password": password})
+    assert r.status_code == 200, r.text
+    return client(cp, r.json()["access_token"])
+
+
+@pytest.fixture(autouse=True)
+def _cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production-cost argon2 would dominate the runtime; the API logic under test is the same."""
+    monkeypatch.setattr(
+        security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+    )
+
+
+BIG_QUOTA = {"max_sessions": 50, "max_cpu_millis": 1_000_000, "max_memory_mb": 1_000_000}
+
+
+def assert_problem(r: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
+    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
+    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    body: dict[str, Any] = r.json()
+    assert set(body) >= PROBLEM_KEYS, body
+    assert body["status"] == status
+    for fragment in fragments:
+        assert fragment.lower() in body["detail"].lower(), (fragment, body)
+    return body
+
+
+def add_user(
+    cp: Any, admin: httpx.Client, name: str, quota: dict[str, int] | None = None, role: str = "user"
+) -> httpx.Client:
+    r = admin.post(
+        "/api/v1/users", json={"username": name, "password": "user-pass-123", "role": role}
+    )
+    assert r.status_code == 201, r.text
+    if quota:
+        r = admin.put(f"/api/v1/users/{name}/quota", json=quota)
+        assert r.status_code == 200, r.text
+    return login(cp, name, "user-pass-123")
+
+
+def db_count(cp: Any, username: str, active_only: bool = False) -> int:
+    async def count() -> int:
+        async with cp.state.db() as db:
+            stmt = (
+                select(func.count(SessionRow.id))
+                .join(User, User.id == SessionRow.owner_id)
+                .where(User.username == username)
+            )
+            if active_only:
+                stmt = stmt.where(SessionRow.state.not_in(["stopped", "failed"]))
+            return int(await db.scalar(stmt) or 0)
+
+    return int(cp.run(count()))
+
+
+def test_create_and_get(db_url: str, make_control_plane: Any) -> None:
+    cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    with login(cp) as admin:
+        user = add_user(cp, admin, "ursula")
+    r = user.post(
+        "/api/v1/sessions",
+        json={
+            "template": "xterm",
+            "tags": ["work", "work", "a:b"],
+            "resources": {"cpu_millis": 700},
+        },
+    )
+    assert r.status_code == 201, r.text
+    created = r.json()
+    sid = created["id"]
+    assert r.headers["location"] == f"/api/v1/sessions/{sid}"
+    assert created["state"] == "pending"
+    assert created["owner"] == "ursula"
+    assert created["template"] == "xterm"
+    assert created["tags"] == ["work", "a:b"]  # de-duplicated, order kept
+    assert created["resources"] == {"cpu_millis": 700, "memory_mb": 512}  # memory from template
+    assert created["allowed_actions"] == ["stop"]
+    assert created["agent_id"] is None
+    assert created["status_message"], "a pending session must say why it waits"
+
+    # the placer runs and records the reason: there is no agent
+    def waiting() -> dict[str, Any] | None:
+        body: dict[str, Any] = user.get(f"/api/v1/sessions/{sid}").json()
+        return body if "no agent" in body["status_message"] else None
+
+    got = wait_for(waiting, timeout=15, what="status_message to mention 'no agent'")
+    assert got["state"] == "pending"
+    kinds = [e["kind"] for e in got["events"]]
+    assert kinds[0] == "created", kinds
+    assert "queued" in kinds, kinds
+    assert "xterm" in got["events"][0]["message"]
+    # the list view has no events, the detail view has them
+    listed = user.get("/api/v1/sessions").json()["items"]
+    assert [s["id"] for s in listed] == [sid]
+    assert listed[0]["events"] is None
+    assert_problem(user.get("/api/v1/sessions/" + "f" * 32), 404, "f" * 32)
+    user.close()
+
+
+def test_list_pagination_and_filters(db_url: str, make_control_plane: Any) -> None:
+    cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    with login(cp) as admin:
+        user = add_user(cp, admin, "paula", quota=BIG_QUOTA)
+    ids = []
+    for i in range(7):
+        body = {
+            "template": "firefox" if i % 3 == 0 else "xterm",
+            "tags": ["even"] if i % 2 == 0 else ["odd", "team/x"],
+        }
+        r = user.post("/api/v1/sessions", json=body)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+
+    seen: list[str] = []
+    offset: int | None = 0
+    pages = []
+    while offset is not None:
+        r = user.get("/api/v1/sessions", params={"limit": 3, "offset": offset})
+        assert r.status_code == 200, r.text
+        page = r.json()
+        assert page["total"] == 7 and page["limit"] == 3 and page["offset"] == offset
+        pages.append(len(page["items"]))
+        seen += [s["id"] for s in page["items"]]
+        offset = page["next_offset"]
+        assert len(pages) <= 3, "pagination does not terminate"
+    assert pages == [3, 3, 1]
+    assert sorted(seen) == sorted(ids) and len(set(seen)) == 7
+    assert seen == list(reversed(ids)), "newest first"
+    beyond = user.get("/api/v1/sessions", params={"limit": 3, "offset": 9}).json()
+    assert beyond["items"] == [] and beyond["total"] == 7 and beyond["next_offset"] is None
+
+    # stop two
+    for sid in ids[:2]:
+        assert user.delete(f"/api/v1/sessions/{sid}").status_code == 202
+
+    # xterm sessions are 1, 2, 4, 5; firefox 0, 3, 6; odd tags on 1, 3, 5; 0 and 1 stopped
+    checks: list[tuple[dict[str, Any], set[str]]] = [
+        ({"state": "stopped"}, set(ids[:2])),
+        ({"state": "pending"}, set(ids[2:])),
+        ({"state": "pending,stopped"}, set(ids)),
+        ({"state": "running"}, set()),
+        ({"active": "true"}, set(ids[2:])),
+        ({"active": "false"}, set(ids[:2])),
+        ({"template": "firefox"}, {ids[i] for i in (0, 3, 6)}),
+        ({"template": "firefox", "active": "true"}, {ids[3], ids[6]}),
+        ({"tag": "even"}, {ids[i] for i in (0, 2, 4, 6)}),
+        ({"tag": "team/x"}, {ids[i] for i in (1, 3, 5)}),
+        ({"tag": "nope"}, set()),
+        ({"template": "xterm", "tag": "odd", "state": "pending"}, {ids[5]}),
+    ]
+    failures = []
+    for params, expected in checks:
+        r = user.get("/api/v1/sessions", params={"limit": 200, **params})
+        if r.status_code != 200:
+            failures.append(f"{params}: {r.status_code} {r.text[:160]}")
+            continue
+        body = r.json()
+        got = {s["id"] for s in body["items"]}
+        if got != expected or body["total"] != len(expected):
+            failures.append(
+                f"{params}: got {len(got)} (total {body['total']}), expected {len(expected)}"
+            )
+    assert not failures, "list filters:\n" + "\n".join(failures)
+    user.close()
+
+
+def test_patch_stop_and_state_conflicts(db_url: str, make_control_plane: Any) -> None:
+    cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    with login(cp) as admin:
+        user = add_user(cp, admin, "stella")
+    sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
+    url = f"/api/v1/sessions/{sid}"
+
+    r = user.patch(url, json={"tags": ["b", "a", "b"], "idle_timeout_seconds": 900})
+    assert r.status_code == 200, r.text
+    assert r.json()["tags"] == ["b", "a"]
+    assert r.json()["idle_timeout_seconds"] == 900
+    r = user.patch(url, json={"tags": []})
+    assert r.status_code == 200 and r.json()["tags"] == []
+    assert_problem(user.patch(url, json={"tags": ["no spaces"]}), 422, "tag")
+    assert_problem(user.patch(url, json={"max_duration_seconds": 3600}), 403, "admin")
+    assert user.get(url).json()["max_duration_seconds"] != 3600
+
+    for action in ("hibernate", "wake", "connect"):
+        body = assert_problem(user.post(f"{url}/{action}"), 409)
+        assert body["current_state"] == "pending", body
+        assert "pending" in body["detail"], body
+    assert user.get(url).json()["state"] == "pending"
+
+    r = user.delete(url)
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] == "stopped"
+    assert r.json()["allowed_actions"] == []
+    again = user.delete(url)
+    assert again.status_code == 202, again.text
+    assert again.json()["state"] == "stopped"
+    got = user.get(url).json()
+    assert got["state"] == "stopped"
+    assert [e["kind"] for e in got["events"]].count("stopped") == 1, got["events"]
+    for action in ("hibernate", "wake", "connect"):
+        body = assert_problem(user.post(f"{url}/{action}"), 409)
+        assert body["current_state"] == "stopped", body
+    user.close()
+
+
+def test_idempotency_key(db_url: str, make_control_plane: Any) -> None:
+    cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    with login(cp) as admin:
+        ida = add_user(cp, admin, "ida")
+        ivan = add_user(cp, admin, "ivan")
+    key = {"Idempotency-Key": "create-once-7f3a"}
+    first = ida.post("/api/v1/sessions", json={"template": "xterm"}, headers=key)
+    assert first.status_code == 201, first.text
+    second = ida.post("/api/v1/sessions", json={"template": "xterm"}, headers=key)
+    assert second.status_code in (200, 201), second.text
+    assert second.json()["id"] == first.json()["id"]
+    assert ida.get("/api/v1/sessions").json()["total"] == 1
+    assert db_count(cp, "ida") == 1
+    # a different key creates a new session
+    other = ida.post(
+        "/api/v1/sessions", json={"template": "xterm"}, headers={"Idempotency-Key": "another-key"}
+    )
+    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+    # keys are per user: the same key for somebody else is a different session
+    theirs = ivan.post("/api/v1/sessions", json={"template": "xterm"}, headers=key)
+    assert theirs.status_code == 201, theirs.text
+    assert theirs.json()["id"] != first.json()["id"]
+    assert theirs.json()["owner"] == "ivan"
+    assert db_count(cp, "ida") == 2 and db_count(cp, "ivan") == 1
+    ida.close()
+    ivan.close()
