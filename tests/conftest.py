@@ -136,6 +136,7 @@ class ControlPlane:
             host="127.0.0.1",
             port=self.port,
             log_level="warning",
+            timeout_graceful_shutdown=5,
             ws="websockets-sansio",
             access_log=False,
         )
@@ -333,4 +334,36 @@ XVNC_MISSING = (
     else (
         "TigerVNC Xvnc or xterm is not installed (apt-get install tigervnc-standalone-server xterm)"
     )
+)
+
+
+@pytest.fixture(scope="session")
+def podman_service() -> Iterator[Any]:
+    """A private `podman system service` (runc, lowered ulimits) with the xterm image built.
+
+    The build is cached by its inputs hash, so only the first run on a machine pays for
+    debootstrap. Modules using it skip themselves when podman or root is missing.
+    """
+    import tempfile
+
+    from streamspace.images import build_images
+    from streamspace.podman import start_podman_service
+
+    run_dir = Path(tempfile.mkdtemp(prefix="ss-podman-"))
+    service = start_podman_service(run_dir, export=False)
+    try:
+        started = time.monotonic()
+        results = build_images(["xterm"], containers_conf=service.conf_path, progress=print)
+        built = [r.name for r in results if r.built]
+        print(f"xterm image ready in {time.monotonic() - started:.1f} s (built: {built or 'none'})")
+        yield service
+    finally:
+        service.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+PODMAN_MISSING = (
+    "container tests need podman and root (apt-get install -y podman runc debootstrap)"
+    if shutil.which("podman") is None or os.geteuid() != 0
+    else None
 )

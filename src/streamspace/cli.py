@@ -82,6 +82,7 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
         port=settings.port,
         log_level="warning",
         ws="websockets-sansio",
+        timeout_graceful_shutdown=5,
         lifespan="on",
         access_log=False,
     )
@@ -225,9 +226,10 @@ def agent(
     elif backend == "docker":
         from streamspace.agent.backends.docker import DockerBackend
 
-        agent_id = _stored_agent_id(sdir) or agent_name
         be = DockerBackend(
-            base_url=docker_host or os.environ.get("DOCKER_HOST"), agent_id=agent_id, state_dir=sdir
+            base_url=docker_host or os.environ.get("DOCKER_HOST"),
+            agent_id=_backend_label_id(sdir),
+            state_dir=sdir,
         )
     else:
         fail(f"unknown backend {backend!r}; use local or docker")
@@ -256,13 +258,21 @@ def agent(
     run(main())
 
 
-def _stored_agent_id(state_dir: Path) -> str | None:
-    path = state_dir / "agent.json"
-    if not path.exists():
-        return None
-    with contextlib.suppress(ValueError, OSError):
-        return str(json.loads(path.read_text()).get("agent_id") or "") or None
-    return None
+def _backend_label_id(state_dir: Path) -> str:
+    """A stable id for labelling this agent's containers, made once per state dir.
+
+    The agent id is only known after enrolment; containers must be findable across restarts
+    from the first start on, so the label uses an id of the state dir itself.
+    """
+    import uuid
+
+    path = state_dir / "backend-id"
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    value = uuid.uuid4().hex
+    path.write_text(value)
+    return value
 
 
 # ---- database and admin -------------------------------------------------------------------
@@ -593,18 +603,28 @@ def images_build(
     only: list[str] = typer.Option([], "--only", help="Build just these images (and base)."),
     force: bool = typer.Option(False, help="Rebuild even when inputs are unchanged."),
 ) -> None:
-    """Build the session images locally with podman (no registry needed)."""
+    """Build the session images locally with podman (debootstrap, no registry needed)."""
     from streamspace import images
 
-    names = only or list(images.DEFAULT_IMAGES)
     try:
-        results = images.build_images(names, progress=lambda line: console.print(line), force=force)
+        results = images.build_images(
+            only or None, progress=lambda line: console.print(line, markup=False), force=force
+        )
     except images.ImageBuildError as exc:
         fail(str(exc))
     for r in results:
         console.print(
-            f"[green]{r.name}[/] {'cached' if r.cached else 'built'} in {r.seconds:.1f} s"
+            f"[green]{r.image}[/] {'built' if r.built else 'up to date'} in {r.seconds:.1f} s"
         )
+
+
+@images_app.command("ls")
+def images_ls() -> None:
+    """Images this repository can build."""
+    from streamspace import images
+
+    for name in images.available_images():
+        console.print(f"{name:<10} {images.image_ref(name)}")
 
 
 @app.command()

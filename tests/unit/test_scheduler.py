@@ -4,12 +4,27 @@ from streamspace.controlplane import scheduler
 from streamspace.controlplane.scheduler import AgentSnapshot, Request, place, reserve
 
 
-def agent(aid: str, cluster: str = "c1", used: int = 0, max_sessions: int = 4,
-          templates: tuple[str, ...] = ("xterm",), **kw: object) -> AgentSnapshot:
+def agent(
+    aid: str,
+    cluster: str = "c1",
+    used: int = 0,
+    max_sessions: int = 4,
+    templates: tuple[str, ...] = ("xterm",),
+    **kw: object,
+) -> AgentSnapshot:
     base: dict[str, object] = dict(
-        id=aid, name=aid, cluster_id=cluster, backend="local", online=True, draining=False,
-        healthy=True, templates=frozenset(templates), max_sessions=max_sessions,
-        cpu_millis=4000, memory_mb=4096, used_sessions=used,
+        id=aid,
+        name=aid,
+        cluster_id=cluster,
+        backend="local",
+        online=True,
+        draining=False,
+        healthy=True,
+        templates=frozenset(templates),
+        max_sessions=max_sessions,
+        cpu_millis=4000,
+        memory_mb=4096,
+        used_sessions=used,
     )
     base.update(kw)
     return AgentSnapshot(**base)  # type: ignore[arg-type]
@@ -38,8 +53,11 @@ def test_cluster_constraint_is_honoured() -> None:
 
 def test_no_capacity_explains_every_rejection() -> None:
     agents = [
-        agent("full1", used=4), agent("full2", used=4), agent("other", cluster="c9"),
-        agent("off", online=False), agent("drain", draining=True),
+        agent("full1", used=4),
+        agent("full2", used=4),
+        agent("other", cluster="c9"),
+        agent("off", online=False),
+        agent("drain", draining=True),
         agent("cannot", templates=("firefox",)),
     ]
     d = place(agents, Request("s", "xterm", 500, 512, cluster_id="c1"))

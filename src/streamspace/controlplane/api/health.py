@@ -43,9 +43,9 @@ async def prometheus(state: StateDep) -> Response:
     metrics.streams_active.set(state.streams.active_streams)
     async with state.db() as db:
         counts = dict(
-            (await db.execute(select(SessionRow.state, func.count()).group_by(SessionRow.state)))
-            
-            .all()
+            (
+                await db.execute(select(SessionRow.state, func.count()).group_by(SessionRow.state))
+            ).all()
         )
     for st in ("pending", "running", "hibernated", "starting", "failed", "stopped"):
         metrics.sessions_by_state.labels(st).set(counts.get(st, 0))

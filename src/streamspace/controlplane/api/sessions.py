@@ -209,11 +209,7 @@ async def list_sessions(
     ).all()
     owners = {r.owner_id for r in rows}
     names = (
-        dict(
-            (await db.execute(select(User.id, User.username).where(User.id.in_(owners))))
-            
-            .all()
-        )
+        dict((await db.execute(select(User.id, User.username).where(User.id.in_(owners)))).all())
         if owners
         else {}
     )

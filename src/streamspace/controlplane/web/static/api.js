@@ -83,6 +83,7 @@ async function doRefresh(failedAccess) {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ refresh_token: current.refresh_token }),
+    signal: AbortSignal.timeout ? AbortSignal.timeout(15000) : undefined,
   });
   if (!resp.ok) return false;
   auth.save(await resp.json());

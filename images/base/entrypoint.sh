@@ -1,0 +1,68 @@
+#!/bin/sh
+# Start Xvnc on display :1 (RFB on port 5901), then openbox (if installed) and, once the window
+# manager is up, the app given as arguments. The container lives as long as the app does and
+# exits with the app's status. tini (PID 1, -g) forwards stop signals to all of them.
+set -eu
+
+geometry="${VNC_GEOMETRY:-1280x800}"
+depth="${VNC_DEPTH:-24}"
+runtime="${XDG_RUNTIME_DIR:-/tmp/streamspace-$(id -u)}"
+wm_ready="$runtime/wm-ready"
+
+if [ "$#" -eq 0 ]; then
+    set -- sleep infinity
+fi
+
+# A container stopped hard (SIGKILL, OOM) keeps Xvnc's lock and socket in its writable layer;
+# they would stop Xvnc from starting again on wake.
+rm -f /tmp/.X1-lock /tmp/.X11-unix/X1
+mkdir -p "$runtime"
+chmod 0700 "$runtime"
+rm -f "$wm_ready"
+
+Xvnc :1 \
+    -geometry "$geometry" \
+    -depth "$depth" \
+    -rfbport 5901 \
+    -SecurityTypes None \
+    -AlwaysShared \
+    -desktop "${VNC_DESKTOP_NAME:-StreamSpace}" \
+    -nolisten tcp &
+xvnc_pid=$!
+
+# Wait (up to 10 s) for the X socket so nothing races the server.
+tries=0
+while [ ! -S /tmp/.X11-unix/X1 ]; do
+    if ! kill -0 "$xvnc_pid" 2>/dev/null; then
+        echo "streamspace-entrypoint: Xvnc exited during startup" >&2
+        exit 1
+    fi
+    tries=$((tries + 1))
+    if [ "$tries" -gt 500 ]; then
+        echo "streamspace-entrypoint: Xvnc did not create /tmp/.X11-unix/X1 in 10 s" >&2
+        exit 1
+    fi
+    sleep 0.02
+done
+
+export DISPLAY=:1
+
+# Apps started before the window manager manages the screen can stall for seconds (xterm waits
+# for frame extents), so wait (up to 5 s) for openbox's --startup hook.
+if command -v openbox >/dev/null 2>&1; then
+    openbox --startup "touch $wm_ready" >/dev/null 2>&1 &
+    wm_pid=$!
+    tries=0
+    while [ ! -e "$wm_ready" ] && [ "$tries" -lt 250 ] && kill -0 "$wm_pid" 2>/dev/null; do
+        tries=$((tries + 1))
+        sleep 0.02
+    done
+fi
+
+"$@" &
+app_pid=$!
+set +e
+wait "$app_pid"
+status=$?
+kill "$xvnc_pid" 2>/dev/null
+exit "$status"

@@ -1,0 +1,673 @@
+"""Sessions as containers on a Docker-API engine (Docker, or podman's API service).
+
+Design notes:
+
+* Every docker SDK call runs in `asyncio.to_thread`; the client is created lazily so an engine
+  that is down at agent start only makes `healthy()` false instead of failing construction.
+* The engine is the source of truth: each session is one container named `ss-<session_id>` and
+  labelled with session, owner, template and agent. `inventory()` lists this agent's labelled
+  containers, so an agent restarted with the same id adopts its sessions without local state.
+* Containers run as uid 1000 with every capability dropped, `no-new-privileges`, a pids limit,
+  and CPU/memory limits from `SessionSpec.resources`. The image's Xvnc listens on 5901 inside;
+  that port is published on 127.0.0.1 only, on a host port the engine picks (read back after
+  every start, since it may change across hibernate/wake).
+* A persistent home is the named volume `ss-home-<user>-<template>` at /home/streamspace; it
+  survives hibernate (container stop) and stop (container removal).
+* States: a running container is "running", a created/stopped one "hibernated". The monitor
+  reports a container it saw running that stopped without our asking through `on_exit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+
+from streamspace.agent.backends.base import Backend, BackendError
+from streamspace.protocol import (
+    CatalogEntry,
+    Endpoint,
+    InventoryItem,
+    SessionRunState,
+    SessionSpec,
+)
+
+__all__ = [
+    "AGENT_LABEL",
+    "OWNER_LABEL",
+    "SESSION_LABEL",
+    "TEMPLATE_LABEL",
+    "DockerBackend",
+    "ExitCallback",
+    "container_name",
+    "home_volume_name",
+]
+
+log = logging.getLogger("streamspace.agent.docker")
+
+ExitCallback = Callable[[str, str], Awaitable[None]]
+"""on_exit(session_id, reason): a running session's container stopped on its own."""
+
+SESSION_LABEL = "org.streamspace.session"
+OWNER_LABEL = "org.streamspace.owner"
+TEMPLATE_LABEL = "org.streamspace.template"
+AGENT_LABEL = "org.streamspace.agent"
+
+CONTAINER_PORT = "5901/tcp"
+CONTAINER_USER = "1000:1000"
+CONTAINER_HOME = "/home/streamspace"
+_LOOPBACK = "127.0.0.1"
+_RESERVED_ENV = frozenset({"VNC_GEOMETRY", "VNC_DEPTH", "DISPLAY", "HOME", "USER"})
+_SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_VOLUME_OK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_RUNNING = frozenset({"running", "restarting"})
+_HIBERNATED = frozenset({"created", "exited", "stopped", "configured", "paused", "initialized"})
+
+
+def container_name(session_id: str) -> str:
+    if not _SESSION_ID_RE.fullmatch(session_id):
+        raise BackendError(
+            f"invalid session id {session_id!r}: use letters, digits and . _ - (max 128)"
+        )
+    return f"ss-{session_id}"
+
+
+def home_volume_name(user: str, template: str) -> str:
+    """`ss-home-<user>-<template>`; names the engine would refuse get a hash suffix instead."""
+    raw = f"ss-home-{user}-{template}"
+    if _VOLUME_OK_RE.fullmatch(raw) and len(raw) <= 200:
+        return raw
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{user}-{template}").strip("-.")[:100]
+    digest = hashlib.sha256(f"{user}\0{template}".encode()).hexdigest()[:10]
+    return f"ss-home-{safe}-{digest}" if safe else f"ss-home-{digest}"
+
+
+def _normalize_ref(ref: str) -> str:
+    """Add the implicit :latest so catalog references compare equal to engine tags."""
+    last = ref.rsplit("/", 1)[-1]
+    if "@" in ref or ":" in last:
+        return ref
+    return f"{ref}:latest"
+
+
+def _state_of(attrs: dict[str, Any]) -> str:
+    """The container's status from either list (string) or inspect (dict) attrs."""
+    state = attrs.get("State")
+    if isinstance(state, dict):
+        return str(state.get("Status", "")).lower()
+    return str(state or "").lower()
+
+
+def _run_state(status: str) -> SessionRunState:
+    if status in _RUNNING:
+        return "running"
+    if status in _HIBERNATED:
+        return "hibernated"
+    if status in ("dead", "removing"):
+        return "exited"
+    return "unknown"
+
+
+def _host_port(attrs: dict[str, Any]) -> int | None:
+    """The loopback host port published for 5901/tcp, from list or inspect attrs."""
+    bindings = ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).get(CONTAINER_PORT)
+    if bindings:
+        for binding in bindings:
+            port = binding.get("HostPort")
+            if port and binding.get("HostIp", _LOOPBACK) in (_LOOPBACK, ""):
+                return int(port)
+    for entry in attrs.get("Ports") or []:
+        if (
+            isinstance(entry, dict)
+            and entry.get("PrivatePort") == 5901
+            and entry.get("Type", "tcp") == "tcp"
+            and entry.get("PublicPort")
+        ):
+            return int(entry["PublicPort"])
+    return None
+
+
+def _labels(attrs: dict[str, Any]) -> dict[str, str]:
+    labels = attrs.get("Labels")
+    if labels is None:
+        labels = (attrs.get("Config") or {}).get("Labels")
+    return dict(labels or {})
+
+
+class DockerBackend(Backend):
+    """Runs each session as one container on a Docker-compatible engine (see module doc).
+
+    `base_url` is the engine's API (e.g. unix:///run/podman/podman.sock; None = $DOCKER_HOST
+    or Docker's default socket). `state_dir` is accepted for parity with the other backends;
+    nothing is kept there, because the engine's container labels are the state.
+    """
+
+    kind = "docker"
+
+    def __init__(
+        self,
+        base_url: str | None,
+        agent_id: str,
+        state_dir: Path,
+        *,
+        on_exit: ExitCallback | None = None,
+        poll_interval: float = 2.0,
+        start_timeout: float = 20.0,
+        stop_timeout: float = 5.0,
+        request_timeout: float = 60.0,
+    ) -> None:
+        self.base_url = base_url
+        self.agent_id = agent_id
+        self.state_dir = Path(state_dir)
+        self.on_exit = on_exit
+        self.poll_interval = poll_interval
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.request_timeout = request_timeout
+        self._client: docker.DockerClient | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._stopped: set[str] = set()
+        self._seen_running: set[str] = set()
+        self._images: set[str] | None = None
+        self._images_at = 0.0
+        self._images_refresh: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._callbacks: set[asyncio.Task[None]] = set()
+
+    @property
+    def engine_url(self) -> str:
+        return self.base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    # ---- Backend API --------------------------------------------------------------------
+
+    async def start(self, spec: SessionSpec) -> Endpoint:
+        return await self._ensure_running(spec, action="start")
+
+    async def wake(self, spec: SessionSpec) -> Endpoint:
+        return await self._ensure_running(spec, action="wake")
+
+    async def stop(self, session_id: str) -> None:
+        container_name(session_id)
+        async with self._lock(session_id):
+            self._seen_running.discard(session_id)
+            for container in await self._find(session_id):
+                await self._call(self._remove, container)
+            self._stopped.add(session_id)
+        log.info("session_stopped session_id=%s", session_id)
+
+    async def hibernate(self, session_id: str) -> None:
+        container_name(session_id)
+        async with self._lock(session_id):
+            found = await self._find(session_id)
+            if not found:
+                raise BackendError(f"session {session_id} is not known to this agent")
+            self._seen_running.discard(session_id)
+            for container in found:
+                if _state_of(container.attrs) in _RUNNING:
+                    await self._call(self._stop_sync, container)
+        log.info("session_hibernated session_id=%s", session_id)
+
+    async def status(self, session_id: str) -> InventoryItem:
+        container_name(session_id)
+        found = await self._find(session_id)
+        if not found:
+            state: SessionRunState = "stopped" if session_id in self._stopped else "unknown"
+            return InventoryItem(session_id=session_id, state=state)
+        return self._item(found[0].attrs, session_id)
+
+    async def inventory(self) -> list[InventoryItem]:
+        containers = await self._list()
+        items = [self._item(c.attrs) for c in containers]
+        return sorted(items, key=lambda item: item.session_id)
+
+    def runnable_templates(self, catalog: Iterable[CatalogEntry]) -> list[str]:
+        images = self._image_cache()
+        return [
+            entry.name
+            for entry in catalog
+            if entry.image is not None and _normalize_ref(entry.image.image) in images
+        ]
+
+    async def healthy(self) -> tuple[bool, str]:
+        try:
+            await self._call(self._ping)
+        except BackendError as exc:
+            return False, str(exc)
+        with contextlib.suppress(BackendError):
+            await self.refresh_images()
+        return True, ""
+
+    async def close(self) -> None:
+        """Stop watching and drop the client; the containers keep running for the next agent."""
+        tasks = [t for t in (self._monitor, self._images_refresh) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._monitor = self._images_refresh = None
+        if self._callbacks:
+            await asyncio.gather(*self._callbacks, return_exceptions=True)
+        client, self._client = self._client, None
+        if client is not None:
+            await asyncio.to_thread(client.close)
+
+    # ---- extras used by the agent --------------------------------------------------------
+
+    async def start_monitor(self, on_exit: ExitCallback | None = None) -> None:
+        """Poll this agent's containers (every poll_interval) and report unexpected exits."""
+        if on_exit is not None:
+            self.on_exit = on_exit
+        if self._monitor is None or self._monitor.done():
+            self._monitor = asyncio.create_task(self._monitor_loop(), name="docker-monitor")
+
+    async def remove_unknown(self, keep: set[str]) -> list[str]:
+        """Remove every container of this agent whose session id is not in keep."""
+        removed = sorted({item.session_id for item in await self.inventory()} - set(keep))
+        for session_id in removed:
+            await self.stop(session_id)
+        return removed
+
+    async def refresh_images(self) -> set[str]:
+        """Re-read the engine's local image tags (used by runnable_templates)."""
+        tags = await self._call(self._local_tags)
+        self._images, self._images_at = tags, time.monotonic()
+        return tags
+
+    # ---- start / wake -------------------------------------------------------------------
+
+    async def _ensure_running(self, spec: SessionSpec, action: str) -> Endpoint:
+        session_id = spec.session_id
+        name = container_name(session_id)
+        if spec.image is None:
+            raise BackendError(f"template {spec.template!r} has no container image")
+        async with self._lock(session_id):
+            started = time.monotonic()
+            found = await self._find(session_id)
+            container = found[0] if found else None
+            created = False
+            if container is None:
+                container = await self._create(spec, name)
+                created = True
+            status = _state_of(container.attrs)
+            if status == "paused":
+                await self._call(container.unpause)
+            elif status not in _RUNNING:
+                try:
+                    await self._call(container.start)
+                except BackendError:
+                    if created:
+                        await self._call(self._remove, container)
+                    raise
+            try:
+                endpoint = await self._wait_ready(container)
+            except BaseException:
+                # A fresh container that never served is removed; an existing one is left
+                # stopped (hibernated) so its writable layer is not lost.
+                with contextlib.suppress(BackendError):
+                    if created:
+                        await self._call(self._remove, container)
+                    else:
+                        await self._call(self._stop_sync, container)
+                raise
+            self._stopped.discard(session_id)
+            self._seen_running.add(session_id)
+        log.info(
+            "session_started session_id=%s action=%s user=%s template=%s image=%s port=%s "
+            "created=%s seconds=%.3f",
+            session_id,
+            action,
+            spec.user,
+            spec.template,
+            spec.image.image,
+            endpoint.port,
+            created,
+            time.monotonic() - started,
+        )
+        return endpoint
+
+    async def _create(self, spec: SessionSpec, name: str) -> Container:
+        assert spec.image is not None
+        image = spec.image.image
+        if not await self._call(self._has_image, image):
+            self._schedule_image_refresh()
+            raise BackendError(
+                f"image {image} not built on agent {self.agent_id}; run `streamspace images build`"
+            )
+        labels = {
+            SESSION_LABEL: spec.session_id,
+            OWNER_LABEL: spec.user,
+            TEMPLATE_LABEL: spec.template,
+            AGENT_LABEL: self.agent_id,
+        }
+        env = {k: v for k, v in spec.image.env.items() if k not in _RESERVED_ENV}
+        env["VNC_GEOMETRY"] = f"{spec.display.width}x{spec.display.height}"
+        env["VNC_DEPTH"] = str(spec.display.depth)
+        memory_mb = spec.resources.memory_mb
+        kwargs: dict[str, Any] = {
+            "name": name,
+            "labels": labels,
+            "environment": env,
+            "user": CONTAINER_USER,
+            "ports": {CONTAINER_PORT: (_LOOPBACK, None)},
+            "nano_cpus": spec.resources.cpu_millis * 1_000_000,
+            "mem_limit": f"{memory_mb}m",
+            "shm_size": f"{max(64, min(512, memory_mb // 4))}m",
+            "pids_limit": 2048,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "hostname": "streamspace",
+            "detach": True,
+        }
+        if spec.image.command:
+            kwargs["command"] = list(spec.image.command)
+        if spec.persistent_home:
+            volume = home_volume_name(spec.user, spec.template)
+            await self._call(self._ensure_volume, volume, spec)
+            kwargs["volumes"] = {volume: {"bind": CONTAINER_HOME, "mode": "rw"}}
+        created: Container | None = await self._call(self._create_sync, image, kwargs)
+        if created is None:
+            raise BackendError(
+                f"a container named {name} already exists on the engine but is not "
+                f"labelled for agent {self.agent_id}"
+            )
+        return created
+
+    async def _wait_ready(self, container: Container) -> Endpoint:
+        """Wait until the published port answers the RFB banner; the endpoint once it does."""
+        deadline = time.monotonic() + self.start_timeout
+        next_inspect = 0.0
+        port: int | None = None
+        while True:
+            now = time.monotonic()
+            if port is None or now >= next_inspect:
+                if not await self._call(self._reload, container):
+                    raise BackendError("the session container was removed during startup")
+                status = _state_of(container.attrs)
+                if status not in _RUNNING:
+                    code = (container.attrs.get("State") or {}).get("ExitCode")
+                    tail = await self._logs_tail(container)
+                    raise BackendError(
+                        f"the session container exited during startup (code {code}): {tail}"
+                    )
+                port = _host_port(container.attrs)
+                next_inspect = now + 0.5
+            if port is not None and await _rfb_answers(port):
+                return Endpoint(host=_LOOPBACK, port=port)
+            if time.monotonic() > deadline:
+                tail = await self._logs_tail(container)
+                where = f"127.0.0.1:{port}" if port else "its published port"
+                raise BackendError(
+                    f"the session's VNC server did not answer on {where} within "
+                    f"{self.start_timeout:.0f}s: {tail}"
+                )
+            await asyncio.sleep(0.05)
+
+    async def _logs_tail(self, container: Container, lines: int = 15) -> str:
+        try:
+            raw = await self._call(container.logs, tail=lines)
+        except BackendError:
+            return "(logs unavailable)"
+        text = raw.decode(errors="replace").strip() if isinstance(raw, bytes) else str(raw)
+        return text or "(no output)"
+
+    # ---- monitor ------------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        with contextlib.suppress(BackendError):
+            await self.refresh_images()
+        while True:
+            try:
+                await self._check_all()
+            except BackendError as exc:
+                log.warning("monitor_engine_unreachable error=%s", exc)
+            except Exception:
+                log.exception("monitor_check_failed")
+            await asyncio.sleep(self.poll_interval)
+
+    async def _check_all(self) -> None:
+        containers = {
+            self._session_of(c.attrs): c for c in await self._list() if self._session_of(c.attrs)
+        }
+        for session_id, container in containers.items():
+            if _state_of(container.attrs) in _RUNNING and not self._lock(session_id).locked():
+                self._seen_running.add(session_id)
+        for session_id in list(self._seen_running):
+            lock = self._lock(session_id)
+            if lock.locked():
+                continue  # start/stop/hibernate owns the session right now
+            listed = containers.get(session_id)
+            if listed is not None and _state_of(listed.attrs) in _RUNNING:
+                continue
+            async with lock:
+                if session_id not in self._seen_running:
+                    continue
+                found = await self._find(session_id)
+                if found and _state_of(found[0].attrs) in _RUNNING:
+                    continue
+                self._seen_running.discard(session_id)
+                reason = await self._exit_reason(found[0] if found else None)
+            log.warning("session_exited session_id=%s reason=%r", session_id, reason)
+            if self.on_exit is not None:
+                task = asyncio.create_task(self._notify(session_id, reason))
+                self._callbacks.add(task)
+                task.add_done_callback(self._callbacks.discard)
+
+    async def _exit_reason(self, container: Container | None) -> str:
+        if container is None:
+            return "session container was removed"
+        try:
+            if not await self._call(self._reload, container):
+                return "session container was removed"
+        except BackendError:
+            return "session container state unavailable (engine unreachable)"
+        state = container.attrs.get("State") or {}
+        if state.get("OOMKilled"):
+            return "app was killed: out of memory"
+        reason = f"app exited with code {state.get('ExitCode')}"
+        tail = await self._logs_tail(container, lines=3)
+        return f"{reason}: {tail}" if tail and tail != "(no output)" else reason
+
+    async def _notify(self, session_id: str, reason: str) -> None:
+        assert self.on_exit is not None
+        try:
+            await self.on_exit(session_id, reason)
+        except Exception:
+            log.exception("on_exit_callback_failed session_id=%s", session_id)
+
+    # ---- engine helpers (sync ones run in threads via _call) -----------------------------
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking SDK call in a thread; every engine failure becomes a BackendError.
+
+        Cases a caller must tell apart (missing image, vanished container, name conflict) are
+        handled inside the synchronous helpers, which return a value for them instead. The
+        client itself is only ever created inside such a thread (construction talks to the
+        engine to negotiate the API version).
+        """
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except docker.errors.APIError as exc:
+            raise BackendError(f"container engine error: {exc.explanation or exc}") from exc
+        except (docker.errors.DockerException, OSError) as exc:
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: BaseException) -> BackendError:
+        return BackendError(f"container engine unreachable at {self.engine_url}: {exc}")
+
+    def _client_sync(self) -> docker.DockerClient:
+        if self._client is None:
+            try:
+                if self.base_url is None:
+                    self._client = docker.from_env(timeout=int(self.request_timeout))
+                else:
+                    self._client = docker.DockerClient(
+                        base_url=self.base_url, timeout=int(self.request_timeout)
+                    )
+            except docker.errors.DockerException as exc:
+                raise self._unreachable(exc) from exc
+        return self._client
+
+    def _ping(self) -> bool:
+        return bool(self._client_sync().ping())
+
+    def _has_image(self, ref: str) -> bool:
+        try:
+            self._client_sync().images.get(ref)
+        except docker.errors.ImageNotFound:
+            return False
+        return True
+
+    def _create_sync(self, image: str, kwargs: dict[str, Any]) -> Container | None:
+        """Create the container; None if its name is taken (HTTP 409)."""
+        try:
+            return self._client_sync().containers.create(image, **kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code == 409:
+                return None
+            raise
+
+    def _list_sync(self, labels: list[str]) -> list[Container]:
+        result: list[Container] = self._client_sync().containers.list(
+            all=True, sparse=True, filters={"label": labels}
+        )
+        return result
+
+    def _reload(self, container: Container) -> bool:
+        """Refresh container.attrs by inspect; False if the container no longer exists."""
+        try:
+            container.reload()
+        except docker.errors.NotFound:
+            return False
+        return True
+
+    def _stop_sync(self, container: Container) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            container.stop(timeout=int(self.stop_timeout))
+
+    def _local_tags(self) -> set[str]:
+        tags: set[str] = set()
+        for image in self._client_sync().images.list():
+            for tag in image.attrs.get("RepoTags") or []:
+                tags.add(tag)
+                for prefix in ("docker.io/library/", "docker.io/"):
+                    if tag.startswith(prefix):
+                        tags.add(tag[len(prefix) :])
+        return tags
+
+    def _image_cache(self) -> set[str]:
+        """Local image tags for the (synchronous) runnable_templates.
+
+        The first call reads them directly when the engine is on a local unix socket (one quick
+        request; an absent socket fails at once); otherwise, and on later calls, the cache is
+        used and refreshed in the background when missing or over 30 s old.
+        """
+        if self._images is None and not self.engine_url.startswith(("unix://", "/")):
+            self._schedule_image_refresh()
+            return set()
+        if self._images is None:
+            try:
+                self._images, self._images_at = self._local_tags(), time.monotonic()
+            except (docker.errors.DockerException, OSError, BackendError) as exc:
+                log.warning("image_list_failed url=%s error=%s", self.engine_url, exc)
+                return set()
+        elif time.monotonic() - self._images_at > 30.0:
+            self._schedule_image_refresh()
+        return self._images
+
+    def _schedule_image_refresh(self) -> None:
+        if self._images_refresh is not None and not self._images_refresh.done():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+
+        async def refresh() -> None:
+            with contextlib.suppress(BackendError):
+                await self.refresh_images()
+
+        self._images_refresh = loop.create_task(refresh(), name="docker-image-refresh")
+
+    def _ensure_volume(self, name: str, spec: SessionSpec) -> None:
+        volumes = self._client_sync().volumes
+        try:
+            volumes.get(name)
+        except docker.errors.NotFound:
+            with contextlib.suppress(docker.errors.APIError):
+                volumes.create(
+                    name,
+                    labels={OWNER_LABEL: spec.user, TEMPLATE_LABEL: spec.template},
+                )
+
+    def _remove(self, container: Container) -> None:
+        try:
+            container.remove(force=True, v=False)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            # Removal already under way (e.g. a concurrent stop) counts as removed.
+            if exc.status_code != 409:
+                raise
+
+    async def _list(self) -> list[Container]:
+        result: list[Container] = await self._call(
+            self._list_sync, [f"{AGENT_LABEL}={self.agent_id}"]
+        )
+        return result
+
+    async def _find(self, session_id: str) -> list[Container]:
+        """This agent's containers for one session (normally zero or one), inspected."""
+        labels = [f"{AGENT_LABEL}={self.agent_id}", f"{SESSION_LABEL}={session_id}"]
+        listed: list[Container] = await self._call(self._list_sync, labels)
+        return [c for c in listed if await self._call(self._reload, c)]
+
+    def _session_of(self, attrs: dict[str, Any]) -> str:
+        session_id = _labels(attrs).get(SESSION_LABEL, "")
+        if session_id:
+            return session_id
+        names = attrs.get("Names") or [attrs.get("Name") or ""]
+        name = str(names[0]).lstrip("/")
+        return name[3:] if name.startswith("ss-") else name
+
+    def _item(self, attrs: dict[str, Any], session_id: str | None = None) -> InventoryItem:
+        labels = _labels(attrs)
+        state = _run_state(_state_of(attrs))
+        port = _host_port(attrs) if state == "running" else None
+        return InventoryItem(
+            session_id=session_id or self._session_of(attrs),
+            state=state,
+            endpoint=Endpoint(host=_LOOPBACK, port=port) if port else None,
+            user=labels.get(OWNER_LABEL),
+            template=labels.get(TEMPLATE_LABEL),
+        )
+
+    def _lock(self, session_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(session_id, asyncio.Lock())
+
+
+async def _rfb_answers(port: int) -> bool:
+    """True if 127.0.0.1:port sends an RFB 3.x banner."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(_LOOPBACK, port), 1.0)
+        banner = await asyncio.wait_for(reader.readexactly(12), 1.0)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return banner.startswith(b"RFB 003.")

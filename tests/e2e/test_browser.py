@@ -1,0 +1,448 @@
+"""Browser end to end: the real product (`streamspace up`: control plane + local agent + Xvnc),
+driven through Chromium with Playwright, exactly as a user would.
+
+On failure a screenshot, the page HTML, the browser console and the product's log are saved
+under test-artifacts/e2e/ at the repository root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+from conftest import ADMIN_PASSWORD, ROOT, XVNC_MISSING, free_port, require
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "test-artifacts" / "e2e"
+WEB = ROOT / "src" / "streamspace" / "controlplane" / "web"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _missing() -> str | None:
+    if not (Path(CHROMIUM).exists() and os.access(CHROMIUM, os.X_OK)):
+        return f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the Python `playwright` package is not installed (pip install -e '.[dev]')"
+    if XVNC_MISSING:
+        return XVNC_MISSING
+    if not (WEB / "vendor" / "novnc" / "core" / "rfb.js").exists():
+        return "noVNC is not vendored into the web UI (run `make vendor`)"
+    return None
+
+
+MISSING = _missing()
+
+# Reads the noVNC canvas: size, distinct colours (capped), pixels that differ from the
+# top-left pixel (the background), and a cheap hash to notice any change.
+CANVAS_SIGNATURE = """() => {
+  const c = document.querySelector('[data-testid="screen"] canvas');
+  if (!c || !c.width || !c.height) return null;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  const colours = new Set();
+  const bg = (d[0] << 16) | (d[1] << 8) | d[2];
+  let other = 0, hash = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    const v = (d[i] << 16) | (d[i + 1] << 8) | d[i + 2];
+    if (colours.size < 4096) colours.add(v);
+    if (v !== bg) other++;
+    hash = (Math.imul(hash, 31) + v + i) | 0;
+  }
+  return {width: c.width, height: c.height, colours: colours.size, other, hash};
+}"""
+
+
+# ---- the product ------------------------------------------------------------------------------
+
+
+class Product:
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / "streamspace-up.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Product:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSPACE_")}
+        env.update(STREAMSPACE_ADMIN_PASSWORD=ADMIN_PASSWORD, PYTHONUNBUFFERED="1")
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "streamspace.cli",
+                "up",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"`streamspace up` exited early:\n{self.log()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"`streamspace up` did not answer /healthz:\n{self.log()[-3000:]}")
+        # The embedded agent enrols right after the server is up; wait for it to be online.
+        with httpx.Client(base_url=self.url, timeout=10) as c:
+            token = c.post(
+                "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+            ).json()["access_token"]
+            c.headers["Authorization"] = f"Bearer {token}"
+            while time.time() < deadline:
+                if any(a["status"] == "online" for a in c.get("/api/v1/agents").json()):
+                    break
+                time.sleep(0.2)
+            else:
+                raise RuntimeError(f"the local agent never came online:\n{self.log()[-3000:]}")
+        return self
+
+    def stop_sessions(self) -> None:
+        """Sessions outlive `streamspace up` (they survive agent restarts by design): stop what a
+        failed test left running so no Xvnc or app process is leaked."""
+        with contextlib.suppress(Exception), httpx.Client(base_url=self.url, timeout=10) as c:
+            token = c.post(
+                "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+            ).json()["access_token"]
+            c.headers["Authorization"] = f"Bearer {token}"
+            query = {"all": "true", "active": "true", "limit": 200}
+            for s in c.get("/api/v1/sessions", params=query).json()["items"]:
+                if s["state"] != "stopping":
+                    c.delete(f"/api/v1/sessions/{s['id']}")
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                if not c.get("/api/v1/sessions", params=query).json()["total"]:
+                    break
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.stop_sessions()
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def product(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
+    require(MISSING)
+    p = Product(tmp_path_factory.mktemp("e2e") / "data")
+    try:
+        p.start()
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    require(MISSING)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Watched:
+    """A page plus everything it said: console errors, page errors, requests it made."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.console: list[str] = []
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+        page.on("request", lambda req: self.requests.append(req.url))
+
+    def _console(self, msg: Any) -> None:
+        line = f"{msg.type}: {msg.text}"
+        self.console.append(line)
+        if msg.type == "error":
+            self.errors.append(line)
+
+    def foreign_requests(self) -> list[str]:
+        out = []
+        for url in self.requests:
+            parsed = urlparse(url)
+            if parsed.scheme in ("data", "blob", "about"):
+                continue
+            if parsed.hostname not in LOCAL_HOSTS:
+                out.append(url)
+        return out
+
+
+@pytest.fixture
+def watched(browser: Any, request: pytest.FixtureRequest) -> Iterator[Watched]:
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    try:
+        yield Watched(page)
+    finally:
+        context.close()
+
+
+@contextlib.contextmanager
+def artifacts_on_failure(w: Watched, product: Product, name: str) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(Exception):
+            w.page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+        with contextlib.suppress(Exception):
+            (ARTIFACTS / f"{name}.html").write_text(w.page.content())
+        with contextlib.suppress(Exception):
+            (ARTIFACTS / f"{name}.console.txt").write_text("\n".join(w.console + w.errors))
+        with contextlib.suppress(Exception):
+            shutil.copy(product.log_path, ARTIFACTS / f"{name}.streamspace.log")
+        raise
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def log_in(page: Any, base: str) -> None:
+    page.goto(f"{base}/#/login")
+    page.get_by_test_id("login-username").fill("admin")
+    page.get_by_test_id("login-password").fill(ADMIN_PASSWORD)
+    page.get_by_test_id("login-submit").click()
+    page.wait_for_url("**/#/catalog")
+    page.get_by_test_id("launch-xterm").wait_for()
+
+
+def wait_state(row: Any, state: str, timeout: float = 45) -> None:
+    row.locator(f'[data-testid="state"][data-state="{state}"]').wait_for(timeout=timeout * 1000)
+
+
+def canvas(page: Any) -> dict[str, int] | None:
+    result: dict[str, int] | None = page.evaluate(CANVAS_SIGNATURE)
+    return result
+
+
+def poll(fn: Any, timeout: float, what: str) -> Any:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def test_login_and_catalog_render_cleanly(product: Product, watched: Watched) -> None:
+    page = watched.page
+    with artifacts_on_failure(watched, product, "login_catalog"):
+        page.goto(f"{product.url}/")
+        page.wait_for_url("**/#/login*")
+        page.get_by_test_id("login-form").wait_for()
+        assert page.get_by_label("Username").is_visible()
+        assert page.get_by_label("Password").is_visible()
+
+        log_in(page, product.url)
+        cards = page.locator('[data-testid^="launch-"]')
+        assert cards.count() >= 3, "the catalog shows the shipped templates"
+        page.get_by_test_id("launch-xterm").wait_for()
+        # Every icon loaded (no broken images), and the search box filters.
+        # (not "networkidle": the live event stream keeps a request open on purpose)
+        page.wait_for_function("() => [...document.images].every(i => i.complete)")
+        broken = page.evaluate(
+            "() => [...document.querySelectorAll('img')]"
+            ".filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src)"
+        )
+        assert broken == []
+        page.get_by_test_id("catalog-search").fill("terminal")
+        assert page.locator('[data-testid^="launch-"]').count() == 1
+        page.get_by_test_id("catalog-search").fill("")
+
+        assert watched.errors == [], f"console errors: {watched.errors}"
+        assert watched.foreign_requests() == [], (
+            f"requests to other hosts: {watched.foreign_requests()}"
+        )
+
+        # A wrong password shows the server's problem detail (after the checks above: the
+        # browser logs the 401 as a console error).
+        page.get_by_test_id("logout").click()
+        page.get_by_test_id("login-username").fill("admin")
+        page.get_by_test_id("login-password").fill("not-the-password")
+        page.get_by_test_id("login-submit").click()
+        error = page.get_by_test_id("login-error")
+        error.wait_for()
+        assert "wrong username or password" in error.inner_text()
+
+
+def test_xterm_session_lifecycle_through_the_browser(product: Product, watched: Watched) -> None:
+    page = watched.page
+    # Keep a handle on every WebSocket the page opens, so the test can cut the stream like a
+    # network drop would. The sockets stay real browser WebSockets (noVNC inspects them).
+    page.add_init_script(
+        """(() => {
+          const Native = window.WebSocket;
+          window.__e2eSockets = [];
+          function Tracked(...args) {
+            const ws = new Native(...args);
+            window.__e2eSockets.push(ws);
+            return ws;
+          }
+          Tracked.prototype = Native.prototype;
+          Object.assign(Tracked, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+          window.WebSocket = Tracked;
+        })()"""
+    )
+    with artifacts_on_failure(watched, product, "xterm_lifecycle"):
+        log_in(page, product.url)
+        page.evaluate("window.__e2eNoReload = true")
+
+        # Launch: lands on the sessions page with the new session highlighted.
+        page.get_by_test_id("launch-xterm").click()
+        page.wait_for_url("**/#/sessions?highlight=*")
+        session_id = page.url.split("highlight=")[1].split("&")[0]
+        row = page.get_by_test_id(f"session-{session_id}")
+        row.wait_for()
+        # running arrives over the live event stream: the page is never reloaded.
+        wait_state(row, "running")
+        assert page.evaluate("window.__e2eNoReload === true"), "the page was reloaded"
+
+        # The viewer shows the remote screen.
+        row.get_by_test_id("action-open").click()
+        page.wait_for_url(f"**/#/view/{session_id}")
+        status = page.get_by_test_id("connection-status")
+        page.locator('[data-testid="connection-status"][data-status="connected"]').wait_for(
+            timeout=30_000
+        )
+        first = poll(
+            lambda: (s := canvas(page)) and s["colours"] >= 2 and s["other"] > 1000 and s,
+            20,
+            "a non-blank remote screen",
+        )
+        assert first["width"] > 0 and first["height"] > 0
+
+        # Typing reaches the shell: the screen changes.
+        box = page.get_by_test_id("screen").locator("canvas").bounding_box()
+        assert box is not None
+        page.mouse.click(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+        time.sleep(0.3)
+        before = canvas(page)
+        assert before is not None
+        marker = uuid.uuid4().hex[:6]
+        page.keyboard.type(f"echo streamspace-e2e-{marker}-$RANDOM", delay=15)
+        page.keyboard.press("Enter")
+        poll(
+            lambda: (s := canvas(page)) and s["hash"] != before["hash"],
+            15,
+            "the screen to change after typing",
+        )
+
+        # The stream drops while the session runs: the viewer reconnects by itself with a
+        # fresh ticket.
+        streams = "window.__e2eSockets.filter(s => s.url.includes('/api/v1/streams/ws'))"
+        assert page.evaluate(f"{streams}.length") == 1, "the viewer opened one stream"
+        page.evaluate(f"{streams}[0].close(4000, 'e2e: simulated network drop')")
+        page.locator('[data-testid="connection-status"][data-status="disconnected"]').wait_for(
+            timeout=10_000
+        )
+        page.locator('[data-testid="connection-status"][data-status="connected"]').wait_for(
+            timeout=20_000
+        )
+        assert page.evaluate(f"{streams}.length") >= 2, "the reconnect opened a new stream"
+        assert status.inner_text() == "Connected"
+
+        # Back to the list: hibernate, wake, stop — each state arrives live.
+        page.get_by_test_id("back").click()
+        page.wait_for_url("**/#/sessions*")
+        row = page.get_by_test_id(f"session-{session_id}")
+        wait_state(row, "running", 10)
+        row.get_by_test_id("action-hibernate").click()
+        wait_state(row, "hibernated")
+        row.get_by_test_id("action-wake").click()
+        wait_state(row, "running")
+        row.get_by_test_id("action-stop").click()
+        row.get_by_test_id("action-confirm-stop").click()
+        wait_state(row, "stopped")
+
+        # The event history tells the story.
+        row.get_by_test_id("toggle-history").click()
+        history = row.get_by_test_id("history")
+        history.locator(".event-stopped").wait_for()
+        text = history.inner_text()
+        for kind in ("created", "running", "hibernated", "stopped"):
+            assert kind in text, f"history lacks {kind!r}: {text}"
+        assert page.evaluate("window.__e2eNoReload === true"), "the page was reloaded"
+        assert not [e for e in watched.errors if "pageerror" in e], watched.errors
+
+
+def test_admin_pages_render(product: Product, watched: Watched) -> None:
+    page = watched.page
+    with artifacts_on_failure(watched, product, "admin_pages"):
+        log_in(page, product.url)
+        for nav in ("agents", "users", "templates", "audit"):
+            assert page.get_by_test_id(f"nav-{nav}").is_visible()
+
+        page.get_by_test_id("nav-agents").click()
+        agent_row = page.locator('[data-testid^="agent-"]').first
+        agent_row.wait_for()
+        assert "online" in agent_row.inner_text()
+        page.get_by_test_id("enrol-agent").click()
+        assert "streamspace agent" in page.get_by_test_id("join-command").inner_text()
+
+        page.get_by_test_id("nav-users").click()
+        page.get_by_test_id("user-admin").wait_for()
+
+        page.get_by_test_id("nav-templates").click()
+        page.get_by_test_id("template-row-xterm").wait_for()
+
+        page.get_by_test_id("nav-audit").click()
+        page.locator('[data-testid="audit-row"]').first.wait_for()
+        assert "auth.login" in page.get_by_test_id("audit-table").inner_text()
+
+        assert watched.errors == [], f"console errors: {watched.errors}"
+        assert watched.foreign_requests() == []
