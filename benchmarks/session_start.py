@@ -1,0 +1,99 @@
+"""Create → first VNC frame of the app, through the real control plane and tunnel.
+
+Usage: python benchmarks/session_start.py [--runs 20] [--templates xterm,firefox]
+                                          [--backend local|docker|both]
+Prints p50/p95 per template and backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import httpx
+
+from benchmarks.common import describe_machine, login, product, summary
+from streamspace.rfb import RFBClient, WebSocketTransport
+
+
+async def first_frame(url: str, token: str, template: str, timeout: float = 60) -> float:
+    headers = {"Authorization": f"Bearer {token}"}
+    ws_base = url.replace("http://", "ws://")
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as c:
+        t0 = time.perf_counter()
+        r = await c.post("/api/v1/sessions", json={"template": template})
+        r.raise_for_status()
+        sid = r.json()["id"]
+        try:
+            while True:
+                s = (await c.get(f"/api/v1/sessions/{sid}")).json()
+                if s["state"] == "running":
+                    break
+                if s["state"] in ("failed", "stopped"):
+                    raise RuntimeError(f"session {s['state']}: {s['failure_reason']}")
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError("session did not start")
+                await asyncio.sleep(0.02)
+            t = (await c.post(f"/api/v1/sessions/{sid}/connect")).json()
+            transport = await WebSocketTransport.connect(
+                f"{ws_base}{t['ws_path']}?ticket={t['ticket']}"
+            )
+            rfb = RFBClient(transport)
+            await rfb.handshake()
+            await rfb.request_update(False)
+            while not rfb.framebuffer_nonblank():
+                if time.perf_counter() - t0 > timeout:
+                    raise RuntimeError("app never drew")
+                await rfb.request_update(True, timeout=timeout)
+            elapsed = time.perf_counter() - t0
+            await rfb.close()
+            return elapsed
+        finally:
+            await c.delete(f"/api/v1/sessions/{sid}")
+            for _ in range(200):
+                s = (await c.get(f"/api/v1/sessions/{sid}")).json()
+                if s["state"] in ("stopped", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+
+
+async def measure(url: str, templates: list[str], runs: int, label: str) -> None:
+    token = login(url)
+    for template in templates:
+        times: list[float] = []
+        errors = 0
+        await first_frame(url, token, template)  # warm caches (page cache, fonts)
+        for _ in range(runs):
+            try:
+                times.append(await first_frame(url, token, template))
+            except RuntimeError as exc:
+                errors += 1
+                print(f"  {label} {template}: error {exc}")
+        print(
+            summary(f"{label:<7} {template:<8} create->first frame", times) + f" errors={errors}",
+            flush=True,
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--templates", default="xterm,firefox")
+    ap.add_argument("--backend", default="local", choices=["local", "docker", "both"])
+    args = ap.parse_args()
+    templates = args.templates.split(",")
+    print(f"machine: {describe_machine()}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    if args.backend in ("local", "both"):
+        with product("up") as url:
+            asyncio.run(measure(url, templates, args.runs, "local"))
+    if args.backend in ("docker", "both"):
+        from benchmarks.docker_env import docker_product
+
+        with docker_product() as url:
+            asyncio.run(measure(url, templates, args.runs, "docker"))
+
+
+if __name__ == "__main__":
+    main()
