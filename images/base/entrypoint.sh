@@ -25,6 +25,7 @@ Xvnc :1 \
     -depth "$depth" \
     -rfbport 5901 \
     -SecurityTypes None \
+    -UseBlacklist 0 \
     -AlwaysShared \
     -desktop "${VNC_DESKTOP_NAME:-StreamSpace}" \
     -nolisten tcp &

@@ -897,6 +897,17 @@ class Agent:
         if not url.startswith(("ws://", "wss://")):
             self._stream_failed(msg, f"invalid stream base URL {msg.base_url!r}")
             return
+        host, port = msg.endpoint.host, msg.endpoint.port
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port),
+                timeout=self._config.tcp_connect_timeout_seconds,
+            )
+        except (OSError, TimeoutError) as exc:
+            # Before dialling back, so the viewer gets the reason instead of a bare close.
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            self._stream_failed(msg, f"cannot connect to session at {host}:{port}: {reason}")
+            return
         try:
             ws = await connect(
                 url,
@@ -908,20 +919,10 @@ class Agent:
                 max_size=STREAM_MAX_MESSAGE_BYTES,
             )
         except (OSError, InvalidHandshake, InvalidURI) as exc:
+            writer.close()
             self._stream_failed(msg, f"cannot dial the stream websocket: {exc}")
             return
-        host, port = msg.endpoint.host, msg.endpoint.port
         try:
-            try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port),
-                    timeout=self._config.tcp_connect_timeout_seconds,
-                )
-            except OSError as exc:
-                error = f"cannot connect to session at {host}:{port}: {exc.strerror or exc}"
-                self._stream_failed(msg, error)
-                await ws.close(code=1011, reason=error[:120])
-                return
             log.info(
                 _fmt(
                     "stream_open",

@@ -234,7 +234,7 @@ class Hub:
             elif isinstance(msg, protocol.Ack):
                 await lifecycle.on_ack(conn.agent_id, msg)
             elif isinstance(msg, protocol.Result):
-                await lifecycle.on_result(conn.agent_id, msg)
+                lifecycle.submit_result(conn.agent_id, msg)
             elif isinstance(msg, protocol.SessionStatus):
                 await lifecycle.on_session_status(conn.agent_id, msg)
             elif isinstance(msg, protocol.StreamFailed):

@@ -95,6 +95,7 @@ class Lifecycle:
         self.state = state
         self.settings = state.settings
         self._place_wakeup = asyncio.Event()
+        self._results: asyncio.Queue[tuple[str, protocol.Result]] = asyncio.Queue()
         self._usernames: dict[str, str] = {}
 
     # ---- helpers ------------------------------------------------------------------------
@@ -349,6 +350,8 @@ class Lifecycle:
                     agent_id=decision.agent.id,
                     cluster_id=decision.agent.cluster_id,
                 )
+                if self.state.hub.is_connected(decision.agent.id):
+                    self.transition(db, session, State.STARTING, "sent to the agent; starting")
                 cmds.append(self.new_command(db, session, "start", spec))
                 changed.append(session)
                 placed += 1
@@ -358,42 +361,71 @@ class Lifecycle:
     # ---- agent messages -----------------------------------------------------------------
 
     async def on_ack(self, agent_id: str, ack: protocol.Ack) -> None:
-        async with self.state.db() as db:
-            cmd = await db.get(AgentCommand, ack.command_id)
-            if cmd is None or cmd.agent_id != agent_id or cmd.status not in ("pending", "sent"):
-                return
-            cmd.status = "acked"
-            changed = []
-            if cmd.action == "start" and cmd.session_id:
-                session = await db.get(SessionRow, cmd.session_id)
-                if session is not None and session.state == State.SCHEDULED:
-                    self.transition(db, session, State.STARTING, "agent is starting the session")
-                    changed.append(session)
-            await self.commit(db, changed)
+        """Acks need no write: a command the agent received either returns a result or is
+        re-sent when its deadline passes, and the agent de-duplicates by command id."""
+        log.debug("command_acked agent_id=%s command_id=%s", agent_id, ack.command_id)
+
+    def submit_result(self, agent_id: str, result: protocol.Result) -> None:
+        self._results.put_nowait((agent_id, result))
+
+    async def process_results(self) -> None:
+        """Apply agent results in batches: one transaction for everything that has arrived."""
+        while True:
+            batch = [await self._results.get()]
+            while not self._results.empty() and len(batch) < 500:
+                batch.append(self._results.get_nowait())
+            try:
+                await self.on_results(batch)
+            except Exception as exc:
+                log.warning("results_batch_failed size=%d error=%r", len(batch), exc)
+                for agent_id, result in batch:
+                    with contextlib.suppress(Exception):
+                        await self.on_results([(agent_id, result)])
 
     async def on_result(self, agent_id: str, result: protocol.Result) -> None:
+        await self.on_results([(agent_id, result)])
+
+    async def on_results(self, batch: list[tuple[str, protocol.Result]]) -> None:
         async with self.state.db() as db:
-            cmd = await db.get(AgentCommand, result.command_id)
-            if cmd is None or cmd.agent_id != agent_id:
-                log.warning(
-                    "result_unknown_command agent_id=%s command_id=%s", agent_id, result.command_id
-                )
-                return
-            if cmd.status in ("succeeded", "failed"):
-                return
-            if cmd.status == "timed_out" and not (result.ok and cmd.action in ("start", "wake")):
-                return
-            cmd.status = "succeeded" if result.ok else "failed"
-            cmd.error = result.error
-            cmd.completed_at = now()
-            session = await db.get(SessionRow, cmd.session_id) if cmd.session_id else None
-            changed: list[SessionRow] = []
-            cmds: list[AgentCommand] = []
-            if session is not None:
-                self._apply_result(db, session, cmd, result, agent_id, cmds)
-                changed.append(session)
-            await self.commit(db, changed, cmds)
-            if cmd.action in ("stop", "hibernate") or not result.ok:
+            ids = [r.command_id for _, r in batch]
+            cmds = {
+                c.id: c
+                for c in (
+                    await db.scalars(select(AgentCommand).where(AgentCommand.id.in_(ids)))
+                ).all()
+            }
+            session_ids = {c.session_id for c in cmds.values() if c.session_id}
+            sessions: dict[str, SessionRow] = {}
+            if session_ids:
+                rows = await db.scalars(select(SessionRow).where(SessionRow.id.in_(session_ids)))
+                sessions = {s.id: s for s in rows.all()}
+            changed: dict[str, SessionRow] = {}
+            new_cmds: list[AgentCommand] = []
+            freed = False
+            for agent_id, result in batch:
+                cmd = cmds.get(result.command_id)
+                if cmd is None or cmd.agent_id != agent_id:
+                    log.warning(
+                        "result_unknown_command agent_id=%s command_id=%s",
+                        agent_id,
+                        result.command_id,
+                    )
+                    continue
+                if cmd.status in ("succeeded", "failed"):
+                    continue
+                late_start = result.ok and cmd.action in ("start", "wake")
+                if cmd.status == "timed_out" and not late_start:
+                    continue
+                cmd.status = "succeeded" if result.ok else "failed"
+                cmd.error = result.error
+                cmd.completed_at = now()
+                freed = freed or cmd.action in ("stop", "hibernate") or not result.ok
+                session = sessions.get(cmd.session_id or "")
+                if session is not None:
+                    self._apply_result(db, session, cmd, result, agent_id, new_cmds)
+                    changed[session.id] = session
+            await self.commit(db, list(changed.values()), new_cmds)
+            if freed:
                 self.wake_placer()
 
     def _apply_result(

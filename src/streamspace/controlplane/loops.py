@@ -84,6 +84,7 @@ class Loops:
         self._spawn("expire", lc.expire, s.loop_interval_seconds)
         self._spawn("cull", lc.cull, s.idle_check_interval_seconds)
         self._tasks.append(asyncio.create_task(self._placement_loop(), name="loop-placement"))
+        self._tasks.append(asyncio.create_task(lc.process_results(), name="loop-results"))
 
     def _spawn(
         self,

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamspace.streams")
 
 AGENT_DIAL_TIMEOUT = 10.0
+MAX_AGENT_FRAME = 1024 * 1024
+"""Browser frames (a big clipboard paste) are split to stay under the agent's frame limit;
+RFB is a byte stream, so frame boundaries carry no meaning."""
 CLOSE_DENIED = 4401
 CLOSE_UNAVAILABLE = 4503
 
@@ -228,7 +231,11 @@ class StreamBroker:
                     if text is None:
                         continue
                     data = text.encode()
-                await dst.send_bytes(data)
+                if upstream and len(data) > MAX_AGENT_FRAME:
+                    for i in range(0, len(data), MAX_AGENT_FRAME):
+                        await dst.send_bytes(data[i : i + MAX_AGENT_FRAME])
+                else:
+                    await dst.send_bytes(data)
                 if upstream:
                     self.bytes_from_browser += len(data)
                 else:

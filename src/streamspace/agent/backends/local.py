@@ -773,6 +773,8 @@ class LocalBackend(Backend):
             _LOOPBACK,
             "-SecurityTypes",
             "None",
+            "-UseBlacklist",
+            "0",
             "-AlwaysShared",
             "-nolisten",
             "tcp",
