@@ -151,7 +151,6 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings.resolved_database_url())
-        await migrate.upgrade(engine)
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         state = AppState(
             settings=settings,
@@ -166,15 +165,17 @@ def create_app(settings: Settings) -> FastAPI:
         state.lifecycle = Lifecycle(state)
         state.streams = StreamBroker(state)
         app.state.ss = state
-        generated = await bootstrap_admin(state)
+        async with migrate.startup_lock(engine):
+            await migrate.upgrade(engine)
+            generated = await bootstrap_admin(state)
+            async with state.db() as db:
+                await catalog.sync_files(db, settings.resolved_templates_dir())
         if generated:
             print(
                 f"\n  Created user 'admin' with password: {generated}\n"
                 "  (shown once; set STREAMSPACE_ADMIN_PASSWORD to choose it)\n",
                 flush=True,
             )
-        async with state.db() as db:
-            await catalog.sync_files(db, settings.resolved_templates_dir())
         router = None
         if settings.redis_url:
             from streamspace.controlplane.router import RedisRouter

@@ -8,9 +8,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from streamspace.db.engine import DatabaseUnavailable
 
 log = logging.getLogger("streamspace.api")
 
@@ -174,6 +177,19 @@ def install(app: FastAPI) -> None:
             "internal-error",
         )
 
+    @app.exception_handler(RedisError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis_unavailable path=%s error=%r", request.url.path, exc)
+        return problem_response(
+            request,
+            503,
+            "Service unavailable",
+            "the routing store (Redis) is unreachable; retry shortly",
+            "redis-unavailable",
+            {"Retry-After": "2"},
+        )
+
+    @app.exception_handler(DatabaseUnavailable)
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     @app.exception_handler(PoolTimeoutError)

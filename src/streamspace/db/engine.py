@@ -17,6 +17,10 @@ from sqlalchemy.ext.asyncio import (
 Database = async_sessionmaker[AsyncSession]
 
 
+class DatabaseUnavailable(ConnectionError):
+    """The database refused or timed out a new connection (answered as 503, not 500)."""
+
+
 def normalise_url(url: str) -> str:
     """Accept plain postgresql:// and sqlite:// URLs and pick the async drivers."""
     parsed = make_url(url)
@@ -45,13 +49,30 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
+
+    async def connect() -> Any:
+        import asyncpg
+
+        try:
+            return await asyncpg.connect(
+                host=parsed.host or None,
+                port=parsed.port or None,
+                user=parsed.username or None,
+                password=parsed.password or None,
+                database=parsed.database or None,
+                timeout=5,
+                command_timeout=30,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise DatabaseUnavailable(f"database unreachable: {exc}") from exc
+
     return create_async_engine(
         url,
+        async_creator=connect,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=10,
-        connect_args={"timeout": 5, "command_timeout": 30},
     )
 
 

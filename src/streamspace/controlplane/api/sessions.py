@@ -117,6 +117,18 @@ async def create_session(
     )
     async with state.create_lock if db.get_bind().dialect.name == "sqlite" else _nolock():
         await quotas.lock_subjects(db, user)
+        if idempotency_key:
+            # A concurrent create with the same key may have committed while we waited.
+            existing = await db.scalar(
+                select(SessionRow).where(
+                    SessionRow.owner_id == user.id, SessionRow.idempotency_key == idempotency_key
+                )
+            )
+            if existing is not None:
+                view = await _view(db, state, existing)
+                await db.rollback()
+                response.status_code = 200
+                return view
         await quotas.check_can_create(db, user, s, cpu, mem)
         db.add(session)
         try:
