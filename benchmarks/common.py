@@ -67,7 +67,7 @@ def product(
         full_env = {
             **os.environ,
             "STREAMSPACE_ADMIN_PASSWORD": ADMIN_PASSWORD,
-            "STREAMSPACE_LOG_LEVEL": "WARNING",
+            "STREAMSPACE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
             "STREAMSPACE_DEFAULT_QUOTA_SESSIONS": "1000",
             "STREAMSPACE_DEFAULT_QUOTA_CPU_MILLIS": "10000000",
             "STREAMSPACE_DEFAULT_QUOTA_MEMORY_MB": "100000000",
@@ -107,7 +107,9 @@ def product(
             yield url
         finally:
             if os.environ.get("BENCH_SHOW_LOG"):
-                print((Path(data_dir) / "server.log").read_text()[-4000:])
+                Path("/tmp/bench-server.log").write_text(
+                    (Path(data_dir) / "server.log").read_text()
+                )
             proc.terminate()
             try:
                 proc.wait(20)

@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -25,7 +26,7 @@ from benchmarks.common import describe_machine, login, product
 from streamspace import protocol
 
 
-async def _agent(
+async def _agent_once(
     url: str,
     credential: str,
     agent_id: str,
@@ -33,6 +34,7 @@ async def _agent(
     ready: list[int],
     stop: asyncio.Event,
     heartbeat: float,
+    slots: int,
 ) -> None:
     from websockets.asyncio.client import connect
 
@@ -52,7 +54,9 @@ async def _agent(
                     cluster_id=cluster,
                     cluster_name=cluster,
                     backend="local",
-                    capacity=protocol.Capacity(max_sessions=20, cpu_millis=64000, memory_mb=262144),
+                    capacity=protocol.Capacity(
+                        max_sessions=slots, cpu_millis=640000, memory_mb=2621440
+                    ),
                     templates=["xterm"],
                 )
             )
@@ -97,10 +101,25 @@ async def _agent(
             beater.cancel()
 
 
+async def _agent(*args: Any) -> None:
+    """Like a real agent: retry the connection with backoff when the server is busy."""
+    from websockets.exceptions import InvalidStatus
+
+    delay = 0.5
+    for _ in range(20):
+        try:
+            await _agent_once(*args)
+            return
+        except (InvalidStatus, OSError):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+
+
 def _client_process(
     url: str,
     creds: list[tuple[str, str, str]],
     heartbeat: float,
+    slots: int,
     ready_q: mp.Queue,
     stop_ev: mp.Event,
 ) -> None:  # type: ignore[type-arg]
@@ -111,12 +130,17 @@ def _client_process(
         for i, (agent_id, credential, cluster) in enumerate(creds):
             tasks.append(
                 asyncio.create_task(
-                    _agent(url, credential, agent_id, cluster, ready, stop, heartbeat)
+                    _agent(url, credential, agent_id, cluster, ready, stop, heartbeat, slots)
                 )
             )
             if i % 50 == 49:
                 await asyncio.sleep(0.2)
         while ready[0] < len(creds):
+            failed = [t for t in tasks if t.done()]
+            if failed:
+                errors = {repr(t.exception())[:200] for t in failed if t.exception()}
+                print(f"{len(failed)} simulated agents ended early: {sorted(errors)[:3]}")
+                break
             await asyncio.sleep(0.2)
         ready_q.put(ready[0])
         while not stop_ev.is_set():
@@ -189,7 +213,12 @@ def main() -> None:
     ap.add_argument("--idle", type=int, default=30, help="seconds to measure idle CPU")
     ap.add_argument("--heartbeat", type=float, default=10.0)
     args = ap.parse_args()
+    import resource
+
     import psycopg2
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
     name = f"ss_sched_{uuid.uuid4().hex[:8]}"
     admin_conn = psycopg2.connect(args.pg)
@@ -230,13 +259,21 @@ def main() -> None:
                     creds.append((body["agent_id"], body["credential"], cluster))
                 owner_id = c.get("/api/v1/auth/me").json()["id"]
             print(f"enrolled {args.agents} agents in {time.perf_counter() - t0:.1f} s")
+            slots = max(20, 2 * args.sessions // max(args.agents, 1))
             ready_q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
             per = (len(creds) + args.procs - 1) // args.procs
             t0 = time.perf_counter()
             for p in range(args.procs):
                 proc = mp.Process(
                     target=_client_process,
-                    args=(url, creds[p * per : (p + 1) * per], args.heartbeat, ready_q, stop_ev),
+                    args=(
+                        url,
+                        creds[p * per : (p + 1) * per],
+                        args.heartbeat,
+                        slots,
+                        ready_q,
+                        stop_ev,
+                    ),
                 )
                 proc.start()
                 procs.append(proc)
@@ -264,7 +301,7 @@ def main() -> None:
                     if time.perf_counter() - t0 > 600:
                         print(f"gave up: {running} running")
                         break
-                    time.sleep(0.25)
+                    time.sleep(0.5)
             elapsed = time.perf_counter() - t0
             print(
                 f"placed and started {args.sessions} sessions in {elapsed:.1f} s: "

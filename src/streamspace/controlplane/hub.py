@@ -31,6 +31,7 @@ SEND_QUEUE = 1000
 CLOSE_REVOKED = 4403
 CLOSE_PROTOCOL = 4400
 CLOSE_REPLACED = 4409
+ADMISSION_SLOTS = 8
 
 
 def parse_credential(header: str) -> tuple[str, str] | None:
@@ -88,6 +89,9 @@ class Hub:
         self.remote_send: Callable[[str, Any], Awaitable[bool]] | None = None
         """Set by the cross-replica router; delivers to agents held by other replicas."""
         self.remote_disconnect: Callable[[str, str, str], Awaitable[None]] | None = None
+        self._admission = asyncio.Semaphore(ADMISSION_SLOTS)
+        """Bounds concurrent authentications and registrations so a reconnect storm (every
+        agent after a restart) queues here instead of exhausting the database pool."""
 
     # ---- authentication -------------------------------------------------------------------
 
@@ -107,7 +111,8 @@ class Hub:
     # ---- connection -----------------------------------------------------------------------
 
     async def serve(self, ws: WebSocket) -> None:
-        agent = await self.authenticate(ws.headers.get("authorization", ""))
+        async with self._admission:
+            agent = await self.authenticate(ws.headers.get("authorization", ""))
         if agent is None:
             await ws.close(code=1008, reason="agent credential rejected")
             return
@@ -122,7 +127,8 @@ class Hub:
             if old is not None:
                 await self._close(old, CLOSE_REPLACED, "replaced by a newer connection")
             self.connections[agent.id] = conn
-            await self._register(agent.id, hello, conn)
+            async with self._admission:
+                await self._register(agent.id, hello, conn)
             await self._read_loop(conn)
         except WebSocketDisconnect:
             pass

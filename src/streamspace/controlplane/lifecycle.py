@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import event as sa_event
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session as OrmSession
 
 from streamspace import protocol
 from streamspace.controlplane import scheduler
@@ -36,6 +38,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamspace.lifecycle")
 
 OPEN_COMMAND_STATUSES = ("pending", "sent", "acked")
+EVENTS_KEY = "streamspace.session_events"
+
+
+@sa_event.listens_for(OrmSession, "before_commit")
+def _write_session_events(sess: OrmSession) -> None:
+    """Session events are written in one multi-row INSERT per transaction (they are the most
+    numerous rows; building ORM objects for them dominated placement batches)."""
+    rows = sess.info.pop(EVENTS_KEY, None)
+    if rows:
+        sess.flush()
+        sess.execute(insert(SessionEvent), rows)
+
+
+@sa_event.listens_for(OrmSession, "after_rollback")
+def _drop_session_events(sess: OrmSession) -> None:
+    sess.info.pop(EVENTS_KEY, None)
 
 
 def now() -> datetime:
@@ -103,7 +121,9 @@ class Lifecycle:
     def event(
         self, db: AsyncSession, session: SessionRow, kind: str, message: str, **data: Any
     ) -> None:
-        db.add(SessionEvent(session_id=session.id, kind=kind, message=message, data=data))
+        db.info.setdefault(EVENTS_KEY, []).append(
+            {"session_id": session.id, "kind": kind, "message": message, "data": data, "at": now()}
+        )
         log.info("session_event session_id=%s kind=%s message=%r", session.id, kind, message)
 
     def transition(
@@ -115,6 +135,7 @@ class Lifecycle:
         *,
         action: str | None = None,
         kind: str | None = None,
+        record: bool = True,
         **data: Any,
     ) -> None:
         check_transition(session.state, target, action or target.value)
@@ -128,7 +149,8 @@ class Lifecycle:
             session.endpoint_port = None
         if target != State.PENDING:
             session.status_message = message if target == State.FAILED else ""
-        self.event(db, session, kind or target.value, message, previous=previous, **data)
+        if record:
+            self.event(db, session, kind or target.value, message, previous=previous, **data)
 
     async def owner_name(self, db: AsyncSession, owner_id: str) -> str:
         name = self._usernames.get(owner_id)
@@ -138,6 +160,9 @@ class Lifecycle:
         return name
 
     async def publish(self, db: AsyncSession, sessions: list[SessionRow]) -> None:
+        events = self.state.events
+        if events.subscriber_count == 0 and events.remote_publish is None:
+            return
         for s in sessions:
             view = session_view(s, await self.owner_name(db, s.owner_id))
             self.state.events.publish(
@@ -295,7 +320,7 @@ class Lifecycle:
             )
         return snaps
 
-    async def place_pending(self, limit: int = 500) -> int:
+    async def place_pending(self, limit: int = 1000) -> int:
         """Place queued sessions in creation order; returns how many were placed."""
         async with self.state.db() as db:
             pending = (
@@ -313,6 +338,7 @@ class Lifecycle:
                 t.name: TemplateSpec.model_validate(t.spec)
                 for t in (await db.scalars(select(Template))).all()
             }
+            placer = scheduler.Placer(snaps, self.settings.scheduler_strategy)
             changed: list[SessionRow] = []
             cmds: list[AgentCommand] = []
             placed = 0
@@ -324,7 +350,7 @@ class Lifecycle:
                     memory_mb=session.memory_mb,
                     cluster_id=session.requested_cluster_id,
                 )
-                decision = scheduler.place(snaps, req, self.settings.scheduler_strategy)
+                decision = placer.place(req)
                 if decision.agent is None:
                     waiting = f"waiting for capacity: {decision.reason}"
                     if session.status_message != waiting:
@@ -341,17 +367,27 @@ class Lifecycle:
                 scheduler.reserve(decision.agent, req)
                 session.agent_id = decision.agent.id
                 session.cluster_id = decision.agent.cluster_id
+                direct = self.state.hub.is_connected(decision.agent.id)
                 self.transition(
                     db,
                     session,
                     State.SCHEDULED,
                     decision.reason,
                     kind="placed",
+                    record=not direct,
                     agent_id=decision.agent.id,
                     cluster_id=decision.agent.cluster_id,
                 )
-                if self.state.hub.is_connected(decision.agent.id):
-                    self.transition(db, session, State.STARTING, "sent to the agent; starting")
+                if direct:
+                    self.transition(
+                        db,
+                        session,
+                        State.STARTING,
+                        decision.reason,
+                        kind="placed",
+                        agent_id=decision.agent.id,
+                        cluster_id=decision.agent.cluster_id,
+                    )
                 cmds.append(self.new_command(db, session, "start", spec))
                 changed.append(session)
                 placed += 1

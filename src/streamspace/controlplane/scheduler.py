@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class AgentSnapshot:
     id: str
     name: str
@@ -26,20 +26,22 @@ class AgentSnapshot:
     used_sessions: int = 0
     used_cpu_millis: int = 0
     used_memory_mb: int = 0
+    load: float = field(init=False, default=0.0)
+    """Highest utilisation over the three dimensions, 0..1 (kept current by `reserve`)."""
+
+    def __post_init__(self) -> None:
+        self.refresh_load()
 
     @property
     def free_sessions(self) -> int:
         return self.max_sessions - self.used_sessions
 
-    @property
-    def load(self) -> float:
-        """Highest utilisation over the three dimensions, 0..1."""
-        parts = [
+    def refresh_load(self) -> None:
+        self.load = max(
             self.used_sessions / self.max_sessions if self.max_sessions else 1.0,
             self.used_cpu_millis / self.cpu_millis if self.cpu_millis else 1.0,
             self.used_memory_mb / self.memory_mb if self.memory_mb else 1.0,
-        ]
-        return max(parts)
+        )
 
 
 @dataclass(frozen=True)
@@ -70,49 +72,84 @@ REJECT_REASONS = {
 }
 
 
-def _reject(agent: AgentSnapshot, req: Request) -> str | None:
-    if not agent.online:
-        return "offline"
-    if agent.draining:
-        return "draining"
-    if not agent.healthy:
-        return "unhealthy"
-    if req.cluster_id and agent.cluster_id != req.cluster_id:
-        return "cluster"
-    if req.template not in agent.templates:
-        return "template"
-    if agent.free_sessions < 1:
-        return "sessions"
-    if agent.used_cpu_millis + req.cpu_millis > agent.cpu_millis:
-        return "cpu"
-    if agent.used_memory_mb + req.memory_mb > agent.memory_mb:
-        return "memory"
-    return None
+class Placer:
+    """Placement over one snapshot of the fleet, for a batch of requests.
+
+    Agents that can take nothing (offline, draining, unhealthy) are counted once; the rest are
+    grouped by template and cluster so each request scans only agents that could run it.
+    """
+
+    def __init__(self, agents: list[AgentSnapshot], strategy: str = "least_loaded") -> None:
+        self.strategy = strategy
+        self.total = len(agents)
+        self.static: Counter[str] = Counter()
+        self.by_template: dict[str, list[AgentSnapshot]] = {}
+        self.by_template_cluster: dict[tuple[str, str], list[AgentSnapshot]] = {}
+        usable = 0
+        for a in agents:
+            if not a.online:
+                self.static["offline"] += 1
+            elif a.draining:
+                self.static["draining"] += 1
+            elif not a.healthy:
+                self.static["unhealthy"] += 1
+            else:
+                usable += 1
+                for t in a.templates:
+                    self.by_template.setdefault(t, []).append(a)
+                    self.by_template_cluster.setdefault((t, a.cluster_id), []).append(a)
+        self.usable = usable
+
+    def place(self, req: Request) -> Decision:
+        if self.total == 0:
+            return Decision(None, "no agent is enrolled")
+        rejected = Counter(self.static)
+        runs_it = self.by_template.get(req.template, [])
+        if len(runs_it) < self.usable:
+            rejected["template"] = self.usable - len(runs_it)
+        cands = runs_it
+        if req.cluster_id:
+            cands = self.by_template_cluster.get((req.template, req.cluster_id), [])
+            if len(cands) < len(runs_it):
+                rejected["cluster"] = len(runs_it) - len(cands)
+        cpu, mem = req.cpu_millis, req.memory_mb
+        sign = 1.0 if self.strategy == "least_loaded" else -1.0
+        best: AgentSnapshot | None = None
+        best_score = 2.0
+        full_s = full_c = full_m = 0
+        for a in cands:  # the hot loop of a placement batch: no allocations in here
+            if a.used_sessions >= a.max_sessions:
+                full_s += 1
+            elif a.used_cpu_millis + cpu > a.cpu_millis:
+                full_c += 1
+            elif a.used_memory_mb + mem > a.memory_mb:
+                full_m += 1
+            else:
+                score = sign * a.load
+                if best is None or score < best_score or (score == best_score and a.id < best.id):
+                    best, best_score = a, score
+        for reason, n in (("sessions", full_s), ("cpu", full_c), ("memory", full_m)):
+            if n:
+                rejected[reason] = n
+        return _decision(best, rejected, self.strategy, len(cands))
 
 
 def place(agents: list[AgentSnapshot], req: Request, strategy: str = "least_loaded") -> Decision:
     """Choose an agent for `req`. `strategy` is least_loaded (spread) or bin_packing (fill)."""
-    rejected: Counter[str] = Counter()
-    best: AgentSnapshot | None = None
-    best_key: tuple[float, str] | None = None
-    for agent in agents:
-        why = _reject(agent, req)
-        if why is not None:
-            rejected[why] += 1
-            continue
-        score = agent.load if strategy == "least_loaded" else -agent.load
-        key = (score, agent.id)
-        if best_key is None or key < best_key:
-            best, best_key = agent, key
+    return Placer(agents, strategy).place(req)
+
+
+def _decision(
+    best: AgentSnapshot | None, rejected: Counter[str], strategy: str, considered: int
+) -> Decision:
     if best is None:
-        if not agents:
-            return Decision(None, "no agent is enrolled")
         parts = [f"{n} {REJECT_REASONS[k]}" for k, n in sorted(rejected.items())]
         return Decision(None, "no agent can run it: " + ", ".join(parts), dict(rejected))
+    eligible = considered - sum(rejected[k] for k in ("sessions", "cpu", "memory"))
     reason = (
         f"placed on agent {best.name} in cluster {best.cluster_id} because it "
         f"{'is the least loaded' if strategy == 'least_loaded' else 'packs tightest'} "
-        f"of {len(agents) - sum(rejected.values())} eligible "
+        f"of {eligible} eligible "
         f"({best.used_sessions}/{best.max_sessions} sessions, "
         f"load {best.load:.0%})"
     )
@@ -128,3 +165,4 @@ def reserve(agent: AgentSnapshot, req: Request) -> None:
     agent.used_sessions += 1
     agent.used_cpu_millis += req.cpu_millis
     agent.used_memory_mb += req.memory_mb
+    agent.refresh_load()
