@@ -238,7 +238,7 @@ class Hub:
             if isinstance(msg, protocol.Heartbeat):
                 self._beats[conn.agent_id] = (datetime.now(UTC), msg)
             elif isinstance(msg, protocol.Ack):
-                await lifecycle.on_ack(conn.agent_id, msg)
+                lifecycle.submit_ack(conn.agent_id, msg)
             elif isinstance(msg, protocol.Result):
                 lifecycle.submit_result(conn.agent_id, msg)
             elif isinstance(msg, protocol.SessionStatus):

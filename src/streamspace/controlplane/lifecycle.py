@@ -113,7 +113,7 @@ class Lifecycle:
         self.state = state
         self.settings = state.settings
         self._place_wakeup = asyncio.Event()
-        self._results: asyncio.Queue[tuple[str, protocol.Result]] = asyncio.Queue()
+        self._results: asyncio.Queue[tuple[str, protocol.Result | protocol.Ack]] = asyncio.Queue()
         self._usernames: dict[str, str] = {}
 
     # ---- helpers ------------------------------------------------------------------------
@@ -367,27 +367,15 @@ class Lifecycle:
                 scheduler.reserve(decision.agent, req)
                 session.agent_id = decision.agent.id
                 session.cluster_id = decision.agent.cluster_id
-                direct = self.state.hub.is_connected(decision.agent.id)
                 self.transition(
                     db,
                     session,
                     State.SCHEDULED,
                     decision.reason,
                     kind="placed",
-                    record=not direct,
                     agent_id=decision.agent.id,
                     cluster_id=decision.agent.cluster_id,
                 )
-                if direct:
-                    self.transition(
-                        db,
-                        session,
-                        State.STARTING,
-                        decision.reason,
-                        kind="placed",
-                        agent_id=decision.agent.id,
-                        cluster_id=decision.agent.cluster_id,
-                    )
                 cmds.append(self.new_command(db, session, "start", spec))
                 changed.append(session)
                 placed += 1
@@ -396,10 +384,9 @@ class Lifecycle:
 
     # ---- agent messages -----------------------------------------------------------------
 
-    async def on_ack(self, agent_id: str, ack: protocol.Ack) -> None:
-        """Acks need no write: a command the agent received either returns a result or is
-        re-sent when its deadline passes, and the agent de-duplicates by command id."""
-        log.debug("command_acked agent_id=%s command_id=%s", agent_id, ack.command_id)
+    def submit_ack(self, agent_id: str, ack: protocol.Ack) -> None:
+        """An ack moves a scheduled session to starting (the agent has the command)."""
+        self._results.put_nowait((agent_id, ack))
 
     def submit_result(self, agent_id: str, result: protocol.Result) -> None:
         self._results.put_nowait((agent_id, result))
@@ -421,7 +408,7 @@ class Lifecycle:
     async def on_result(self, agent_id: str, result: protocol.Result) -> None:
         await self.on_results([(agent_id, result)])
 
-    async def on_results(self, batch: list[tuple[str, protocol.Result]]) -> None:
+    async def on_results(self, batch: list[tuple[str, protocol.Result | protocol.Ack]]) -> None:
         async with self.state.db() as db:
             ids = [r.command_id for _, r in batch]
             cmds = {
@@ -440,6 +427,20 @@ class Lifecycle:
             freed = False
             for agent_id, result in batch:
                 cmd = cmds.get(result.command_id)
+                if isinstance(result, protocol.Ack):
+                    session = sessions.get(cmd.session_id or "") if cmd else None
+                    if (
+                        cmd is not None
+                        and cmd.agent_id == agent_id
+                        and cmd.action == "start"
+                        and session is not None
+                        and session.state == State.SCHEDULED
+                    ):
+                        self.transition(
+                            db, session, State.STARTING, "agent is starting the session"
+                        )
+                        changed[session.id] = session
+                    continue
                 if cmd is None or cmd.agent_id != agent_id:
                     log.warning(
                         "result_unknown_command agent_id=%s command_id=%s",
