@@ -71,7 +71,7 @@ FATAL_ERROR_CODES = frozenset({"revoked", "unauthorized", "unsupported_protocol_
 """Server error codes after which retrying cannot help; the agent gives up with AgentError."""
 
 RESULT_CACHE_SIZE = 1000
-STREAM_CHUNK_BYTES = 64 * 1024
+STREAM_CHUNK_BYTES = 1024 * 1024
 STREAM_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 CLOSE_TIMEOUT_SECONDS = 2.0
 MIN_HEARTBEAT_SECONDS = 0.01
