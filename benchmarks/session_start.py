@@ -1,4 +1,6 @@
-"""Create → first VNC frame of the app, through the real control plane and tunnel.
+"""Create → first VNC frame showing the app, through the real control plane and tunnel.
+
+The app counts as shown when the frame has at least 3 colours (a bare root window has 1-2).
 
 Usage: python benchmarks/session_start.py [--runs 20] [--templates xterm,firefox]
                                           [--backend local|docker|both]
@@ -15,6 +17,18 @@ import httpx
 
 from benchmarks.common import describe_machine, login, product, summary
 from streamspace.rfb import RFBClient, WebSocketTransport
+
+
+def app_visible(rfb: RFBClient, min_colours: int = 3) -> bool:
+    """The app has drawn: a bare root window (black, or the window manager's solid colour)
+    samples as 1-2 colours (with the cursor); an app window adds its own."""
+    fb = memoryview(rfb.framebuffer)
+    seen = set()
+    for off in range(0, len(fb) - 4, 4 * 7):
+        seen.add(bytes(fb[off : off + 3]))
+        if len(seen) >= min_colours:
+            return True
+    return False
 
 
 async def first_frame(url: str, token: str, template: str, timeout: float = 60) -> float:
@@ -42,10 +56,10 @@ async def first_frame(url: str, token: str, template: str, timeout: float = 60) 
             rfb = RFBClient(transport)
             await rfb.handshake()
             await rfb.request_update(False)
-            while not rfb.framebuffer_nonblank():
+            while not app_visible(rfb):
                 if time.perf_counter() - t0 > timeout:
                     raise RuntimeError("app never drew")
-                await rfb.request_update(True, timeout=timeout)
+                await rfb.request_update(False, timeout=timeout)
             elapsed = time.perf_counter() - t0
             await rfb.close()
             return elapsed

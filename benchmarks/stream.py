@@ -133,18 +133,31 @@ def main() -> None:
         ws_port = free_port()
         bridge = subprocess.Popen(
             [websockify, f"127.0.0.1:{ws_port}", f"127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_port(ws_port)
 
             async def run() -> None:
-                await measure("(a) direct VNC port", lambda: TCPTransport.connect(
-                    "127.0.0.1", port), args.updates, args.pings)
-                await measure("(b) websockify", lambda: WebSocketTransport.connect(
-                    f"ws://127.0.0.1:{ws_port}/"), args.updates, args.pings)
-                await measure("(c) StreamSpace tunnel",
-                              lambda: tunnel_opener(url, token, sid), args.updates, args.pings)
+                await measure(
+                    "(a) direct VNC port",
+                    lambda: TCPTransport.connect("127.0.0.1", port),
+                    args.updates,
+                    args.pings,
+                )
+                await measure(
+                    "(b) websockify",
+                    lambda: WebSocketTransport.connect(f"ws://127.0.0.1:{ws_port}/"),
+                    args.updates,
+                    args.pings,
+                )
+                await measure(
+                    "(c) StreamSpace tunnel",
+                    lambda: tunnel_opener(url, token, sid),
+                    args.updates,
+                    args.pings,
+                )
                 await concurrent(url, token, sid, args.concurrent)
 
             asyncio.run(run())
