@@ -23,7 +23,6 @@ class Settings(BaseSettings):
     redis_url: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
-    public_url: str = ""
     advertise_url: str = ""
     """This replica's own URL as agents can reach it (multi-replica stream dial-back)."""
     replica_id: str = ""
