@@ -7,37 +7,22 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
-from test_agents_support import FAST, TMP_PATHS, Fleet, flat, make_fleet, module_xvnc_check
+from test_agents_support import (
+    Fleet,
+    _no_xvnc_left_behind,  # noqa: F401 - fixture
+    flat,
+    fleet,  # noqa: F401 - fixture
+)
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import XVNC_MISSING, require, wait_for, wait_state
 from streamspace import protocol
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_xvnc_left_behind() -> Iterator[None]:
-    check = module_xvnc_check(len(TMP_PATHS))
-    yield
-    check()
-
-
-@pytest.fixture
-def fleet(make_control_plane: Any, tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
-    fleets: list[Fleet] = []
-
-    def make(**settings: Any) -> Fleet:
-        return make_fleet(make_control_plane(**{**FAST, **settings}), tmp_path, fleets)
-
-    yield make
-    for f in fleets:
-        f.cleanup()
 
 
 def agent_rows(fl: Fleet) -> list[dict[str, Any]]:

@@ -15,13 +15,14 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from conftest import AgentProcess, wait_for, wait_state
+from conftest import XVNC_MISSING, AgentProcess, require, wait_for, wait_state
 from streamspace.rfb import RFBClient, WebSocketTransport
 
 SESSION_MARKER = "STREAMSPACE_SESSION_ID"
@@ -398,3 +399,30 @@ def module_xvnc_check(start: int) -> Callable[[], None]:
         assert not left, f"Xvnc processes left behind by this module (now killed): {left}"
 
     return check
+
+
+# ---- fixtures shared by the test_agents_* modules (import them by name) ----
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_xvnc_left_behind() -> Iterator[None]:
+    check = module_xvnc_check(len(TMP_PATHS))
+    yield
+    check()
+
+
+@pytest.fixture(autouse=True)
+def _needs_xvnc() -> None:
+    require(XVNC_MISSING)
+
+
+@pytest.fixture
+def fleet(make_control_plane: Any, tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
+    fleets: list[Fleet] = []
+
+    def make(**settings: Any) -> Fleet:
+        return make_fleet(make_control_plane(**{**FAST, **settings}), tmp_path, fleets)
+
+    yield make
+    for f in fleets:
+        f.cleanup()

@@ -8,48 +8,23 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_agents_support import (
-    FAST,
-    TMP_PATHS,
     Fleet,
-    make_fleet,
-    module_xvnc_check,
+    _needs_xvnc,  # noqa: F401 - fixture
+    _no_xvnc_left_behind,  # noqa: F401 - fixture
+    fleet,  # noqa: F401 - fixture
     session_pids,
     xvnc_pids,
 )
 
-from conftest import XVNC_MISSING, require, wait_for, wait_state
+from conftest import wait_for, wait_state
 
 pytestmark = pytest.mark.xvnc
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_xvnc_left_behind() -> Iterator[None]:
-    check = module_xvnc_check(len(TMP_PATHS))
-    yield
-    check()
-
-
-@pytest.fixture(autouse=True)
-def _needs_xvnc() -> None:
-    require(XVNC_MISSING)
-
-
-@pytest.fixture
-def fleet(make_control_plane: Any, tmp_path: Path) -> Iterator[Callable[..., Fleet]]:
-    fleets: list[Fleet] = []
-
-    def make(**settings: Any) -> Fleet:
-        return make_fleet(make_control_plane(**{**FAST, **settings}), tmp_path, fleets)
-
-    yield make
-    for f in fleets:
-        f.cleanup()
 
 
 def slow_xvnc_env(tmp_path: Path, delay: float) -> dict[str, str]:

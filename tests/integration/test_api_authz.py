@@ -6,42 +6,19 @@ fails `test_authorization_matrix`.
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-import pytest
-from argon2 import PasswordHasher
+from api_support import (
+    NO_LIMIT,
+    PROBLEM_KEYS,
+    _cheap_password_hashing,  # noqa: F401 - autouse fixture
+    client,
+    login,
+)
 
-from conftest import ADMIN_PASSWORD, wait_for
-from streamspace.controlplane import security
-
-PROBLEM_KEYS = {"type", "title", "status", "detail"}
-NO_LIMIT = {"login_rate_per_minute": 10_000}
-
-_TLS = ssl.create_default_context()  # shared: building one per client costs ~50 ms
-
-
-def client(cp: Any, token: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=cp.url, headers=headers, timeout=30, verify=_TLS)
-
-
-def login(cp: Any, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
-    with client(cp) as anon:
-        r = anon.post("/api/v1/auth/login", json={"username": username, "password": password})
-    assert r.status_code == 200, r.text
-    return client(cp, r.json()["access_token"])
-
-
-@pytest.fixture(autouse=True)
-def _cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Production-cost argon2 would dominate the runtime; the API logic under test is the same."""
-    monkeypatch.setattr(
-        security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    )
-
+from conftest import wait_for
 
 # Agent routes authenticated with an agent credential, not a user token: checked separately.
 AGENT_CREDENTIAL_ROUTES = {("POST", "/api/v1/agents/enroll"), ("GET", "/api/v1/agents/catalog")}
@@ -482,10 +459,10 @@ def test_users_cannot_touch_each_others_sessions(make_control_plane: Any) -> Non
         ("DELETE", "", None),
     ]
     failures = []
-    for who, client in (("bob", bob), ("operator", oscar)):
+    for who, intruder in (("bob", bob), ("operator", oscar)):
         for method, suffix, body in attempts:
             kwargs = {"json": body} if body is not None else {}
-            r = client.request(method, f"/api/v1/sessions/{a_sid}{suffix}", **kwargs)
+            r = intruder.request(method, f"/api/v1/sessions/{a_sid}{suffix}", **kwargs)
             if r.status_code != 404:
                 failures.append(f"{who} {method} {suffix or '/'}: {r.status_code} {r.text[:150]}")
             elif a_sid not in r.json().get("detail", ""):
@@ -519,12 +496,12 @@ def test_users_cannot_touch_each_others_sessions(make_control_plane: Any) -> Non
     r = bob.get("/api/v1/sessions", params={"all": "true"})
     assert r.status_code == 403, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
-    for who, client in (("operator", oscar), ("admin", admin)):
-        r = client.get("/api/v1/sessions", params={"all": "true"})
+    for who, viewer in (("operator", oscar), ("admin", admin)):
+        r = viewer.get("/api/v1/sessions", params={"all": "true"})
         assert r.status_code == 200, (who, r.text)
         ids = {s["id"] for s in r.json()["items"]}
         assert {a_sid, b_sid} <= ids, who
-        r = client.get("/api/v1/sessions", params={"all": "true", "owner": "alice"})
+        r = viewer.get("/api/v1/sessions", params={"all": "true", "owner": "alice"})
         assert [s["id"] for s in r.json()["items"]] == [a_sid], who
 
     # the owner is always the token's user; the body cannot choose it

@@ -2,44 +2,20 @@
 
 from __future__ import annotations
 
-import ssl
 from typing import Any
 
 import httpx
-import pytest
-from argon2 import PasswordHasher
+from api_support import (
+    NO_LIMIT,
+    PROBLEM_KEYS,
+    _cheap_password_hashing,  # noqa: F401 - autouse fixture
+    login,
+)
 from sqlalchemy import func, select
 
-from conftest import ADMIN_PASSWORD, wait_for
-from streamspace.controlplane import security
+from conftest import wait_for
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import User
-
-PROBLEM_KEYS = {"type", "title", "status", "detail"}
-NO_LIMIT = {"login_rate_per_minute": 10_000}
-
-_TLS = ssl.create_default_context()  # shared: building one per client costs ~50 ms
-
-
-def client(cp: Any, token: str | None = None) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=cp.url, headers=headers, timeout=30, verify=_TLS)
-
-
-def login(cp: Any, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
-    with client(cp) as anon:
-        r = anon.post("/api/v1/auth/login", json={"username": username, "password": password})
-    assert r.status_code == 200, r.text
-    return client(cp, r.json()["access_token"])
-
-
-@pytest.fixture(autouse=True)
-def _cheap_password_hashing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Production-cost argon2 would dominate the runtime; the API logic under test is the same."""
-    monkeypatch.setattr(
-        security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
-    )
-
 
 BIG_QUOTA = {"max_sessions": 50, "max_cpu_millis": 1_000_000, "max_memory_mb": 1_000_000}
 

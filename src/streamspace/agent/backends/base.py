@@ -7,6 +7,8 @@ one succeeds. Methods never block the event loop; blocking work goes through asy
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 from collections.abc import Iterable
 
 from streamspace.protocol import BackendKind, CatalogEntry, Endpoint, InventoryItem, SessionSpec
@@ -53,3 +55,19 @@ class Backend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients; running sessions are left running."""
+
+
+async def rfb_answers(port: int, host: str = "127.0.0.1", read_timeout: float = 2.0) -> bool:
+    """True if host:port sends an RFB 3.x banner: the readiness probe every backend uses."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        banner = await asyncio.wait_for(reader.readexactly(12), read_timeout)
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    return banner.startswith(b"RFB 003.")

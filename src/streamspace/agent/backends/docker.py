@@ -34,7 +34,7 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from streamspace.agent.backends.base import Backend, BackendError
+from streamspace.agent.backends.base import Backend, BackendError, rfb_answers
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -658,16 +658,4 @@ class DockerBackend(Backend):
 
 
 async def _rfb_answers(port: int) -> bool:
-    """True if 127.0.0.1:port sends an RFB 3.x banner."""
-    writer: asyncio.StreamWriter | None = None
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(_LOOPBACK, port), 1.0)
-        banner = await asyncio.wait_for(reader.readexactly(12), 1.0)
-    except (OSError, asyncio.IncompleteReadError, TimeoutError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    return banner.startswith(b"RFB 003.")
+    return await rfb_answers(port, _LOOPBACK, read_timeout=1.0)

@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from streamspace.agent.backends.base import Backend, BackendError
+from streamspace.agent.backends.base import Backend, BackendError, rfb_answers
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -821,18 +821,7 @@ class LocalBackend(Backend):
 
     @staticmethod
     async def _rfb_answers(port: int) -> bool:
-        writer: asyncio.StreamWriter | None = None
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(_LOOPBACK, port), 1.0)
-            banner = await asyncio.wait_for(reader.readexactly(12), 2.0)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError):
-            return False
-        finally:
-            if writer is not None:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-        return banner.startswith(b"RFB 003.")
+        return await rfb_answers(port, _LOOPBACK)
 
     def _app_env(
         self, spec: SessionSpec, home: Path, run_dir: Path, display: int
