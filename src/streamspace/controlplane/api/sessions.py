@@ -273,59 +273,49 @@ async def patch_session(
     return await _view(db, state, session)
 
 
-@router.delete("/{session_id}", response_model=SessionOut, status_code=202)
-async def stop_session(
-    session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
+async def _act(
+    action: str, session_id: str, request: Request, user: User, state: AppState, db: AsyncSession
 ) -> SessionOut:
+    """stop / hibernate / wake: load with the owner check, audit, hand to the lifecycle."""
     session = await load_owned(db, session_id, user)
     who = "you" if session.owner_id == user.id else f"admin {user.username}"
     audit.record(
         db,
         actor=user,
-        action="session.stop",
+        action=f"session.{action}",
         resource_type="session",
         resource_id=session.id,
         request=request,
         status_code=202,
     )
-    await state.lifecycle.request_stop(db, session, f"stop requested by {who}")
+    handler = {
+        "stop": state.lifecycle.request_stop,
+        "hibernate": state.lifecycle.request_hibernate,
+        "wake": state.lifecycle.request_wake,
+    }[action]
+    await handler(db, session, f"{action} requested by {who}")
     return await _view(db, state, session)
+
+
+@router.delete("/{session_id}", response_model=SessionOut, status_code=202)
+async def stop_session(
+    session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
+) -> SessionOut:
+    return await _act("stop", session_id, request, user, state, db)
 
 
 @router.post("/{session_id}/hibernate", response_model=SessionOut, status_code=202)
 async def hibernate_session(
     session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> SessionOut:
-    session = await load_owned(db, session_id, user)
-    audit.record(
-        db,
-        actor=user,
-        action="session.hibernate",
-        resource_type="session",
-        resource_id=session.id,
-        request=request,
-        status_code=202,
-    )
-    await state.lifecycle.request_hibernate(db, session, f"hibernate requested by {user.username}")
-    return await _view(db, state, session)
+    return await _act("hibernate", session_id, request, user, state, db)
 
 
 @router.post("/{session_id}/wake", response_model=SessionOut, status_code=202)
 async def wake_session(
     session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> SessionOut:
-    session = await load_owned(db, session_id, user)
-    audit.record(
-        db,
-        actor=user,
-        action="session.wake",
-        resource_type="session",
-        resource_id=session.id,
-        request=request,
-        status_code=202,
-    )
-    await state.lifecycle.request_wake(db, session, f"wake requested by {user.username}")
-    return await _view(db, state, session)
+    return await _act("wake", session_id, request, user, state, db)
 
 
 @router.post("/{session_id}/connect", response_model=ConnectOut)
