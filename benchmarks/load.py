@@ -12,10 +12,10 @@ acked and completed at once, and for `open_stream` the agent dials the stream We
 the replica that asked and answers it as a tiny fake RFB server (version banner, then echo).
 
 `--users` simulated users (asyncio + httpx, HTTP/1.1 keep-alive) loop for `--duration` seconds:
-create an xterm session (sometimes pinned to a cluster), list their sessions, poll it until it
-runs, connect (ticket from one replica; the browser WebSocket on the other replica half of the
-time; banner + echo through the tunnel), sometimes hibernate it, then stop it. Every request
-goes to a random replica.
+create an xterm session (sometimes pinned to a cluster), list their sessions, poll it every
+`--poll` s until it runs (up to 60 s), connect (ticket from one replica; the browser WebSocket on
+the other replica half of the time; banner + echo through the tunnel), sometimes hibernate it,
+then stop it. Every request goes to a random replica.
 
 Prints API latency by route, requests/s, errors by kind, placements/s and the cross-replica
 command latency: from the start of a user's hibernate/stop request on replica X to the moment
@@ -428,7 +428,11 @@ class User:
         self.client = httpx.AsyncClient(
             headers={"Authorization": f"Bearer {token}"},
             timeout=30,
-            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+            # uvicorn closes idle keep-alive connections after 5 s and httpx (unlike a browser)
+            # does not retry a request that meets such a close: stop reusing them well before.
+            limits=httpx.Limits(
+                max_connections=4, max_keepalive_connections=4, keepalive_expiry=3.0
+            ),
         )
 
     async def call(
@@ -943,16 +947,21 @@ def log_summary(replicas: list[Replica]) -> list[str]:
     lines = []
     for rep in replicas:
         events: Counter[str] = Counter()
+        first: dict[str, str] = {}
         tracebacks = 0
         for line in rep.log.read_text(errors="replace").splitlines():
             if line.startswith("Traceback"):
                 tracebacks += 1
             elif " level=" in line and " event=" in line:
                 level = line.split(" level=", 1)[1].split(" ", 1)[0]
-                event = line.split(" event=", 1)[1].split(" ", 1)[0]
+                event, _, rest = line.split(" event=", 1)[1].partition(" ")
                 events[f"{level}:{event}"] += 1
-        top = ", ".join(f"{k} x{v}" for k, v in events.most_common(6)) or "none"
-        lines.append(f"{rep.replica_id} log: {tracebacks} tracebacks; {top}")
+                first.setdefault(f"{level}:{event}", rest[:150])
+        lines.append(
+            f"{rep.replica_id} log: {tracebacks} tracebacks; {sum(events.values())} events"
+        )
+        for kind, count in events.most_common(6):
+            lines.append(f"  {count:>6} x {kind}   e.g. {first[kind]!r}")
     return lines
 
 
@@ -1009,7 +1018,12 @@ def main() -> None:
     ap.add_argument("--redis", default="redis://127.0.0.1:6379/0")
     ap.add_argument("--agent-procs", type=int, default=1, choices=(1, 2))
     ap.add_argument("--user-procs", type=int, default=2, choices=(1, 2))
-    ap.add_argument("--poll", type=float, default=0.25, help="seconds between state polls")
+    ap.add_argument(
+        "--poll",
+        type=float,
+        default=0.5,
+        help="seconds between state polls (0.5 like `streamspace sessions create --wait`)",
+    )
     args = ap.parse_args()
 
     import psycopg2

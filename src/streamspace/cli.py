@@ -83,6 +83,7 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
         log_level="warning",
         ws="websockets-sansio",
         timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
         lifespan="on",
         access_log=False,
     )

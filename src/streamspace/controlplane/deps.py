@@ -14,7 +14,7 @@ from streamspace.controlplane.state import AppState
 from streamspace.db.models import User
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.ss
     return state
 

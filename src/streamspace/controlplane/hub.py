@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from fastapi import WebSocket, WebSocketDisconnect
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 
 from streamspace import protocol
 from streamspace.controlplane.security import constant_eq, sha256
@@ -31,6 +31,7 @@ SEND_QUEUE = 1000
 CLOSE_REVOKED = 4403
 CLOSE_PROTOCOL = 4400
 CLOSE_REPLACED = 4409
+OPEN_STATUSES = ("pending", "sent", "acked")
 ADMISSION_SLOTS = 8
 
 
@@ -55,6 +56,16 @@ async def _receive_text(ws: WebSocket) -> str | None:
         raise WebSocketDisconnect(msg.get("code", 1000))
     text = msg.get("text")
     return text if isinstance(text, str) else None
+
+
+def command_message(cmd: AgentCommand) -> protocol.Command:
+    spec = cmd.payload.get("spec")
+    return protocol.Command(
+        command_id=cmd.id,
+        action=cmd.action,  # type: ignore[arg-type]
+        session_id=cmd.session_id or "",
+        spec=protocol.SessionSpec.model_validate(spec) if spec else None,
+    )
 
 
 @dataclass
@@ -89,6 +100,9 @@ class Hub:
         self.remote_send: Callable[[str, Any], Awaitable[bool]] | None = None
         """Set by the cross-replica router; delivers to agents held by other replicas."""
         self.remote_disconnect: Callable[[str, str, str], Awaitable[None]] | None = None
+        self.remote_send_many: Callable[[list[tuple[str, Any]]], Awaitable[list[bool]]] | None = (
+            None
+        )
         self._admission = asyncio.Semaphore(ADMISSION_SLOTS)
         """Bounds concurrent authentications and registrations so a reconnect storm (every
         agent after a restart) queues here instead of exhausting the database pool."""
@@ -311,62 +325,52 @@ class Hub:
         """Send one command to its agent if reachable; the row records the attempt."""
         async with self.state.db() as db:
             cmd = await db.get(AgentCommand, command_id)
-            if cmd is None or cmd.status not in ("pending", "sent", "acked"):
+            if cmd is None or cmd.status not in OPEN_STATUSES:
                 return False
-            spec = cmd.payload.get("spec")
-            msg = protocol.Command(
-                command_id=cmd.id,
-                action=cmd.action,  # type: ignore[arg-type]
-                session_id=cmd.session_id or "",
-                spec=protocol.SessionSpec.model_validate(spec) if spec else None,
-            )
-            sent = await self.send_to_agent(cmd.agent_id, msg)
-            if not sent:
-                return False
-            at = datetime.now(UTC)
-            cmd.attempts += 1
-            cmd.sent_at = at
-            cmd.deadline = at + timedelta(seconds=self.state.settings.command_timeout_seconds)
-            if cmd.status == "pending":
-                cmd.status = "sent"
-            await db.commit()
+            agent_id, msg = cmd.agent_id, command_message(cmd)
+        sent = await self.send_to_agent(agent_id, msg)
+        if sent:
+            await self._record_sent([command_id])
             log.info(
-                "command_sent command_id=%s agent_id=%s session_id=%s action=%s attempt=%d",
-                cmd.id,
-                cmd.agent_id,
-                cmd.session_id,
-                cmd.action,
-                cmd.attempts,
+                "command_sent command_id=%s agent_id=%s session_id=%s action=%s retry=%s",
+                command_id,
+                agent_id,
+                msg.session_id,
+                msg.action,
+                retry,
             )
-            return True
+        return sent
 
     async def dispatch_many(self, commands: list[AgentCommand]) -> None:
         """Send freshly committed commands; one UPDATE records all that reached an agent."""
-        local: list[str] = []
+        sent: list[str] = []
+        remote: list[tuple[str, str, protocol.Command]] = []
         for cmd in commands:
+            msg = command_message(cmd)
             conn = self.connections.get(cmd.agent_id)
-            if conn is None:
-                await self.dispatch(cmd.id)
-                continue
-            spec = cmd.payload.get("spec")
-            await conn.send(
-                protocol.Command(
-                    command_id=cmd.id,
-                    action=cmd.action,  # type: ignore[arg-type]
-                    session_id=cmd.session_id or "",
-                    spec=protocol.SessionSpec.model_validate(spec) if spec else None,
-                )
-            )
-            local.append(cmd.id)
-        if not local:
-            return
+            if conn is not None:
+                await conn.send(msg)
+                sent.append(cmd.id)
+            else:
+                remote.append((cmd.id, cmd.agent_id, msg))
+        if remote and self.remote_send_many is not None:
+            delivered = await self.remote_send_many([(agent, msg) for _, agent, msg in remote])
+            sent += [cid for (cid, _, _), ok in zip(remote, delivered, strict=True) if ok]
+        if sent:
+            await self._record_sent(sent)
+
+    async def _record_sent(self, command_ids: list[str]) -> None:
+        """Conditional on the row still being open: with several replicas the result may have
+        been recorded already by the replica holding the agent, and must not be overwritten."""
         at = datetime.now(UTC)
         async with self.state.db() as db:
             await db.execute(
                 update(AgentCommand)
-                .where(AgentCommand.id.in_(local), AgentCommand.status == "pending")
+                .where(AgentCommand.id.in_(command_ids), AgentCommand.status.in_(OPEN_STATUSES))
                 .values(
-                    status="sent",
+                    status=case(
+                        (AgentCommand.status == "pending", "sent"), else_=AgentCommand.status
+                    ),
                     attempts=AgentCommand.attempts + 1,
                     sent_at=at,
                     deadline=at + timedelta(seconds=self.state.settings.command_timeout_seconds),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -113,6 +115,8 @@ class Lifecycle:
         self.state = state
         self.settings = state.settings
         self._place_wakeup = asyncio.Event()
+        self.remote_wake: Callable[[], None] | None = None
+        self._last_remote_wake = 0.0
         self._results: asyncio.Queue[tuple[str, protocol.Result | protocol.Ack]] = asyncio.Queue()
         self._usernames: dict[str, str] = {}
 
@@ -265,8 +269,14 @@ class Lifecycle:
 
     # ---- placement ----------------------------------------------------------------------
 
-    def wake_placer(self) -> None:
+    def wake_placer(self, local_only: bool = False) -> None:
+        """Run placement now; with several replicas the lease holder is told too (throttled)."""
         self._place_wakeup.set()
+        if self.remote_wake is not None and not local_only:
+            at = time.monotonic()
+            if at - self._last_remote_wake > 0.05:
+                self._last_remote_wake = at
+                self.remote_wake()
 
     async def wait_for_placement_work(self, max_wait: float) -> None:
         with contextlib.suppress(TimeoutError):

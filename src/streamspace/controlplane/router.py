@@ -17,7 +17,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamspace.router")
 
 EVENTS_CHANNEL = "ss:events"
+PLACER_CHANNEL = "ss:placer"
 TICKET_PREFIX = "ss:ticket:"
 
 
@@ -41,7 +42,11 @@ class RedisRouter:
     def __init__(self, state: AppState, url: str) -> None:
         self.state = state
         self.url = url
-        self.redis: Redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=5, socket_timeout=5, socket_connect_timeout=3
+        )
+        self.redis: Redis = Redis(connection_pool=pool)
+        """A blocking pool: bursts wait for a connection instead of failing."""
         self._task: asyncio.Task[None] | None = None
         self._owner_cache: dict[str, tuple[float, str]] = {}
         self.forwarded = 0
@@ -52,7 +57,9 @@ class RedisRouter:
     def start(self) -> None:
         self.state.hub.remote_send = self.send_to_agent
         self.state.hub.remote_disconnect = self.disconnect_agent
+        self.state.hub.remote_send_many = self.send_many
         self.state.events.remote_publish = self.publish_event
+        self.state.lifecycle.remote_wake = self.wake_placers
         self._task = asyncio.create_task(self._listen(), name="redis-router")
 
     async def close(self) -> None:
@@ -66,7 +73,7 @@ class RedisRouter:
     async def _listen(self) -> None:
         """Subscribe and dispatch; after a Redis restart, subscribe again (with backoff)."""
         delay = 0.2
-        channels = (replica_channel(self.state.replica_id), EVENTS_CHANNEL)
+        channels = (replica_channel(self.state.replica_id), EVENTS_CHANNEL, PLACER_CHANNEL)
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -88,6 +95,10 @@ class RedisRouter:
             delay = min(delay * 2, 5.0)
 
     async def _handle(self, channel: bytes, data: bytes) -> None:
+        if channel.decode() == PLACER_CHANNEL:
+            if data.decode() != self.state.replica_id:
+                self.state.lifecycle.wake_placer(local_only=True)
+            return
         try:
             body = json.loads(data)
         except ValueError:
@@ -138,6 +149,36 @@ class RedisRouter:
         self.forwarded += 1
         return True
 
+    async def send_many(self, items: list[tuple[str, Any]]) -> list[bool]:
+        """Many frames in one holder lookup and one pipelined round trip to Redis."""
+        agent_ids = {agent_id for agent_id, _ in items}
+        async with self.state.db() as db:
+            rows = await db.execute(
+                select(Agent.id, Agent.connected_replica).where(Agent.id.in_(agent_ids))
+            )
+            holders = {agent_id: replica for agent_id, replica in rows.all()}
+        targets: list[tuple[int, str, str]] = []
+        for i, (agent_id, msg) in enumerate(items):
+            holder = holders.get(agent_id) or ""
+            if holder and holder != self.state.replica_id:
+                frame = {"kind": "to_agent", "agent_id": agent_id, "frame": protocol.encode(msg)}
+                targets.append((i, holder, json.dumps(frame)))
+        results = [False] * len(items)
+        if not targets:
+            return results
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            for _, holder, payload in targets:
+                pipe.publish(replica_channel(holder), payload)
+            counts = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("router_publish_failed count=%d error=%r", len(targets), exc)
+            return results
+        for (i, _, _), receivers in zip(targets, counts, strict=True):
+            results[i] = bool(receivers)
+        self.forwarded += sum(results)
+        return results
+
     async def disconnect_agent(self, agent_id: str, code: str, message: str) -> None:
         holder = await self._holder(agent_id)
         if not holder or holder == self.state.replica_id:
@@ -157,9 +198,14 @@ class RedisRouter:
         task = asyncio.create_task(self._publish(payload))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
-    async def _publish(self, payload: str) -> None:
+    def wake_placers(self) -> None:
+        """Tell the other replicas (the lease holder among them) that placement work arrived."""
+        task = asyncio.create_task(self._publish(self.state.replica_id, PLACER_CHANNEL))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _publish(self, payload: str, channel: str = EVENTS_CHANNEL) -> None:
         try:
-            await self.redis.publish(EVENTS_CHANNEL, payload)
+            await self.redis.publish(channel, payload)
         except (RedisError, OSError) as exc:
             log.warning("router_event_publish_failed error=%r", exc)
 

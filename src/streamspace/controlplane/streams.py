@@ -253,13 +253,18 @@ class StreamBroker:
         if not self._activity:
             return 0
         activity, self._activity = self._activity, {}
-        async with self.state.db() as db:
-            await db.execute(
-                update(SessionRow),
-                [
-                    {"id": sid, "last_activity": datetime.fromtimestamp(ts, UTC)}
-                    for sid, ts in activity.items()
-                ],
-            )
-            await db.commit()
+        try:
+            async with self.state.db() as db:
+                await db.execute(
+                    update(SessionRow),
+                    [  # sorted: concurrent writers then lock rows in one order (no deadlock)
+                        {"id": sid, "last_activity": datetime.fromtimestamp(ts, UTC)}
+                        for sid, ts in sorted(activity.items())
+                    ],
+                )
+                await db.commit()
+        except Exception:
+            for sid, ts in activity.items():
+                self._activity[sid] = max(ts, self._activity.get(sid, 0.0))
+            raise
         return len(activity)
