@@ -115,6 +115,7 @@ class Lifecycle:
         self.state = state
         self.settings = state.settings
         self._place_wakeup = asyncio.Event()
+        self._dispatching: set[asyncio.Task[None]] = set()
         self.remote_wake: Callable[[], None] | None = None
         self._last_remote_wake = 0.0
         self._results: asyncio.Queue[tuple[str, protocol.Result | protocol.Ack]] = asyncio.Queue()
@@ -183,7 +184,17 @@ class Lifecycle:
         await db.commit()
         await self.publish(db, sessions)
         if commands:
+            # In a task: sending needs its own database connection, and taking a second one
+            # while the caller still holds its first can starve the pool under load.
+            task = asyncio.create_task(self._dispatch(commands))
+            self._dispatching.add(task)
+            task.add_done_callback(self._dispatching.discard)
+
+    async def _dispatch(self, commands: list[AgentCommand]) -> None:
+        try:
             await self.state.hub.dispatch_many(commands)
+        except Exception as exc:  # the commands are stored; the retry loop sends them later
+            log.warning("dispatch_failed count=%d error=%r", len(commands), exc)
 
     def new_command(
         self,
