@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import httpx
 from api_support import (
     NO_LIMIT,
-    PROBLEM_KEYS,
     _cheap_password_hashing,  # noqa: F401 - autouse fixture
+    assert_problem,
     client,
     login,
 )
@@ -24,16 +23,6 @@ SPEC = {
     "resources": {"cpu_millis": 250, "memory_mb": 256},
     "launch": {"local": {"command": ["mousepad"]}, "docker": {"image": "example/editor:1"}},
 }
-
-
-def assert_problem(r: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
-    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
-    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
-    body: dict[str, Any] = r.json()
-    assert set(body) >= PROBLEM_KEYS, body
-    for fragment in fragments:
-        assert fragment.lower() in body["detail"].lower(), (fragment, body)
-    return body
 
 
 def test_health_ready_metrics_openapi(make_control_plane: Any) -> None:

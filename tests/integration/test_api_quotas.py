@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 from api_support import (
     NO_LIMIT,
-    PROBLEM_KEYS,
     _cheap_password_hashing,  # noqa: F401 - autouse fixture
+    assert_problem,
     client,
     login,
 )
@@ -20,17 +20,6 @@ from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import User
 
 PASSWORD = "user-pass-123"
-
-
-def assert_problem(r: httpx.Response, status: int, *fragments: str) -> dict[str, Any]:
-    assert r.status_code == status, f"expected {status}, got {r.status_code}: {r.text}"
-    assert r.headers["content-type"].startswith("application/problem+json"), r.headers
-    body: dict[str, Any] = r.json()
-    assert set(body) >= PROBLEM_KEYS, body
-    assert body["status"] == status
-    for fragment in fragments:
-        assert fragment.lower() in body["detail"].lower(), (fragment, body)
-    return body
 
 
 def add_user(
