@@ -122,3 +122,47 @@ def login(url: str, username: str = "admin", password: str = ADMIN_PASSWORD) -> 
     r = httpx.post(url + "/api/v1/auth/login", json={"username": username, "password": password})
     r.raise_for_status()
     return str(r.json()["access_token"])
+
+
+@contextmanager
+def agent_process(
+    url: str, token: str, cluster_id: str, state_dir: Path, extra: list[str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A `streamspace agent` process enrolled with a fresh join token; yields once it is online
+    (and, for backends that need to look, reports runnable templates)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    join = httpx.post(f"{url}/api/v1/agents/join-tokens", json={}, headers=headers).json()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamspace.cli",
+            "agent",
+            "--server",
+            url,
+            "--join-token",
+            join["token"],
+            "--cluster-id",
+            cluster_id,
+            "--state-dir",
+            str(state_dir),
+            *(extra or []),
+        ],
+        env={**os.environ, "STREAMSPACE_LOG_LEVEL": "WARNING"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            agents = httpx.get(f"{url}/api/v1/agents", headers=headers).json()
+            if any(a["status"] == "online" and a["templates"] for a in agents):
+                break
+            time.sleep(0.3)
+        else:
+            raise RuntimeError(f"agent for cluster {cluster_id} never came online")
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(20)

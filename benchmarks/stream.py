@@ -1,7 +1,8 @@
 """VNC streaming side by side: (a) straight to the VNC port, (b) through websockify,
 (c) through the StreamSpace control plane + agent tunnel. Same Xvnc session for all three.
 
-Usage: python benchmarks/stream.py [--updates 60] [--pings 300] [--concurrent 50]
+Usage: python -m benchmarks.stream [--rounds 7] [--updates 40] [--pings 100] [--concurrent 50]
+                                   [--agent embedded|separate]
 
 Throughput: repeated full-framebuffer (non-incremental, raw 32 bpp) updates, MB/s.
 Latency: round trip of a 1x1 non-incremental update request (client -> server -> client).
@@ -13,25 +14,45 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from benchmarks.common import describe_machine, free_port, login, percentile, product
+from benchmarks.common import agent_process, describe_machine, free_port, login, percentile, product
 from streamspace.rfb import RFBClient, TCPTransport, Transport, WebSocketTransport
 
 Opener = Callable[[], Awaitable[Transport]]
 
 
-async def measure(label: str, opener: Opener, updates: int, pings: int) -> None:
+@dataclass
+class PathStats:
+    label: str
+    rates: list[float] = field(default_factory=list)
+    """MB/s of each round"""
+    rtts: list[float] = field(default_factory=list)
+    """ms, all rounds pooled"""
+
+    def line(self) -> str:
+        return (
+            f"{self.label:<34} {statistics.median(self.rates):8.1f} MB/s median "
+            f"(rounds {min(self.rates):.0f}-{max(self.rates):.0f})   "
+            f"rtt p50={percentile(self.rtts, 50):.3f} ms p99={percentile(self.rtts, 99):.3f} ms"
+        )
+
+
+async def measure(stats: PathStats, opener: Opener, updates: int, pings: int) -> None:
     rfb = RFBClient(await opener())
     try:
         await rfb.handshake()
@@ -39,21 +60,15 @@ async def measure(label: str, opener: Opener, updates: int, pings: int) -> None:
         t0 = time.perf_counter()
         received = 0
         for _ in range(updates):
-            stats = await rfb.request_update(False, timeout=30)
-            received += stats.bytes_received
-        elapsed = time.perf_counter() - t0
-        rtts = []
+            got = await rfb.request_update(False, timeout=30)
+            received += got.bytes_received
+        stats.rates.append(received / (time.perf_counter() - t0) / 1e6)
         for _ in range(pings):
             t = time.perf_counter()
             await rfb.request_update(False, 0, 0, 1, 1, timeout=10)
-            rtts.append((time.perf_counter() - t) * 1000)
+            stats.rtts.append((time.perf_counter() - t) * 1000)
     finally:
         await rfb.close()
-    print(
-        f"{label:<28} {received / elapsed / 1e6:8.1f} MB/s   "
-        f"rtt p50={percentile(rtts, 50):.3f} ms p99={percentile(rtts, 99):.3f} ms",
-        flush=True,
-    )
 
 
 def xvnc_port(session_id: str) -> int:
@@ -112,64 +127,90 @@ def wait_port(port: int, timeout: float = 10) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
+@contextlib.contextmanager
+def separate_agent(url: str, token: str) -> Iterator[None]:
+    """A `streamspace agent` process beside `streamspace server`: viewers then take the
+    production path for remote agents (a dialled-back agent WebSocket per viewer)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="ss-bench-agent-") as state_dir,
+        agent_process(url, token, "bench", Path(state_dir)),
+    ):
+        yield
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--updates", type=int, default=60)
-    ap.add_argument("--pings", type=int, default=300)
+    ap.add_argument("--updates", type=int, default=40, help="full updates per path per round")
+    ap.add_argument("--pings", type=int, default=100, help="1x1 round trips per path per round")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds of (a), (b), (c)")
     ap.add_argument("--concurrent", type=int, default=50)
+    ap.add_argument(
+        "--agent",
+        choices=("embedded", "separate"),
+        default="embedded",
+        help="embedded: `streamspace up` (agent in the control plane's process); separate: "
+        "`streamspace server` plus a `streamspace agent` process (the remote-agent path)",
+    )
     args = ap.parse_args()
     print(f"machine: {describe_machine()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"agent: {args.agent}; {args.rounds} rounds x {args.updates} updates, interleaved")
     websockify = shutil.which("websockify") or str(Path(sys.executable).parent / "websockify")
-    with product("up") as url:
+    with product("up" if args.agent == "embedded" else "server") as url:
         token = login(url)
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as c:
+        agent = separate_agent(url, token) if args.agent == "separate" else contextlib.nullcontext()
+        with agent, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as c:
             sid = c.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
-            for _ in range(200):
+            for _ in range(300):
                 if c.get(f"/api/v1/sessions/{sid}").json()["state"] == "running":
                     break
                 time.sleep(0.1)
-        port = xvnc_port(sid)
-        ws_port = free_port()
-        bridge = subprocess.Popen(
-            [websockify, f"127.0.0.1:{ws_port}", f"127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_port(ws_port)
-
-            async def run() -> None:
-                await measure(
-                    "(a) direct VNC port",
-                    lambda: TCPTransport.connect("127.0.0.1", port),
-                    args.updates,
-                    args.pings,
-                )
-                await measure(
-                    "(b) websockify",
-                    lambda: WebSocketTransport.connect(f"ws://127.0.0.1:{ws_port}/"),
-                    args.updates,
-                    args.pings,
-                )
-                await measure(
-                    "(c) StreamSpace tunnel",
-                    lambda: tunnel_opener(url, token, sid),
-                    args.updates,
-                    args.pings,
-                )
-                await concurrent(url, token, sid, args.concurrent)
-
-            asyncio.run(run())
-        finally:
-            bridge.terminate()
-            bridge.wait(10)
-            with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as c:
+            port = xvnc_port(sid)
+            ws_port = free_port()
+            bridge = subprocess.Popen(
+                [websockify, f"127.0.0.1:{ws_port}", f"127.0.0.1:{port}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                wait_port(ws_port)
+                asyncio.run(run_all(args, url, token, sid, port, ws_port))
+            finally:
+                bridge.terminate()
+                bridge.wait(10)
                 c.delete(f"/api/v1/sessions/{sid}")
                 for _ in range(100):
                     if c.get(f"/api/v1/sessions/{sid}").json()["state"] == "stopped":
                         break
                     time.sleep(0.1)
+
+
+async def run_all(
+    args: argparse.Namespace, url: str, token: str, sid: str, port: int, ws_port: int
+) -> None:
+    """Rounds interleave the three paths so a noisy neighbour hurts all of them alike."""
+    direct = PathStats("(a) direct VNC port")
+    bridge = PathStats("(b) websockify")
+    ours = PathStats(f"(c) StreamSpace ({args.agent} agent)")
+    openers: list[tuple[PathStats, Opener]] = [
+        (direct, lambda: TCPTransport.connect("127.0.0.1", port)),
+        (bridge, lambda: WebSocketTransport.connect(f"ws://127.0.0.1:{ws_port}/")),
+        (ours, lambda: tunnel_opener(url, token, sid)),
+    ]
+    for _ in range(args.rounds):
+        for stats, opener in openers:
+            await measure(stats, opener, args.updates, args.pings)
+    for stats, _ in openers:
+        print(stats.line(), flush=True)
+    ratio = statistics.median(ours.rates) / statistics.median(bridge.rates)
+    per_round = [o / b for o, b in zip(ours.rates, bridge.rates, strict=True)]
+    print(
+        f"(c)/(b) throughput: {ratio * 100:.0f} % of median "
+        f"(per round {min(per_round) * 100:.0f}-{max(per_round) * 100:.0f} %; target >= 90 %)"
+    )
+    added = percentile(ours.rtts, 50) - percentile(direct.rtts, 50)
+    print(f"added p50 latency (c) - (a): {added:.3f} ms (target < 1 ms)", flush=True)
+    await concurrent(url, token, sid, args.concurrent)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ set -euo pipefail
 what="${1:-product}"
 product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap novnc x11-utils)
 test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
-           postgresql redis-server iproute2 procps)
+           postgresql redis-server iproute2 procps nginx)
 pkgs=("${product[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 missing=()

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,10 +17,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import httpx
 import pytest
 
-from conftest import ADMIN_PASSWORD, ROOT, XVNC_MISSING, free_port, require
+from conftest import ADMIN_PASSWORD, ROOT, XVNC_MISSING, require
+from product_support import Product
 
 pytestmark = pytest.mark.browser
 
@@ -77,90 +75,6 @@ CANVAS_SIGNATURE = """() => {
 
 
 # ---- the product ------------------------------------------------------------------------------
-
-
-class Product:
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.data_dir = data_dir
-        self.log_path = data_dir.parent / "streamspace-up.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Product:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSPACE_")}
-        env.update(STREAMSPACE_ADMIN_PASSWORD=ADMIN_PASSWORD, PYTHONUNBUFFERED="1")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "streamspace.cli",
-                "up",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"`streamspace up` exited early:\n{self.log()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"`streamspace up` did not answer /healthz:\n{self.log()[-3000:]}")
-        # The embedded agent enrols right after the server is up; wait for it to be online.
-        with httpx.Client(base_url=self.url, timeout=10) as c:
-            token = c.post(
-                "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
-            ).json()["access_token"]
-            c.headers["Authorization"] = f"Bearer {token}"
-            while time.time() < deadline:
-                if any(a["status"] == "online" for a in c.get("/api/v1/agents").json()):
-                    break
-                time.sleep(0.2)
-            else:
-                raise RuntimeError(f"the local agent never came online:\n{self.log()[-3000:]}")
-        return self
-
-    def stop_sessions(self) -> None:
-        """Sessions outlive `streamspace up` (they survive agent restarts by design): stop what a
-        failed test left running so no Xvnc or app process is leaked."""
-        with contextlib.suppress(Exception), httpx.Client(base_url=self.url, timeout=10) as c:
-            token = c.post(
-                "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
-            ).json()["access_token"]
-            c.headers["Authorization"] = f"Bearer {token}"
-            query = {"all": "true", "active": "true", "limit": 200}
-            for s in c.get("/api/v1/sessions", params=query).json()["items"]:
-                if s["state"] != "stopping":
-                    c.delete(f"/api/v1/sessions/{s['id']}")
-            deadline = time.time() + 30
-            while time.time() < deadline:
-                if not c.get("/api/v1/sessions", params=query).json()["total"]:
-                    break
-                time.sleep(0.3)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.stop_sessions()
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @pytest.fixture(scope="module")

@@ -888,6 +888,27 @@ class Agent:
         if self._conn is not None:
             self._conn.send(StreamFailed(stream_id=msg.stream_id, error=error))
 
+    async def open_endpoint(
+        self, session_id: str, endpoint: protocol.Endpoint
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """TCP to a session's VNC server for one viewer.
+
+        Called for dialled-back streams and directly by a control plane embedding this agent
+        (`streamspace up`), whose viewers then need no loopback WebSocket hop.
+        """
+        log.info(
+            _fmt(
+                "endpoint_open",
+                agent_id=self.agent_id,
+                session_id=session_id,
+                endpoint=f"{endpoint.host}:{endpoint.port}",
+            )
+        )
+        return await asyncio.wait_for(
+            asyncio.open_connection(endpoint.host, endpoint.port),
+            timeout=self._config.tcp_connect_timeout_seconds,
+        )
+
     async def _run_stream(self, msg: OpenStream) -> None:
         """Bridge one viewer: a fresh binary WebSocket to the control plane <-> the RFB port."""
         if not msg.path.startswith("/"):
@@ -899,10 +920,7 @@ class Agent:
             return
         host, port = msg.endpoint.host, msg.endpoint.port
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port),
-                timeout=self._config.tcp_connect_timeout_seconds,
-            )
+            reader, writer = await self.open_endpoint(msg.session_id, msg.endpoint)
         except (OSError, TimeoutError) as exc:
             # Before dialling back, so the viewer gets the reason instead of a bare close.
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

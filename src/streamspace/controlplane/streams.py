@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import WebSocket, WebSocketDisconnect
 from sqlalchemy import update
@@ -36,6 +36,25 @@ MAX_AGENT_FRAME = 1024 * 1024
 RFB is a byte stream, so frame boundaries carry no meaning."""
 CLOSE_DENIED = 4401
 CLOSE_UNAVAILABLE = 4503
+
+
+class LocalEndpointOpener(Protocol):
+    """An agent running inside this process (`streamspace up`).
+
+    Its viewers skip the loopback WebSocket the agent would otherwise dial back: the control
+    plane pumps the browser WebSocket straight into the TCP connection the agent opened to the
+    session, the same single hop websockify makes. Remote agents always use the dial-back.
+    """
+
+    @property
+    def agent_id(self) -> str | None: ...
+
+    async def open_endpoint(
+        self, session_id: str, endpoint: protocol.Endpoint
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+
+
+TCP_READ_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,7 +80,9 @@ class StreamBroker:
         self._pending: dict[str, PendingStream] = {}
         self._activity: dict[str, float] = {}
         self.router: RedisRouter | None = None
+        self.local_agent: LocalEndpointOpener | None = None
         self.active_streams = 0
+        self.local_streams = 0
         self.bytes_to_browser = 0
         self.bytes_from_browser = 0
 
@@ -141,6 +162,10 @@ class StreamBroker:
             return
         subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", []) else None
         await ws.accept(subprotocol=subprotocol)
+        local = self.local_agent
+        if local is not None and local.agent_id == session.agent_id:
+            await self._serve_local(ws, local, session, user.id if user else "")
+            return
         stream_id = random_secret(16)
         pending = PendingStream(
             stream_id, session.agent_id, session.id, asyncio.get_running_loop().create_future()
@@ -180,6 +205,34 @@ class StreamBroker:
             pending.done.set()
             self._pending.pop(stream_id, None)
             log.info("stream_closed stream_id=%s session_id=%s", stream_id, ticket.session_id)
+
+    async def _serve_local(
+        self, ws: WebSocket, local: LocalEndpointOpener, session: SessionRow, user_id: str
+    ) -> None:
+        endpoint = protocol.Endpoint(
+            host=session.endpoint_host or "127.0.0.1", port=session.endpoint_port or 0
+        )
+        try:
+            reader, writer = await local.open_endpoint(session.id, endpoint)
+        except (OSError, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            reason = f"cannot reach the session: {reason}"
+            await ws.close(code=CLOSE_UNAVAILABLE, reason=reason[:120])
+            return
+        log.info(
+            "stream_open path=local session_id=%s agent_id=%s user_id=%s",
+            session.id,
+            local.agent_id,
+            user_id,
+        )
+        self.local_streams += 1
+        try:
+            await self._pump_tcp(ws, reader, writer, session.id)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, RuntimeError):
+                await writer.wait_closed()
+            log.info("stream_closed path=local session_id=%s", session.id)
 
     def agent_failed(self, stream_id: str, error: str) -> None:
         pending = self._pending.get(stream_id)
@@ -221,29 +274,60 @@ class StreamBroker:
     async def _pump(self, src: WebSocket, dst: WebSocket, session_id: str, upstream: bool) -> None:
         last_touch = 0.0
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, ConnectionError):
-            while True:
-                msg = await src.receive()
-                if msg["type"] == "websocket.disconnect":
-                    return
-                data = msg.get("bytes")
-                if data is None:
-                    text = msg.get("text")
-                    if text is None:
-                        continue
-                    data = text.encode()
+            while (data := await _receive_bytes(src)) is not None:
                 if upstream and len(data) > MAX_AGENT_FRAME:
                     for i in range(0, len(data), MAX_AGENT_FRAME):
                         await dst.send_bytes(data[i : i + MAX_AGENT_FRAME])
                 else:
                     await dst.send_bytes(data)
-                if upstream:
-                    self.bytes_from_browser += len(data)
-                else:
-                    self.bytes_to_browser += len(data)
-                now = time.monotonic()
-                if now - last_touch > 5:
-                    last_touch = now
-                    self.touch(session_id)
+                last_touch = self._count(session_id, len(data), upstream, last_touch)
+
+    def _count(self, session_id: str, n: int, upstream: bool, last_touch: float) -> float:
+        """Byte counters, and the session's activity at most every 5 s; returns last_touch."""
+        if upstream:
+            self.bytes_from_browser += n
+        else:
+            self.bytes_to_browser += n
+        now = time.monotonic()
+        if now - last_touch > 5:
+            self.touch(session_id)
+            return now
+        return last_touch
+
+    async def _pump_tcp(
+        self,
+        browser: WebSocket,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        session_id: str,
+    ) -> None:
+        """Browser WebSocket <-> session TCP; each side awaits its sink before reading more."""
+
+        async def to_session() -> None:
+            last_touch = 0.0
+            while (data := await _receive_bytes(browser)) is not None:
+                writer.write(data)
+                await writer.drain()
+                last_touch = self._count(session_id, len(data), True, last_touch)
+
+        async def to_browser() -> None:
+            last_touch = 0.0
+            while data := await reader.read(TCP_READ_BYTES):
+                await browser.send_bytes(data)
+                last_touch = self._count(session_id, len(data), False, last_touch)
+
+        self.active_streams += 1
+        self.touch(session_id)
+        tasks = [asyncio.create_task(to_session()), asyncio.create_task(to_browser())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.active_streams -= 1
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await browser.close()
 
     def touch(self, session_id: str) -> None:
         self._activity[session_id] = time.time()
@@ -268,3 +352,17 @@ class StreamBroker:
                 self._activity[sid] = max(ts, self._activity.get(sid, 0.0))
             raise
         return len(activity)
+
+
+async def _receive_bytes(ws: WebSocket) -> bytes | None:
+    """The next payload (text frames as UTF-8: RFB is bytes); None once the peer has gone."""
+    while True:
+        msg = await ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            return None
+        data = msg.get("bytes")
+        if data is not None:
+            return bytes(data)
+        text = msg.get("text")
+        if text is not None:
+            return str(text).encode()

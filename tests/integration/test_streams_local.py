@@ -1,0 +1,123 @@
+"""Viewers of `streamspace up`: the embedded agent hands the control plane the session's TCP
+connection instead of dialling a loopback WebSocket back (docs/streaming.md). Real product
+process, real Xvnc; the same pixels must arrive as from the VNC port itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from test_streams_support import established_to
+
+from conftest import ADMIN_PASSWORD, XVNC_MISSING, require
+from product_support import Product
+from streamspace.rfb import RFBClient, TCPTransport, WebSocketTransport
+
+pytestmark = pytest.mark.xvnc
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
+    require(XVNC_MISSING)
+    p = Product(tmp_path_factory.mktemp("streams-local") / "data")
+    try:
+        p.start()
+        yield p
+    finally:
+        p.stop()
+
+
+def xvnc_port(session_id: str) -> int:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        m = re.search(r"-rfbport (\d+)", cmd)
+        if "Xvnc" in cmd and session_id in cmd and m:
+            return int(m.group(1))
+    raise AssertionError(f"no Xvnc process for session {session_id}")
+
+
+def admin(p: Product) -> httpx.Client:
+    c = httpx.Client(base_url=p.url, timeout=15)
+    token = c.post(
+        "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
+    ).json()["access_token"]
+    c.headers["Authorization"] = f"Bearer {token}"
+    return c
+
+
+def running_xterm(c: httpx.Client) -> str:
+    sid = str(c.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"])
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        state = c.get(f"/api/v1/sessions/{sid}").json()["state"]
+        if state == "running":
+            return sid
+        assert state in ("pending", "starting"), f"session went {state}"
+        time.sleep(0.1)
+    raise AssertionError("xterm session never ran")
+
+
+async def wait_until(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_embedded_agent_streams_without_dial_back(up: Product) -> None:
+    c = admin(up)
+    try:
+        sid = running_xterm(c)
+        port = xvnc_port(sid)
+
+        async def scenario() -> None:
+            ticket = c.post(f"/api/v1/sessions/{sid}/connect").json()
+            url = up.url.replace("http://", "ws://") + ticket["ws_path"]
+            direct = await RFBClient.over(await TCPTransport.connect("127.0.0.1", port))
+            viewer = await RFBClient.over(
+                await WebSocketTransport.connect(f"{url}?ticket={ticket['ticket']}")
+            )
+            try:
+                await direct.request_update(False)
+                assert await direct.wait_for(RFBClient.framebuffer_nonblank, timeout=15)
+                # Byte-for-byte the same raw framebuffer as straight from the VNC port (once
+                # xterm has finished drawing, so both full updates see the same screen).
+                for _ in range(10):
+                    await direct.request_update(False)
+                    await viewer.request_update(False)
+                    if viewer.framebuffer_digest() == direct.framebuffer_digest():
+                        break
+                    await asyncio.sleep(0.3)
+                assert viewer.framebuffer_nonblank()
+                assert viewer.framebuffer_digest() == direct.framebuffer_digest()
+                assert established_to(port) == 2  # the direct client + the control plane
+
+                # Input through the tunnel reaches the session: the direct view changes.
+                before = direct.framebuffer_digest()
+                await viewer.type_text("echo tunnelled\n")
+                assert await direct.wait_for_change(before, timeout=10)
+            finally:
+                await viewer.close()
+            # Closing the browser end closes the control plane's TCP connection to Xvnc.
+            await wait_until(lambda: established_to(port) == 1, 10, "tunnel TCP closed")
+            await direct.close()
+
+        asyncio.run(scenario())
+        c.delete(f"/api/v1/sessions/{sid}")
+    finally:
+        c.close()
+
+    log = up.log()
+    assert f"stream_open path=local session_id={sid}" in log
+    assert "stream_closed path=local" in log
+    assert "stream_id=" not in log  # both ends of a dialled-back stream log its stream_id
