@@ -364,6 +364,15 @@ class Hub:
         been recorded already by the replica holding the agent, and must not be overwritten."""
         at = datetime.now(UTC)
         async with self.state.db() as db:
+            # Row locks in primary-key order, the order every other writer of these rows
+            # (result batches flush sorted by key) takes them: a bare UPDATE ... IN locks in
+            # scan order and deadlocked against result batches under load.
+            await db.execute(
+                select(AgentCommand.id)
+                .where(AgentCommand.id.in_(command_ids))
+                .order_by(AgentCommand.id)
+                .with_for_update()
+            )
             await db.execute(
                 update(AgentCommand)
                 .where(AgentCommand.id.in_(command_ids), AgentCommand.status.in_(OPEN_STATUSES))
