@@ -93,12 +93,22 @@ def session_view(
 
 def agent_status(agent: Agent, settings: Any, at: datetime | None = None) -> str:
     """online / stale / offline, derived from last_seen only (plus whether a socket is held)."""
-    if agent.revoked:
+    return status_of(agent.revoked, agent.last_seen, agent.connected_replica, settings, at)
+
+
+def status_of(
+    revoked: bool,
+    last_seen: datetime | None,
+    connected_replica: str | None,
+    settings: Any,
+    at: datetime | None = None,
+) -> str:
+    if revoked:
         return "revoked"
-    if agent.last_seen is None:
+    if last_seen is None:
         return "offline"
-    age = ((at or now()) - agent.last_seen).total_seconds()
-    if agent.connected_replica and age <= settings.agent_stale_after_seconds:
+    age = ((at or now()) - last_seen).total_seconds()
+    if connected_replica and age <= settings.agent_stale_after_seconds:
         return "online"
     if age <= settings.agent_offline_after_seconds:
         return "stale"
@@ -295,8 +305,27 @@ class Lifecycle:
         self._place_wakeup.clear()
 
     async def agent_snapshots(self, db: AsyncSession) -> list[scheduler.AgentSnapshot]:
+        """Plain column rows, not ORM objects: this runs for every placement round and loading
+        a fleet of agents as tracked instances cost tens of ms of event-loop time each time."""
         at = now()
-        agents = (await db.scalars(select(Agent).where(Agent.revoked.is_(False)))).all()
+        agents = (
+            await db.execute(
+                select(
+                    Agent.id,
+                    Agent.name,
+                    Agent.cluster_id,
+                    Agent.backend,
+                    Agent.last_seen,
+                    Agent.connected_replica,
+                    Agent.draining,
+                    Agent.healthy,
+                    Agent.templates,
+                    Agent.capacity_sessions,
+                    Agent.capacity_cpu_millis,
+                    Agent.capacity_memory_mb,
+                ).where(Agent.revoked.is_(False))
+            )
+        ).all()
         usage = {
             row[0]: (int(row[1]), int(row[2]), int(row[3]))
             for row in (
@@ -327,7 +356,8 @@ class Lifecycle:
                     name=a.name,
                     cluster_id=a.cluster_id,
                     backend=a.backend,
-                    online=agent_status(a, self.settings, at) == "online",
+                    online=status_of(False, a.last_seen, a.connected_replica, self.settings, at)
+                    == "online",
                     draining=a.draining,
                     healthy=a.healthy,
                     templates=frozenset(a.templates),
