@@ -172,6 +172,16 @@ async def test_agent_on_a_user_on_b_lifecycle_stream_and_live_events(cluster: Cl
         assert r.status_code == 202, r.text
         await asyncio.to_thread(wait_state_on, b, sid, "stopped", 60)
 
+        # hibernate, wake and stop were asked of B and reached the agent through A's Redis
+        # channel; A timed each hop.
+        metrics = httpx.get(c.a.url + "/metrics", timeout=10).text
+        forwarded = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("streamspace_router_forward_seconds_count")
+        ]
+        assert forwarded and forwarded[0] >= 3, forwarded
+
         # running / hibernated / stopped are decided by A (it receives the agent's results):
         # B's subscriber sees them only if the Redis fan-out works.
         a_log, b_log = c.a.log(), c.b.log()

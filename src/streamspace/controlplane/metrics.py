@@ -19,6 +19,29 @@ request_seconds = Histogram(
     registry=registry,
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+forward_seconds = Histogram(
+    "streamspace_router_forward_seconds",
+    "agent frames from another replica: published to Redis there -> queued for the agent here",
+    registry=registry,
+    buckets=(
+        0.0005,
+        0.001,
+        0.002,
+        0.003,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1,
+        2.5,
+    ),
+)
 agents_connected = Gauge(
     "streamspace_agents_connected", "agents connected to this replica", registry=registry
 )

@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 
 from streamspace import protocol
+from streamspace.controlplane import metrics
 from streamspace.db.models import Agent
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ class RedisRouter:
             if conn is not None:
                 await conn.queue.put(body["frame"])
                 self.delivered += 1
+                if isinstance(published := body.get("published_at"), float):
+                    metrics.forward_seconds.observe(max(0.0, time.time() - published))
         elif kind == "disconnect_agent":
             await hub.disconnect(body["agent_id"], body["code"], body["message"], local_only=True)
 
@@ -136,7 +139,12 @@ class RedisRouter:
             self._owner_cache.pop(agent_id, None)
             return False
         payload = json.dumps(
-            {"kind": "to_agent", "agent_id": agent_id, "frame": protocol.encode(msg)}
+            {
+                "kind": "to_agent",
+                "agent_id": agent_id,
+                "frame": protocol.encode(msg),
+                "published_at": time.time(),
+            }
         )
         try:
             receivers = await self.redis.publish(replica_channel(holder), payload)
@@ -161,7 +169,12 @@ class RedisRouter:
         for i, (agent_id, msg) in enumerate(items):
             holder = holders.get(agent_id) or ""
             if holder and holder != self.state.replica_id:
-                frame = {"kind": "to_agent", "agent_id": agent_id, "frame": protocol.encode(msg)}
+                frame = {
+                    "kind": "to_agent",
+                    "agent_id": agent_id,
+                    "frame": protocol.encode(msg),
+                    "published_at": time.time(),
+                }
                 targets.append((i, holder, json.dumps(frame)))
         results = [False] * len(items)
         if not targets:
