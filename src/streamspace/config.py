@@ -20,6 +20,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default_factory=_default_data_dir)
     database_url: str = ""
+    db_pool_size: int = Field(default=20, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
     redis_url: str = ""
     host: str = "127.0.0.1"
     port: int = 8080
@@ -30,6 +32,7 @@ class Settings(BaseSettings):
     secret_key: str = ""
     admin_password: str = ""
     access_token_ttl_seconds: int = 900
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
     refresh_token_ttl_seconds: int = 7 * 24 * 3600
     login_rate_per_minute: int = 10
 

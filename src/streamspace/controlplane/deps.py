@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import HTTPConnection
 
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.security import decode_access_token
@@ -22,8 +23,12 @@ async def get_state(request: Request) -> AppState:
 StateDep = Annotated[AppState, Depends(get_state)]
 
 
-async def get_db(state: StateDep) -> AsyncIterator[AsyncSession]:
-    async with state.db() as db:
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+async def get_db(conn: HTTPConnection, state: StateDep) -> AsyncIterator[AsyncSession]:
+    factory = state.read_db if conn.scope.get("method") in SAFE_METHODS else state.db
+    async with factory() as db:
         yield db
 
 
@@ -51,7 +56,7 @@ async def current_user(request: Request, state: StateDep, db: DbDep) -> User:
     claims = decode_access_token(state.secret, token)
     if claims is None:
         raise _unauthorized("invalid or expired access token")
-    user = await db.get(User, claims["sub"])
+    user = await state.auth_cache.load(db, claims["sub"])
     if user is None or not user.is_active:
         raise _unauthorized("user no longer exists or is disabled")
     if user.token_version != claims.get("tv"):

@@ -12,6 +12,7 @@ from streamspace.config import Settings
 from streamspace.db.engine import Database
 
 if TYPE_CHECKING:
+    from streamspace.controlplane.authcache import AuthCache
     from streamspace.controlplane.events import EventBus
     from streamspace.controlplane.hub import Hub
     from streamspace.controlplane.lifecycle import Lifecycle
@@ -24,10 +25,13 @@ class AppState:
     settings: Settings
     engine: AsyncEngine
     db: Database
+    read_db: Database
+    """For GET requests: no transaction round trips (see db.engine.read_session_factory)."""
     replica_id: str
     secret: str
     events: EventBus
     limiter: RateLimiter
+    auth_cache: AuthCache
     hub: Hub = field(init=False)
     lifecycle: Lifecycle = field(init=False)
     streams: StreamBroker = field(init=False)
