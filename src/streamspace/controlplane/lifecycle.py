@@ -348,22 +348,35 @@ class Lifecycle:
             )
         }
         snaps = []
-        for a in agents:
-            used = usage.get(a.id, (0, 0, 0))
+        for (
+            agent_id,
+            name,
+            cluster_id,
+            backend,
+            last_seen,
+            connected_replica,
+            draining,
+            healthy,
+            templates,
+            max_sessions,
+            cpu_millis,
+            memory_mb,
+        ) in agents:
+            used = usage.get(agent_id, (0, 0, 0))
+            online = status_of(False, last_seen, connected_replica, self.settings, at)
             snaps.append(
                 scheduler.AgentSnapshot(
-                    id=a.id,
-                    name=a.name,
-                    cluster_id=a.cluster_id,
-                    backend=a.backend,
-                    online=status_of(False, a.last_seen, a.connected_replica, self.settings, at)
-                    == "online",
-                    draining=a.draining,
-                    healthy=a.healthy,
-                    templates=frozenset(a.templates),
-                    max_sessions=a.capacity_sessions,
-                    cpu_millis=a.capacity_cpu_millis,
-                    memory_mb=a.capacity_memory_mb,
+                    id=agent_id,
+                    name=name,
+                    cluster_id=cluster_id,
+                    backend=backend,
+                    online=online == "online",
+                    draining=draining,
+                    healthy=healthy,
+                    templates=frozenset(templates),
+                    max_sessions=max_sessions,
+                    cpu_millis=cpu_millis,
+                    memory_mb=memory_mb,
                     used_sessions=used[0],
                     used_cpu_millis=used[1],
                     used_memory_mb=used[2],
