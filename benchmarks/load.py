@@ -1,6 +1,7 @@
 """Mixed load on two control-plane replicas: simulated agents and users over the real API.
 
 Usage: python -m benchmarks.load [--agents 500] [--clusters 5] [--users 200] [--duration 120]
+                                 [--think 5] [--ramp 10] [--poll 0.5]
                                  [--pg postgresql://127.0.0.1:5432/test]
                                  [--redis redis://127.0.0.1:6379/0]
                                  [--agent-procs 1] [--user-procs 2]
@@ -11,11 +12,14 @@ real protocol over real WebSockets, half of them connected to each replica: ever
 acked and completed at once, and for `open_stream` the agent dials the stream WebSocket back to
 the replica that asked and answers it as a tiny fake RFB server (version banner, then echo).
 
-`--users` simulated users (asyncio + httpx, HTTP/1.1 keep-alive) loop for `--duration` seconds:
-create an xterm session (sometimes pinned to a cluster), list their sessions, poll it every
-`--poll` s until it runs (up to 60 s), connect (ticket from one replica; the browser WebSocket on
-the other replica half of the time; banner + echo through the tunnel), sometimes hibernate it,
-then stop it. Every request goes to a random replica.
+`--users` simulated users (asyncio + httpx, HTTP/1.1 keep-alive) arrive at random moments within
+`--ramp` seconds and loop for `--duration` seconds: create an xterm session (sometimes pinned to a
+cluster), list their sessions, poll it every `--poll` s until it runs (up to 60 s), connect
+(ticket from one replica; the browser WebSocket on the other replica half of the time; banner +
+echo through the tunnel), sometimes hibernate it, then stop it, pausing `--think` seconds on
+average (uniform 0.5x-1.5x) between those actions like a person clicking; `--think 0` makes it a
+capacity test (no pauses: the latency figures are then queueing). Every request goes to a random
+replica.
 
 Prints API latency by route, requests/s, errors by kind, placements/s and the cross-replica
 command latency: from the start of a user's hibernate/stop request on replica X to the moment
@@ -415,9 +419,13 @@ class User:
         clusters: int,
         deadline: float,
         poll: float,
+        think: float,
+        ramp: float,
         stats: UserStats,
         rng: random.Random,
     ) -> None:
+        self.think = think
+        self.ramp = ramp
         self.token = token
         self.urls = urls
         self.clusters = clusters
@@ -465,13 +473,18 @@ class User:
 
     async def run(self) -> None:
         async with self.client:
-            await asyncio.sleep(self.rng.random())
+            await asyncio.sleep(self.rng.uniform(0, self.ramp))  # people arrive, not at once
             while time.time() < self.deadline:
                 try:
                     await self.cycle()
                 except Exception as exc:  # a load-generator bug must not end the run
                     self.stats.error(f"user loop: {type(exc).__name__}", repr(exc))
                     await asyncio.sleep(1)
+
+    async def pause(self) -> None:
+        """A person between two clicks: `think` seconds on average (uniform 0.5x-1.5x)."""
+        if self.think > 0:
+            await asyncio.sleep(self.think * self.rng.uniform(0.5, 1.5))
 
     async def cycle(self) -> None:
         body: dict[str, Any] = {"template": "xterm"}
@@ -489,12 +502,16 @@ class User:
         if state == "running":
             self.stats.running += 1
             self.stats.to_running.append(((time.perf_counter() - t0) * 1000, created_on))
+            await self.pause()
             await self.stream(sid)
             if self.rng.random() < HIBERNATE_RATIO:
+                await self.pause()
                 await self.command(sid, "hibernate", "POST", f"/api/v1/sessions/{sid}/hibernate")
                 await self.wait_state(sid, "hibernated", 60)
+        await self.pause()
         await self.command(sid, "stop", "DELETE", f"/api/v1/sessions/{sid}")
         self.stats.cycles += 1
+        await self.pause()
 
     async def command(self, sid: str, action: str, method: str, path: str) -> None:
         """A request that must reach the session's agent; remembered for the latency match."""
@@ -586,6 +603,8 @@ def _user_process(
     clusters: int,
     duration: float,
     poll: float,
+    think: float,
+    ramp: float,
     seed: int,
     ready_q: Any,
     go_ev: Any,
@@ -605,7 +624,7 @@ def _user_process(
         deadline = time.time() + duration
         rng = random.Random(seed)
         users = [
-            User(t, urls, clusters, deadline, poll, stats, random.Random(rng.random()))
+            User(t, urls, clusters, deadline, poll, think, ramp, stats, random.Random(rng.random()))
             for t in tokens
         ]
         cpu0, wall0 = _own_cpu(), time.monotonic()
@@ -806,6 +825,7 @@ def report(
     db_summary: list[str],
     leader: int | None,
     timeline: dict[str, dict[str, float]],
+    forward: dict[float, float],
 ) -> None:
     latency: dict[str, list[float]] = defaultdict(list)
     errors: Counter[str] = Counter()
@@ -927,6 +947,13 @@ def report(
     )
     for action in ("hibernate", "stop"):
         print(f"  cross-replica {action:<9}: {fmt_ms(cross.get(action, []))}")
+    f50, f99 = bucket_quantile(forward, 0.50), bucket_quantile(forward, 0.99)
+    print(
+        "  of which the replica-to-replica hop (Redis publish on X -> queued for the agent's "
+        f"socket on Y; streamspace_router_forward_seconds of both replicas): "
+        f"n={forward.get(float('inf'), 0):.0f} p50 <= {f50 * 1000:g} ms p99 <= {f99 * 1000:g} ms"
+        f"   target p99 < {TARGET_CMD_P99_MS:.0f} ms: {verdict(f99 < TARGET_CMD_P99_MS / 1000)}"
+    )
     print(f"  same-replica (for comparison): {fmt_ms(all_same)}")
     print(
         f"commands received by agents: {sum(len(r['commands']) for r in agent_results)}, "
@@ -940,6 +967,28 @@ def report(
     )
     for line in db_summary:
         print(line)
+
+
+def forward_buckets(replicas: list[Replica]) -> dict[float, float]:
+    """Cumulative bucket counts of the cross-replica forwarding histogram, both replicas."""
+    buckets: Counter[float] = Counter()
+    for rep in replicas:
+        for line in httpx.get(rep.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("streamspace_router_forward_seconds_bucket{"):
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(le)] += float(line.rsplit(" ", 1)[1])
+    return dict(buckets)
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """Upper bound of the bucket holding quantile q (what a histogram can honestly say)."""
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    for le, count in sorted(buckets.items()):
+        if count >= q * total:
+            return le
+    return float("inf")
 
 
 def log_summary(replicas: list[Replica]) -> list[str]:
@@ -1024,6 +1073,18 @@ def main() -> None:
         default=0.5,
         help="seconds between state polls (0.5 like `streamspace sessions create --wait`)",
     )
+    ap.add_argument(
+        "--think",
+        type=float,
+        default=5.0,
+        help="mean seconds a user pauses between actions (0: back to back, a capacity test)",
+    )
+    ap.add_argument(
+        "--ramp",
+        type=float,
+        default=10.0,
+        help="users start at random moments within this many seconds (all counted)",
+    )
     args = ap.parse_args()
 
     import psycopg2
@@ -1102,6 +1163,8 @@ def main() -> None:
                         args.clusters,
                         args.duration,
                         args.poll,
+                        args.think,
+                        args.ramp,
                         p,
                         ready_q,
                         go_ev,
@@ -1126,12 +1189,15 @@ def main() -> None:
         print(
             f"connected {connected} agents in {time.perf_counter() - t0:.1f} s "
             f"({per[0]} to {replicas[0].replica_id}, {per[1]} to {replicas[1].replica_id}); "
-            f"{args.users} users start now for {args.duration:g} s",
+            f"{args.users} users start within {args.ramp:g} s and run for {args.duration:g} s, "
+            "pausing "
+            + (f"{args.think:g} s on average between actions" if args.think else "never"),
             flush=True,
         )
 
         time.sleep(2)  # first heartbeats flushed: every agent counts as online
         cpu0 = {r.replica_id: _cpu_seconds(r.proc.pid) for r in replicas}
+        forward0 = forward_buckets(replicas)
         services = ServiceCPU()
         wall0 = time.perf_counter()
         go_ev.set()
@@ -1155,6 +1221,8 @@ def main() -> None:
         service_cpu, busy = services.stop(wall)
         cpu.update(service_cpu)
         time.sleep(3)  # let the last stop results land
+        forward = forward_buckets(replicas)
+        forward = {le: n - forward0.get(le, 0.0) for le, n in forward.items()}
         stop_ev.set()
         agent_results = [out_q.get(timeout=120) for _ in range(args.agent_procs)]
         cpu.update({f"agents{i}": r["cpu"] for i, r in enumerate(agent_results)})
@@ -1168,7 +1236,15 @@ def main() -> None:
             f"{services.exited.get('postgres (all)', 0)}",
         )
         leader = next((r.index for r in replicas if r.replica_id == holder), None)
-        report(user_results, agent_results, cpu, summary + log_summary(replicas), leader, timeline)
+        report(
+            user_results,
+            agent_results,
+            cpu,
+            summary + log_summary(replicas),
+            leader,
+            timeline,
+            forward,
+        )
         print("load average after the run: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     except KeyboardInterrupt:
         failed = True
