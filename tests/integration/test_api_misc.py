@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -204,3 +205,33 @@ def test_templates_crud(make_control_plane: Any) -> None:
     assert "template.update" in actions and "template.delete" in actions
     admin.close()
     user.close()
+
+
+def test_exhausted_connection_pool_answers_503_database_busy(
+    pg_url: str, make_control_plane: Any
+) -> None:
+    """Every pooled connection held elsewhere: a request waits the pool timeout, then gets a
+    problem that says the server is busy (not that the database is down), and the next request
+    after the connection is returned succeeds."""
+    cp = make_control_plane(
+        database_url=pg_url, db_pool_size=2, db_max_overflow=0, db_pool_timeout_seconds=0.5
+    )
+    with login(cp) as admin:
+        assert admin.get("/api/v1/sessions").status_code == 200
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            async with cp.state.engine.connect(), cp.state.engine.connect():
+                held.set()
+                await release.wait()
+
+        holder = asyncio.run_coroutine_threadsafe(hold(), cp.loop)
+        cp.run(asyncio.wait_for(held.wait(), 5))
+        try:
+            body = assert_problem(admin.get("/api/v1/sessions"), 503, "overloaded")
+            assert body["type"].endswith("/database-busy")
+        finally:
+            cp.loop.call_soon_threadsafe(release.set)
+            holder.result(5)
+        assert admin.get("/api/v1/sessions").status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -152,6 +153,13 @@ async def bootstrap_admin(state: AppState) -> str | None:
 GC_THRESHOLDS = (10_000, 20, 100)
 
 
+def request_slots(settings: Settings) -> int:
+    """Pooled connections requests may hold at once; the rest stay free for the background
+    loops, the hub and result batches, which do not queue behind requests."""
+    total = settings.db_pool_size + settings.db_max_overflow
+    return max(1, total - max(2, total // 5))
+
+
 def settle_garbage_collector() -> None:
     """Keep full collections rare and small: they stop the event loop for their whole run.
 
@@ -173,6 +181,7 @@ def create_app(settings: Settings) -> FastAPI:
             settings.resolved_database_url(),
             pool_size=settings.db_pool_size,
             max_overflow=settings.db_max_overflow,
+            pool_timeout=settings.db_pool_timeout_seconds,
         )
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
         state = AppState(
@@ -185,6 +194,7 @@ def create_app(settings: Settings) -> FastAPI:
             events=EventBus(),
             limiter=RateLimiter(settings.login_rate_per_minute),
             auth_cache=AuthCache(settings.auth_cache_seconds),
+            db_slots=asyncio.Semaphore(request_slots(settings)),
         )
         state.hub = Hub(state)
         state.lifecycle = Lifecycle(state)

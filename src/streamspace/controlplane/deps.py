@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 
@@ -27,9 +29,23 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 async def get_db(conn: HTTPConnection, state: StateDep) -> AsyncIterator[AsyncSession]:
+    """A session per request, admitted first come first served.
+
+    Requests queue on `state.db_slots` (FIFO) rather than in the connection pool: the pool's
+    queue lets a newcomer take a connection that was just returned while a waiter is being woken,
+    so under overload some requests starved until the pool timeout (503s at 64 concurrent
+    clients, with the median request at 0.2 s).
+    """
     factory = state.read_db if conn.scope.get("method") in SAFE_METHODS else state.db
-    async with factory() as db:
-        yield db
+    try:
+        await asyncio.wait_for(state.db_slots.acquire(), state.settings.db_pool_timeout_seconds)
+    except TimeoutError:
+        raise PoolTimeoutError("no database connection became free in time") from None
+    try:
+        async with factory() as db:
+            yield db
+    finally:
+        state.db_slots.release()
 
 
 DbDep = Annotated[AsyncSession, Depends(get_db)]

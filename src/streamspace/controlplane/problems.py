@@ -189,10 +189,22 @@ def install(app: FastAPI) -> None:
             {"Retry-After": "2"},
         )
 
+    @app.exception_handler(PoolTimeoutError)
+    async def _db_busy(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database_pool_exhausted path=%s", request.url.path)
+        return problem_response(
+            request,
+            503,
+            "Service unavailable",
+            "no database connection became free in time: this replica is overloaded or the "
+            "database is slow; retry shortly",
+            "database-busy",
+            {"Retry-After": "2"},
+        )
+
     @app.exception_handler(DatabaseUnavailable)
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
-    @app.exception_handler(PoolTimeoutError)
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database_unavailable path=%s error=%s", request.url.path, type(exc).__name__)
         return problem_response(

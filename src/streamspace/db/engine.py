@@ -40,7 +40,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-def create_engine(url: str, *, pool_size: int = 20, max_overflow: int = 10) -> AsyncEngine:
+def create_engine(
+    url: str, *, pool_size: int = 20, max_overflow: int = 20, pool_timeout: float = 10.0
+) -> AsyncEngine:
     """PostgreSQL connections are not pinged on checkout: that was one more round trip on every
     request. A connection found dead is invalidated with the rest of the pool by SQLAlchemy's
     disconnect handling and the request answers 503 (problems.py); the next one reconnects."""
@@ -74,7 +76,7 @@ def create_engine(url: str, *, pool_size: int = 20, max_overflow: int = 10) -> A
         async_creator=connect,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_timeout=10,
+        pool_timeout=pool_timeout,
     )
 
 
