@@ -235,3 +235,16 @@ def test_exhausted_connection_pool_answers_503_database_busy(
             cp.loop.call_soon_threadsafe(release.set)
             holder.result(5)
         assert admin.get("/api/v1/sessions").status_code == 200
+
+
+def test_open_event_streams_hold_no_database_slot(pg_url: str, make_control_plane: Any) -> None:
+    """Requests queue for a database slot (one here); a browser's live event stream must give its
+    slot back once authenticated, or a few open tabs would block the API."""
+    cp = make_control_plane(
+        database_url=pg_url, db_pool_size=2, db_max_overflow=0, db_pool_timeout_seconds=1.0
+    )
+    with login(cp) as admin, admin.stream("GET", "/api/v1/events") as events:
+        assert events.status_code == 200
+        assert next(events.iter_lines()).startswith("event: hello")
+        for _ in range(3):
+            assert admin.get("/api/v1/sessions").status_code == 200
