@@ -37,15 +37,19 @@ async def get_db(conn: HTTPConnection, state: StateDep) -> AsyncIterator[AsyncSe
     clients, with the median request at 0.2 s).
     """
     factory = state.read_db if conn.scope.get("method") in SAFE_METHODS else state.db
-    try:
-        await asyncio.wait_for(state.db_slots.acquire(), state.settings.db_pool_timeout_seconds)
-    except TimeoutError:
-        raise PoolTimeoutError("no database connection became free in time") from None
+    slots = state.db_slots
+    if slots.locked():  # only then pay for wait_for's task and timer
+        try:
+            await asyncio.wait_for(slots.acquire(), state.settings.db_pool_timeout_seconds)
+        except TimeoutError:
+            raise PoolTimeoutError("no database connection became free in time") from None
+    else:
+        await slots.acquire()
     try:
         async with factory() as db:
             yield db
     finally:
-        state.db_slots.release()
+        slots.release()
 
 
 DbDep = Annotated[AsyncSession, Depends(get_db)]
