@@ -13,9 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_streams_support import established_to
+from api_support import login
+from test_streams_support import established_to, wait_until
 
-from conftest import ADMIN_PASSWORD, XVNC_MISSING, require
+from conftest import XVNC_MISSING, require
 from product_support import Product
 from streamspace.rfb import RFBClient, TCPTransport, WebSocketTransport
 
@@ -45,15 +46,6 @@ def xvnc_port(session_id: str) -> int:
     raise AssertionError(f"no Xvnc process for session {session_id}")
 
 
-def admin(p: Product) -> httpx.Client:
-    c = httpx.Client(base_url=p.url, timeout=15)
-    token = c.post(
-        "/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD}
-    ).json()["access_token"]
-    c.headers["Authorization"] = f"Bearer {token}"
-    return c
-
-
 def running_xterm(c: httpx.Client) -> str:
     sid = str(c.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"])
     deadline = time.time() + 30
@@ -66,16 +58,8 @@ def running_xterm(c: httpx.Client) -> str:
     raise AssertionError("xterm session never ran")
 
 
-async def wait_until(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 def test_embedded_agent_streams_without_dial_back(up: Product) -> None:
-    c = admin(up)
+    c = login(up)
     try:
         sid = running_xterm(c)
         port = xvnc_port(sid)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_streams_support import Desk, desk, established_to, rss_bytes
+from test_streams_support import Desk, desk, established_to, rss_bytes, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -37,14 +37,6 @@ MiB = 1024 * 1024
 def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
     with desk(tmp_path_factory.mktemp("streams-tunnel")) as shared:
         yield shared
-
-
-async def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager

@@ -138,14 +138,7 @@ class RedisRouter:
         if not holder or holder == self.state.replica_id:
             self._owner_cache.pop(agent_id, None)
             return False
-        payload = json.dumps(
-            {
-                "kind": "to_agent",
-                "agent_id": agent_id,
-                "frame": protocol.encode(msg),
-                "published_at": time.time(),
-            }
-        )
+        payload = _to_agent_payload(agent_id, msg)
         try:
             receivers = await self.redis.publish(replica_channel(holder), payload)
         except (RedisError, OSError) as exc:
@@ -169,13 +162,7 @@ class RedisRouter:
         for i, (agent_id, msg) in enumerate(items):
             holder = holders.get(agent_id) or ""
             if holder and holder != self.state.replica_id:
-                frame = {
-                    "kind": "to_agent",
-                    "agent_id": agent_id,
-                    "frame": protocol.encode(msg),
-                    "published_at": time.time(),
-                }
-                targets.append((i, holder, json.dumps(frame)))
+                targets.append((i, holder, _to_agent_payload(agent_id, msg)))
         results = [False] * len(items)
         if not targets:
             return results
@@ -233,3 +220,15 @@ class RedisRouter:
             return None
         value: dict[str, str] = json.loads(raw)
         return value
+
+
+def _to_agent_payload(agent_id: str, msg: Any) -> str:
+    """A frame for the replica holding the agent; `published_at` feeds its forward histogram."""
+    return json.dumps(
+        {
+            "kind": "to_agent",
+            "agent_id": agent_id,
+            "frame": protocol.encode(msg),
+            "published_at": time.time(),
+        }
+    )

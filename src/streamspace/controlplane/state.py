@@ -32,10 +32,10 @@ class AppState:
     events: EventBus
     limiter: RateLimiter
     auth_cache: AuthCache
+    db_slots: asyncio.Semaphore
+    """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""
     hub: Hub = field(init=False)
     lifecycle: Lifecycle = field(init=False)
     streams: StreamBroker = field(init=False)
-    db_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
-    """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""
     create_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Serialises quota check + insert on SQLite, which has no row locks."""
