@@ -236,6 +236,16 @@ class RedisServer:
         except OSError:
             return False
 
+    def subscribers(self, channel: str) -> int:
+        """PUBSUB NUMSUB: how many connections (replicas) listen on `channel`."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        try:
+            return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
+        finally:
+            client.close()
+
     @property
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -689,6 +699,10 @@ class Cluster:
                 return list(cur.fetchall()) if cur.description else []
         finally:
             conn.close()
+
+    def agent_listeners(self) -> int:
+        """Replicas subscribed to the agent's routing channel (exactly its holder, if any)."""
+        return self.redis.subscribers(f"ss:agent:{self.agent_id}")
 
     def agent_holder(self) -> str:
         rows = self.sql("SELECT connected_replica FROM agents WHERE id = %s", (self.agent_id,))

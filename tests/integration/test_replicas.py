@@ -160,6 +160,8 @@ async def test_agent_on_a_user_on_b_lifecycle_stream_and_live_events(cluster: Cl
 
         sid = await asyncio.to_thread(c.create_running, b)
         await stream_nonblank(c.b.port, b, sid)
+        # Frames for the agent are published on its channel: only A, its holder, listens.
+        assert c.agent_listeners() == 1
 
         r = b.post(f"/api/v1/sessions/{sid}/hibernate")
         assert r.status_code == 202, r.text
@@ -272,8 +274,9 @@ async def test_sigkill_replica_holding_agent_and_viewer(cluster: Cluster) -> Non
         await side.request_update(False, timeout=10)
         assert side.framebuffer_nonblank()
 
-        # Sent while the agent is away (or just reconnecting): the database still names the
-        # dead replica as the agent's holder, so the command must wait, not vanish.
+        # Sent while the agent is away (or just reconnecting): nobody listens on the agent's
+        # channel (the dead replica's subscription died with it), so the command must wait in
+        # the database, not vanish, and be sent once the agent is back.
         r = await asyncio.to_thread(lb.post, f"/api/v1/sessions/{sid}/hibernate")
         assert r.status_code == 202, r.text
 
@@ -284,6 +287,7 @@ async def test_sigkill_replica_holding_agent_and_viewer(cluster: Cluster) -> Non
             )
 
         await asyncio.to_thread(wait_for, reconnected, 30, 0.2, f"agent on {survivor.id}")
+        assert c.agent_listeners() == 1
         new_log = c.agent_log()[log_before:]
         assert "event=disconnected" in new_log and "event=reconnecting" in new_log, new_log
         agents = c.admin(c.nginx.url).get("/api/v1/agents")
@@ -357,10 +361,17 @@ async def test_redis_restart(cluster: Cluster) -> None:
         return all(count_lines(r.log(), "router_subscribed") > subscribed[r.id] for r in c.replicas)
 
     await asyncio.to_thread(wait_for, resubscribed, 10, 0.1, "both replicas to re-subscribe")
+    # A re-subscribed to the channel of the agent it still holds (the new Redis knew nothing).
+    assert c.agent_holder() == c.a.id
+    assert c.agent_listeners() == 1
     # Cross-replica again: created via B, started by the agent held by A, streamed via B.
     sid2 = await asyncio.to_thread(c.create_running, b, 30)
     await stream_nonblank(c.b.port, b, sid2)
     await stream_nonblank(c.b.port, b, sid)
+    # A command asked of B reaches the agent through A's renewed subscription.
+    r = b.delete(f"/api/v1/sessions/{sid}")
+    assert r.status_code == 202, r.text
+    await asyncio.to_thread(wait_state_on, b, sid, "stopped", 30)
     assert time.monotonic() - restarted < 40
     assert not unclear, unclear
 

@@ -103,6 +103,9 @@ class Hub:
         self.remote_send_many: Callable[[list[tuple[str, Any]]], Awaitable[list[bool]]] | None = (
             None
         )
+        self.on_agent_held: Callable[[str], Awaitable[None]] | None = None
+        """Set by the cross-replica router: an agent's socket is now held here / no longer."""
+        self.on_agent_released: Callable[[str], Awaitable[None]] | None = None
         self._admission = asyncio.Semaphore(ADMISSION_SLOTS)
         """Bounds concurrent authentications and registrations so a reconnect storm (every
         agent after a restart) queues here instead of exhausting the database pool."""
@@ -141,6 +144,10 @@ class Hub:
             if old is not None:
                 await self._close(old, CLOSE_REPLACED, "replaced by a newer connection")
             self.connections[agent.id] = conn
+            if self.on_agent_held is not None:
+                # Before _register reads the open commands: a command committed after that
+                # read is published to a channel this replica already listens on.
+                await self.on_agent_held(agent.id)
             async with self._admission:
                 await self._register(agent.id, hello, conn)
             await self._read_loop(conn)
@@ -283,6 +290,9 @@ class Hub:
             conn.queue.put_nowait(None) if not conn.queue.full() else conn.writer.cancel()
         if self.connections.get(conn.agent_id) is conn:
             del self.connections[conn.agent_id]
+            if self.on_agent_released is not None:
+                with contextlib.suppress(Exception):
+                    await self.on_agent_released(conn.agent_id)
             with contextlib.suppress(Exception):
                 async with self.state.db() as db:
                     await db.execute(

@@ -1,11 +1,12 @@
 """Cross-replica routing over Redis: agent messages, UI events and stream tickets.
 
-Each replica subscribes to its own channel `ss:replica:<id>`. A replica that must reach an agent
-held by another replica looks up `agents.connected_replica` and publishes the frame there; Redis
-answers how many subscribers got it, so a dead replica is noticed at once (the command then stays
-pending in the database and is re-sent when the agent reconnects somewhere). Events fan out on
-`ss:events`; tickets live in Redis with a TTL and are consumed atomically with GETDEL, so a ticket
-issued on one replica opens a stream on any other. See docs/scaling.md.
+A replica holding an agent's socket subscribes to that agent's channel `ss:agent:<id>` for as
+long as it holds it. Any replica reaches the agent by publishing there, with no lookup of who
+holds it; Redis answers how many subscribers got the frame, so an agent held by nobody (or by a
+replica that just died, whose subscriptions died with its connection) is noticed at once: the
+command then stays pending in the database and is re-sent when the agent reconnects somewhere.
+Events fan out on `ss:events`; tickets live in Redis with a TTL and are consumed atomically
+with GETDEL, so a ticket issued on one replica opens a stream on any other. See docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
-from sqlalchemy import select
 
 from streamspace import protocol
 from streamspace.controlplane import metrics
-from streamspace.db.models import Agent
 
 if TYPE_CHECKING:
     from streamspace.controlplane.state import AppState
@@ -35,8 +35,11 @@ PLACER_CHANNEL = "ss:placer"
 TICKET_PREFIX = "ss:ticket:"
 
 
-def replica_channel(replica_id: str) -> str:
-    return f"ss:replica:{replica_id}"
+AGENT_PREFIX = "ss:agent:"
+
+
+def agent_channel(agent_id: str) -> str:
+    return AGENT_PREFIX + agent_id
 
 
 class RedisRouter:
@@ -49,7 +52,10 @@ class RedisRouter:
         self.redis: Redis = Redis(connection_pool=pool)
         """A blocking pool: bursts wait for a connection instead of failing."""
         self._task: asyncio.Task[None] | None = None
-        self._owner_cache: dict[str, tuple[float, str]] = {}
+        self._pubsub: PubSub | None = None
+        self._subscriptions = asyncio.Lock()
+        """Serialises (un)subscribing, so a quick disconnect + reconnect of one agent cannot
+        end up unsubscribed while the agent is held here."""
         self.forwarded = 0
         self.delivered = 0
 
@@ -59,6 +65,8 @@ class RedisRouter:
         self.state.hub.remote_send = self.send_to_agent
         self.state.hub.remote_disconnect = self.disconnect_agent
         self.state.hub.remote_send_many = self.send_many
+        self.state.hub.on_agent_held = self.hold_agent
+        self.state.hub.on_agent_released = self.release_agent
         self.state.events.remote_publish = self.publish_event
         self.state.lifecycle.remote_wake = self.wake_placers
         self._task = asyncio.create_task(self._listen(), name="redis-router")
@@ -72,14 +80,17 @@ class RedisRouter:
             await self.redis.aclose()
 
     async def _listen(self) -> None:
-        """Subscribe and dispatch; after a Redis restart, subscribe again (with backoff)."""
+        """Subscribe and dispatch; after a Redis restart, subscribe again (with backoff) to the
+        shared channels and to the channel of every agent held here."""
         delay = 0.2
-        channels = (replica_channel(self.state.replica_id), EVENTS_CHANNEL, PLACER_CHANNEL)
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(*channels)
-                log.info("router_subscribed replica=%s", self.state.replica_id)
+                async with self._subscriptions:
+                    held = [agent_channel(a) for a in self.state.hub.connections]
+                    await pubsub.subscribe(EVENTS_CHANNEL, PLACER_CHANNEL, *held)
+                    self._pubsub = pubsub
+                log.info("router_subscribed replica=%s agents=%d", self.state.replica_id, len(held))
                 delay = 0.2
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
@@ -90,13 +101,35 @@ class RedisRouter:
             except (RedisError, OSError) as exc:
                 log.warning("router_disconnected replica=%s error=%r", self.state.replica_id, exc)
             finally:
+                if self._pubsub is pubsub:
+                    self._pubsub = None
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def hold_agent(self, agent_id: str) -> None:
+        """This replica now holds the agent's socket: frames for it are to come here."""
+        async with self._subscriptions:
+            if self._pubsub is None:  # not subscribed now: _listen includes it when it is
+                return
+            try:
+                # Bounded: with Redis gone this would retry its reconnects for seconds while the
+                # agent waits for its welcome; the listener's resubscription covers it anyway.
+                await asyncio.wait_for(self._pubsub.subscribe(agent_channel(agent_id)), 2)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("router_subscribe_failed agent_id=%s error=%r", agent_id, exc)
+
+    async def release_agent(self, agent_id: str) -> None:
+        async with self._subscriptions:
+            if self._pubsub is None or agent_id in self.state.hub.connections:
+                return
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                await asyncio.wait_for(self._pubsub.unsubscribe(agent_channel(agent_id)), 2)
+
     async def _handle(self, channel: bytes, data: bytes) -> None:
-        if channel.decode() == PLACER_CHANNEL:
+        name = channel.decode()
+        if name == PLACER_CHANNEL:
             if data.decode() != self.state.replica_id:
                 self.state.lifecycle.wake_placer(local_only=True)
             return
@@ -104,90 +137,51 @@ class RedisRouter:
             body = json.loads(data)
         except ValueError:
             return
-        if channel.decode() == EVENTS_CHANNEL:
+        if name == EVENTS_CHANNEL:
             if body.get("origin") != self.state.replica_id:
                 self.state.events.deliver(body["event"], owner_id=body["owner_id"])
             return
+        if not name.startswith(AGENT_PREFIX):
+            return
+        agent_id = name[len(AGENT_PREFIX) :]
         kind = body.get("kind")
         hub = self.state.hub
         if kind == "to_agent":
-            conn = hub.connections.get(body["agent_id"])
+            conn = hub.connections.get(agent_id)
             if conn is not None:
                 await conn.queue.put(body["frame"])
                 self.delivered += 1
                 if isinstance(published := body.get("published_at"), float):
                     metrics.forward_seconds.observe(max(0.0, time.time() - published))
         elif kind == "disconnect_agent":
-            await hub.disconnect(body["agent_id"], body["code"], body["message"], local_only=True)
+            await hub.disconnect(agent_id, body["code"], body["message"], local_only=True)
 
     # ---- agents ---------------------------------------------------------------------------
 
-    async def _holder(self, agent_id: str) -> str:
-        cached = self._owner_cache.get(agent_id)
-        if cached is not None and time.monotonic() - cached[0] < 1.0:
-            return cached[1]
-        async with self.state.db() as db:
-            holder = await db.scalar(select(Agent.connected_replica).where(Agent.id == agent_id))
-        holder = holder or ""
-        self._owner_cache[agent_id] = (time.monotonic(), holder)
-        return holder
-
     async def send_to_agent(self, agent_id: str, msg: Any) -> bool:
         """Deliver to the replica holding the agent; False if none got it."""
-        holder = await self._holder(agent_id)
-        if not holder or holder == self.state.replica_id:
-            self._owner_cache.pop(agent_id, None)
-            return False
-        payload = _to_agent_payload(agent_id, msg)
-        try:
-            receivers = await self.redis.publish(replica_channel(holder), payload)
-        except (RedisError, OSError) as exc:
-            log.warning("router_publish_failed agent_id=%s error=%r", agent_id, exc)
-            return False
-        if not receivers:
-            self._owner_cache.pop(agent_id, None)
-            return False
-        self.forwarded += 1
-        return True
+        return (await self.send_many([(agent_id, msg)]))[0]
 
     async def send_many(self, items: list[tuple[str, Any]]) -> list[bool]:
-        """Many frames in one holder lookup and one pipelined round trip to Redis."""
-        agent_ids = {agent_id for agent_id, _ in items}
-        async with self.state.db() as db:
-            rows = await db.execute(
-                select(Agent.id, Agent.connected_replica).where(Agent.id.in_(agent_ids))
-            )
-            holders = {agent_id: replica for agent_id, replica in rows.all()}
-        targets: list[tuple[int, str, str]] = []
-        for i, (agent_id, msg) in enumerate(items):
-            holder = holders.get(agent_id) or ""
-            if holder and holder != self.state.replica_id:
-                targets.append((i, holder, _to_agent_payload(agent_id, msg)))
-        results = [False] * len(items)
-        if not targets:
-            return results
+        """Many frames in one pipelined round trip to Redis; True where a replica took one."""
+        if not items:
+            return []
         try:
             pipe = self.redis.pipeline(transaction=False)
-            for _, holder, payload in targets:
-                pipe.publish(replica_channel(holder), payload)
+            for agent_id, msg in items:
+                pipe.publish(agent_channel(agent_id), _to_agent_payload(msg))
             counts = await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("router_publish_failed count=%d error=%r", len(targets), exc)
-            return results
-        for (i, _, _), receivers in zip(targets, counts, strict=True):
-            results[i] = bool(receivers)
+            log.warning("router_publish_failed count=%d error=%r", len(items), exc)
+            return [False] * len(items)
+        results = [bool(receivers) for receivers in counts]
         self.forwarded += sum(results)
         return results
 
     async def disconnect_agent(self, agent_id: str, code: str, message: str) -> None:
-        holder = await self._holder(agent_id)
-        if not holder or holder == self.state.replica_id:
-            return
-        payload = json.dumps(
-            {"kind": "disconnect_agent", "agent_id": agent_id, "code": code, "message": message}
-        )
+        payload = json.dumps({"kind": "disconnect_agent", "code": code, "message": message})
         with contextlib.suppress(RedisError, OSError):
-            await self.redis.publish(replica_channel(holder), payload)
+            await self.redis.publish(agent_channel(agent_id), payload)
 
     # ---- events ---------------------------------------------------------------------------
 
@@ -222,13 +216,8 @@ class RedisRouter:
         return value
 
 
-def _to_agent_payload(agent_id: str, msg: Any) -> str:
+def _to_agent_payload(msg: Any) -> str:
     """A frame for the replica holding the agent; `published_at` feeds its forward histogram."""
     return json.dumps(
-        {
-            "kind": "to_agent",
-            "agent_id": agent_id,
-            "frame": protocol.encode(msg),
-            "published_at": time.time(),
-        }
+        {"kind": "to_agent", "frame": protocol.encode(msg), "published_at": time.time()}
     )
