@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamspace.loops")
 
 LEASE_NAME = "background-loops"
+LAG_PROBE_SECONDS = 0.05
 
 
 class LeaderLease:
@@ -85,6 +87,7 @@ class Loops:
         self._spawn("cull", lc.cull, s.idle_check_interval_seconds)
         self._tasks.append(asyncio.create_task(self._placement_loop(), name="loop-placement"))
         self._tasks.append(asyncio.create_task(lc.process_results(), name="loop-results"))
+        self._tasks.append(asyncio.create_task(probe_event_loop_lag(), name="loop-lag-probe"))
 
     def _spawn(
         self,
@@ -128,3 +131,13 @@ class Loops:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+
+
+async def probe_event_loop_lag(interval: float = LAG_PROBE_SECONDS) -> None:
+    """How late a timer fires is how long everything else on this replica waited for the loop:
+    a slow request with a high lag was queued behind other work, one with a low lag was slow in
+    the database or the network."""
+    while True:
+        asked = time.perf_counter()
+        await asyncio.sleep(interval)
+        metrics.event_loop_lag_seconds.observe(max(0.0, time.perf_counter() - asked - interval))

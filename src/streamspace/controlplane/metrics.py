@@ -42,6 +42,12 @@ forward_seconds = Histogram(
         2.5,
     ),
 )
+event_loop_lag_seconds = Histogram(
+    "streamspace_event_loop_lag_seconds",
+    "how late a 50 ms timer fired on this replica's event loop (time other work held the loop)",
+    registry=registry,
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+)
 agents_connected = Gauge(
     "streamspace_agents_connected", "agents connected to this replica", registry=registry
 )
