@@ -79,6 +79,14 @@ class AgentConnection:
     async def send(self, msg: Any) -> None:
         await self.queue.put(protocol.encode(msg))
 
+    def offer(self, msg: Any) -> bool:
+        """Queue without waiting; False if the agent is 1000 frames behind."""
+        try:
+            self.queue.put_nowait(protocol.encode(msg))
+        except asyncio.QueueFull:
+            return False
+        return True
+
     async def write_loop(self) -> None:
         try:
             while True:
@@ -103,6 +111,7 @@ class Hub:
         self.remote_send_many: Callable[[list[tuple[str, Any]]], Awaitable[list[bool]]] | None = (
             None
         )
+        self._recording: set[asyncio.Task[None]] = set()
         self.on_agent_held: Callable[[str], Awaitable[None]] | None = None
         """Set by the cross-replica router: an agent's socket is now held here / no longer."""
         self.on_agent_released: Callable[[str], Awaitable[None]] | None = None
@@ -352,22 +361,33 @@ class Hub:
         return sent
 
     async def dispatch_many(self, commands: list[AgentCommand]) -> None:
-        """Send freshly committed commands; one UPDATE records all that reached an agent."""
+        """Send freshly committed commands without waiting for a slow agent or a database
+        connection: the caller is a user's request that may still hold one, and taking a
+        second could starve the pool under load. One UPDATE, in the background, records all
+        that reached an agent; a command that did not stays pending for the retry loop."""
         sent: list[str] = []
         remote: list[tuple[str, str, protocol.Command]] = []
         for cmd in commands:
             msg = command_message(cmd)
             conn = self.connections.get(cmd.agent_id)
             if conn is not None:
-                await conn.send(msg)
-                sent.append(cmd.id)
+                if conn.offer(msg):
+                    sent.append(cmd.id)
             else:
                 remote.append((cmd.id, cmd.agent_id, msg))
         if remote and self.remote_send_many is not None:
             delivered = await self.remote_send_many([(agent, msg) for _, agent, msg in remote])
             sent += [cid for (cid, _, _), ok in zip(remote, delivered, strict=True) if ok]
         if sent:
-            await self._record_sent(sent)
+            task = asyncio.create_task(self._record_sent_later(sent))
+            self._recording.add(task)
+            task.add_done_callback(self._recording.discard)
+
+    async def _record_sent_later(self, command_ids: list[str]) -> None:
+        try:
+            await self._record_sent(command_ids)
+        except Exception as exc:  # the result (or the timeout loop) settles the row anyway
+            log.warning("record_sent_failed count=%d error=%r", len(command_ids), exc)
 
     async def _record_sent(self, command_ids: list[str]) -> None:
         """Conditional on the row still being open: with several replicas the result may have

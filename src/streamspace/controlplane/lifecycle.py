@@ -125,7 +125,6 @@ class Lifecycle:
         self.state = state
         self.settings = state.settings
         self._place_wakeup = asyncio.Event()
-        self._dispatching: set[asyncio.Task[None]] = set()
         self.remote_wake: Callable[[], None] | None = None
         self._last_remote_wake = 0.0
         self._results: asyncio.Queue[tuple[str, protocol.Result | protocol.Ack]] = asyncio.Queue()
@@ -190,21 +189,18 @@ class Lifecycle:
         sessions: list[SessionRow],
         commands: list[AgentCommand] | None = None,
     ) -> None:
-        """Commit, then tell the UI and send the commands (never before the rows exist)."""
-        await db.commit()
-        await self.publish(db, sessions)
-        if commands:
-            # In a task: sending needs its own database connection, and taking a second one
-            # while the caller still holds its first can starve the pool under load.
-            task = asyncio.create_task(self._dispatch(commands))
-            self._dispatching.add(task)
-            task.add_done_callback(self._dispatching.discard)
+        """Commit, then send the commands and tell the UI (never before the rows exist).
 
-    async def _dispatch(self, commands: list[AgentCommand]) -> None:
-        try:
-            await self.state.hub.dispatch_many(commands)
-        except Exception as exc:  # the commands are stored; the retry loop sends them later
-            log.warning("dispatch_failed count=%d error=%r", len(commands), exc)
+        The commands go first and at once: the agent is waiting for them, the UI event is a
+        courtesy. Sending takes no database connection (recording it does, in the background).
+        """
+        await db.commit()
+        if commands:
+            try:
+                await self.state.hub.dispatch_many(commands)
+            except Exception as exc:  # the commands are stored; the retry loop sends them later
+                log.warning("dispatch_failed count=%d error=%r", len(commands), exc)
+        await self.publish(db, sessions)
 
     def new_command(
         self,
