@@ -45,6 +45,7 @@ from replicas_support import (
     dump_logs_on_failure,
     open_viewer,
     started_command_ids,
+    tail,
     wait_dropped,
     wait_state_on,
 )
@@ -656,7 +657,34 @@ def test_simultaneous_cold_start_on_a_fresh_database(cluster: Cluster) -> None:
         drop_pg_database(name)
 
 
-# ---- 9. graceful stop with a browser's event stream open ----------------------------------------
+# ---- 9. an admin action for an agent held by the other replica ----------------------------------
+
+
+@pytest.mark.xvnc
+@dump_logs_on_failure()
+def test_revoke_through_the_other_replica_disconnects_the_agent(cluster: Cluster) -> None:
+    """The admin revokes the agent through B while A holds its socket: the disconnect crosses
+    on the agent's Redis channel, A closes the socket with `revoked` (the agent stops for
+    good instead of reconnecting), and nobody listens on the agent's channel any more."""
+    require(XVNC_MISSING)
+    c = cluster
+    c.ensure_agent(c.a.url, c.a.id)
+    assert c.agent_listeners() == 1
+    try:
+        r = c.admin(c.b.url).post(f"/api/v1/agents/{c.agent_id}/revoke")
+        assert r.status_code == 200, r.text
+        # Without the crossing the socket on A stays open and the agent never notices.
+        wait_for(lambda: not c.agent_alive, 15, 0.1, "the revoked agent to stop")
+        assert "revoked" in c.agent_log(), tail(c.agent_log_path)
+        wait_for(lambda: c.agent_listeners() == 0, 10, 0.1, "A to stop listening for it")
+    finally:
+        if c.agent is not None:
+            c.agent.terminate()
+        # A later test enrols a fresh agent.
+        (c.root / "agent" / "agent.json").unlink(missing_ok=True)
+
+
+# ---- 10. graceful stop with a browser's event stream open ---------------------------------------
 
 
 @dump_logs_on_failure()
