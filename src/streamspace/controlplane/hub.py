@@ -81,8 +81,11 @@ class AgentConnection:
 
     def offer(self, msg: Any) -> bool:
         """Queue without waiting; False if the agent is 1000 frames behind."""
+        return self.offer_frame(protocol.encode(msg))
+
+    def offer_frame(self, frame: str) -> bool:
         try:
-            self.queue.put_nowait(protocol.encode(msg))
+            self.queue.put_nowait(frame)
         except asyncio.QueueFull:
             return False
         return True

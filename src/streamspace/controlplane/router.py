@@ -58,6 +58,7 @@ class RedisRouter:
         end up unsubscribed while the agent is held here."""
         self.forwarded = 0
         self.delivered = 0
+        self.dropped = 0
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -148,11 +149,18 @@ class RedisRouter:
         hub = self.state.hub
         if kind == "to_agent":
             conn = hub.connections.get(agent_id)
-            if conn is not None:
-                await conn.queue.put(body["frame"])
-                self.delivered += 1
-                if isinstance(published := body.get("published_at"), float):
-                    metrics.forward_seconds.observe(max(0.0, time.time() - published))
+            if conn is None:
+                return
+            # Never wait here: this loop carries every agent's frames to this replica, and one
+            # agent that stopped reading must not hold up the rest. Its command stays open in
+            # the database and is sent again by the retry loop.
+            if not conn.offer_frame(body["frame"]):
+                self.dropped += 1
+                log.warning("router_frame_dropped agent_id=%s reason=agent_queue_full", agent_id)
+                return
+            self.delivered += 1
+            if isinstance(published := body.get("published_at"), float):
+                metrics.forward_seconds.observe(max(0.0, time.time() - published))
         elif kind == "disconnect_agent":
             await hub.disconnect(agent_id, body["code"], body["message"], local_only=True)
 

@@ -1,0 +1,43 @@
+"""Frames that crossed Redis are handed to the agent's socket queue without ever waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+from typing import Any
+
+from streamspace.controlplane.hub import AgentConnection
+from streamspace.controlplane.router import RedisRouter, _to_agent_payload, agent_channel
+from streamspace.protocol import Command
+
+
+def _router(connections: dict[str, AgentConnection]) -> RedisRouter:
+    state: Any = SimpleNamespace(hub=SimpleNamespace(connections=connections), replica_id="r1")
+    return RedisRouter(state, "redis://127.0.0.1:1/0")  # never connected in these tests
+
+
+def _frame(n: int) -> bytes:
+    return _to_agent_payload(Command(command_id=f"c{n}", action="stop", session_id="s")).encode()
+
+
+async def test_a_full_agent_queue_drops_the_frame_instead_of_stalling_the_listener() -> None:
+    stuck = AgentConnection("stuck", ws=None)  # type: ignore[arg-type]
+    ok = AgentConnection("ok", ws=None)  # type: ignore[arg-type]
+    while stuck.offer_frame("x"):
+        pass
+    router = _router({"stuck": stuck, "ok": ok})
+
+    await asyncio.wait_for(router._handle(agent_channel("stuck").encode(), _frame(1)), 1)
+    await asyncio.wait_for(router._handle(agent_channel("ok").encode(), _frame(2)), 1)
+
+    assert router.dropped == 1
+    assert router.delivered == 1
+    assert json.loads(ok.queue.get_nowait() or "")["command_id"] == "c2"
+
+
+async def test_frames_for_an_agent_held_elsewhere_are_ignored() -> None:
+    ok = AgentConnection("ok", ws=None)  # type: ignore[arg-type]
+    router = _router({"ok": ok})
+    await router._handle(agent_channel("gone").encode(), _frame(3))
+    assert router.delivered == 0 and router.dropped == 0 and ok.queue.empty()
