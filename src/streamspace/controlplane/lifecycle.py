@@ -189,18 +189,19 @@ class Lifecycle:
         sessions: list[SessionRow],
         commands: list[AgentCommand] | None = None,
     ) -> None:
-        """Commit, then send the commands and tell the UI (never before the rows exist).
+        """Commit, then tell the UI and send the commands (never before the rows exist).
 
-        The commands go first and at once: the agent is waiting for them, the UI event is a
-        courtesy. Sending takes no database connection (recording it does, in the background).
-        """
+        The UI first: once an agent has a command its answer can arrive at any moment, and a
+        watcher must not get the answer before the state it answers (the view is built from
+        memory; owner names are cached). Sending takes no database connection; recording that
+        it happened does, in the background."""
         await db.commit()
+        await self.publish(db, sessions)
         if commands:
             try:
                 await self.state.hub.dispatch_many(commands)
             except Exception as exc:  # the commands are stored; the retry loop sends them later
                 log.warning("dispatch_failed count=%d error=%r", len(commands), exc)
-        await self.publish(db, sessions)
 
     def new_command(
         self,
