@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("streamspace.lifecycle")
 
 OPEN_COMMAND_STATUSES = ("pending", "sent", "acked")
+REMOTE_WAKE_GAP_SECONDS = 0.02
 EVENTS_KEY = "streamspace.session_events"
 
 
@@ -126,7 +127,8 @@ class Lifecycle:
         self.settings = state.settings
         self._place_wakeup = asyncio.Event()
         self.remote_wake: Callable[[], None] | None = None
-        self._last_remote_wake = 0.0
+        self._last_remote_wake = -REMOTE_WAKE_GAP_SECONDS
+        self._trailing_wake: asyncio.TimerHandle | None = None
         self._results: asyncio.Queue[tuple[str, protocol.Result | protocol.Ack]] = asyncio.Queue()
         self._usernames: dict[str, str] = {}
 
@@ -288,13 +290,26 @@ class Lifecycle:
     # ---- placement ----------------------------------------------------------------------
 
     def wake_placer(self, local_only: bool = False) -> None:
-        """Run placement now; with several replicas the lease holder is told too (throttled)."""
+        """Run placement now; with several replicas the lease holder is told too, at most once
+        per REMOTE_WAKE_GAP_SECONDS. A wake inside the gap is deferred to its end, not dropped:
+        dropped, it left a session created just after a placement round's read waiting for
+        some later wake (the loop interval at worst)."""
         self._place_wakeup.set()
-        if self.remote_wake is not None and not local_only:
-            at = time.monotonic()
-            if at - self._last_remote_wake > 0.05:
-                self._last_remote_wake = at
-                self.remote_wake()
+        if self.remote_wake is None or local_only:
+            return
+        wait = self._last_remote_wake + REMOTE_WAKE_GAP_SECONDS - time.monotonic()
+        if wait <= 0:
+            self._send_remote_wake()
+        elif self._trailing_wake is None:
+            self._trailing_wake = asyncio.get_running_loop().call_later(
+                wait, self._send_remote_wake
+            )
+
+    def _send_remote_wake(self) -> None:
+        self._trailing_wake = None
+        self._last_remote_wake = time.monotonic()
+        if self.remote_wake is not None:
+            self.remote_wake()
 
     async def wait_for_placement_work(self, max_wait: float) -> None:
         with contextlib.suppress(TimeoutError):
