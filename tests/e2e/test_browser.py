@@ -334,6 +334,26 @@ def test_xterm_session_lifecycle_through_the_browser(product: Product, watched: 
         assert not [e for e in watched.errors if "pageerror" in e], watched.errors
 
 
+def test_session_rows_settle_without_live_events(product: Product, watched: Watched) -> None:
+    """Live events can be lost (a connection that drops between two of them); the sessions list
+    re-reads rows in a passing state until they settle. Here the event stream is blocked
+    outright, so only that re-reading can show the new session running and then stopped."""
+    page = watched.page
+    page.route("**/api/v1/events*", lambda route: route.abort())
+    with artifacts_on_failure(watched, product, "settle_without_events"):
+        log_in(page, product.url)
+        page.get_by_test_id("launch-xterm").click()
+        page.wait_for_url("**/#/sessions?highlight=*")
+        session_id = page.url.split("highlight=")[1].split("&")[0]
+        row = page.get_by_test_id(f"session-{session_id}")
+        row.wait_for()
+        wait_state(row, "running", 20)
+
+        row.get_by_test_id("action-stop").click()
+        row.get_by_test_id("action-confirm-stop").click()
+        wait_state(row, "stopped", 20)
+
+
 def test_admin_pages_render(product: Product, watched: Watched) -> None:
     page = watched.page
     with artifacts_on_failure(watched, product, "admin_pages"):

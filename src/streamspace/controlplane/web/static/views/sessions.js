@@ -21,6 +21,8 @@ import {
 const PAGE_SIZE = 20;
 const TAG_RE = /^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,63}$/;
 const ACTIVE = new Set(["pending", "scheduled", "starting", "running", "hibernating", "hibernated", "waking", "stopping"]);
+const SETTLING = new Set(["pending", "scheduled", "starting", "hibernating", "waking", "stopping"]);
+const SETTLE_POLL_MS = 5000;
 
 /** Microseconds since the epoch from the API's ISO timestamps (for ordering updates). */
 function stamp(iso) {
@@ -686,6 +688,24 @@ export async function sessionsView(main, { ctx, params }) {
     }
   });
 
+  // Live events carry every change, but one can be lost (a connection that dropped between two
+  // events); while a row is in a passing state it is re-read every few seconds until it settles.
+  // Row by row, like a live event: the list itself (and its filter) stays as the user sees it.
+  const settleTimer = setInterval(async () => {
+    if (disposed || document.hidden) return;
+    const settling = [...rows.values()].filter((r) => SETTLING.has(r.data.state)).slice(0, 10);
+    for (const { data } of settling) {
+      try {
+        const s = await get(`/api/v1/sessions/${data.id}`);
+        const row = rows.get(s.id);
+        if (disposed) return;
+        if (row) apply(row, s);
+      } catch {
+        // the next tick (or a live event) brings it
+      }
+    }
+  }, SETTLE_POLL_MS);
+
   // Highlight fades after a while so it doesn't stick to the bookmark.
   const highlightTimer = highlight
     ? setTimeout(() => {
@@ -711,5 +731,6 @@ export async function sessionsView(main, { ctx, params }) {
     clearTimeout(reloadTimer);
     clearTimeout(quotaTimer);
     clearTimeout(highlightTimer);
+    clearInterval(settleTimer);
   };
 }
