@@ -108,12 +108,12 @@ class Hub:
         self.state = state
         self.connections: dict[str, AgentConnection] = {}
         self._beats: dict[str, tuple[datetime, protocol.Heartbeat]] = {}
-        self.remote_send: Callable[[str, Any], Awaitable[bool]] | None = None
-        """Set by the cross-replica router; delivers to agents held by other replicas."""
         self.remote_disconnect: Callable[[str, str, str], Awaitable[None]] | None = None
         self.remote_send_many: Callable[[list[tuple[str, Any]]], Awaitable[list[bool]]] | None = (
             None
         )
+        """Set by the cross-replica router: delivers frames to agents held by other replicas,
+        True for each that a replica took."""
         self._recording: set[asyncio.Task[None]] = set()
         self.on_agent_held: Callable[[str], Awaitable[None]] | None = None
         """Set by the cross-replica router: an agent's socket is now held here / no longer."""
@@ -339,8 +339,8 @@ class Hub:
         if conn is not None:
             await conn.send(msg)
             return True
-        if self.remote_send is not None:
-            return await self.remote_send(agent_id, msg)
+        if self.remote_send_many is not None:
+            return (await self.remote_send_many([(agent_id, msg)]))[0]
         return False
 
     async def dispatch(self, command_id: str, retry: bool = False) -> bool:

@@ -56,14 +56,12 @@ class RedisRouter:
         self._subscriptions = asyncio.Lock()
         """Serialises (un)subscribing, so a quick disconnect + reconnect of one agent cannot
         end up unsubscribed while the agent is held here."""
-        self.forwarded = 0
         self.delivered = 0
         self.dropped = 0
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.state.hub.remote_send = self.send_to_agent
         self.state.hub.remote_disconnect = self.disconnect_agent
         self.state.hub.remote_send_many = self.send_many
         self.state.hub.on_agent_held = self.hold_agent
@@ -166,10 +164,6 @@ class RedisRouter:
 
     # ---- agents ---------------------------------------------------------------------------
 
-    async def send_to_agent(self, agent_id: str, msg: Any) -> bool:
-        """Deliver to the replica holding the agent; False if none got it."""
-        return (await self.send_many([(agent_id, msg)]))[0]
-
     async def send_many(self, items: list[tuple[str, Any]]) -> list[bool]:
         """Many frames in one pipelined round trip to Redis; True where a replica took one."""
         if not items:
@@ -182,9 +176,7 @@ class RedisRouter:
         except (RedisError, OSError) as exc:
             log.warning("router_publish_failed count=%d error=%r", len(items), exc)
             return [False] * len(items)
-        results = [bool(receivers) for receivers in counts]
-        self.forwarded += sum(results)
-        return results
+        return [bool(receivers) for receivers in counts]
 
     async def disconnect_agent(self, agent_id: str, code: str, message: str) -> None:
         payload = json.dumps({"kind": "disconnect_agent", "code": code, "message": message})
