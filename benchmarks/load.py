@@ -366,9 +366,12 @@ def _agent_process(
             await asyncio.sleep(0.1)
         ready_q.put(("agents", sim.ready, dict(sim.examples)))
         cpu0, wall0 = _own_cpu(), time.monotonic()
+        lag: list[float] = []
+        lagger = asyncio.create_task(_measure_lag(lag))
         while not stop_ev.is_set() and os.getppid() == parent:
             await asyncio.sleep(0.2)
         cpu = (_own_cpu() - cpu0) / max(time.monotonic() - wall0, 1e-9)
+        lagger.cancel()
         await sim.shutdown(tasks)
         out_q.put(
             {
@@ -380,6 +383,7 @@ def _agent_process(
                 "examples": sim.examples,
                 "reconnects": sim.reconnects,
                 "cpu": cpu,
+                "lag": lag,
             }
         )
 
@@ -991,6 +995,11 @@ def report(
         f"agent connect retries during start-up: {reconnects}"
     )
     print(f"load generator event-loop lag (client-side queueing): {fmt_ms(lag)}")
+    agent_lag = [x for r in agent_results for x in r["lag"]]
+    print(
+        "simulated agents' event-loop lag (a command's receipt is stamped when this loop gets "
+        f"to it, so this is inside the command figures): {fmt_ms(agent_lag)}"
+    )
     for rid, buckets in replica_lag.items():
         n = buckets.get(float("inf"), 0.0)
         over = n - max((c for le, c in buckets.items() if le <= 0.01), default=0.0)
