@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy import event as sa_event
-from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session as OrmSession
 
@@ -31,6 +31,7 @@ from streamspace.controlplane.statemachine import (
     allowed_actions,
     check_transition,
 )
+from streamspace.db import onestatement
 from streamspace.db.models import Agent, AgentCommand, SessionEvent, Template, User
 from streamspace.db.models import Session as SessionRow
 
@@ -42,6 +43,7 @@ log = logging.getLogger("streamspace.lifecycle")
 OPEN_COMMAND_STATUSES = ("pending", "sent", "acked")
 REMOTE_WAKE_GAP_SECONDS = 0.02
 EVENTS_KEY = "streamspace.session_events"
+SESSION_EVENTS = cast(Table, SessionEvent.__table__)
 
 
 @sa_event.listens_for(OrmSession, "before_commit")
@@ -197,6 +199,9 @@ class Lifecycle:
         watcher must not get the answer before the state it answers (the view is built from
         memory; owner names are cached). Sending takes no database connection; recording that
         it happened does, in the background."""
+        events = db.info.get(EVENTS_KEY) or []
+        if await onestatement.write_pending(db, [(SESSION_EVENTS, events)]):
+            db.info.pop(EVENTS_KEY, None)
         await db.commit()
         await self.publish(db, sessions)
         if commands:
