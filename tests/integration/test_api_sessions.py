@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -9,13 +11,15 @@ from api_support import (
     NO_LIMIT,
     _cheap_password_hashing,  # noqa: F401 - autouse fixture
     assert_problem,
+    client,
     login,
 )
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from conftest import wait_for
+from streamspace.db.models import Agent, AgentCommand, SessionEvent, User
 from streamspace.db.models import Session as SessionRow
-from streamspace.db.models import User
 
 BIG_QUOTA = {"max_sessions": 50, "max_cpu_millis": 1_000_000, "max_memory_mb": 1_000_000}
 
@@ -224,3 +228,124 @@ def test_idempotency_key(db_url: str, make_control_plane: Any) -> None:
     assert db_count(cp, "ida") == 2 and db_count(cp, "ivan") == 1
     ida.close()
     ivan.close()
+
+
+def add_agent(db: AsyncSession, name: str, **columns: Any) -> Agent:
+    """An agent row with no agent process behind it."""
+    agent = Agent(
+        name=name,
+        cluster_id="c1",
+        cluster_name="c1",
+        backend="local",
+        credential_hash="x",
+        **columns,
+    )
+    db.add(agent)
+    return agent
+
+
+def test_concurrent_actions_on_one_session_send_each_command_once(
+    db_url: str, make_control_plane: Any
+) -> None:
+    """Hibernates and stops race on one running session: every request answers 202 or 409,
+    and each transition (with its command) happens once — no request decides on a state that
+    another has already left."""
+    cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    with login(cp) as admin:
+        user = add_user(cp, admin, "rita")
+    sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
+
+    async def make_running() -> None:
+        async with cp.state.db() as db:
+            agent = add_agent(db, "offline-agent")
+            await db.flush()
+            await db.execute(
+                update(SessionRow)
+                .where(SessionRow.id == sid)
+                .values(state="running", agent_id=agent.id, status_message="")
+            )
+            await db.commit()
+
+    cp.run(make_running())
+    token = user.headers["Authorization"].split()[1]
+    url = f"/api/v1/sessions/{sid}"
+    requests = [("POST", f"{url}/hibernate"), ("DELETE", url)] * 4
+
+    def send(req: tuple[str, str]) -> httpx.Response:
+        with client(cp, token) as c:
+            return c.request(*req)
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(send, requests))
+    assert {r.status_code for r in answers} <= {202, 409}, [r.text for r in answers]
+
+    async def written() -> tuple[list[str], list[str]]:
+        async with cp.state.db() as db:
+            cmds = await db.scalars(
+                select(AgentCommand.action).where(AgentCommand.session_id == sid)
+            )
+            kinds = await db.scalars(
+                select(SessionEvent.kind)
+                .where(SessionEvent.session_id == sid)
+                .order_by(SessionEvent.id)
+            )
+            return sorted(cmds.all()), list(kinds.all())
+
+    commands, kinds = cp.run(written())
+    assert commands in (["stop"], ["hibernate", "stop"]), (commands, kinds)
+    assert kinds.count("stopping") == 1 and kinds.count("hibernating") <= 1, kinds
+    assert user.get(url).json()["state"] == "stopping"
+    user.close()
+
+
+def test_a_placement_round_does_not_resurrect_a_session_stopped_meanwhile(
+    pg_url: str, make_control_plane: Any
+) -> None:
+    """The placer reads a pending session, the user stops it, then the placer writes: the
+    session stays stopped and no start command is left for the agent. (PostgreSQL: on SQLite
+    the one writer at a time cannot be split between a read and a write like this.)"""
+    cp = make_control_plane(database_url=pg_url, loop_interval_seconds=3600, **NO_LIMIT)
+    with login(cp) as admin:
+        user = add_user(cp, admin, "paula")
+    sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
+    wait_for(
+        lambda: "waiting" in user.get(f"/api/v1/sessions/{sid}").json()["status_message"],
+        what="the placer to find no agent",
+    )
+    lc = cp.state.lifecycle
+
+    async def race() -> int:
+        async with cp.state.db() as db:
+            add_agent(
+                db,
+                "idle-agent",
+                connected_replica=cp.state.replica_id,
+                last_seen=datetime.now(UTC),
+                templates=["xterm"],
+                capacity_sessions=10,
+                capacity_cpu_millis=100_000,
+                capacity_memory_mb=100_000,
+            )
+            await db.commit()
+        async with cp.state.write_db() as placer_db:
+            pending = await lc._pending(placer_db, 10)
+            assert [s.id for s in pending] == [sid]
+            async with cp.state.db() as db:
+                await db.execute(
+                    update(SessionRow).where(SessionRow.id == sid).values(state="stopped")
+                )
+                await db.commit()
+            return await lc._place(placer_db, pending)
+
+    assert cp.run(race()) == 0
+
+    async def written() -> tuple[str | None, int]:
+        async with cp.state.db() as db:
+            state = await db.scalar(select(SessionRow.state).where(SessionRow.id == sid))
+            cmds = await db.scalar(
+                select(func.count(AgentCommand.id)).where(AgentCommand.session_id == sid)
+            )
+            return state, int(cmds or 0)
+
+    assert cp.run(written()) == ("stopped", 0)
+    user.close()

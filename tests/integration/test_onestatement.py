@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from sqlalchemy import Table, delete, event, select
+from sqlalchemy import Table, delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace.controlplane.lifecycle import EVENTS_KEY, now
 from streamspace.db import migrate, onestatement
-from streamspace.db.engine import create_engine, session_factory
+from streamspace.db.engine import create_engine, session_factory, write_session_factory
 from streamspace.db.models import Agent, AgentCommand, AuditLog, SessionEvent, User
 from streamspace.db.models import Session as SessionRow
 
@@ -64,9 +64,12 @@ async def seed(factory: Any, sessions: int) -> tuple[str, str, list[str]]:
         return user.id, agent.id, [r.id for r in rows]
 
 
-async def stop_like(db: AsyncSession, user_id: str, agent_id: str, session_id: str) -> None:
+async def stop_like(
+    db: AsyncSession, user_id: str, agent_id: str, session_id: str, row: SessionRow | None = None
+) -> None:
     """What a stop request does: audit row, session UPDATE, command, session event."""
-    row = await db.scalar(select(SessionRow).where(SessionRow.id == session_id).with_for_update())
+    if row is None:
+        row = await db.scalar(select(SessionRow).where(SessionRow.id == session_id))
     assert row is not None
     db.add(
         AuditLog(
@@ -197,22 +200,51 @@ def test_a_transition_is_one_statement_and_writes_what_the_orm_writes(pg_url: st
     run(pg_url, scenario)
 
 
-def test_an_update_that_matches_no_row_raises_and_writes_nothing(pg_url: str) -> None:
+@pytest.mark.parametrize("transaction", [True, False], ids=["in-transaction", "no-transaction"])
+@pytest.mark.parametrize("meanwhile", ["changed", "deleted", "unchanged"])
+def test_without_a_transaction_a_row_changed_since_it_was_read_is_not_overwritten(
+    pg_url: str, meanwhile: str, transaction: bool
+) -> None:
+    """Compare-and-set: a user's stop lands between a placement's read and its write; the
+    placement must neither resurrect the session nor leave its command or event behind. In a
+    transaction the statement behaves as the ORM's flush does (the caller locks what it must)."""
+
     async def scenario(engine: AsyncEngine, factory: Any) -> None:
-        _, _, (sid,) = await seed(factory, 1)
+        user_id, agent_id, (sid,) = await seed(factory, 1)
+        if not transaction:
+            factory = write_session_factory(engine)
         async with factory() as db:
             row = await db.get(SessionRow, sid)
-            assert row is not None
-            row.state = "stopping"
-            db.add(AuditLog(action="session.stop", resource_type="session", resource_id=sid))
-            async with factory() as other:
-                await other.execute(delete(SessionRow).where(SessionRow.id == sid))
+            assert row is not None and row.state == "running"
+            async with session_factory(engine)() as other:
+                if meanwhile == "changed":
+                    await other.execute(
+                        update(SessionRow).where(SessionRow.id == sid).values(state="stopped")
+                    )
+                elif meanwhile == "deleted":
+                    await other.execute(delete(SessionRow).where(SessionRow.id == sid))
                 await other.commit()
-            with pytest.raises(StaleDataError):
-                await onestatement.write_pending(db)
-            await db.rollback()
+            await stop_like(db, user_id, agent_id, sid, row)
+            events = [(EVENTS, db.info.pop(EVENTS_KEY))]
+            if meanwhile == "unchanged" or (meanwhile == "changed" and transaction):
+                assert await onestatement.write_pending(db, events)
+                await db.commit()
+            else:
+                with pytest.raises(StaleDataError, match="changed or gone since it was read"):
+                    await onestatement.write_pending(db, events)
+                await db.rollback()
         async with factory() as db:
-            assert (await db.scalars(select(AuditLog))).all() == []
+            written = {
+                "commands": len((await db.scalars(select(AgentCommand))).all()),
+                "audit": len((await db.scalars(select(AuditLog))).all()),
+                "events": len((await db.scalars(select(SessionEvent))).all()),
+            }
+            state = await db.scalar(select(SessionRow.state).where(SessionRow.id == sid))
+        if meanwhile == "unchanged" or (meanwhile == "changed" and transaction):
+            assert written == {"commands": 1, "audit": 1, "events": 1} and state == "stopping"
+        else:
+            assert written == {"commands": 0, "audit": 0, "events": 0}
+            assert state == {"changed": "stopped", "deleted": None}[meanwhile]
 
     run(pg_url, scenario)
 
@@ -236,6 +268,22 @@ def test_units_it_does_not_cover_are_left_to_the_orm(pg_url: str, tmp_path: Path
             assert await db.get(SessionRow, sids[0]) is None
 
     run(pg_url, scenario)
+
+    async def no_transaction(engine: AsyncEngine, factory: Any) -> None:
+        async with write_session_factory(engine)() as db:
+            rows = (await db.scalars(select(SessionRow))).all()
+            for row in rows:
+                row.status_message = "too many for one statement"
+            db.add(AuditLog(action="bulk", resource_type="session"))
+            assert len(rows) + 1 > onestatement.MAX_ROWS
+            with pytest.raises(RuntimeError, match="does not fit one statement"):
+                await onestatement.write_pending(db)
+            db.expunge_all()
+        async with factory() as db:
+            messages = set((await db.scalars(select(SessionRow.status_message))).all())
+            assert "too many for one statement" not in messages
+
+    run(pg_url, no_transaction)
 
     async def sqlite_scenario(engine: AsyncEngine, factory: Any) -> None:
         user_id, agent_id, (sid,) = await seed(factory, 1)

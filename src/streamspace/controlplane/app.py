@@ -33,7 +33,12 @@ from streamspace.controlplane.security import hash_password, random_secret
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.db import migrate
-from streamspace.db.engine import create_engine, read_session_factory, session_factory
+from streamspace.db.engine import (
+    create_engine,
+    read_session_factory,
+    session_factory,
+    write_session_factory,
+)
 from streamspace.db.models import User
 
 log = logging.getLogger("streamspace.app")
@@ -189,6 +194,7 @@ def create_app(settings: Settings) -> FastAPI:
             engine=engine,
             db=session_factory(engine),
             read_db=read_session_factory(engine),
+            write_db=write_session_factory(engine),
             replica_id=replica,
             secret=await ensure_secret(settings),
             events=EventBus(),

@@ -19,6 +19,7 @@ from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session as OrmSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace import protocol
 from streamspace.controlplane import scheduler
@@ -32,8 +33,10 @@ from streamspace.controlplane.statemachine import (
     check_transition,
 )
 from streamspace.db import onestatement
+from streamspace.db.engine import is_sqlite
 from streamspace.db.models import Agent, AgentCommand, SessionEvent, Template, User
 from streamspace.db.models import Session as SessionRow
+from streamspace.db.onestatement import ONE_STATEMENT_ONLY
 
 if TYPE_CHECKING:
     from streamspace.controlplane.state import AppState
@@ -42,6 +45,8 @@ log = logging.getLogger("streamspace.lifecycle")
 
 OPEN_COMMAND_STATUSES = ("pending", "sent", "acked")
 REMOTE_WAKE_GAP_SECONDS = 0.02
+SMALL_PLACEMENT_ROUND = 4
+"""Sessions a placement round may hold to be written as one statement (3 rows each)."""
 EVENTS_KEY = "streamspace.session_events"
 SESSION_EVENTS = cast(Table, SessionEvent.__table__)
 
@@ -402,66 +407,91 @@ class Lifecycle:
         return snaps
 
     async def place_pending(self, limit: int = 1000) -> int:
-        """Place queued sessions in creation order; returns how many were placed."""
+        """Place queued sessions in creation order; returns how many were placed.
+
+        A small round (the usual case: a session or two created since the last one) is written
+        as one statement without a transaction (`write_db`), a compare-and-set per session row,
+        so a session a user stopped meanwhile is not resurrected: the round is dropped and run
+        again. A larger round is one transaction, its pending rows locked as they are read, so
+        the ORM's batched flush stays fast for a burst of thousands. SQLite has no row locks:
+        there the round holds the lock that user actions on sessions hold too."""
+        if is_sqlite(self.state.engine):
+            async with self.state.sqlite_lock, self.state.db() as db:
+                return await self._place(db, await self._pending(db, limit))
+        async with self.state.write_db() as db:
+            pending = await self._pending(db, limit)
+            if len(pending) <= SMALL_PLACEMENT_ROUND:
+                return await self._place(db, pending)
         async with self.state.db() as db:
-            pending = (
-                await db.scalars(
-                    select(SessionRow)
-                    .where(SessionRow.state == State.PENDING.value)
-                    .order_by(SessionRow.created_at)
-                    .limit(limit)
-                )
-            ).all()
-            if not pending:
-                return 0
-            snaps = await self.agent_snapshots(db)
-            templates = {
-                t.name: TemplateSpec.model_validate(t.spec)
-                for t in (await db.scalars(select(Template))).all()
-            }
-            placer = scheduler.Placer(snaps, self.settings.scheduler_strategy)
-            changed: list[SessionRow] = []
-            cmds: list[AgentCommand] = []
-            placed = 0
-            for session in pending:
-                req = scheduler.Request(
-                    session_id=session.id,
-                    template=session.template_name,
-                    cpu_millis=session.cpu_millis,
-                    memory_mb=session.memory_mb,
-                    cluster_id=session.requested_cluster_id,
-                )
-                decision = placer.place(req)
-                if decision.agent is None:
-                    waiting = f"waiting for capacity: {decision.reason}"
-                    if session.status_message != waiting:
-                        session.status_message = waiting
-                        self.event(db, session, "queued", waiting, rejected=decision.rejected)
-                        changed.append(session)
-                    continue
-                try:
-                    spec = await self.build_spec(db, session, templates)
-                except LookupError as exc:
-                    self.transition(db, session, State.FAILED, str(exc))
+            return await self._place(db, await self._pending(db, limit))
+
+    async def _pending(self, db: AsyncSession, limit: int) -> list[SessionRow]:
+        query = (
+            select(SessionRow)
+            .where(SessionRow.state == State.PENDING.value)
+            .order_by(SessionRow.created_at)
+            .limit(limit)
+        )
+        if not db.info.get(ONE_STATEMENT_ONLY):
+            query = query.with_for_update(skip_locked=True)
+        return list((await db.scalars(query)).all())
+
+    async def _place(self, db: AsyncSession, pending: list[SessionRow]) -> int:
+        if not pending:
+            return 0
+        snaps = await self.agent_snapshots(db)
+        templates = {
+            t.name: TemplateSpec.model_validate(t.spec)
+            for t in (await db.scalars(select(Template))).all()
+        }
+        placer = scheduler.Placer(snaps, self.settings.scheduler_strategy)
+        changed: list[SessionRow] = []
+        cmds: list[AgentCommand] = []
+        placed = 0
+        for session in pending:
+            req = scheduler.Request(
+                session_id=session.id,
+                template=session.template_name,
+                cpu_millis=session.cpu_millis,
+                memory_mb=session.memory_mb,
+                cluster_id=session.requested_cluster_id,
+            )
+            decision = placer.place(req)
+            if decision.agent is None:
+                waiting = f"waiting for capacity: {decision.reason}"
+                if session.status_message != waiting:
+                    session.status_message = waiting
+                    self.event(db, session, "queued", waiting, rejected=decision.rejected)
                     changed.append(session)
-                    continue
-                scheduler.reserve(decision.agent, req)
-                session.agent_id = decision.agent.id
-                session.cluster_id = decision.agent.cluster_id
-                self.transition(
-                    db,
-                    session,
-                    State.SCHEDULED,
-                    decision.reason,
-                    kind="placed",
-                    agent_id=decision.agent.id,
-                    cluster_id=decision.agent.cluster_id,
-                )
-                cmds.append(self.new_command(db, session, "start", spec))
+                continue
+            try:
+                spec = await self.build_spec(db, session, templates)
+            except LookupError as exc:
+                self.transition(db, session, State.FAILED, str(exc))
                 changed.append(session)
-                placed += 1
+                continue
+            scheduler.reserve(decision.agent, req)
+            session.agent_id = decision.agent.id
+            session.cluster_id = decision.agent.cluster_id
+            self.transition(
+                db,
+                session,
+                State.SCHEDULED,
+                decision.reason,
+                kind="placed",
+                agent_id=decision.agent.id,
+                cluster_id=decision.agent.cluster_id,
+            )
+            cmds.append(self.new_command(db, session, "start", spec))
+            changed.append(session)
+            placed += 1
+        try:
             await self.commit(db, changed, cmds)
-            return placed
+        except StaleDataError:
+            log.info("placement_round_dropped reason=session_changed sessions=%d", len(pending))
+            self._place_wakeup.set()
+            return 0
+        return placed
 
     # ---- agent messages -----------------------------------------------------------------
 

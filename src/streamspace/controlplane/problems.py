@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamspace.db.engine import DatabaseUnavailable
@@ -159,6 +160,16 @@ def install(app: FastAPI) -> None:
     async def _conflict(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(
             request, 409, "Conflict", "the change conflicts with existing data", "conflict"
+        )
+
+    @app.exception_handler(StaleDataError)
+    async def _changed_meanwhile(request: Request, exc: Exception) -> JSONResponse:
+        return problem_response(
+            request,
+            409,
+            "Conflict",
+            "the resource changed while this request was applied; read it again and retry",
+            "conflict",
         )
 
     @app.exception_handler(DBAPIError)

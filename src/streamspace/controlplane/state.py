@@ -27,6 +27,9 @@ class AppState:
     db: Database
     read_db: Database
     """For GET requests: no transaction round trips (see db.engine.read_session_factory)."""
+    write_db: Database
+    """For writes that are one statement (user actions, placement): no BEGIN/COMMIT round
+    trips (see db.engine.write_session_factory)."""
     replica_id: str
     secret: str
     events: EventBus
@@ -37,5 +40,7 @@ class AppState:
     hub: Hub = field(init=False)
     lifecycle: Lifecycle = field(init=False)
     streams: StreamBroker = field(init=False)
-    create_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    """Serialises quota check + insert on SQLite, which has no row locks."""
+    sqlite_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Serialises read-then-write requests on SQLite, which has no row locks: quota check +
+    insert, and a session action's decision + write (PostgreSQL uses row locks and
+    compare-and-set writes instead)."""

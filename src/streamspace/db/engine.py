@@ -14,6 +14,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from streamspace.db.onestatement import ONE_STATEMENT_ONLY
+
 Database = async_sessionmaker[AsyncSession]
 
 
@@ -91,6 +93,22 @@ def read_session_factory(engine: AsyncEngine) -> Database:
     if is_sqlite(engine):
         return session_factory(engine)
     return session_factory(engine.execution_options(isolation_level="AUTOCOMMIT"))
+
+
+def write_session_factory(engine: AsyncEngine) -> Database:
+    """Sessions whose whole write is one statement (`db.onestatement`): on PostgreSQL in
+    autocommit, so the write costs one round trip instead of BEGIN, statement and COMMIT. Such
+    a session never autoflushes and refuses a write that one statement cannot hold, since
+    without a transaction the ORM's statement-per-table flush would not be atomic. SQLite keeps
+    ordinary transactions (and the ORM flush)."""
+    if is_sqlite(engine):
+        return session_factory(engine)
+    return async_sessionmaker(
+        engine.execution_options(isolation_level="AUTOCOMMIT"),
+        expire_on_commit=False,
+        autoflush=False,
+        info={ONE_STATEMENT_ONLY: True},
+    )
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:

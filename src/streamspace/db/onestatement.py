@@ -9,7 +9,13 @@ The statement text is built once per shape (tables, columns, row counts) and reu
 costs no compilation after the first time and asyncpg serves it from its prepared-statement
 cache. Anything this does not cover (SQLite, deletes, inheritance, version counters, database
 -side column defaults, larger batches) is left to the ORM's own flush, the only other path.
-Like the ORM, an UPDATE that matches no row raises `StaleDataError`.
+Inside a transaction the statement does what the ORM's flush would (an UPDATE that matches no
+row raises `StaleDataError`). In a session without one (`engine.write_session_factory`, which
+spares the BEGIN and COMMIT round trips) it is the whole write, so each UPDATE is a
+compare-and-set: it matches only while every column it changes still holds the value this
+session read, and the INSERTs happen only if every UPDATE matched. Otherwise nothing is written
+and `StaleDataError` is raised: someone else changed the row in between (a user's stop racing a
+placement of the same session, say), and the caller reads again and decides again.
 
 After the statement, new objects are expunged (they keep the values written, including Python
 -side defaults, but database-generated keys are not read back) and updated objects have their
@@ -32,6 +38,9 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.schema import Column
 
+ONE_STATEMENT_ONLY = "streamspace.one_statement_only"
+"""Session.info key of sessions without a transaction (engine.write_session_factory)."""
+
 MAX_ROWS = 12
 """Larger units (placement rounds of many sessions) vary too much in shape to be worth a
 prepared statement each; the ORM batches those well enough."""
@@ -39,12 +48,13 @@ prepared statement each; the ORM batches those well enough."""
 
 @dataclass(frozen=True)
 class _Part:
-    """One sub-statement: an UPDATE of one row (``key`` names the primary key column) or an
-    INSERT of one row."""
+    """One sub-statement: an UPDATE of one row (``key`` names the primary key column; ``guards``
+    the columns whose read value it checks) or an INSERT of one row."""
 
     table: Table
     columns: tuple[str, ...]
     key: str = ""
+    guards: tuple[str, ...] = ()
 
 
 @dataclass
@@ -68,6 +78,10 @@ def _default(column: Column[Any], kind: str) -> tuple[bool, Any]:
 
 class _Unsupported(Exception):
     """The unit of work has something this module does not write; the ORM will."""
+
+
+class _Nothing(Exception):
+    """Nothing to write."""
 
 
 def _simple_mapper(obj: Any) -> Mapper[Any]:
@@ -103,7 +117,7 @@ def _insert_values(table: Table, given: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _plan_update(obj: Any, plan: _Plan) -> None:
+def _plan_update(obj: Any, plan: _Plan, guard: bool) -> None:
     mapper = _simple_mapper(obj)
     table = mapper.local_table
     assert isinstance(table, Table)
@@ -111,15 +125,18 @@ def _plan_update(obj: Any, plan: _Plan) -> None:
     if state.key is None or len(mapper.primary_key) != 1:
         raise _Unsupported
     changed: dict[str, Any] = {}
+    read: dict[str, Any] = {}
     for attr in mapper.column_attrs:
         if len(attr.columns) != 1:
             raise _Unsupported
         col = attr.columns[0]
         history = state.attrs[attr.key].history
         if history.has_changes():
-            if col.primary_key:
-                raise _Unsupported
+            if col.primary_key or (guard and len(history.deleted) != 1):
+                raise _Unsupported  # the value read is unknown: nothing to compare against
             changed[col.name] = getattr(obj, attr.key)
+            if guard:
+                read[col.name] = history.deleted[0]
     if not changed:
         return
     for col in _columns(table):
@@ -129,9 +146,11 @@ def _plan_update(obj: Any, plan: _Plan) -> None:
                 changed[col.name] = value
     key = mapper.primary_key[0].name
     names = tuple(sorted(changed))
-    plan.parts.append(_Part(table, names, key))
+    guards = tuple(sorted(read))
+    plan.parts.append(_Part(table, names, key, guards))
     prefix = f"p{len(plan.parts) - 1}_"
     plan.params.update({prefix + name: changed[name] for name in names})
+    plan.params.update({f"{prefix}was_{name}": read[name] for name in guards})
     plan.params[prefix + key] = state.identity[0]
     attrs = {mapper.get_property_by_column(table.c[n]).key: changed[n] for n in names}
     plan.updated.append((obj, attrs))
@@ -151,27 +170,35 @@ def _statement(parts: tuple[_Part, ...], dialect: Dialect) -> TextClause:
     ctes: list[str] = []
     counts: list[str] = []
     binds = []
+    updates = [f"w{i}" for i, part in enumerate(parts) if part.key]
     for i, part in enumerate(parts):
         p = f"p{i}_"
         if part.key:
             sets = ", ".join(f"{quote(c)} = :{p}{c}" for c in part.columns)
+            checks = "".join(
+                f" AND {quote(c)} IS NOT DISTINCT FROM :{p}was_{c}" for c in part.guards
+            )
             sql = (
                 f"UPDATE {table_name(part.table)} SET {sets} "
-                f"WHERE {quote(part.key)} = :{p}{part.key} RETURNING 1"
+                f"WHERE {quote(part.key)} = :{p}{part.key}{checks} RETURNING 1"
             )
             counts.append(f"(SELECT count(*) FROM w{i})")
             binds.append(bindparam(p + part.key, type_=part.table.c[part.key].type))
+            binds += [bindparam(f"{p}was_{c}", type_=part.table.c[c].type) for c in part.guards]
         else:
             cols = ", ".join(quote(c) for c in part.columns)
             vals = ", ".join(f":{p}{c}" for c in part.columns)
-            sql = f"INSERT INTO {table_name(part.table)} ({cols}) VALUES ({vals})"
+            only_if = f" FROM {', '.join(updates)}" if updates else ""
+            sql = f"INSERT INTO {table_name(part.table)} ({cols}) SELECT {vals}{only_if}"
         ctes.append(f"w{i} AS ({sql})")
         binds += [bindparam(p + c, type_=part.table.c[c].type) for c in part.columns]
     select = "SELECT " + (", ".join(counts) if counts else "0")
     return text(f"WITH {', '.join(ctes)} {select}").bindparams(*binds)
 
 
-def _plan(db: AsyncSession, extra: Sequence[tuple[Table, Sequence[Mapping[str, Any]]]]) -> _Plan:
+def _plan(
+    db: AsyncSession, extra: Sequence[tuple[Table, Sequence[Mapping[str, Any]]]], guard: bool
+) -> _Plan:
     sync = db.sync_session
     if sync.deleted:
         raise _Unsupported
@@ -182,10 +209,12 @@ def _plan(db: AsyncSession, extra: Sequence[tuple[Table, Sequence[Mapping[str, A
     )
     new = list(sync.new)
     rows = len(dirty) + len(new) + sum(len(r) for _, r in extra)
-    if rows == 0 or rows > MAX_ROWS:
+    if rows == 0:
+        raise _Nothing
+    if rows > MAX_ROWS:
         raise _Unsupported
     for obj in dirty:
-        _plan_update(obj, plan)
+        _plan_update(obj, plan, guard)
     for obj in new:
         mapper = _simple_mapper(obj)
         table = mapper.local_table
@@ -200,7 +229,7 @@ def _plan(db: AsyncSession, extra: Sequence[tuple[Table, Sequence[Mapping[str, A
         for row in table_rows:
             _plan_insert(table, _insert_values(table, row), plan)
     if not plan.parts:
-        raise _Unsupported
+        raise _Nothing
     return plan
 
 
@@ -208,13 +237,21 @@ async def write_pending(
     db: AsyncSession, extra: Sequence[tuple[Table, Sequence[Mapping[str, Any]]]] = ()
 ) -> bool:
     """Write the session's pending changes, plus ``extra`` rows for plain tables, in one
-    statement. False (and nothing written) when the unit of work is not one this covers."""
+    statement. False (and nothing written) when there is nothing to write or the unit of work
+    is not one this covers; in a session without a transaction the latter is an error."""
     bind = db.get_bind()
     if bind.dialect.name != "postgresql":
         return False
+    alone = bool(db.info.get(ONE_STATEMENT_ONLY))
     try:
-        plan = _plan(db, extra)
+        plan = _plan(db, extra, guard=alone)
+    except _Nothing:
+        return False
     except _Unsupported:
+        if alone:
+            raise RuntimeError(
+                "this write does not fit one statement and the session has no transaction"
+            ) from None
         return False
     stmt = _statement(tuple(plan.parts), bind.dialect)
     with db.no_autoflush:  # the statement is the flush
@@ -223,7 +260,9 @@ async def write_pending(
     for n, i in zip(counts if updates else (), updates, strict=True):
         if n != 1:
             table = plan.parts[i].table.name
-            raise StaleDataError(f"UPDATE of {table} expected to match 1 row; matched {n}")
+            raise StaleDataError(
+                f"{table} row changed or gone since it was read; nothing was written"
+            )
     sync = db.sync_session
     for obj, _ in plan.inserted:
         sync.expunge(obj)

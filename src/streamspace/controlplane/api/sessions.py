@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import exists, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace.controlplane import audit, quotas
 from streamspace.controlplane.api.schemas import (
@@ -18,7 +21,7 @@ from streamspace.controlplane.api.schemas import (
     _clean_tags,
 )
 from streamspace.controlplane.catalog import TemplateSpec
-from streamspace.controlplane.deps import DbDep, StateDep, UserDep
+from streamspace.controlplane.deps import DbDep, StateDep, UserDep, one_statement
 from streamspace.controlplane.lifecycle import session_view
 from streamspace.controlplane.problems import Problem, bad_request, conflict, not_found
 from streamspace.controlplane.state import AppState
@@ -27,6 +30,8 @@ from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import SessionEvent, Template, User
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"])
+ACTION_ATTEMPTS = 3
+"""How often a stop/hibernate/wake is decided again when the session changed under it."""
 
 
 async def load_owned(db: AsyncSession, session_id: str, user: User) -> SessionRow:
@@ -115,7 +120,7 @@ async def create_session(
         idempotency_key=idempotency_key,
         status_message="waiting for the scheduler",
     )
-    async with state.create_lock if db.get_bind().dialect.name == "sqlite" else _nolock():
+    async with _sqlite_lock(state, db):
         await quotas.lock_subjects(db, user)
         if idempotency_key:
             # A concurrent create with the same key may have committed while we waited.
@@ -165,6 +170,10 @@ class _nolock:
 
     async def __aexit__(self, *exc: object) -> None:
         return None
+
+
+def _sqlite_lock(state: AppState, db: AsyncSession) -> asyncio.Lock | _nolock:
+    return state.sqlite_lock if db.get_bind().dialect.name == "sqlite" else _nolock()
 
 
 @router.get("", response_model=Page[SessionOut])
@@ -276,28 +285,48 @@ async def patch_session(
 async def _act(
     action: str, session_id: str, request: Request, user: User, state: AppState, db: AsyncSession
 ) -> SessionOut:
-    """stop / hibernate / wake: load with the owner check, audit, hand to the lifecycle."""
-    session = await load_owned(db, session_id, user)
-    who = "you" if session.owner_id == user.id else f"admin {user.username}"
-    audit.record(
-        db,
-        actor=user,
-        action=f"session.{action}",
-        resource_type="session",
-        resource_id=session.id,
-        request=request,
-        status_code=202,
-    )
+    """stop / hibernate / wake: load with the owner check, audit, hand to the lifecycle.
+
+    No row lock is taken: the write is a compare-and-set on the session row (db.onestatement).
+    If the session changed between the read and the write (an agent's result, another
+    request), nothing was written and the action is decided again on the fresh row. SQLite
+    has no row locks; there the decision and the write hold the process-wide SQLite lock."""
+    async with _sqlite_lock(state, db):
+        return await _decide_and_write(action, session_id, request, user, state, db)
+
+
+async def _decide_and_write(
+    action: str, session_id: str, request: Request, user: User, state: AppState, db: AsyncSession
+) -> SessionOut:
     handler = {
         "stop": state.lifecycle.request_stop,
         "hibernate": state.lifecycle.request_hibernate,
         "wake": state.lifecycle.request_wake,
     }[action]
-    await handler(db, session, f"{action} requested by {who}")
-    return await _view(db, state, session)
+    for _ in range(ACTION_ATTEMPTS):
+        session = await load_owned(db, session_id, user)
+        who = "you" if session.owner_id == user.id else f"admin {user.username}"
+        audit.record(
+            db,
+            actor=user,
+            action=f"session.{action}",
+            resource_type="session",
+            resource_id=session.id,
+            request=request,
+            status_code=202,
+        )
+        try:
+            await handler(db, session, f"{action} requested by {who}")
+        except StaleDataError:
+            db.expunge_all()  # before the rollback, which would expire the caller's user too
+            await db.rollback()
+            continue
+        return await _view(db, state, session)
+    raise conflict(f"the session kept changing while {action} was applied; try again")
 
 
 @router.delete("/{session_id}", response_model=SessionOut, status_code=202)
+@one_statement
 async def stop_session(
     session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> SessionOut:
@@ -305,6 +334,7 @@ async def stop_session(
 
 
 @router.post("/{session_id}/hibernate", response_model=SessionOut, status_code=202)
+@one_statement
 async def hibernate_session(
     session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> SessionOut:
@@ -312,6 +342,7 @@ async def hibernate_session(
 
 
 @router.post("/{session_id}/wake", response_model=SessionOut, status_code=202)
+@one_statement
 async def wake_session(
     session_id: str, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> SessionOut:
