@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 from api_support import (
     NO_LIMIT,
     _cheap_password_hashing,  # noqa: F401 - autouse fixture
@@ -16,8 +17,10 @@ from api_support import (
 )
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.exc import StaleDataError
 
 from conftest import wait_for
+from streamspace.controlplane.api.sessions import ACTION_ATTEMPTS
 from streamspace.db.models import Agent, AgentCommand, SessionEvent, User
 from streamspace.db.models import Session as SessionRow
 
@@ -348,4 +351,33 @@ def test_a_placement_round_does_not_resurrect_a_session_stopped_meanwhile(
             return state, int(cmds or 0)
 
     assert cp.run(written()) == ("stopped", 0)
+    user.close()
+
+
+def test_a_session_that_keeps_changing_is_a_409_not_a_500(
+    make_control_plane: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write of the action finds the row changed (as under a storm of agent results):
+    the action is decided again a bounded number of times, then answered 409; a PATCH that
+    meets a changed row is a 409 problem too."""
+    cp = make_control_plane(**NO_LIMIT)
+    with login(cp) as admin:
+        user = add_user(cp, admin, "tess")
+    sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
+    tries: list[str] = []
+
+    async def always_changed(db: Any, sessions: Any, *args: Any, **kwargs: Any) -> None:
+        tries.append(sessions.state if isinstance(sessions, SessionRow) else "commit")
+        raise StaleDataError("sessions row changed or gone since it was read")
+
+    monkeypatch.setattr(cp.state.lifecycle, "request_stop", always_changed)
+    body = assert_problem(user.delete(f"/api/v1/sessions/{sid}"), 409, "kept changing")
+    assert tries == ["pending"] * ACTION_ATTEMPTS
+
+    monkeypatch.setattr(cp.state.lifecycle, "commit", always_changed)
+    body = assert_problem(
+        user.patch(f"/api/v1/sessions/{sid}", json={"tags": ["x"]}), 409, "changed while"
+    )
+    assert body["type"].endswith("conflict"), body
+    assert user.get(f"/api/v1/sessions/{sid}").json()["tags"] == []
     user.close()
