@@ -7,8 +7,10 @@ all before the agent may be told. A data-modifying ``WITH`` writes them in one r
 
 The statement text is built once per shape (tables, columns, row counts) and reused, so it
 costs no compilation after the first time and asyncpg serves it from its prepared-statement
-cache. Anything this does not cover (SQLite, deletes, inheritance, version counters, database
--side column defaults, larger batches) is left to the ORM's own flush, the only other path.
+cache. Anything this does not cover (SQLite, deletes, inheritance, version counters,
+database-side column defaults, larger batches) is left to the ORM's own flush, the only other
+path.
+
 Inside a transaction the statement does what the ORM's flush would (an UPDATE that matches no
 row raises `StaleDataError`). In a session without one (`engine.write_session_factory`, which
 spares the BEGIN and COMMIT round trips) it is the whole write, so each UPDATE is a
@@ -17,9 +19,9 @@ session read, and the INSERTs happen only if every UPDATE matched. Otherwise not
 and `StaleDataError` is raised: someone else changed the row in between (a user's stop racing a
 placement of the same session, say), and the caller reads again and decides again.
 
-After the statement, new objects are expunged (they keep the values written, including Python
--side defaults, but database-generated keys are not read back) and updated objects have their
-changes marked as committed, so the ORM's flush at COMMIT has nothing left to write.
+After the statement, new objects are expunged (they keep the values written, including
+Python-side defaults, but database-generated keys are not read back) and updated objects have
+their changes marked as committed, so the ORM's flush at COMMIT has nothing left to write.
 """
 
 from __future__ import annotations
