@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import exists, func, literal_column, select, type_coerce
@@ -164,16 +165,8 @@ async def create_session(
     return await _view(db, state, session)
 
 
-class _nolock:
-    async def __aenter__(self) -> None:
-        return None
-
-    async def __aexit__(self, *exc: object) -> None:
-        return None
-
-
-def _sqlite_lock(state: AppState, db: AsyncSession) -> asyncio.Lock | _nolock:
-    return state.sqlite_lock if db.get_bind().dialect.name == "sqlite" else _nolock()
+def _sqlite_lock(state: AppState, db: AsyncSession) -> asyncio.Lock | contextlib.nullcontext[None]:
+    return state.sqlite_lock if db.get_bind().dialect.name == "sqlite" else contextlib.nullcontext()
 
 
 @router.get("", response_model=Page[SessionOut])
