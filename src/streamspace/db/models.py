@@ -93,6 +93,8 @@ class Quota(TimestampMixin, Base):
     max_sessions: Mapped[int] = mapped_column(Integer, nullable=False)
     max_cpu_millis: Mapped[int] = mapped_column(Integer, nullable=False)
     max_memory_mb: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_home_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Size limit of each persistent home of the subject; NULL: the configured default."""
 
     __table_args__ = (
         CheckConstraint("(user_id IS NULL) <> (group_id IS NULL)", name="exactly_one_subject"),
@@ -155,6 +157,10 @@ class Agent(TimestampMixin, Base):
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     connected_replica: Mapped[str] = mapped_column(String(64), default="", nullable=False)
     version: Mapped[str] = mapped_column(String(32), default="", nullable=False)
+    isolation: Mapped[str] = mapped_column(String(32), default="", nullable=False)
+    """How the agent separates sessions from itself and each other (protocol.Isolation)."""
+    isolation_detail: Mapped[str] = mapped_column(String(512), default="", nullable=False)
+    limits_enforced: Mapped[bool] = mapped_column(Boolean, default=False, nullable=False)
 
 
 class JoinToken(Base):
