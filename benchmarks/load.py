@@ -262,6 +262,7 @@ class AgentSim:
                                 max_sessions=50, cpu_millis=640000, memory_mb=2621440
                             ),
                             templates=["xterm"],
+                            isolation=protocol.Isolation(mode="uid-sandbox", detail="simulated"),
                         )
                     )
                 )

@@ -58,6 +58,7 @@ async def _agent_once(
                         max_sessions=slots, cpu_millis=640000, memory_mb=2621440
                     ),
                     templates=["xterm"],
+                    isolation=protocol.Isolation(mode="uid-sandbox", detail="simulated"),
                 )
             )
         )

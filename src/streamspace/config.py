@@ -66,7 +66,24 @@ class Settings(BaseSettings):
     agent_cpu_millis: int = 8000
     agent_memory_mb: int = 16384
     agent_max_concurrent_commands: int = 8
-    local_sandbox: bool = False
+    local_insecure_shared_user: bool = Field(
+        default=False,
+        description=(
+            "Run local sessions as the agent's own user without a sandbox (a single-person "
+            "laptop only): loudly logged and shown in red to admins"
+        ),
+    )
+    local_uid_range: str = Field(
+        default="200000-265535",
+        description="Uids (and gids) given to users' local sessions when the agent is root",
+    )
+    local_enforce_limits: bool = Field(
+        default=True,
+        description="Apply each local session's CPU and memory limits through cgroups",
+    )
+    default_quota_home_mb: int = Field(
+        default=0, ge=0, description="Size limit of each persistent home (0: no limit)"
+    )
 
     log_format: str = "kv"
     log_level: str = "INFO"

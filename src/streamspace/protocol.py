@@ -9,13 +9,28 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-PROTOCOL_VERSION = 1
-SUPPORTED_PROTOCOL_VERSIONS = frozenset({1})
+PROTOCOL_VERSION = 2
+SUPPORTED_PROTOCOL_VERSIONS = frozenset({2})
+"""Version 2: sessions carry their owner's immutable id and home limit, agents report their
+isolation, and an agent reaches a session's VNC server through its own backend (which holds the
+per-session secret) instead of an address the control plane names. A version-1 agent would run
+sessions as its own user, so it is refused rather than served."""
 
 BackendKind = Literal["local", "docker", "kubernetes"]
 CommandAction = Literal["start", "stop", "hibernate", "wake"]
+IsolationMode = Literal["uid-sandbox", "userns-sandbox", "container", "insecure-shared-user"]
+"""How sessions are kept from the agent and from each other (see docs/security.md):
+`uid-sandbox` a Unix uid per user plus bubblewrap; `userns-sandbox` bubblewrap in a user
+namespace under the agent's own uid; `container` one non-root container per session;
+`insecure-shared-user` the explicit opt-out: sessions run as the agent's user, unsandboxed."""
+
+NAME_MAX = 128
+"""Bound of every name and id in agent frames: a hello can no longer carry megabytes."""
+DETAIL_MAX = 512
+MAX_TEMPLATES = 1000
+MAX_INVENTORY = 10_000
 
 
 def utcnow() -> datetime:
@@ -38,10 +53,21 @@ class Resources(_Msg):
 
 
 class Endpoint(_Msg):
-    """Where the session's RFB server listens, as seen from the agent host."""
+    """Where the session's RFB server listens, as seen from the agent host: a TCP address or a
+    Unix socket. Informational for the control plane; only the agent's backend connects."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
+    host: str = Field(default="127.0.0.1", max_length=255)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    unix_path: str | None = Field(default=None, max_length=4096)
+
+    @model_validator(mode="after")
+    def _one_address(self) -> Endpoint:
+        if (self.port is None) == (self.unix_path is None):
+            raise ValueError("an endpoint has either a port or a unix_path")
+        return self
+
+    def describe(self) -> str:
+        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
 
 
 class LocalLaunch(_Msg):
@@ -63,16 +89,27 @@ class Display(_Msg):
 
 
 class SessionSpec(_Msg):
-    """Everything a backend needs to run one session; sent with start and wake."""
+    """Everything a backend needs to run one session; sent with start and wake.
 
-    session_id: str
-    user: str
-    template: str
+    `user_id` is the owner's immutable id: homes, Unix identities and volumes are keyed by it, so
+    a user deleted and re-created under the same name never inherits the old one's files.
+    `user` (the name) is for labels and logs only."""
+
+    session_id: str = Field(max_length=NAME_MAX)
+    user_id: str = Field(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+    user: str = Field(max_length=NAME_MAX)
+    template: str = Field(max_length=NAME_MAX)
     local: LocalLaunch | None = None
     image: ImageLaunch | None = None
     display: Display = Field(default_factory=Display)
     resources: Resources = Field(default_factory=Resources)
     persistent_home: bool = True
+    network: bool = Field(
+        default=False, description="the app may use the network (browsers); otherwise none"
+    )
+    home_limit_mb: int | None = Field(
+        default=None, ge=1, description="size limit of the persistent home; None: no limit"
+    )
 
 
 class CatalogEntry(_Msg):
@@ -91,11 +128,21 @@ SessionRunState = Literal["running", "hibernated", "stopped", "exited", "unknown
 
 
 class InventoryItem(_Msg):
-    session_id: str
+    session_id: str = Field(max_length=NAME_MAX)
     state: SessionRunState
     endpoint: Endpoint | None = None
-    user: str | None = None
-    template: str | None = None
+    user: str | None = Field(default=None, max_length=NAME_MAX)
+    template: str | None = Field(default=None, max_length=NAME_MAX)
+
+
+class Isolation(_Msg):
+    """What the agent enforces, shown to admins (an insecure agent in red)."""
+
+    mode: IsolationMode
+    detail: str = Field(default="", max_length=DETAIL_MAX)
+    limits_enforced: bool = Field(
+        default=False, description="CPU and memory limits are applied to each session"
+    )
 
 
 class Load(_Msg):
@@ -107,54 +154,63 @@ class Load(_Msg):
 # ---- agent -> control plane ----------------------------------------------------------------
 
 
+TemplateName = Annotated[str, Field(max_length=NAME_MAX)]
+
+
 class Hello(_Msg):
     type: Literal["hello"] = "hello"
     protocol_version: int
-    agent_id: str
-    cluster_id: str
-    cluster_name: str
-    region: str = ""
+    agent_id: str = Field(max_length=NAME_MAX)
+    cluster_id: str = Field(max_length=64)
+    cluster_name: str = Field(max_length=NAME_MAX)
+    region: str = Field(default="", max_length=64)
     backend: BackendKind
     capacity: Capacity
-    templates: list[str]
-    inventory: list[InventoryItem] = Field(default_factory=list)
-    version: str = ""
+    templates: list[TemplateName] = Field(max_length=MAX_TEMPLATES)
+    inventory: list[InventoryItem] = Field(default_factory=list, max_length=MAX_INVENTORY)
+    version: str = Field(default="", max_length=32)
+    isolation: Isolation
+    legacy_homes: list[Annotated[str, Field(max_length=NAME_MAX)]] = Field(
+        default_factory=list,
+        max_length=MAX_INVENTORY,
+        description="owner names of homes still keyed by name (kept from protocol version 1)",
+    )
 
 
 class Heartbeat(_Msg):
     type: Literal["heartbeat"] = "heartbeat"
     load: Load
     healthy: bool = True
-    detail: str = ""
-    templates: list[str] | None = None
+    detail: str = Field(default="", max_length=DETAIL_MAX)
+    templates: list[TemplateName] | None = Field(default=None, max_length=MAX_TEMPLATES)
 
 
 class Ack(_Msg):
     type: Literal["ack"] = "ack"
-    command_id: str
+    command_id: str = Field(max_length=NAME_MAX)
 
 
 class Result(_Msg):
     type: Literal["result"] = "result"
-    command_id: str
+    command_id: str = Field(max_length=NAME_MAX)
     ok: bool
     endpoint: Endpoint | None = None
-    error: str = ""
+    error: str = Field(default="", max_length=4096)
 
 
 class SessionStatus(_Msg):
     """Sent when a session changes behind the control plane's back (app exited, crashed)."""
 
     type: Literal["session_status"] = "session_status"
-    session_id: str
+    session_id: str = Field(max_length=NAME_MAX)
     state: SessionRunState
-    reason: str = ""
+    reason: str = Field(default="", max_length=4096)
 
 
 class StreamFailed(_Msg):
     type: Literal["stream_failed"] = "stream_failed"
-    stream_id: str
-    error: str
+    stream_id: str = Field(max_length=NAME_MAX)
+    error: str = Field(max_length=4096)
 
 
 # ---- control plane -> agent ----------------------------------------------------------------
@@ -166,6 +222,10 @@ class Welcome(_Msg):
     heartbeat_seconds: float
     keep: list[str] = Field(
         default_factory=list, description="inventory session ids the control plane knows"
+    )
+    home_owners: dict[str, str] = Field(
+        default_factory=dict,
+        description="for each name in hello.legacy_homes that a user has now: that user's id",
     )
     server_time: datetime = Field(default_factory=utcnow)
 
@@ -179,12 +239,13 @@ class Command(_Msg):
 
 
 class OpenStream(_Msg):
-    """Ask the agent to dial back a binary WebSocket for one viewer of one session."""
+    """Ask the agent to dial back a binary WebSocket for one viewer of one session.
+
+    No address: the agent's backend knows how to reach (and authenticate to) its session."""
 
     type: Literal["open_stream"] = "open_stream"
     stream_id: str
     session_id: str
-    endpoint: Endpoint
     path: str
     base_url: str = Field(
         default="",
@@ -196,8 +257,8 @@ class ErrorMessage(_Msg):
     """Either side's answer to a message it could not accept; the connection stays up."""
 
     type: Literal["error"] = "error"
-    code: str
-    message: str
+    code: str = Field(max_length=64)
+    message: str = Field(max_length=4096)
 
 
 AgentMessage = Annotated[

@@ -262,6 +262,7 @@ def hello(agent_id: str, version: int = protocol.PROTOCOL_VERSION, **kw: Any) ->
             backend="local",
             capacity=protocol.Capacity(max_sessions=1, cpu_millis=1000, memory_mb=1024),
             templates=[],
+            isolation=kw.pop("isolation", protocol.Isolation(mode="uid-sandbox")),
             **kw,
         )
     )

@@ -23,6 +23,7 @@ from streamspace.protocol import (
     Hello,
     ImageLaunch,
     InventoryItem,
+    Isolation,
     Load,
     LocalLaunch,
     OpenStream,
@@ -39,6 +40,7 @@ from streamspace.protocol import (
 def _spec() -> SessionSpec:
     return SessionSpec(
         session_id="s-1",
+        user_id="0f3a9c",
         user="alice",
         template="xterm",
         local=LocalLaunch(command=["xterm", "-fa", "Mono"], env={"LANG": "C.UTF-8"}),
@@ -46,6 +48,8 @@ def _spec() -> SessionSpec:
         display=Display(width=1920, height=1080, depth=32, vnc_port=5902),
         resources=Resources(cpu_millis=1500, memory_mb=2048),
         persistent_home=False,
+        network=True,
+        home_limit_mb=512,
     )
 
 
@@ -67,9 +71,14 @@ AGENT_MESSAGES: list[protocol.AgentMessage] = [
                 user="alice",
                 template="xterm",
             ),
+            InventoryItem(
+                session_id="s-3", state="running", endpoint=Endpoint(unix_path="/run/x/vnc.sock")
+            ),
             InventoryItem(session_id="s-2", state="hibernated"),
         ],
         version="0.1.0",
+        isolation=Isolation(mode="container", detail="non-root", limits_enforced=True),
+        legacy_homes=["carol"],
     ),
     Hello(
         protocol_version=1,
@@ -79,6 +88,7 @@ AGENT_MESSAGES: list[protocol.AgentMessage] = [
         backend="local",
         capacity=Capacity(max_sessions=0, cpu_millis=0, memory_mb=0),
         templates=[],
+        isolation=Isolation(mode="insecure-shared-user"),
     ),
     Heartbeat(load=Load(sessions=2, cpu_millis=2000, memory_mb=2048)),
     Heartbeat(
@@ -101,6 +111,7 @@ SERVER_MESSAGES: list[protocol.ServerMessage] = [
         agent_id="a-1",
         heartbeat_seconds=2.5,
         keep=["s-1", "s-2"],
+        home_owners={"carol": "c4a0"},
         server_time=datetime(2024, 5, 1, 12, 30, tzinfo=UTC),
     ),
     Command(command_id="c-1", action="start", session_id="s-1", spec=_spec()),
@@ -110,7 +121,6 @@ SERVER_MESSAGES: list[protocol.ServerMessage] = [
     OpenStream(
         stream_id="st-1",
         session_id="s-1",
-        endpoint=Endpoint(host="127.0.0.1", port=5901),
         path=protocol.AGENT_STREAM_PATH_PREFIX + "st-1",
     ),
     ErrorMessage(code="revoked", message="agent revoked by an administrator"),
@@ -246,7 +256,7 @@ def test_check_version_rejects_unknown_with_clear_message() -> None:
         protocol.check_version(99)
     assert info.value.code == "unsupported_protocol_version"
     assert "99" in info.value.message
-    assert "supported: 1" in info.value.message
+    assert "supported: 2" in info.value.message
     assert "upgrade" in info.value.message
 
 
@@ -254,3 +264,62 @@ def test_protocol_error_is_a_value_error() -> None:
     err = ProtocolError("invalid_json", "boom")
     assert isinstance(err, ValueError)
     assert str(err) == "boom"
+
+
+def test_version_1_agents_are_refused() -> None:
+    """A version-1 agent runs sessions as its own user and knows no VNC secrets."""
+    with pytest.raises(ProtocolError) as info:
+        protocol.check_version(1)
+    assert info.value.code == "unsupported_protocol_version"
+
+
+def test_endpoint_is_a_port_or_a_unix_socket_never_both() -> None:
+    assert Endpoint(port=5901).describe() == "127.0.0.1:5901"
+    assert Endpoint(unix_path="/run/s/vnc.sock").describe() == "unix:/run/s/vnc.sock"
+    with pytest.raises(ValueError, match="either a port or a unix_path"):
+        Endpoint(port=5901, unix_path="/run/s/vnc.sock")
+    with pytest.raises(ValueError, match="either a port or a unix_path"):
+        Endpoint()
+
+
+def _hello(**fields: object) -> str:
+    base: dict[str, object] = {
+        "type": "hello",
+        "protocol_version": 2,
+        "agent_id": "a-1",
+        "cluster_id": "c",
+        "cluster_name": "C",
+        "backend": "local",
+        "capacity": {"max_sessions": 1, "cpu_millis": 1, "memory_mb": 1},
+        "templates": [],
+        "isolation": {"mode": "uid-sandbox"},
+    }
+    base.update(fields)
+    import json
+
+    return json.dumps(base)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"templates": [f"t{i}" for i in range(15_000)]},
+        {"templates": ["x" * 5000]},
+        {"cluster_name": "c" * 10_000},
+        {"version": "v" * 1000},
+        {"isolation": {"mode": "uid-sandbox", "detail": "d" * 100_000}},
+    ],
+    ids=["15000-templates", "long-template-name", "long-cluster-name", "long-version", "detail"],
+)
+def test_oversized_hello_fields_are_refused(fields: dict[str, object]) -> None:
+    """The probe stored a 15 MiB hello with 15,000 template names; now it is invalid."""
+    assert protocol.parse_agent_message(_hello())  # the baseline is valid
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_agent_message(_hello(**fields))
+    assert info.value.code == "invalid_message"
+
+
+def test_user_ids_cannot_carry_the_volume_separator_or_a_path() -> None:
+    for bad in ("a_b", "../x", "a/b", ""):
+        with pytest.raises(ValueError):
+            SessionSpec(session_id="s", user_id=bad, user="u", template="t")

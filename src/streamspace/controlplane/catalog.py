@@ -57,6 +57,10 @@ class TemplateSpec(_Strict):
     display: protocol.Display = Field(default_factory=protocol.Display)
     idle_timeout_seconds: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
     max_duration_seconds: int | None = Field(default=None, ge=60, le=90 * 24 * 3600)
+    network: bool = Field(
+        default=False,
+        description="sessions may use the network (a browser needs it); otherwise they have none",
+    )
     launch: LaunchSpec
     enabled: bool = True
 

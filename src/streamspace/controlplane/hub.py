@@ -19,7 +19,7 @@ from sqlalchemy import case, select, update
 
 from streamspace import protocol
 from streamspace.controlplane.security import constant_eq, sha256
-from streamspace.db.models import Agent, AgentCommand
+from streamspace.db.models import Agent, AgentCommand, User
 
 if TYPE_CHECKING:
     from streamspace.controlplane.state import AppState
@@ -49,12 +49,22 @@ def make_credential(agent_id: str, secret: str) -> str:
     return f"{agent_id}.{secret}"
 
 
+MAX_AGENT_FRAME = 1024 * 1024
+"""Largest control frame accepted from an agent; the biggest valid hello is a few hundred KiB."""
+
+
+class _FrameTooLarge(Exception):
+    pass
+
+
 async def _receive_text(ws: WebSocket) -> str | None:
     """The next text frame; None for a binary frame (answered with an error, not a crash)."""
     msg = await ws.receive()
     if msg["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(msg.get("code", 1000))
     text = msg.get("text")
+    if isinstance(text, str) and len(text) > MAX_AGENT_FRAME:
+        raise _FrameTooLarge(len(text))
     return text if isinstance(text, str) else None
 
 
@@ -180,6 +190,12 @@ class Hub:
             await self._error(conn, "hello_timeout", "no hello within 10 s")
             await self._close(conn, CLOSE_PROTOCOL, "no hello")
             return None
+        except _FrameTooLarge:
+            await self._error(
+                conn, "frame_too_large", f"control frames are limited to {MAX_AGENT_FRAME} bytes"
+            )
+            await self._close(conn, CLOSE_PROTOCOL, "frame_too_large")
+            return None
         try:
             if raw is None:
                 raise protocol.ProtocolError("binary_frame", "the hello must be a JSON text frame")
@@ -219,11 +235,20 @@ class Hub:
             agent.capacity_memory_mb = hello.capacity.memory_mb
             agent.templates = sorted(hello.templates)
             agent.version = hello.version
+            agent.isolation = hello.isolation.mode
+            agent.isolation_detail = hello.isolation.detail
+            agent.limits_enforced = hello.isolation.limits_enforced
             agent.last_seen = at
             agent.connected_replica = self.state.replica_id
             agent.healthy = True
             await db.commit()
             keep = await self.state.lifecycle.reconcile(db, agent_id, hello.inventory)
+            home_owners: dict[str, str] = {}
+            if hello.legacy_homes:
+                rows = await db.execute(
+                    select(User.username, User.id).where(User.username.in_(hello.legacy_homes))
+                )
+                home_owners = {name: user_id for name, user_id in rows.all()}
             open_cmds = (
                 await db.scalars(
                     select(AgentCommand.id)
@@ -239,6 +264,7 @@ class Hub:
                 agent_id=agent_id,
                 heartbeat_seconds=self.state.settings.agent_heartbeat_seconds,
                 keep=keep,
+                home_owners=home_owners,
             )
         )
         log.info(
@@ -252,6 +278,14 @@ class Hub:
             len(open_cmds),
             self.state.replica_id,
         )
+        if hello.isolation.mode == "insecure-shared-user":
+            log.warning(
+                "agent_insecure agent_id=%s isolation=%s detail=%r: its sessions run as the "
+                "agent's own user, unsandboxed",
+                agent_id,
+                hello.isolation.mode,
+                hello.isolation.detail,
+            )
         for cmd_id in open_cmds:
             await self.dispatch(cmd_id, retry=True)
         self.state.lifecycle.wake_placer()
@@ -259,7 +293,15 @@ class Hub:
     async def _read_loop(self, conn: AgentConnection) -> None:
         lifecycle = self.state.lifecycle
         while True:
-            raw = await _receive_text(conn.ws)
+            try:
+                raw = await _receive_text(conn.ws)
+            except _FrameTooLarge:
+                await self._error(
+                    conn,
+                    "frame_too_large",
+                    f"control frames are limited to {MAX_AGENT_FRAME} bytes",
+                )
+                continue
             if raw is None:
                 await self._error(conn, "binary_frame", "control messages are JSON text frames")
                 continue

@@ -250,6 +250,7 @@ class Lifecycle:
         image = tpl.launch.docker or tpl.launch.kubernetes
         return protocol.SessionSpec(
             session_id=session.id,
+            user_id=session.owner_id,
             user=await self.owner_name(db, session.owner_id),
             template=tpl.name,
             local=protocol.LocalLaunch(**tpl.launch.local.model_dump())
@@ -261,6 +262,8 @@ class Lifecycle:
                 cpu_millis=session.cpu_millis, memory_mb=session.memory_mb
             ),
             persistent_home=session.persistent_home,
+            network=tpl.network,
+            home_limit_mb=session.home_limit_mb,
         )
 
     # ---- user actions -------------------------------------------------------------------
@@ -590,7 +593,7 @@ class Lifecycle:
         if cmd.action in ("start", "wake"):
             if st in (State.SCHEDULED, State.STARTING, State.WAKING):
                 if result.ok and result.endpoint is not None:
-                    session.endpoint_host = result.endpoint.host
+                    session.endpoint_host = result.endpoint.describe()
                     session.endpoint_port = result.endpoint.port
                     session.started_at = session.started_at or now()
                     session.last_activity = now()
@@ -679,11 +682,11 @@ class Lifecycle:
                     if item is not None:
                         continue
                 else:
-                    if item.endpoint is not None and (item.endpoint.host, item.endpoint.port) != (
-                        session.endpoint_host,
-                        session.endpoint_port,
-                    ):
-                        session.endpoint_host = item.endpoint.host
+                    if item.endpoint is not None and (
+                        item.endpoint.describe(),
+                        item.endpoint.port,
+                    ) != (session.endpoint_host, session.endpoint_port):
+                        session.endpoint_host = item.endpoint.describe()
                         session.endpoint_port = item.endpoint.port
                     keep.append(session.id)
             elif item is not None and (session.state in ON_AGENT_STATES or session.id in open_cmds):

@@ -38,20 +38,33 @@ CLOSE_DENIED = 4401
 CLOSE_UNAVAILABLE = 4503
 
 
+class SessionReader(Protocol):
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class SessionWriter(Protocol):
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
 class LocalEndpointOpener(Protocol):
     """An agent running inside this process (`streamspace up`).
 
     Its viewers skip the loopback WebSocket the agent would otherwise dial back: the control
-    plane pumps the browser WebSocket straight into the TCP connection the agent opened to the
-    session, the same single hop websockify makes. Remote agents always use the dial-back.
+    plane pumps the browser WebSocket straight into the connection the agent opened to the
+    session's VNC server, the same single hop websockify makes. Remote agents always use the
+    dial-back.
     """
 
     @property
     def agent_id(self) -> str | None: ...
 
-    async def open_endpoint(
-        self, session_id: str, endpoint: protocol.Endpoint
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
+    async def open_session(self, session_id: str) -> tuple[SessionReader, SessionWriter]: ...
 
 
 TCP_READ_BYTES = 1024 * 1024
@@ -157,7 +170,7 @@ class StreamBroker:
         if not allowed or session is None:
             await ws.close(code=CLOSE_DENIED, reason="not allowed to view this session")
             return
-        if session.state != State.RUNNING or session.agent_id is None or not session.endpoint_port:
+        if session.state != State.RUNNING or session.agent_id is None:
             await ws.close(code=CLOSE_UNAVAILABLE, reason=f"session is {session.state}")
             return
         subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", []) else None
@@ -177,9 +190,6 @@ class StreamBroker:
                 protocol.OpenStream(
                     stream_id=stream_id,
                     session_id=session.id,
-                    endpoint=protocol.Endpoint(
-                        host=session.endpoint_host or "127.0.0.1", port=session.endpoint_port
-                    ),
                     path=protocol.AGENT_STREAM_PATH_PREFIX + stream_id,
                     base_url=self.stream_base_url(),
                 ),
@@ -209,11 +219,8 @@ class StreamBroker:
     async def _serve_local(
         self, ws: WebSocket, local: LocalEndpointOpener, session: SessionRow, user_id: str
     ) -> None:
-        endpoint = protocol.Endpoint(
-            host=session.endpoint_host or "127.0.0.1", port=session.endpoint_port or 0
-        )
         try:
-            reader, writer = await local.open_endpoint(session.id, endpoint)
+            reader, writer = await local.open_session(session.id)
         except (OSError, TimeoutError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             reason = f"cannot reach the session: {reason}"
@@ -297,11 +304,11 @@ class StreamBroker:
     async def _pump_tcp(
         self,
         browser: WebSocket,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: SessionReader,
+        writer: SessionWriter,
         session_id: str,
     ) -> None:
-        """Browser WebSocket <-> session TCP; each side awaits its sink before reading more."""
+        """Browser WebSocket <-> session VNC; each side awaits its sink before reading more."""
 
         async def to_session() -> None:
             last_touch = 0.0

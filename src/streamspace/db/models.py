@@ -195,6 +195,8 @@ class Session(TimestampMixin, Base):
     cpu_millis: Mapped[int] = mapped_column(Integer, nullable=False)
     memory_mb: Mapped[int] = mapped_column(Integer, nullable=False)
     persistent_home: Mapped[bool] = mapped_column(Boolean, default=True, nullable=False)
+    home_limit_mb: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """The owner's home size limit when the session was created (NULL: none)."""
     idle_timeout_seconds: Mapped[int] = mapped_column(Integer, nullable=False)
     max_duration_seconds: Mapped[int] = mapped_column(Integer, nullable=False)
     endpoint_host: Mapped[str | None] = mapped_column(String(255), nullable=True)

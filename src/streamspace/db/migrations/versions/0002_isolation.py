@@ -1,4 +1,4 @@
-"""isolation report of agents; home size quota
+"""isolation report of agents; home size quota and the limit each session was created with
 
 Revision ID: 0002
 Revises: 0001
@@ -27,6 +27,8 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("quotas") as batch:
         batch.add_column(sa.Column("max_home_mb", sa.Integer(), nullable=True))
+    with op.batch_alter_table("sessions") as batch:
+        batch.add_column(sa.Column("home_limit_mb", sa.Integer(), nullable=True))
     # Server defaults only fill existing rows; the models own the defaults from here on.
     with op.batch_alter_table("agents") as batch:
         batch.alter_column("isolation", server_default=None)
@@ -35,6 +37,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("sessions") as batch:
+        batch.drop_column("home_limit_mb")
     with op.batch_alter_table("quotas") as batch:
         batch.drop_column("max_home_mb")
     with op.batch_alter_table("agents") as batch:
