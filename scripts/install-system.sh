@@ -4,7 +4,7 @@
 #   test:    additionally what `make test` needs (browser for UI tests, podman, databases)
 set -euo pipefail
 what="${1:-product}"
-product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap novnc x11-utils)
+product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap tini novnc x11-utils)
 test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
            postgresql redis-server iproute2 procps nginx)
 pkgs=("${product[@]}")

@@ -130,8 +130,28 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
         await serve_task
 
 
-async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any:
+def local_backend(settings: Settings, state_dir: Path) -> Any:
     from streamspace.agent.backends.local import LocalBackend
+    from streamspace.agent.backends.local.identity import parse_uid_range
+
+    try:
+        uid_range = parse_uid_range(settings.local_uid_range)
+    except ValueError as exc:
+        fail(f"STREAMSPACE_LOCAL_UID_RANGE: {exc}")
+    if settings.local_insecure_shared_user:
+        err.print(
+            "[bold red]WARNING:[/] --insecure-shared-user: sessions run as this user, "
+            "unsandboxed; anyone who can start a session can read everything this user can"
+        )
+    return LocalBackend(
+        state_dir=state_dir,
+        insecure_shared_user=settings.local_insecure_shared_user,
+        uid_range=uid_range,
+        enforce_limits=settings.local_enforce_limits,
+    )
+
+
+async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any:
     from streamspace.agent.runtime import Agent, AgentConfig
     from streamspace.controlplane.api.agents import mint_join_token
     from streamspace.protocol import Capacity
@@ -143,7 +163,7 @@ async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any
         async with ss.db() as db:
             join_token, _ = await mint_join_token(db, ss.settings, None, 300)
             await db.commit()
-    backend = LocalBackend(state_dir=state_dir, sandbox=settings.local_sandbox)
+    backend = local_backend(settings, state_dir)
     config = AgentConfig(
         server=url,
         state_dir=state_dir,
@@ -168,9 +188,16 @@ def up(
     port: int = typer.Option(8080, help="Port for the web UI and API."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     data_dir: Path | None = typer.Option(None, help="Where the database, homes and keys live."),
+    insecure_shared_user: bool = typer.Option(
+        False,
+        "--insecure-shared-user",
+        help="Run sessions as this user, unsandboxed (a single-person laptop only).",
+    ),
 ) -> None:
     """Everything on this machine: control plane (SQLite) plus a local desktop agent."""
     s = settings_for(data_dir, port=port, host=host)
+    if insecure_shared_user:
+        s.local_insecure_shared_user = True
     logs.configure(s.log_level, s.log_format)
     run(_serve(s, with_local_agent=True))
 
@@ -218,7 +245,11 @@ def agent(
     max_sessions: int = typer.Option(10),
     cpu_millis: int = typer.Option(8000),
     memory_mb: int = typer.Option(16384),
-    sandbox: bool = typer.Option(False, help="Run local apps under bubblewrap."),
+    insecure_shared_user: bool = typer.Option(
+        False,
+        "--insecure-shared-user",
+        help="local: run sessions as the agent's user, unsandboxed (single-person laptop only).",
+    ),
 ) -> None:
     """Run an agent: enrol once with a join token, then serve sessions for the control plane."""
     import socket
@@ -231,10 +262,10 @@ def agent(
     sdir = state_dir or (Path.home() / ".local" / "share" / "streamspace-agent")
     agent_name = name or socket.gethostname()
     be: Any
+    if insecure_shared_user:
+        s.local_insecure_shared_user = True
     if backend == "local":
-        from streamspace.agent.backends.local import LocalBackend
-
-        be = LocalBackend(state_dir=sdir, sandbox=sandbox)
+        be = local_backend(s, sdir)
     elif backend == "docker":
         from streamspace.agent.backends.docker import DockerBackend
 

@@ -95,9 +95,10 @@ class Transport(Protocol):
 
 
 class TCPTransport:
-    """`Transport` over an asyncio stream pair (a TCP socket in practice)."""
+    """`Transport` over an asyncio stream pair: a TCP or Unix socket, or anything with the same
+    read/write/drain/close methods (the agent's authenticated VNC connections)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: Any, writer: Any) -> None:
         self._reader = reader
         self._writer = writer
 
@@ -106,20 +107,34 @@ class TCPTransport:
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer)
 
+    @classmethod
+    async def connect_unix(cls, path: str) -> Self:
+        reader, writer = await asyncio.open_unix_connection(path)
+        return cls(reader, writer)
+
     async def read_exactly(self, n: int) -> bytes:
-        try:
-            return await self._reader.readexactly(n)
-        except asyncio.IncompleteReadError as exc:
-            raise RFBError(
-                f"connection closed by the server ({len(exc.partial)} of {n} bytes read)"
-            ) from exc
+        if isinstance(self._reader, asyncio.StreamReader):
+            try:
+                return await self._reader.readexactly(n)
+            except asyncio.IncompleteReadError as exc:
+                raise RFBError(
+                    f"connection closed by the server ({len(exc.partial)} of {n} bytes read)"
+                ) from exc
+        data = bytearray()
+        while len(data) < n:
+            chunk = await self._reader.read(n - len(data))
+            if not chunk:
+                raise RFBError(f"connection closed by the server ({len(data)} of {n} bytes read)")
+            data += chunk
+        return bytes(data)
 
     async def write(self, data: bytes) -> None:
         self._writer.write(data)
         await self._writer.drain()
 
     async def close(self) -> None:
-        if self._writer.is_closing():
+        closing = getattr(self._writer, "is_closing", None)
+        if closing is not None and closing():
             return
         self._writer.close()
         with contextlib.suppress(ConnectionError, OSError):
@@ -290,9 +305,7 @@ class RFBClient:
         return await cls.over(transport, shared=shared)
 
     @classmethod
-    async def from_streams(
-        cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, shared: bool = True
-    ) -> RFBClient:
+    async def from_streams(cls, reader: Any, writer: Any, *, shared: bool = True) -> RFBClient:
         return await cls.over(TCPTransport(reader, writer), shared=shared)
 
     @classmethod

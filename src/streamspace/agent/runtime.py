@@ -40,8 +40,9 @@ from websockets.exceptions import (
 
 import streamspace
 from streamspace import protocol
-from streamspace.agent.backends.base import Backend, BackendError
+from streamspace.agent.backends.base import Backend, BackendError, VNCStream
 from streamspace.agent.state import AgentState, StateError, load_state, save_state, state_path
+from streamspace.agent.vnc import ByteStreamReader, ByteStreamWriter
 from streamspace.protocol import (
     Ack,
     BackendKind,
@@ -454,6 +455,7 @@ class Agent:
         templates = self._backend.runnable_templates(self._catalog)
         try:
             inventory = await self._backend.inventory()
+            legacy_homes = await self._backend.legacy_home_names()
         except Exception as exc:
             raise _TransientError(f"backend inventory failed: {type(exc).__name__}: {exc}") from exc
         hello = Hello(
@@ -467,6 +469,8 @@ class Agent:
             templates=templates,
             inventory=inventory,
             version=streamspace.__version__,
+            isolation=self._backend.isolation(),
+            legacy_homes=legacy_homes,
         )
         url = self._ws_base + protocol.AGENT_CONNECT_PATH
         try:
@@ -489,6 +493,10 @@ class Agent:
         try:
             conn.send(hello)
             welcome = await self._await_welcome(conn)
+            if legacy_homes:
+                # Before any command is read: a start must find its home where it now belongs.
+                moved = await self._backend.migrate_homes(welcome.home_owners)
+                log.info(_fmt("homes_migrated", agent_id=self.agent_id, homes=len(moved)))
             self._on_welcome(conn, welcome, inventory, templates)
             await self._serve(conn, writer, welcome)
         finally:
@@ -796,7 +804,7 @@ class Agent:
             _fmt(
                 "command_succeeded",
                 **fields,
-                endpoint=f"{endpoint.host}:{endpoint.port}" if endpoint else None,
+                endpoint=endpoint.describe() if endpoint else None,
                 duration=f"{loop.time() - started:.3f}s",
             )
         )
@@ -888,26 +896,20 @@ class Agent:
         if self._conn is not None:
             self._conn.send(StreamFailed(stream_id=msg.stream_id, error=error))
 
-    async def open_endpoint(
-        self, session_id: str, endpoint: protocol.Endpoint
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """TCP to a session's VNC server for one viewer.
+    async def open_session(self, session_id: str) -> VNCStream:
+        """A connection to a session's VNC server for one viewer, through the backend (which
+        knows where the server is and holds its per-session secret).
 
         Called for dialled-back streams and directly by a control plane embedding this agent
         (`streamspace up`), whose viewers then need no loopback WebSocket hop.
         """
-        log.info(
-            _fmt(
-                "endpoint_open",
-                agent_id=self.agent_id,
-                session_id=session_id,
-                endpoint=f"{endpoint.host}:{endpoint.port}",
+        log.info(_fmt("vnc_open", agent_id=self.agent_id, session_id=session_id))
+        try:
+            return await self._backend.open_vnc(
+                session_id, connect_timeout=self._config.tcp_connect_timeout_seconds
             )
-        )
-        return await asyncio.wait_for(
-            asyncio.open_connection(endpoint.host, endpoint.port),
-            timeout=self._config.tcp_connect_timeout_seconds,
-        )
+        except BackendError as exc:
+            raise ConnectionError(str(exc)) from exc
 
     async def _run_stream(self, msg: OpenStream) -> None:
         """Bridge one viewer: a fresh binary WebSocket to the control plane <-> the RFB port."""
@@ -918,13 +920,12 @@ class Agent:
         if not url.startswith(("ws://", "wss://")):
             self._stream_failed(msg, f"invalid stream base URL {msg.base_url!r}")
             return
-        host, port = msg.endpoint.host, msg.endpoint.port
         try:
-            reader, writer = await self.open_endpoint(msg.session_id, msg.endpoint)
+            reader, writer = await self.open_session(msg.session_id)
         except (OSError, TimeoutError) as exc:
             # Before dialling back, so the viewer gets the reason instead of a bare close.
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-            self._stream_failed(msg, f"cannot connect to session at {host}:{port}: {reason}")
+            self._stream_failed(msg, f"cannot connect to the session: {reason}")
             return
         try:
             ws = await connect(
@@ -967,9 +968,7 @@ class Agent:
             await ws.close()
 
 
-async def _pump(
-    ws: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-) -> None:
+async def _pump(ws: ClientConnection, reader: ByteStreamReader, writer: ByteStreamWriter) -> None:
     """Copy bytes both ways until either side closes.
 
     Each direction awaits its sink (`drain`, `ws.send`) before reading more, so memory stays

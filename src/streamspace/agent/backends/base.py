@@ -11,7 +11,17 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 
-from streamspace.protocol import BackendKind, CatalogEntry, Endpoint, InventoryItem, SessionSpec
+from streamspace.agent import vnc
+from streamspace.protocol import (
+    BackendKind,
+    CatalogEntry,
+    Endpoint,
+    InventoryItem,
+    Isolation,
+    SessionSpec,
+)
+
+VNCStream = tuple[vnc.ByteStreamReader, vnc.ByteStreamWriter]
 
 
 class BackendError(Exception):
@@ -49,19 +59,55 @@ class Backend(abc.ABC):
     def runnable_templates(self, catalog: Iterable[CatalogEntry]) -> list[str]:
         """Names of templates whose launch spec this host can actually run."""
 
+    @abc.abstractmethod
+    def isolation(self) -> Isolation:
+        """What keeps this backend's sessions from the agent and from each other."""
+
+    async def open_vnc(self, session_id: str, connect_timeout: float = 10.0) -> VNCStream:
+        """A connection to the session's VNC server, past any per-session authentication, that
+        offers the caller security type None (the viewer's stream ticket is its credential).
+
+        The backend, not the control plane, says where the server is: an agent never connects
+        to an address it is merely told. This default connects to the endpoint `status()`
+        reports, without authentication; backends whose servers need a secret override it.
+        """
+        item = await self.status(session_id)
+        if item.state != "running" or item.endpoint is None:
+            raise BackendError(f"session {session_id} is not running on this agent")
+        return await vnc.open_endpoint(item.endpoint, connect_timeout)
+
     async def healthy(self) -> tuple[bool, str]:
         """Whether the backend can take new sessions (e.g. engine reachable), and why not."""
         return True, ""
+
+    async def legacy_home_names(self) -> list[str]:
+        """Owner names of homes kept under the name-keyed layout of protocol version 1."""
+        return []
+
+    async def migrate_homes(self, owners: dict[str, str]) -> dict[str, str]:
+        """Re-key those homes by the user ids the control plane gave for their names."""
+        return {}
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release clients; running sessions are left running."""
 
 
-async def rfb_answers(port: int, host: str = "127.0.0.1", read_timeout: float = 2.0) -> bool:
-    """True if host:port sends an RFB 3.x banner: the readiness probe every backend uses."""
+async def rfb_answers(
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    read_timeout: float = 2.0,
+    *,
+    unix_path: str | None = None,
+) -> bool:
+    """True if the TCP port or Unix socket sends an RFB 3.x banner: every backend's readiness
+    probe."""
     writer: asyncio.StreamWriter | None = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        if unix_path is not None:
+            opening = asyncio.open_unix_connection(unix_path)
+        else:
+            opening = asyncio.open_connection(host, port)
+        reader, writer = await asyncio.wait_for(opening, 1.0)
         banner = await asyncio.wait_for(reader.readexactly(12), read_timeout)
     except (OSError, asyncio.IncompleteReadError, TimeoutError):
         return False

@@ -1,0 +1,200 @@
+"""Persistent homes on the agent host, keyed by immutable user ids.
+
+Layout (under the agent's state directory, itself 0700 and owned by the agent):
+`homes/<user_id>/<template>`, both levels owned by the session uid and mode 0700, and
+`homes/.layout` saying which layout this is. Version 1 keyed homes by user *name*, so a user
+deleted and re-created under the same name inherited the old one's files; `migrate_legacy`
+moves such homes to their owner's id once the control plane says which id a name belongs to
+now. Homes of names no user has any more go to `homes/.orphaned/<name>` (kept, never
+deleted: an admin decides).
+
+Everything that walks a home runs as root on a tree the session user controls, so nothing here
+follows symlinks: sizes are taken with lstat, ownership is changed with lchown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from streamspace.agent.backends.base import BackendError
+
+__all__ = [
+    "LAYOUT_VERSION",
+    "HomeStore",
+]
+
+log = logging.getLogger("streamspace.agent.local")
+
+UidLookup = Callable[[str], tuple[int, int]]
+"""user id -> (uid, gid) of the account its sessions run as."""
+
+LAYOUT_VERSION = 2
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+
+
+def check_name(kind: str, value: str) -> None:
+    """Names become path components; refuse anything that could escape the state dir."""
+    if not _NAME_RE.fullmatch(value) or value in (".", ".."):
+        raise BackendError(f"invalid {kind} {value!r}: use letters, digits and . _ @ + -")
+
+
+def _mkdir_owned(path: Path, uid: int, gid: int) -> None:
+    """A real directory (never a symlink) owned by uid:gid with mode 0700."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise BackendError(f"{path} is not a directory")
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid, follow_symlinks=False)
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700, follow_symlinks=False)
+
+
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """lchown a whole tree (a migrated home written by the old root-run sessions)."""
+    os.chown(root, uid, gid, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in (*dirnames, *filenames):
+            with contextlib.suppress(FileNotFoundError):
+                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+
+
+def tree_bytes(root: Path) -> int:
+    """Disk usage of a tree (allocated blocks), symlinks not followed."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError):
+        total += root.lstat().st_blocks * 512
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in (*dirnames, *filenames):
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
+class HomeStore:
+    """Paths, ownership, size accounting and layout migration of homes (blocking methods)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "homes"
+        self.ephemeral = state_dir / "ephemeral"
+        self._usage_path = state_dir / "home-usage.json"
+        for path in (self.root, self.ephemeral):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.chmod(0o700)
+        self._usage: dict[str, int] = self._load_usage()
+        if not (self.root / ".layout").exists() and self.layout() == LAYOUT_VERSION:
+            (self.root / ".layout").write_text(f"{LAYOUT_VERSION}\n")
+
+    # ---- paths ----------------------------------------------------------------------------
+
+    def persistent(self, user_id: str, template: str) -> Path:
+        check_name("user id", user_id)
+        check_name("template", template)
+        return self.root / user_id / template
+
+    def scratch(self, session_id: str) -> Path:
+        check_name("session id", session_id)
+        return self.ephemeral / session_id
+
+    def prepare(self, home: Path, uid: int, gid: int) -> None:
+        """Create the home (and its per-user parent) owned by the session's uid."""
+        if home.parent != self.ephemeral:
+            _mkdir_owned(home.parent, uid, gid)
+        _mkdir_owned(home, uid, gid)
+
+    # ---- size accounting ------------------------------------------------------------------
+
+    def _load_usage(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._usage_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def measure(self, home: Path) -> int:
+        """Measure and remember a home's size (done when its session stops or hibernates)."""
+        size = tree_bytes(home)
+        self._usage[str(home)] = size
+        tmp = self._usage_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self._usage, fh)
+        os.replace(tmp, self._usage_path)
+        return size
+
+    def check_limit(self, home: Path, limit_mb: int | None) -> None:
+        """Refuse to start a session whose home was over its limit when last measured.
+
+        The home is measured again first, so space freed since (by an admin, or by the files
+        API) counts at once."""
+        if limit_mb is None or str(home) not in self._usage:
+            return
+        limit = limit_mb * 1024 * 1024
+        if self._usage[str(home)] <= limit:
+            return
+        used = self.measure(home)
+        if used > limit:
+            raise BackendError(
+                f"the home of this app uses {used / 2**20:.0f} MiB, over your limit of "
+                f"{limit_mb} MiB; free space in it (ask an admin) before starting it again"
+            )
+
+    # ---- layout migration -----------------------------------------------------------------
+
+    def layout(self) -> int:
+        try:
+            return int((self.root / ".layout").read_text().strip())
+        except (OSError, ValueError):
+            has_homes = any(p.name[0] != "." for p in self.root.iterdir() if p.is_dir())
+            return 1 if has_homes else LAYOUT_VERSION
+
+    def legacy_names(self) -> list[str]:
+        """User names of version-1 homes still waiting for their owner's id."""
+        if self.layout() >= LAYOUT_VERSION:
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name[0] != ".")
+
+    def migrate_legacy(self, owners: dict[str, str], uid_for: UidLookup) -> dict[str, str]:
+        """Move `homes/<name>/*` to `homes/<id>/*`; what went where (names -> new dirs)."""
+        moved: dict[str, str] = {}
+        for name in self.legacy_names():
+            source = self.root / name
+            user_id = owners.get(name)
+            if user_id is None:
+                target = self.root / ".orphaned" / name
+                target.parent.mkdir(mode=0o700, exist_ok=True)
+                if target.exists():
+                    target = target.with_name(f"{name}.{os.getpid()}")
+                os.rename(source, target)
+                moved[name] = str(target)
+                log.warning("home_orphaned name=%s kept_at=%s", name, target)
+                continue
+            check_name("user id", user_id)
+            uid, gid = uid_for(user_id)
+            dest = self.root / user_id
+            if dest.exists() and dest != source:
+                for template_dir in sorted(source.iterdir()):
+                    target = dest / template_dir.name
+                    if target.exists():
+                        target = dest / f"{template_dir.name}.from-{name}"
+                    os.rename(template_dir, target)
+                shutil.rmtree(source, ignore_errors=True)
+            else:
+                os.rename(source, dest)
+            chown_tree(dest, uid, gid)
+            for path in (dest, *dest.iterdir()):
+                if path.is_dir() and not path.is_symlink():
+                    path.chmod(0o700)
+            moved[name] = str(dest)
+            log.info("home_migrated name=%s user_id=%s path=%s", name, user_id, dest)
+        (self.root / ".layout").write_text(f"{LAYOUT_VERSION}\n")
+        return moved

@@ -1,0 +1,98 @@
+#!/bin/sh
+# The first process of a local session (under tini): the display server, then the app; the
+# session ends when the app does, and its exit reason is the last "streamspace-init: reason="
+# line on stderr, which the agent reads from the session log.
+#
+# Environment (set by the agent): SS_XVNC (the Xvnc binary), SS_DISPLAY, SS_GEOMETRY, SS_DEPTH,
+# SS_DESKTOP, SS_RFB_SOCKET (Unix socket for RFB, no TCP port), SS_APP_LOG (the app's stderr),
+# XAUTHORITY. Arguments: the app.
+# A stop (SIGTERM/SIGINT/SIGHUP) goes to the app first; the display server is stopped after
+# it, so apps can still save their state with their display up.
+set -u
+
+note() {
+    printf 'streamspace-init: %s\n' "$*" >&2
+}
+
+app_pid=""
+stopping=""
+
+on_stop() {
+    stopping=1
+    if [ -n "$app_pid" ]; then
+        kill -TERM "$app_pid" 2>/dev/null
+    fi
+}
+trap on_stop TERM INT HUP
+
+rm -f "$SS_RFB_SOCKET" "/tmp/.X$SS_DISPLAY-lock" "/tmp/.X11-unix/X$SS_DISPLAY"
+
+# No TCP listener (-rfbport -1, -nolisten tcp) and no abstract X socket (-nolisten local):
+# sessions sharing the host's network namespace would otherwise see each other's.
+"$SS_XVNC" ":$SS_DISPLAY" \
+    -geometry "$SS_GEOMETRY" \
+    -depth "$SS_DEPTH" \
+    -rfbunixpath "$SS_RFB_SOCKET" \
+    -rfbunixmode 0600 \
+    -rfbport -1 \
+    -SecurityTypes None \
+    -UseBlacklist 0 \
+    -AlwaysShared \
+    -nolisten tcp \
+    -nolisten local \
+    -auth "$XAUTHORITY" \
+    -desktop "$SS_DESKTOP" &
+xvnc_pid=$!
+
+tries=0
+while [ ! -S "/tmp/.X11-unix/X$SS_DISPLAY" ]; do
+    if ! kill -0 "$xvnc_pid" 2>/dev/null; then
+        note "reason=display server exited during startup"
+        exit 125
+    fi
+    if [ -n "$stopping" ]; then
+        kill -TERM "$xvnc_pid" 2>/dev/null
+        exit 143
+    fi
+    tries=$((tries + 1))
+    if [ "$tries" -gt 1000 ]; then
+        note "reason=display server did not open display :$SS_DISPLAY within 20 s"
+        kill -KILL "$xvnc_pid" 2>/dev/null
+        exit 125
+    fi
+    sleep 0.02
+done
+
+if [ -n "$stopping" ]; then
+    kill -TERM "$xvnc_pid" 2>/dev/null
+    exit 143
+fi
+
+"$@" 2>>"$SS_APP_LOG" &
+app_pid=$!
+
+# `wait` returns early when a trapped signal arrives; keep waiting until the app is gone.
+while :; do
+    wait "$app_pid"
+    status=$?
+    kill -0 "$app_pid" 2>/dev/null || break
+done
+
+if ! kill -0 "$xvnc_pid" 2>/dev/null; then
+    note "reason=display server exited"
+elif [ -n "$stopping" ]; then
+    note "reason=stopped"
+elif [ "$status" -eq 127 ]; then
+    note "reason=app $1 could not be run (exit code 127)"
+else
+    note "reason=app exited with code $status"
+fi
+
+kill -TERM "$xvnc_pid" 2>/dev/null
+tries=0
+while kill -0 "$xvnc_pid" 2>/dev/null && [ "$tries" -lt 100 ]; do
+    tries=$((tries + 1))
+    sleep 0.02
+done
+kill -KILL "$xvnc_pid" 2>/dev/null
+exit "$status"
