@@ -2,6 +2,11 @@
 # Start Xvnc on display :1 (RFB on port 5901), then openbox (if installed) and, once the window
 # manager is up, the app given as arguments. The container lives as long as the app does and
 # exits with the app's status. tini (PID 1, -g) forwards stop signals to all of them.
+#
+# The VNC server requires VNC Authentication: STREAMSPACE_VNC_PASSWD holds the obfuscated
+# password bytes (vncpasswd file format) as octal printf escapes, set by the StreamSpace agent,
+# which alone knows the password. Without it the container refuses to start rather than serve
+# an open VNC port.
 set -eu
 
 geometry="${VNC_GEOMETRY:-1280x800}"
@@ -20,11 +25,21 @@ mkdir -p "$runtime"
 chmod 0700 "$runtime"
 rm -f "$wm_ready"
 
+if [ -z "${STREAMSPACE_VNC_PASSWD:-}" ]; then
+    echo "streamspace-entrypoint: STREAMSPACE_VNC_PASSWD is not set; refusing to serve VNC" \
+        "without authentication" >&2
+    exit 2
+fi
+passwd_file="$runtime/vncpasswd"
+(umask 077 && printf "$STREAMSPACE_VNC_PASSWD" > "$passwd_file")
+unset STREAMSPACE_VNC_PASSWD
+
 Xvnc :1 \
     -geometry "$geometry" \
     -depth "$depth" \
     -rfbport 5901 \
-    -SecurityTypes None \
+    -SecurityTypes VncAuth \
+    -PasswordFile "$passwd_file" \
     -UseBlacklist 0 \
     -AlwaysShared \
     -desktop "${VNC_DESKTOP_NAME:-StreamSpace}" \

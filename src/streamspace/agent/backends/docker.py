@@ -11,8 +11,15 @@ Design notes:
   and CPU/memory limits from `SessionSpec.resources`. The image's Xvnc listens on 5901 inside;
   that port is published on 127.0.0.1 only, on a host port the engine picks (read back after
   every start, since it may change across hibernate/wake).
-* A persistent home is the named volume `ss-home-<user>-<template>` at /home/streamspace; it
-  survives hibernate (container stop) and stop (container removal).
+* The VNC server requires VNC Authentication with a per-session password: anything that can
+  reach the port (a process on the host, another container on the bridge) gets nothing
+  without it. The password is derived from a key only the agent holds (`vnc-key` in its state
+  directory, 0600), so a restarted agent can still connect; the agent authenticates and gives
+  the viewer security type None (see agent/vnc.py).
+* A persistent home is the named volume `ss-home_<user id>_<template>` at /home/streamspace
+  (`_` occurs in neither ids nor template names, so two owners can never share a name); it
+  survives hibernate (container stop) and stop (container removal), and is reused only if its
+  labels name the same user id and template.
 * States: a running container is "running", a created/stopped one "hibernated". The monitor
   reports a container it saw running that stopped without our asking through `on_exit`.
 """
@@ -22,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
+import json
 import logging
 import os
 import re
@@ -34,17 +43,20 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
-from streamspace.agent.backends.base import Backend, BackendError, rfb_answers
+from streamspace.agent import vnc
+from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
     InventoryItem,
+    Isolation,
     SessionRunState,
     SessionSpec,
 )
 
 __all__ = [
     "AGENT_LABEL",
+    "OWNER_ID_LABEL",
     "OWNER_LABEL",
     "SESSION_LABEL",
     "TEMPLATE_LABEL",
@@ -61,6 +73,7 @@ ExitCallback = Callable[[str, str], Awaitable[None]]
 
 SESSION_LABEL = "org.streamspace.session"
 OWNER_LABEL = "org.streamspace.owner"
+OWNER_ID_LABEL = "org.streamspace.owner-id"
 TEMPLATE_LABEL = "org.streamspace.template"
 AGENT_LABEL = "org.streamspace.agent"
 
@@ -68,9 +81,16 @@ CONTAINER_PORT = "5901/tcp"
 CONTAINER_USER = "1000:1000"
 CONTAINER_HOME = "/home/streamspace"
 _LOOPBACK = "127.0.0.1"
-_RESERVED_ENV = frozenset({"VNC_GEOMETRY", "VNC_DEPTH", "DISPLAY", "HOME", "USER"})
+VNC_PASSWORD_ENV = "STREAMSPACE_VNC_PASSWD"
+"""The obfuscated vncpasswd bytes as a printf format (octal escapes); the image's entrypoint
+writes them to a 0600 file for Xvnc and drops the variable before starting the app."""
+_RESERVED_ENV = frozenset(
+    {"VNC_GEOMETRY", "VNC_DEPTH", "DISPLAY", "HOME", "USER", VNC_PASSWORD_ENV}
+)
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _VOLUME_OK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+_TEMPLATE_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _RUNNING = frozenset({"running", "restarting"})
 _HIBERNATED = frozenset({"created", "exited", "stopped", "configured", "paused", "initialized"})
 
@@ -83,14 +103,34 @@ def container_name(session_id: str) -> str:
     return f"ss-{session_id}"
 
 
-def home_volume_name(user: str, template: str) -> str:
-    """`ss-home-<user>-<template>`; names the engine would refuse get a hash suffix instead."""
+def home_volume_name(user_id: str, template: str) -> str:
+    """`ss-home_<user id>_<template>`: ids are hex and template names have no `_`, so the
+    name is unambiguous (the v1 scheme joined names with `-`: alice+dev-chromium and
+    alice-dev+chromium collided)."""
+    if not _ID_RE.fullmatch(user_id) or not _TEMPLATE_RE.fullmatch(template):
+        raise BackendError(f"cannot name a home volume for user {user_id!r}, {template!r}")
+    return f"ss-home_{user_id}_{template}"
+
+
+def legacy_home_volume_name(user: str, template: str) -> str:
+    """The v1 name, `ss-home-<user>-<template>`, kept only to find volumes to migrate."""
     raw = f"ss-home-{user}-{template}"
     if _VOLUME_OK_RE.fullmatch(raw) and len(raw) <= 200:
         return raw
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{user}-{template}").strip("-.")[:100]
     digest = hashlib.sha256(f"{user}\0{template}".encode()).hexdigest()[:10]
     return f"ss-home-{safe}-{digest}" if safe else f"ss-home-{digest}"
+
+
+def vnc_password(key: bytes, session_id: str) -> bytes:
+    """The session's VNC password: 8 printable bytes from an HMAC of its id."""
+    alphabet = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
+    digest = hmac.new(key, session_id.encode(), hashlib.sha256).digest()
+    return bytes(alphabet[b % len(alphabet)] for b in digest[: vnc.PASSWORD_BYTES])
+
+
+def _printf_octal(data: bytes) -> str:
+    return "".join(f"\\{b:03o}" for b in data)
 
 
 def _normalize_ref(ref: str) -> str:
@@ -184,6 +224,29 @@ class DockerBackend(Backend):
         self._images_refresh: asyncio.Task[None] | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._callbacks: set[asyncio.Task[None]] = set()
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._vnc_key = self._load_key(self.state_dir / "vnc-key")
+        self._legacy_path = self.state_dir / "legacy-volumes.json"
+        self._legacy: dict[str, str] = self._load_legacy()
+        """Migrated v1 home volumes: "<user id>_<template>" -> the v1 volume name."""
+
+    @staticmethod
+    def _load_key(path: Path) -> bytes:
+        try:
+            return bytes.fromhex(path.read_text().strip())
+        except FileNotFoundError:
+            key = os.urandom(32)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(key.hex())
+            return key
+
+    def _load_legacy(self) -> dict[str, str]:
+        try:
+            data = json.loads(self._legacy_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
     @property
     def engine_url(self) -> str:
@@ -238,6 +301,34 @@ class DockerBackend(Backend):
             for entry in catalog
             if entry.image is not None and _normalize_ref(entry.image.image) in images
         ]
+
+    def isolation(self) -> Isolation:
+        return Isolation(
+            mode="container",
+            detail=(
+                f"one container per session as uid {CONTAINER_USER.split(':')[0]}, all "
+                "capabilities dropped, no-new-privileges; VNC needs a per-session password"
+            ),
+            limits_enforced=True,
+        )
+
+    async def open_vnc(self, session_id: str, connect_timeout: float = 10.0) -> VNCStream:
+        """Connect to the published port, authenticate with the session's password, and offer
+        the viewer security type None."""
+        item = await self.status(session_id)
+        if item.state != "running" or item.endpoint is None:
+            raise BackendError(f"session {session_id} is not running on this agent")
+        reader, writer = await vnc.open_endpoint(item.endpoint, connect_timeout)
+        try:
+            await asyncio.wait_for(
+                vnc.authenticate(reader, writer, vnc_password(self._vnc_key, session_id)),
+                connect_timeout,
+            )
+        except BaseException:
+            writer.close()
+            raise
+        front = vnc.NoneSecurityFront(reader, writer)
+        return front, front
 
     async def healthy(self) -> tuple[bool, str]:
         try:
@@ -348,12 +439,15 @@ class DockerBackend(Backend):
         labels = {
             SESSION_LABEL: spec.session_id,
             OWNER_LABEL: spec.user,
+            OWNER_ID_LABEL: spec.user_id,
             TEMPLATE_LABEL: spec.template,
             AGENT_LABEL: self.agent_id,
         }
         env = {k: v for k, v in spec.image.env.items() if k not in _RESERVED_ENV}
         env["VNC_GEOMETRY"] = f"{spec.display.width}x{spec.display.height}"
         env["VNC_DEPTH"] = str(spec.display.depth)
+        password = vnc_password(self._vnc_key, spec.session_id)
+        env[VNC_PASSWORD_ENV] = _printf_octal(vnc.obfuscated_password(password))
         memory_mb = spec.resources.memory_mb
         kwargs: dict[str, Any] = {
             "name": name,
@@ -373,7 +467,9 @@ class DockerBackend(Backend):
         if spec.image.command:
             kwargs["command"] = list(spec.image.command)
         if spec.persistent_home:
-            volume = home_volume_name(spec.user, spec.template)
+            volume = self._legacy.get(f"{spec.user_id}_{spec.template}") or home_volume_name(
+                spec.user_id, spec.template
+            )
             await self._call(self._ensure_volume, volume, spec)
             kwargs["volumes"] = {volume: {"bind": CONTAINER_HOME, "mode": "rw"}}
         created: Container | None = await self._call(self._create_sync, image, kwargs)
@@ -601,15 +697,75 @@ class DockerBackend(Backend):
         self._images_refresh = loop.create_task(refresh(), name="docker-image-refresh")
 
     def _ensure_volume(self, name: str, spec: SessionSpec) -> None:
+        """Create the home volume, or check that the existing one is this user's for this
+        template: a volume is never handed to someone its labels do not name."""
         volumes = self._client_sync().volumes
         try:
-            volumes.get(name)
+            volume = volumes.get(name)
         except docker.errors.NotFound:
-            with contextlib.suppress(docker.errors.APIError):
-                volumes.create(
-                    name,
-                    labels={OWNER_LABEL: spec.user, TEMPLATE_LABEL: spec.template},
-                )
+            volumes.create(
+                name,
+                labels={
+                    OWNER_LABEL: spec.user,
+                    OWNER_ID_LABEL: spec.user_id,
+                    TEMPLATE_LABEL: spec.template,
+                },
+            )
+            return
+        labels = (volume.attrs or {}).get("Labels") or {}
+        legacy = self._legacy.get(f"{spec.user_id}_{spec.template}") == name
+        owner_ok = labels.get(OWNER_ID_LABEL) == spec.user_id or (
+            legacy and OWNER_ID_LABEL not in labels
+        )
+        if not owner_ok or labels.get(TEMPLATE_LABEL) != spec.template:
+            raise BackendError(
+                f"home volume {name} exists but is not labelled for this user and template; "
+                "refusing to mount someone else's files"
+            )
+
+    # ---- v1 home volumes ------------------------------------------------------------------
+
+    def _legacy_volumes_sync(self) -> list[tuple[str, str, str]]:
+        """(volume, owner name, template) of v1 home volumes not yet mapped to an id."""
+        mapped = set(self._legacy.values())
+        found = []
+        for volume in self._client_sync().volumes.list(filters={"label": OWNER_LABEL}):
+            labels = (volume.attrs or {}).get("Labels") or {}
+            if OWNER_ID_LABEL in labels or volume.name in mapped:
+                continue
+            owner, template = labels.get(OWNER_LABEL, ""), labels.get(TEMPLATE_LABEL, "")
+            if owner and template and volume.name == legacy_home_volume_name(owner, template):
+                found.append((volume.name, owner, template))
+        return found
+
+    async def legacy_home_names(self) -> list[str]:
+        try:
+            found = await self._call(self._legacy_volumes_sync)
+        except BackendError:
+            return []
+        return sorted({owner for _, owner, _ in found})
+
+    async def migrate_homes(self, owners: dict[str, str]) -> dict[str, str]:
+        """Map v1 volumes (named after user names) to the ids those names have now.
+
+        Volume labels cannot change, so the mapping is kept in the agent's state; volumes of
+        names that no longer exist stay where they are, unmounted (nothing is deleted)."""
+        moved: dict[str, str] = {}
+        for volume, owner, template in await self._call(self._legacy_volumes_sync):
+            user_id = owners.get(owner)
+            if user_id is None or not _ID_RE.fullmatch(user_id):
+                log.warning("home_volume_orphaned volume=%s owner=%s", volume, owner)
+                continue
+            self._legacy.setdefault(f"{user_id}_{template}", volume)
+            moved[volume] = user_id
+            log.info("home_volume_migrated volume=%s owner=%s user_id=%s", volume, owner, user_id)
+        if moved:
+            tmp = self._legacy_path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self._legacy, fh, indent=2, sort_keys=True)
+            os.replace(tmp, self._legacy_path)
+        return moved
 
     def _remove(self, container: Container) -> None:
         try:
