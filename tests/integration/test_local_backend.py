@@ -1,7 +1,8 @@
-"""LocalBackend end to end: real Xvnc + xterm sessions, watched through the RFB client.
+"""LocalBackend end to end: real Xvnc + xterm sessions in real sandboxes, watched over RFB.
 
-Orphan checks scan /proc independently of the backend's own bookkeeping, so a leak in that
-bookkeeping cannot hide itself.
+Process checks scan /proc independently of the backend's own bookkeeping (tests/vnc_support),
+so a leak in that bookkeeping cannot hide itself. The agent here is root, so sessions run in
+the uid sandbox: their own uid, bubblewrap, a PID namespace.
 """
 
 from __future__ import annotations
@@ -20,88 +21,43 @@ from pathlib import Path
 import pytest
 
 from streamspace.agent.backends.base import BackendError
-from streamspace.agent.backends.local import SESSION_ENV_MARKER, LocalBackend
-from streamspace.protocol import CatalogEntry, Endpoint, ImageLaunch, LocalLaunch, SessionSpec
+from streamspace.agent.backends.local import LocalBackend
+from streamspace.protocol import CatalogEntry, ImageLaunch, LocalLaunch, SessionSpec
 from streamspace.rfb import RFBClient
+from vnc_support import session_pids, session_processes, vnc_socket, xvnc_processes
 
 if shutil.which("Xvnc") is None or shutil.which("xterm") is None:
     pytest.skip(
         "LocalBackend integration tests need TigerVNC `Xvnc` and `xterm` on PATH",
         allow_module_level=True,
     )
+if os.geteuid() != 0:
+    pytest.skip("these tests exercise the root agent's uid sandbox", allow_module_level=True)
 
 pytestmark = pytest.mark.xvnc
 
-# Away from the defaults so a developer's own agent on this host is not disturbed.
+XTERM = ["xterm", "-geometry", "120x40+0+0"]
 DISPLAY_BASE = 240
-PORT_BASE = 17240
 
 
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def new_spec(command: list[str] | None = None, *, user: str = "alice") -> SessionSpec:
+def new_spec(
+    command: list[str] | None = None,
+    *,
+    user: str = "alice",
+    user_id: str | None = None,
+    **fields: object,
+) -> SessionSpec:
     return SessionSpec(
         session_id=f"t-{uuid.uuid4().hex[:10]}",
+        user_id=user_id or uuid.uuid4().hex,
         user=user,
         template="xterm",
-        local=LocalLaunch(command=command or ["xterm"]),
+        local=LocalLaunch(command=command or XTERM),
+        **fields,  # type: ignore[arg-type]
     )
-
-
-def _stat(pid: str) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
-def session_pids(session_id: str) -> list[int]:
-    """Live (non-zombie) processes carrying the session marker in their environment."""
-    needle = f"{SESSION_ENV_MARKER}={session_id}".encode()
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            environ = Path(f"/proc/{name}/environ").read_bytes()
-        except OSError:
-            continue
-        stat = _stat(name)
-        if needle in environ.split(b"\0") and stat is not None and stat[0] != "Z":
-            found.append(int(name))
-    return found
-
-
-def xvnc_pids(display: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        stat = _stat(name)
-        if (
-            argv
-            and argv[0].endswith(b"Xvnc")
-            and f":{display}".encode() in argv
-            and stat is not None
-            and stat[0] != "Z"
-        ):
-            found.append(int(name))
-    return found
-
-
-def port_listening(port: int) -> bool:
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                return True
-    return False
 
 
 def record(backend: LocalBackend, session_id: str) -> dict[str, object]:
@@ -110,18 +66,11 @@ def record(backend: LocalBackend, session_id: str) -> dict[str, object]:
     return data
 
 
-def assert_gone(session_id: str, display: int, port: int) -> None:
-    """No process, display or port of the session is left."""
-    assert session_pids(session_id) == []
-    assert xvnc_pids(display) == []
-    assert not port_listening(port)
-    assert not Path(f"/tmp/.X{display}-lock").exists()
-    assert not Path(f"/tmp/.X11-unix/X{display}").exists()
-
-
-async def nonblank_client(endpoint: Endpoint, timeout: float = 15.0) -> RFBClient:
+async def viewer(backend: LocalBackend, session_id: str, timeout: float = 15.0) -> RFBClient:
+    """A client through the backend's own VNC connection, with the screen drawn."""
+    reader, writer = await backend.open_vnc(session_id)
     async with asyncio.timeout(timeout):
-        client = await RFBClient.open(endpoint.host, endpoint.port)
+        client = await RFBClient.from_streams(reader, writer)
     await client.request_update(incremental=False, timeout=timeout)
     assert await client.wait_for(RFBClient.framebuffer_nonblank, timeout=timeout)
     return client
@@ -135,54 +84,67 @@ async def type_and_see_change(client: RFBClient, text: str) -> None:
     assert await client.wait_for_change(before, timeout=10), "typing did not change the screen"
 
 
+async def wait_for_file(path: Path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().endswith("END\n"):
+            return path.read_text()
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{path} was not written within {timeout}s")
+
+
+def assert_gone(backend: LocalBackend, session_id: str) -> None:
+    assert session_pids(session_id) == []
+    assert not backend.run_dir(session_id).exists()
+    assert not list((Path("/sys/fs/cgroup/memory")).glob(f"**/streamspace-{session_id}"))
+
+
 @pytest.fixture
 async def backend(tmp_path: Path) -> AsyncIterator[LocalBackend]:
-    be = LocalBackend(tmp_path / "state", display_base=DISPLAY_BASE, port_base=PORT_BASE)
+    be = LocalBackend(tmp_path / "state", display_base=DISPLAY_BASE)
     yield be
     await be.remove_unknown(set())
     await be.close()
 
 
-# ---- tests --------------------------------------------------------------------------------
+# ---- lifecycle ----------------------------------------------------------------------------
 
 
 async def test_start_stream_type_and_stop(backend: LocalBackend) -> None:
     spec = new_spec()
     started = time.monotonic()
     endpoint = await backend.start(spec)
-    client = await nonblank_client(endpoint)
-    first_frame = time.monotonic() - started
-    print(f"\nxterm start -> first non-blank framebuffer: {first_frame:.3f}s")
-    assert endpoint.host == "127.0.0.1"
+    client = await viewer(backend, spec.session_id)
+    print(f"\nxterm start -> first non-blank framebuffer: {time.monotonic() - started:.3f}s")
+    assert endpoint.unix_path == str(vnc_socket(backend.state_dir, spec.session_id))
+    assert endpoint.port is None
     assert client.name == "xterm (alice)"
     assert (client.width, client.height) == (spec.display.width, spec.display.height)
 
-    await type_and_see_change(client, "echo hello\n")
+    home = backend.home_for(spec)
+    await type_and_see_change(client, "id -u > ~/out; echo END >> ~/out\n")
+    uid = int((await wait_for_file(home / "out")).split()[0])
+    assert uid == record(backend, spec.session_id)["uid"]
+    assert uid not in (0, os.getuid())
 
     assert await backend.start(spec) == endpoint  # idempotent
     status = await backend.status(spec.session_id)
-    assert status.state == "running"
-    assert status.endpoint == endpoint
+    assert (status.state, status.endpoint) == ("running", endpoint)
     assert (status.user, status.template) == ("alice", "xterm")
 
-    rec = record(backend, spec.session_id)
-    display, port = rec["display"], rec["port"]
-    assert isinstance(display, int) and isinstance(port, int)
-    assert port == endpoint.port
-    home = backend.home_for(spec)
-    assert home == backend.state_dir / "homes" / "alice" / "xterm"
-    assert home.stat().st_mode & 0o777 == 0o700
-    app_pid = rec["app_pid"]
-    assert isinstance(app_pid, int)
-    environ = Path(f"/proc/{app_pid}/environ").read_bytes().split(b"\0")
-    assert f"HOME={home}".encode() in environ
-    assert f"DISPLAY=:{display}".encode() in environ
+    assert home == backend.state_dir / "homes" / spec.user_id / "xterm"
+    for path in (home, home.parent):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, uid, 0o700)
+    app = [p for p in session_processes(spec.session_id) if p.name() == "xterm"]
+    assert len(app) == 1
+    assert app[0].uids().real == uid
+    assert app[0].environ()["HOME"] == "/home/streamspace"
 
     await client.close()
     await backend.stop(spec.session_id)
-    assert_gone(spec.session_id, display, port)
-    assert not backend.run_dir(spec.session_id).exists()
-    assert home.is_dir()  # the persistent home outlives the session
+    assert_gone(backend, spec.session_id)
+    assert (home / "out").exists()  # the persistent home outlives the session
     assert (await backend.status(spec.session_id)).state == "stopped"
     assert await backend.inventory() == []
     await backend.stop(spec.session_id)  # idempotent
@@ -191,14 +153,11 @@ async def test_start_stream_type_and_stop(backend: LocalBackend) -> None:
 async def test_hibernate_keeps_home_and_wake_restores(backend: LocalBackend) -> None:
     spec = new_spec()
     await backend.start(spec)
-    rec = record(backend, spec.session_id)
-    display, port = rec["display"], rec["port"]
-    assert isinstance(display, int) and isinstance(port, int)
     note = backend.home_for(spec) / "note.txt"
     note.write_text("kept across hibernation")
 
     await backend.hibernate(spec.session_id)
-    assert_gone(spec.session_id, display, port)
+    assert session_pids(spec.session_id) == []
     assert note.read_text() == "kept across hibernation"
     status = await backend.status(spec.session_id)
     assert (status.state, status.endpoint) == ("hibernated", None)
@@ -208,15 +167,12 @@ async def test_hibernate_keeps_home_and_wake_restores(backend: LocalBackend) -> 
 
     woken = await backend.wake(spec)
     assert (await backend.status(spec.session_id)).endpoint == woken
-    woken_display = record(backend, spec.session_id)["display"]
-    assert isinstance(woken_display, int)
-    client = await nonblank_client(woken)
+    client = await viewer(backend, spec.session_id)
     await type_and_see_change(client, "cat note.txt\n")
     await client.close()
-    assert note.read_text() == "kept across hibernation"
 
     assert await backend.remove_unknown({"some-other-session"}) == [spec.session_id]
-    assert_gone(spec.session_id, woken_display, woken.port)
+    assert_gone(backend, spec.session_id)
     assert note.exists()
 
 
@@ -226,42 +182,43 @@ async def test_hibernate_unknown_session_is_an_error(backend: LocalBackend) -> N
     assert (await backend.status("never-started")).state == "unknown"
 
 
+async def test_same_user_same_uid_other_user_other_uid(backend: LocalBackend) -> None:
+    alice = uuid.uuid4().hex
+    specs = [new_spec(user_id=alice), new_spec(user_id=alice), new_spec(user="bob")]
+    await asyncio.gather(*(backend.start(s) for s in specs))
+    uids = [record(backend, s.session_id)["uid"] for s in specs]
+    assert uids[0] == uids[1] != uids[2]
+    clients = await asyncio.gather(*(viewer(backend, s.session_id) for s in specs))
+    for client in clients:
+        await client.close()
+    # A new backend on the same state dir (an agent restart) keeps the allocation.
+    again = LocalBackend(backend.state_dir)
+    assert again.identities.known(alice) == uids[0]
+
+
 async def test_killed_xvnc_is_reported_exited(tmp_path: Path) -> None:
     reports: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
     async def on_exit(session_id: str, reason: str) -> None:
         await reports.put((session_id, reason))
 
-    be = LocalBackend(
-        tmp_path / "state",
-        display_base=DISPLAY_BASE,
-        port_base=PORT_BASE,
-        on_exit=on_exit,
-        poll_interval=0.2,
-    )
+    be = LocalBackend(tmp_path / "state", on_exit=on_exit, poll_interval=0.2)
     await be.start_monitor()
     try:
         spec = new_spec()
-        endpoint = await be.start(spec)
-        rec = record(be, spec.session_id)
-        display, xvnc_pid = rec["display"], rec["xvnc_pid"]
-        assert isinstance(display, int) and isinstance(xvnc_pid, int)
-
-        os.kill(xvnc_pid, signal.SIGKILL)  # behind the backend's back
+        await be.start(spec)
+        (xvnc,) = xvnc_processes(spec.session_id)
+        os.kill(xvnc.pid, signal.SIGKILL)  # behind the backend's back
         session_id, reason = await asyncio.wait_for(reports.get(), 10)
         assert session_id == spec.session_id
-        assert reason == "display server was killed by signal 9"
-
+        assert reason == "display server exited"
         status = await be.status(spec.session_id)
         assert (status.state, status.endpoint) == ("exited", None)
         assert record(be, spec.session_id)["state"] == "exited"
-        # The app lost its display and was cleaned up with it.
-        assert session_pids(spec.session_id) == []
+        assert session_pids(spec.session_id) == []  # the app went down with its display
         assert reports.empty()  # reported once
-
         await be.stop(spec.session_id)
-        assert_gone(spec.session_id, display, endpoint.port)
-        assert await be.inventory() == []
+        assert_gone(be, spec.session_id)
     finally:
         await be.remove_unknown(set())
         await be.close()
@@ -273,22 +230,45 @@ async def test_app_exit_reason_carries_stderr(tmp_path: Path) -> None:
     async def on_exit(session_id: str, reason: str) -> None:
         await reports.put((session_id, reason))
 
-    be = LocalBackend(
-        tmp_path / "state", display_base=DISPLAY_BASE, port_base=PORT_BASE, poll_interval=0.2
-    )
+    be = LocalBackend(tmp_path / "state", poll_interval=0.2)
     await be.start_monitor(on_exit)  # the agent runtime's way of passing the callback
     try:
         spec = new_spec(["sh", "-c", "sleep 0.3; echo 'cannot open profile' >&2; exit 3"])
-        endpoint = await be.start(spec)
+        await be.start(spec)
         _, reason = await asyncio.wait_for(reports.get(), 10)
         assert reason == "app exited with code 3: cannot open profile"
         assert (await be.status(spec.session_id)).state == "exited"
-        assert not port_listening(endpoint.port)  # Xvnc went down with the app
-        # Starting an exited session runs it afresh.
-        again = await be.start(spec)
+        assert xvnc_processes(spec.session_id) == []
+        await be.start(spec)  # starting an exited session runs it afresh
         assert (await be.status(spec.session_id)).state == "running"
         await be.stop(spec.session_id)
-        assert not port_listening(again.port)
+        assert_gone(be, spec.session_id)
+    finally:
+        await be.remove_unknown(set())
+        await be.close()
+
+
+async def test_planted_symlink_never_leaks_into_the_exit_reason(tmp_path: Path) -> None:
+    """The app log lives where the session can write; the agent reads it as root."""
+    reports: asyncio.Queue[str] = asyncio.Queue()
+
+    async def on_exit(_: str, reason: str) -> None:
+        await reports.put(reason)
+
+    be = LocalBackend(tmp_path / "state", poll_interval=0.2)
+    await be.start_monitor(on_exit)
+    secret = tmp_path / "secret"
+    secret.write_text("root-only-secret-line\n")
+    secret.chmod(0o600)
+    try:
+        spec = new_spec(["sh", "-c", "sleep 0.3; exit 4"])
+        await be.start(spec)
+        app_log = be.run_dir(spec.session_id) / "session" / "app.log"
+        app_log.unlink(missing_ok=True)
+        app_log.symlink_to(secret)
+        reason = await asyncio.wait_for(reports.get(), 10)
+        assert reason == "app exited with code 4"
+        assert "root-only" not in reason
     finally:
         await be.remove_unknown(set())
         await be.close()
@@ -301,11 +281,12 @@ from streamspace.agent.backends.local import LocalBackend
 from streamspace.protocol import LocalLaunch, SessionSpec
 
 async def main() -> None:
-    backend = LocalBackend(Path(sys.argv[1]), display_base=int(sys.argv[3]),
-                           port_base=int(sys.argv[4]))
-    spec = SessionSpec(session_id=sys.argv[2], user="bob", template="xterm",
-                       local=LocalLaunch(command=["xterm"]))
-    print((await backend.start(spec)).model_dump_json())
+    backend = LocalBackend(Path(sys.argv[1]))
+    spec = SessionSpec(session_id=sys.argv[2], user_id=sys.argv[3], user="bob",
+                       template="xterm", local=LocalLaunch(command=["xterm"]))
+    print((await backend.start(spec)).model_dump_json(), flush=True)
+    if len(sys.argv) > 4:
+        await asyncio.sleep(3600)
 
 asyncio.run(main())
 """
@@ -313,7 +294,7 @@ asyncio.run(main())
 
 async def test_sessions_survive_agent_restart(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    session_id = f"t-{uuid.uuid4().hex[:10]}"
+    session_id, user_id = f"t-{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
     # A separate "agent" process starts the session and exits, as an agent crash would.
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -321,81 +302,112 @@ async def test_sessions_survive_agent_restart(tmp_path: Path) -> None:
         _RESTART_SCRIPT,
         str(state),
         session_id,
-        str(DISPLAY_BASE),
-        str(PORT_BASE),
+        user_id,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
-    endpoint = Endpoint.model_validate_json(out)
 
-    be = LocalBackend(state, display_base=DISPLAY_BASE, port_base=PORT_BASE)
+    be = LocalBackend(state)
     try:
         items = await be.inventory()
-        assert [(i.session_id, i.state, i.endpoint) for i in items] == [
-            (session_id, "running", endpoint)
-        ]
+        assert [(i.session_id, i.state) for i in items] == [(session_id, "running")]
         assert items[0].user == "bob"
+        assert (
+            items[0].endpoint is not None
+            and items[0].endpoint.model_dump_json() == out.strip().decode()
+        )
         spec = SessionSpec(
             session_id=session_id,
+            user_id=user_id,
             user="bob",
             template="xterm",
             local=LocalLaunch(command=["xterm"]),
         )
-        assert await be.start(spec) == endpoint  # adopted, not restarted
-        client = await nonblank_client(endpoint)
+        assert await be.start(spec) == items[0].endpoint  # adopted, not restarted
+        assert len(xvnc_processes(session_id)) == 1
+        client = await viewer(be, session_id)
         await client.close()
-
-        display = record(be, session_id)["display"]
-        assert isinstance(display, int)
         await be.stop(session_id)
-        assert_gone(session_id, display, endpoint.port)
+        assert_gone(be, session_id)
     finally:
         await be.remove_unknown(set())
         await be.close()
 
 
-async def test_concurrent_starts_get_distinct_displays(backend: LocalBackend) -> None:
-    specs = [new_spec(user="carol"), new_spec(user="dave")]
-    endpoints = await asyncio.gather(*(backend.start(s) for s in specs))
-    assert len({e.port for e in endpoints}) == 2
-    displays = {record(backend, s.session_id)["display"] for s in specs}
-    assert len(displays) == 2
-    clients = await asyncio.gather(*(nonblank_client(e) for e in endpoints))
-    for client in clients:
-        await client.close()
-    for spec in specs:
-        await backend.stop(spec.session_id)
-    assert await backend.inventory() == []
-
-
-@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (bwrap)")
-async def test_sandboxed_xterm(tmp_path: Path) -> None:
-    be = LocalBackend(
-        tmp_path / "state", sandbox=True, display_base=DISPLAY_BASE, port_base=PORT_BASE
+async def test_agent_killed_during_start_leaves_no_second_display_server(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL the agent while a start is under way; the next agent must clean up before it
+    starts the session again, so exactly one Xvnc serves it."""
+    state = tmp_path / "state"
+    session_id, user_id = f"t-{uuid.uuid4().hex[:10]}", uuid.uuid4().hex
+    record_path = state / "sessions" / f"{session_id}.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _RESTART_SCRIPT,
+        str(state),
+        session_id,
+        user_id,
+        "hang",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        # The moment the record names the spawned process and the session still starts.
+        try:
+            data = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            data = {}
+        if data.get("state") == "starting" and data.get("init_pid"):
+            break
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError("the start never got as far as spawning")
+    proc.kill()
+    await proc.wait()
+    assert json.loads(record_path.read_text())["state"] == "starting"
+
+    be = LocalBackend(state)
     try:
-        spec = new_spec()
-        endpoint = await be.start(spec)
-        client = await nonblank_client(endpoint)
-        await type_and_see_change(client, "echo sandboxed\n")
+        assert session_pids(session_id) == []  # the leftovers are gone at once
+        assert (await be.status(session_id)).state == "exited"
+        spec = SessionSpec(
+            session_id=session_id,
+            user_id=user_id,
+            user="bob",
+            template="xterm",
+            local=LocalLaunch(command=["xterm"]),
+        )
+        await be.start(spec)
+        assert len(xvnc_processes(session_id)) == 1
+        client = await viewer(be, session_id)
         await client.close()
+    finally:
+        await be.remove_unknown(set())
+        await be.close()
 
-        xterms = [
-            pid
-            for pid in session_pids(spec.session_id)
-            if Path(f"/proc/{pid}/exe").resolve().name == "xterm"
-        ]
-        assert len(xterms) == 1
-        # It runs in its own pid and network namespaces.
-        for ns in ("pid", "net"):
-            assert os.readlink(f"/proc/{xterms[0]}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}")
 
-        display = record(be, spec.session_id)["display"]
-        assert isinstance(display, int)
+async def test_escaped_and_stubborn_processes_are_cleaned_up(tmp_path: Path) -> None:
+    be = LocalBackend(tmp_path / "state", stop_timeout=0.5)
+    try:
+        # A daemon that leaves the process group and session, plus a main process that
+        # ignores SIGTERM: the PID namespace takes them all.
+        script = "(setsid sleep 300 &); trap '' TERM; sleep 300; sleep 300"
+        spec = new_spec(["sh", "-c", script])
+        await be.start(spec)
+        deadline = time.monotonic() + 5
+        while len(session_pids(spec.session_id)) < 7 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # bwrap x2, tini, the init script, Xvnc, sh, its sleep and the setsid'd sleep.
+        assert len(session_pids(spec.session_id)) >= 7
+        started = time.monotonic()
         await be.stop(spec.session_id)
-        assert_gone(spec.session_id, display, endpoint.port)
+        assert time.monotonic() - started < 5
+        assert_gone(be, spec.session_id)
     finally:
         await be.remove_unknown(set())
         await be.close()
@@ -409,54 +421,108 @@ async def test_start_fails_clearly_for_missing_command(backend: LocalBackend) ->
     assert session_pids(spec.session_id) == []
 
 
-async def test_escaped_and_stubborn_processes_are_cleaned_up(tmp_path: Path) -> None:
-    be = LocalBackend(
-        tmp_path / "state", display_base=DISPLAY_BASE, port_base=PORT_BASE, stop_timeout=0.5
-    )
-    try:
-        # A daemon that leaves the process group and session, plus a main process that
-        # ignores SIGTERM (and passes that on to its child): only SIGKILL ends this one.
-        script = "(setsid sleep 300 &); trap '' TERM; sleep 300; sleep 300"
-        spec = new_spec(["sh", "-c", script])
-        endpoint = await be.start(spec)
-        display = record(be, spec.session_id)["display"]
-        assert isinstance(display, int)
-        deadline = time.monotonic() + 5
-        while len(session_pids(spec.session_id)) < 5 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        # Xvnc, reaper, sh, its sleep and the setsid'd sleep.
-        assert len(session_pids(spec.session_id)) >= 5
+async def test_xvnc_failure_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unsandboxed, so the fake Xvnc on this test's PATH is the one that runs."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    fake = fake_bin / "Xvnc"
+    fake.write_text("#!/bin/sh\necho 'Fatal: no screens' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    be = LocalBackend(tmp_path / "state", insecure_shared_user=True, display_base=DISPLAY_BASE)
+    spec = new_spec()
+    with pytest.raises(BackendError, match="display server exited during startup"):
+        await be.start(spec)
+    assert (await be.status(spec.session_id)).state == "unknown"
+    assert not be.run_dir(spec.session_id).exists()
+    assert session_pids(spec.session_id) == []
+    await be.close()
 
-        started = time.monotonic()
+
+async def test_insecure_shared_user_runs_as_the_agent_and_says_so(tmp_path: Path) -> None:
+    be = LocalBackend(tmp_path / "state", insecure_shared_user=True, display_base=DISPLAY_BASE)
+    try:
+        isolation = be.isolation()
+        assert isolation.mode == "insecure-shared-user"
+        assert isolation.detail.startswith("INSECURE")
+        spec = new_spec()
+        await be.start(spec)
+        app = [p for p in session_processes(spec.session_id) if p.name() == "xterm"]
+        assert app and app[0].uids().real == os.getuid()
+        client = await viewer(be, spec.session_id)
+        await client.close()
         await be.stop(spec.session_id)
-        assert time.monotonic() - started < 5
-        assert_gone(spec.session_id, display, endpoint.port)
+        assert session_pids(spec.session_id) == []
     finally:
         await be.remove_unknown(set())
         await be.close()
 
 
-async def test_xvnc_failure_is_a_clear_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+# ---- homes --------------------------------------------------------------------------------
+
+
+async def test_home_over_its_limit_keeps_the_session_from_starting(
+    backend: LocalBackend,
 ) -> None:
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    attempts = tmp_path / "attempts"
-    fake = fake_bin / "Xvnc"
-    fake.write_text(
-        f"#!/bin/sh\necho attempt >> {attempts}\necho 'Fatal: no screens' >&2\nexit 1\n"
+    spec = new_spec(home_limit_mb=1)
+    await backend.start(spec)
+    big = backend.home_for(spec) / "big.bin"
+    big.write_bytes(os.urandom(3 * 1024 * 1024))
+    await backend.hibernate(spec.session_id)  # measured here
+    with pytest.raises(BackendError, match=r"uses 3 MiB, over your limit of 1 MiB"):
+        await backend.wake(spec)
+    big.unlink()  # space freed: it starts again
+    await backend.wake(spec)
+    assert (await backend.status(spec.session_id)).state == "running"
+
+
+def test_legacy_name_keyed_homes_move_to_their_owners_ids(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    for name, content in (("carol", "old carol's notes"), ("gone", "nobody's now")):
+        home = state / "homes" / name / "xterm"
+        home.mkdir(parents=True)
+        (home / "notes.txt").write_text(content)
+    be = LocalBackend(state)
+    assert asyncio.run(be.legacy_home_names()) == ["carol", "gone"]
+    carol = uuid.uuid4().hex
+    moved = asyncio.run(be.migrate_homes({"carol": carol}))
+    assert set(moved) == {"carol", "gone"}
+    uid = be.identities.known(carol)
+    assert uid is not None
+    notes = state / "homes" / carol / "xterm" / "notes.txt"
+    assert notes.read_text() == "old carol's notes"
+    assert (notes.stat().st_uid, notes.parent.stat().st_uid) == (uid, uid)
+    assert (state / "homes" / ".orphaned" / "gone" / "xterm" / "notes.txt").exists()
+    assert asyncio.run(be.legacy_home_names()) == []  # done once
+    assert LocalBackend(state).homes.layout() == 2
+
+
+# ---- limits -------------------------------------------------------------------------------
+
+
+async def test_cpu_and_memory_limits_are_applied(backend: LocalBackend) -> None:
+    if backend.limits is None:
+        pytest.skip(f"this host enforces no limits: {backend.isolation().detail}")
+    assert backend.isolation().limits_enforced
+    spec = new_spec(resources={"cpu_millis": 500, "memory_mb": 256})  # type: ignore[arg-type]
+    await backend.start(spec)
+    assert backend.limits.memory_limit_bytes(spec.session_id) == 256 * 1024 * 1024
+    members = backend.limits.pids(spec.session_id)
+    assert set(session_pids(spec.session_id)) <= members
+    # Allocating past the limit gets the process killed, not the host's memory.
+    client = await viewer(backend, spec.session_id)
+    home = backend.home_for(spec)
+    await type_and_see_change(
+        client, "head -c 600M /dev/zero | tail > /dev/null; echo rc=$? > ~/oom; echo END >> ~/oom\n"
     )
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
-    be = LocalBackend(tmp_path / "state", display_base=DISPLAY_BASE, port_base=PORT_BASE)
-    spec = new_spec()
-    with pytest.raises(BackendError, match="Fatal: no screens"):
-        await be.start(spec)
-    assert len(attempts.read_text().splitlines()) == 3  # retried on other displays first
-    assert (await be.status(spec.session_id)).state == "unknown"
-    assert not be.run_dir(spec.session_id).exists()
-    assert session_pids(spec.session_id) == []
-    await be.close()
+    result = await wait_for_file(home / "oom", timeout=30)
+    assert "rc=0" not in result
+    await client.close()
+
+
+# ---- catalog and names --------------------------------------------------------------------
 
 
 def test_runnable_templates(tmp_path: Path) -> None:
@@ -471,6 +537,6 @@ def test_runnable_templates(tmp_path: Path) -> None:
 
 def test_path_traversal_in_names_is_refused(tmp_path: Path) -> None:
     be = LocalBackend(tmp_path / "state")
-    spec = new_spec().model_copy(update={"user": "../../etc"})
-    with pytest.raises(BackendError, match="invalid user"):
+    spec = new_spec().model_copy(update={"template": "../../etc"})
+    with pytest.raises(BackendError, match="invalid template"):
         be.home_for(spec)

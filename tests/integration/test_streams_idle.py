@@ -108,7 +108,7 @@ async def test_idle_session_is_hibernated_with_an_event(d: Desk) -> None:
     assert kinds.index("hibernating") < kinds.index("hibernated")
     assert body["allowed_actions"] and "wake" in body["allowed_actions"]
     row = d.row(sid)
-    assert row.endpoint_port is None
+    assert row.endpoint_host is None
     # The stream the user was about to open is not there any more.
     r = d.admin.post(f"/api/v1/sessions/{sid}/connect")
     assert r.status_code == 409, r.text

@@ -1,24 +1,22 @@
-"""Viewers of `streamspace up`: the embedded agent hands the control plane the session's TCP
-connection instead of dialling a loopback WebSocket back (docs/streaming.md). Real product
-process, real Xvnc; the same pixels must arrive as from the VNC port itself."""
+"""Viewers of `streamspace up`: the embedded agent hands the control plane its connection to the
+session's VNC socket instead of dialling a loopback WebSocket back (docs/streaming.md). Real
+product process, real Xvnc; the same pixels must arrive as from the VNC socket itself."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from api_support import login
-from test_streams_support import established_to, wait_until
+from test_streams_support import wait_until
 
 from conftest import XVNC_MISSING, require
 from product_support import Product
-from streamspace.rfb import RFBClient, TCPTransport, WebSocketTransport
+from streamspace.rfb import RFBClient, WebSocketTransport
+from vnc_support import open_direct, vnc_clients
 
 pytestmark = pytest.mark.xvnc
 
@@ -32,18 +30,6 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
         yield p
     finally:
         p.stop()
-
-
-def xvnc_port(session_id: str) -> int:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        m = re.search(r"-rfbport (\d+)", cmd)
-        if "Xvnc" in cmd and session_id in cmd and m:
-            return int(m.group(1))
-    raise AssertionError(f"no Xvnc process for session {session_id}")
 
 
 def running_xterm(c: httpx.Client) -> str:
@@ -62,19 +48,19 @@ def test_embedded_agent_streams_without_dial_back(up: Product) -> None:
     c = login(up)
     try:
         sid = running_xterm(c)
-        port = xvnc_port(sid)
+        state_dir = up.data_dir / "agent"
 
         async def scenario() -> None:
             ticket = c.post(f"/api/v1/sessions/{sid}/connect").json()
             url = up.url.replace("http://", "ws://") + ticket["ws_path"]
-            direct = await RFBClient.over(await TCPTransport.connect("127.0.0.1", port))
+            direct = await open_direct(state_dir, sid)
             viewer = await RFBClient.over(
                 await WebSocketTransport.connect(f"{url}?ticket={ticket['ticket']}")
             )
             try:
                 await direct.request_update(False)
                 assert await direct.wait_for(RFBClient.framebuffer_nonblank, timeout=15)
-                # Byte-for-byte the same raw framebuffer as straight from the VNC port (once
+                # Byte-for-byte the same raw framebuffer as straight from the VNC socket (once
                 # xterm has finished drawing, so both full updates see the same screen).
                 for _ in range(10):
                     await direct.request_update(False)
@@ -84,7 +70,7 @@ def test_embedded_agent_streams_without_dial_back(up: Product) -> None:
                     await asyncio.sleep(0.3)
                 assert viewer.framebuffer_nonblank()
                 assert viewer.framebuffer_digest() == direct.framebuffer_digest()
-                assert established_to(port) == 2  # the direct client + the control plane
+                assert vnc_clients(sid) == 2  # the direct client + the control plane
 
                 # Input through the tunnel reaches the session: the direct view changes.
                 before = direct.framebuffer_digest()
@@ -92,8 +78,8 @@ def test_embedded_agent_streams_without_dial_back(up: Product) -> None:
                 assert await direct.wait_for_change(before, timeout=10)
             finally:
                 await viewer.close()
-            # Closing the browser end closes the control plane's TCP connection to Xvnc.
-            await wait_until(lambda: established_to(port) == 1, 10, "tunnel TCP closed")
+            # Closing the browser end closes the control plane's connection to Xvnc.
+            await wait_until(lambda: vnc_clients(sid) == 1, 10, "tunnel connection closed")
             await direct.close()
 
         asyncio.run(scenario())

@@ -24,6 +24,7 @@ from websockets.exceptions import InvalidStatus
 
 from conftest import wait_for, wait_state
 from streamspace.rfb import RFBClient, WebSocketTransport
+from vnc_support import open_direct
 
 pytestmark = pytest.mark.xvnc
 
@@ -232,13 +233,13 @@ async def test_ticket_opens_only_the_session_it_was_issued_for(d: Desk) -> None:
     y = d.start_session()
     assert x["id"] != y["id"]
 
-    # Make Y look different from X, typing straight into Y's VNC port (not via the tunnel).
+    # Make Y look different from X, typing straight into Y's VNC socket (not via the tunnel).
     y_row = d.row(y["id"])
     x_row = d.row(x["id"])
-    assert y_row.endpoint_port and x_row.endpoint_port
-    assert y_row.endpoint_port != x_row.endpoint_port
-    direct_y = await RFBClient.open(y_row.endpoint_host or "127.0.0.1", y_row.endpoint_port)
-    direct_x = await RFBClient.open(x_row.endpoint_host or "127.0.0.1", x_row.endpoint_port)
+    assert y_row.endpoint_host and x_row.endpoint_host
+    assert y_row.endpoint_host != x_row.endpoint_host
+    direct_y = await open_direct(d.agent.state_dir, y["id"])
+    direct_x = await open_direct(d.agent.state_dir, x["id"])
     try:
         await direct_y.request_update(incremental=False)
         before = direct_y.framebuffer_digest()

@@ -1,11 +1,10 @@
-"""The VNC tunnel: browser WebSocket -> control plane -> agent WebSocket -> session TCP port.
+"""The VNC tunnel: browser WebSocket -> control plane -> agent WebSocket -> session VNC socket.
 
-The agent dials whatever endpoint the OpenStream message carries, and the control plane takes
-that endpoint from the session row (`endpoint_host`/`endpoint_port`) at the moment the browser
-connects. So pointing a real running session's row at a test TCP server (echo, flood) runs the
-complete production path - ticket, control plane, agent subprocess, agent WebSocket - with a
-peer whose bytes the test controls. The Xvnc of that session keeps running untouched; its row
-is pointed back afterwards.
+The agent connects to the Unix socket its local backend keeps for the session
+(`run/<session>/session/vnc.sock`). Putting a test server (echo, flood) at that path, with the
+session's real socket moved aside, runs the complete production path - ticket, control plane,
+agent subprocess, agent WebSocket, the backend's own connect - with a peer whose bytes the test
+controls. The Xvnc of that session keeps running untouched; its socket is put back afterwards.
 """
 
 from __future__ import annotations
@@ -21,12 +20,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_streams_support import Desk, desk, established_to, rss_bytes, wait_until
+from test_streams_support import Desk, desk, rss_bytes, wait_until
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import free_port, wait_for
+from conftest import wait_for
 from streamspace.rfb import RFBClient, RFBError
+from vnc_support import short_path, vnc_clients, vnc_socket
 
 pytestmark = pytest.mark.xvnc
 
@@ -40,26 +40,24 @@ def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
 
 
 @contextlib.asynccontextmanager
-async def tcp_server(handler: Any) -> Any:
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+async def session_served_by(d: Desk, session_id: str, handler: Any) -> Any:
+    """Serve the session's VNC socket path with `handler` (None: nothing listens there)."""
+    path = vnc_socket(d.agent.state_dir, session_id)
+    aside = path.with_name("vnc.sock.xvnc")
+    path.rename(aside)
+    server = None
     try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(server.wait_closed(), 5)
-
-
-@contextlib.contextmanager
-def endpoint_redirected(d: Desk, session_id: str, port: int) -> Iterator[None]:
-    real = d.row(session_id)
-    d.set_columns(session_id, endpoint_host="127.0.0.1", endpoint_port=port)
-    try:
+        if handler is not None:
+            with short_path(path) as short:
+                server = await asyncio.start_unix_server(handler, path=short)
         yield
     finally:
-        d.set_columns(
-            session_id, endpoint_host=real.endpoint_host, endpoint_port=real.endpoint_port
-        )
+        if server is not None:
+            server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)
+        path.unlink(missing_ok=True)
+        aside.rename(path)
 
 
 class Echo:
@@ -126,55 +124,54 @@ async def test_bytes_arrive_unmodified_both_ways(d: Desk) -> None:
     streams = d.cp.state.streams
     echo = Echo()
 
-    async with tcp_server(echo.handle) as port:
-        with endpoint_redirected(d, sid, port):
-            ws = await d.open_ws(sid)
-            to_browser, from_browser = streams.bytes_to_browser, streams.bytes_from_browser
+    async with session_served_by(d, sid, echo.handle):
+        ws = await d.open_ws(sid)
+        to_browser, from_browser = streams.bytes_to_browser, streams.bytes_from_browser
 
-            async def send() -> None:
-                offset = 0
-                for n in sizes:
-                    await ws.send(payload[offset : offset + n])
-                    offset += n
+        async def send() -> None:
+            offset = 0
+            for n in sizes:
+                await ws.send(payload[offset : offset + n])
+                offset += n
 
-            async def receive() -> tuple[str, int]:
-                sha, got = hashlib.sha256(), 0
-                while got < len(payload):
-                    frame = await ws.recv()
-                    assert isinstance(frame, bytes), "the tunnel turned binary into text"
-                    sha.update(frame)
-                    got += len(frame)
-                return sha.hexdigest(), got
+        async def receive() -> tuple[str, int]:
+            sha, got = hashlib.sha256(), 0
+            while got < len(payload):
+                frame = await ws.recv()
+                assert isinstance(frame, bytes), "the tunnel turned binary into text"
+                sha.update(frame)
+                got += len(frame)
+            return sha.hexdigest(), got
 
-            started = time.monotonic()
-            _, (back_sha, back_len) = await asyncio.wait_for(asyncio.gather(send(), receive()), 60)
-            elapsed = time.monotonic() - started
-            sent_sha = hashlib.sha256(payload).hexdigest()
-            print(
-                f"\necho: {len(payload) / MiB:.1f} MiB in {len(sizes)} frames, both ways in "
-                f"{elapsed:.2f}s ({2 * len(payload) / MiB / elapsed:.0f} MiB/s)"
-            )
-            assert back_len == len(payload)  # not one byte more either
-            assert echo.sha.hexdigest() == sent_sha, "browser -> session corrupted the bytes"
-            assert back_sha == sent_sha, "session -> browser corrupted the bytes"
-            assert echo.connections == 1
-            assert streams.bytes_from_browser - from_browser == len(payload)
-            assert streams.bytes_to_browser - to_browser == len(payload)
+        started = time.monotonic()
+        _, (back_sha, back_len) = await asyncio.wait_for(asyncio.gather(send(), receive()), 60)
+        elapsed = time.monotonic() - started
+        sent_sha = hashlib.sha256(payload).hexdigest()
+        print(
+            f"\necho: {len(payload) / MiB:.1f} MiB in {len(sizes)} frames, both ways in "
+            f"{elapsed:.2f}s ({2 * len(payload) / MiB / elapsed:.0f} MiB/s)"
+        )
+        assert back_len == len(payload)  # not one byte more either
+        assert echo.sha.hexdigest() == sent_sha, "browser -> session corrupted the bytes"
+        assert back_sha == sent_sha, "session -> browser corrupted the bytes"
+        assert echo.connections == 1
+        assert streams.bytes_from_browser - from_browser == len(payload)
+        assert streams.bytes_to_browser - to_browser == len(payload)
 
-            # A text frame from the browser is delivered as its UTF-8 bytes and comes back as
-            # binary (the tunnel is a byte pipe, never text).
-            await ws.send("héllo, tunnel")
-            back = b""
-            while len(back) < len("héllo, tunnel".encode()):
-                frame = await asyncio.wait_for(ws.recv(), 10)
-                assert isinstance(frame, bytes)
-                back += frame
-            assert back == "héllo, tunnel".encode()
+        # A text frame from the browser is delivered as its UTF-8 bytes and comes back as
+        # binary (the tunnel is a byte pipe, never text).
+        await ws.send("héllo, tunnel")
+        back = b""
+        while len(back) < len("héllo, tunnel".encode()):
+            frame = await asyncio.wait_for(ws.recv(), 10)
+            assert isinstance(frame, bytes)
+            back += frame
+        assert back == "héllo, tunnel".encode()
 
-            # Closing the browser side closes the agent's TCP connection to the session.
-            await ws.close()
-            await asyncio.wait_for(echo.eof.wait(), 10)
-            await wait_until(lambda: streams.active_streams == 0, 10, "the stream to close")
+        # Closing the browser side closes the agent's TCP connection to the session.
+        await ws.close()
+        await asyncio.wait_for(echo.eof.wait(), 10)
+        await wait_until(lambda: streams.active_streams == 0, 10, "the stream to close")
     d.stop_session(sid)
 
 
@@ -189,29 +186,28 @@ async def test_large_browser_frames_pass_through(d: Desk) -> None:
     sid = d.start_session()["id"]
     big = random.Random(5).randbytes(6 * MiB)
     echo = Echo()
-    async with tcp_server(echo.handle) as port:
-        with endpoint_redirected(d, sid, port):
-            ws = await d.open_ws(sid)
-            got = bytearray()
-            try:
-                await ws.send(big)
-                await ws.send(b"after")
-                while len(got) < len(big) + 5:
-                    got += await asyncio.wait_for(ws.recv(), 15)
-            except ConnectionClosed as exc:
-                raise AssertionError(
-                    f"a {len(big)} byte frame killed the stream after {len(got)} bytes came "
-                    f"back (close received: {exc.rcvd}); the session got {echo.received} bytes"
-                ) from None
-            finally:
-                await ws.close()
-            assert bytes(got) == big + b"after"
-            await wait_until(lambda: d.cp.state.streams.active_streams == 0, 10, "close")
+    async with session_served_by(d, sid, echo.handle):
+        ws = await d.open_ws(sid)
+        got = bytearray()
+        try:
+            await ws.send(big)
+            await ws.send(b"after")
+            while len(got) < len(big) + 5:
+                got += await asyncio.wait_for(ws.recv(), 15)
+        except ConnectionClosed as exc:
+            raise AssertionError(
+                f"a {len(big)} byte frame killed the stream after {len(got)} bytes came "
+                f"back (close received: {exc.rcvd}); the session got {echo.received} bytes"
+            ) from None
+        finally:
+            await ws.close()
+        assert bytes(got) == big + b"after"
+        await wait_until(lambda: d.cp.state.streams.active_streams == 0, 10, "close")
     d.stop_session(sid)
 
 
 async def test_unreachable_session_endpoint_is_reported_to_the_browser(d: Desk) -> None:
-    """When the agent cannot reach the session's VNC port the browser is told so.
+    """When the agent cannot reach the session's VNC server the browser is told so.
 
     Fails today: the agent dials the stream WebSocket *before* the TCP connection, so by the
     time it reports StreamFailed the control plane has already paired the sockets and
@@ -220,7 +216,7 @@ async def test_unreachable_session_endpoint_is_reported_to_the_browser(d: Desk) 
     what a normal end of session looks like.
     """
     sid = d.start_session()["id"]
-    with endpoint_redirected(d, sid, free_port()):
+    async with session_served_by(d, sid, None):
         ws = await d.open_ws(sid)
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 15)
@@ -256,64 +252,63 @@ async def test_stalled_reader_does_not_grow_control_plane_memory(d: Desk) -> Non
     sid = d.start_session()["id"]
     flood = Flood(200 * MiB)
     streams = d.cp.state.streams
-    async with tcp_server(flood.handle) as port:
-        with endpoint_redirected(d, sid, port):
-            gc.collect()
-            rss_before = rss_bytes()
-            base = streams.bytes_to_browser
-            ws = await d.open_ws(sid)
-            await wait_until(lambda: streams.bytes_to_browser > base, 10, "data to flow")
+    async with session_served_by(d, sid, flood.handle):
+        gc.collect()
+        rss_before = rss_bytes()
+        base = streams.bytes_to_browser
+        ws = await d.open_ws(sid)
+        await wait_until(lambda: streams.bytes_to_browser > base, 10, "data to flow")
 
-            samples: list[tuple[float, int, int, int]] = []
-            started = time.monotonic()
-            while (t := time.monotonic() - started) < 5:
-                samples.append((t, streams.bytes_to_browser - base, rss_bytes(), flood.sent))
-                await asyncio.sleep(0.25)
-            _, stalled_bytes, _, stalled_sent = samples[-1]
-            at_2s = next(s for s in samples if s[0] >= 2.0)
-            peak_rss = max(s[2] for s in samples)
-            print(
-                f"\nstall: to_browser={stalled_bytes / MiB:.2f} MiB "
-                f"(at 2s {at_2s[1] / MiB:.2f} MiB), flood sent={stalled_sent / MiB:.2f} MiB, "
-                f"rss before={rss_before / MiB:.1f} MiB peak={peak_rss / MiB:.1f} MiB "
-                f"(+{(peak_rss - rss_before) / MiB:.1f} MiB)"
-            )
-            assert stalled_bytes < 20 * MiB, f"control plane kept sending: {stalled_bytes}"
-            assert stalled_bytes - at_2s[1] < 2 * MiB, "bytes_to_browser kept growing"
-            assert stalled_sent < 64 * MiB, "the flood was never pushed back"
-            assert not flood.finished.is_set()
-            assert peak_rss - rss_before < 64 * MiB, f"RSS grew by {peak_rss - rss_before}"
+        samples: list[tuple[float, int, int, int]] = []
+        started = time.monotonic()
+        while (t := time.monotonic() - started) < 5:
+            samples.append((t, streams.bytes_to_browser - base, rss_bytes(), flood.sent))
+            await asyncio.sleep(0.25)
+        _, stalled_bytes, _, stalled_sent = samples[-1]
+        at_2s = next(s for s in samples if s[0] >= 2.0)
+        peak_rss = max(s[2] for s in samples)
+        print(
+            f"\nstall: to_browser={stalled_bytes / MiB:.2f} MiB "
+            f"(at 2s {at_2s[1] / MiB:.2f} MiB), flood sent={stalled_sent / MiB:.2f} MiB, "
+            f"rss before={rss_before / MiB:.1f} MiB peak={peak_rss / MiB:.1f} MiB "
+            f"(+{(peak_rss - rss_before) / MiB:.1f} MiB)"
+        )
+        assert stalled_bytes < 20 * MiB, f"control plane kept sending: {stalled_bytes}"
+        assert stalled_bytes - at_2s[1] < 2 * MiB, "bytes_to_browser kept growing"
+        assert stalled_sent < 64 * MiB, "the flood was never pushed back"
+        assert not flood.finished.is_set()
+        assert peak_rss - rss_before < 64 * MiB, f"RSS grew by {peak_rss - rss_before}"
 
-            # Resume: everything arrives, in order, with nothing lost during the stall.
-            received = 0
-            block, size = flood.block, len(flood.block)
-            resumed = time.monotonic()
-            with contextlib.suppress(ConnectionClosed):
-                while received < flood.total:
-                    frame = await asyncio.wait_for(ws.recv(), 15)
-                    assert isinstance(frame, bytes)
-                    pos = 0
-                    while pos < len(frame):
-                        at = (received + pos) % size
-                        n = min(size - at, len(frame) - pos)
-                        if frame[pos : pos + n] != block[at : at + n]:
-                            raise AssertionError(f"stream corrupted near byte {received + pos}")
-                        pos += n
-                    received += len(frame)
-            print(
-                f"resume: {received / MiB:.0f} MiB in {time.monotonic() - resumed:.2f}s, "
-                f"rss after={rss_bytes() / MiB:.1f} MiB"
-            )
-            assert received == flood.total
-            # Counted once a send returns, which can be after the browser has the bytes.
-            await wait_until(
-                lambda: streams.bytes_to_browser - base == flood.total, 5, "the byte counter"
-            )
-            # The flood server closing its socket ends the stream all the way to the browser.
-            with contextlib.suppress(ConnectionClosed):
-                extra = await asyncio.wait_for(ws.recv(), 10)
-                raise AssertionError(f"unexpected bytes after the end: {len(extra)}")
-            await wait_until(lambda: streams.active_streams == 0, 10, "the stream to close")
+        # Resume: everything arrives, in order, with nothing lost during the stall.
+        received = 0
+        block, size = flood.block, len(flood.block)
+        resumed = time.monotonic()
+        with contextlib.suppress(ConnectionClosed):
+            while received < flood.total:
+                frame = await asyncio.wait_for(ws.recv(), 15)
+                assert isinstance(frame, bytes)
+                pos = 0
+                while pos < len(frame):
+                    at = (received + pos) % size
+                    n = min(size - at, len(frame) - pos)
+                    if frame[pos : pos + n] != block[at : at + n]:
+                        raise AssertionError(f"stream corrupted near byte {received + pos}")
+                    pos += n
+                received += len(frame)
+        print(
+            f"resume: {received / MiB:.0f} MiB in {time.monotonic() - resumed:.2f}s, "
+            f"rss after={rss_bytes() / MiB:.1f} MiB"
+        )
+        assert received == flood.total
+        # Counted once a send returns, which can be after the browser has the bytes.
+        await wait_until(
+            lambda: streams.bytes_to_browser - base == flood.total, 5, "the byte counter"
+        )
+        # The flood server closing its socket ends the stream all the way to the browser.
+        with contextlib.suppress(ConnectionClosed):
+            extra = await asyncio.wait_for(ws.recv(), 10)
+            raise AssertionError(f"unexpected bytes after the end: {len(extra)}")
+        await wait_until(lambda: streams.active_streams == 0, 10, "the stream to close")
     d.stop_session(sid)
 
 
@@ -322,16 +317,14 @@ async def test_stalled_reader_does_not_grow_control_plane_memory(d: Desk) -> Non
 
 async def test_several_viewers_share_a_session_and_close_cleanly(d: Desk) -> None:
     sid = d.start_session()["id"]
-    port = d.row(sid).endpoint_port
-    assert port
     streams = d.cp.state.streams
     closed_before = d.agent_log_count("event=stream_closed")
-    assert established_to(port) == 0
+    assert vnc_clients(sid) == 0
 
     viewers = [await d.open_viewer(sid) for _ in range(3)]
     try:
         await wait_until(lambda: streams.active_streams == 3, 10, "3 streams")
-        await wait_until(lambda: established_to(port) == 3, 10, "3 agent TCP connections")
+        await wait_until(lambda: vnc_clients(sid) == 3, 10, "3 agent VNC connections")
         for v in viewers:
             await v.request_update(incremental=False)
             assert await v.wait_for(RFBClient.framebuffer_nonblank, timeout=15)
@@ -346,7 +339,7 @@ async def test_several_viewers_share_a_session_and_close_cleanly(d: Desk) -> Non
         # Closing one browser side closes that stream's agent side, and only that one.
         await viewers[0].close()
         await wait_until(lambda: streams.active_streams == 2, 10, "2 streams")
-        await wait_until(lambda: established_to(port) == 2, 10, "agent TCP to close")
+        await wait_until(lambda: vnc_clients(sid) == 2, 10, "agent VNC connection to close")
         await asyncio.to_thread(
             wait_for,
             lambda: d.agent_log_count("event=stream_closed") == closed_before + 1,
@@ -372,7 +365,7 @@ async def test_several_viewers_share_a_session_and_close_cleanly(d: Desk) -> Non
         await wait_until(
             lambda: streams.active_streams == 0 and not streams._pending, 10, "streams to close"
         )
-        assert established_to(port) == 0
+        assert vnc_clients(sid) == 0
     finally:
         for v in viewers:
             await v.close()

@@ -50,6 +50,7 @@ from streamspace.protocol import (
     Hello,
     ImageLaunch,
     InventoryItem,
+    Isolation,
     LocalLaunch,
     OpenStream,
     Resources,
@@ -134,6 +135,9 @@ class FakeBackend(Backend):
         item = self.sessions.get(session_id)
         if item is not None:
             self.sessions[session_id] = item.model_copy(update={"state": "hibernated"})
+
+    def isolation(self) -> Isolation:
+        return Isolation(mode="uid-sandbox", detail="test double")
 
     async def status(self, session_id: str) -> InventoryItem:
         return self.sessions.get(session_id) or InventoryItem(
@@ -390,7 +394,9 @@ async def eventually(predicate: Callable[[], bool], timeout: float = RECV_TIMEOU
 
 
 def spec(session_id: str, template: str = "xterm", **kwargs: Any) -> SessionSpec:
-    return SessionSpec(session_id=session_id, user="alice", template=template, **kwargs)
+    return SessionSpec(
+        session_id=session_id, user_id="a11ce", user="alice", template=template, **kwargs
+    )
 
 
 def start(command_id: str, session_id: str, template: str = "xterm", **kwargs: Any) -> Command:
@@ -799,14 +805,13 @@ async def test_open_stream_pumps_bytes_unmodified(
     total = 5 * 1024 * 1024
     rng = random.Random(42)
     payload = rng.randbytes(total)
-    async with running(cp, tmp_path):
-        sock, _ = await cp.handshake()
+    backend = FakeBackend(
+        [InventoryItem(session_id="s-1", state="running", endpoint=Endpoint(port=echo_port))]
+    )
+    async with running(cp, tmp_path, backend):
+        sock, _ = await cp.handshake(keep=["s-1"])
         path = protocol.AGENT_STREAM_PATH_PREFIX + "st-1"
-        await sock.send(
-            OpenStream(
-                stream_id="st-1", session_id="s-1", endpoint=Endpoint(port=echo_port), path=path
-            )
-        )
+        await sock.send(OpenStream(stream_id="st-1", session_id="s-1", path=path))
         stream_id, stream = await cp.next_stream()
         assert stream_id == "st-1"
 
@@ -842,19 +847,21 @@ async def test_open_stream_tcp_failure_reports_stream_failed(
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
-    async with running(cp, tmp_path):
-        sock, _ = await cp.handshake()
+    backend = FakeBackend(
+        [InventoryItem(session_id="s-1", state="running", endpoint=Endpoint(port=dead_port))]
+    )
+    async with running(cp, tmp_path, backend):
+        sock, _ = await cp.handshake(keep=["s-1"])
         await sock.send(
             OpenStream(
                 stream_id="st-2",
                 session_id="s-1",
-                endpoint=Endpoint(port=dead_port),
                 path=protocol.AGENT_STREAM_PATH_PREFIX + "st-2",
             )
         )
         failed = await sock.recv()
         assert isinstance(failed, StreamFailed) and failed.stream_id == "st-2"
-        assert str(dead_port) in failed.error
+        assert "cannot connect to the session" in failed.error
         # The session port is tried first, so no stream socket is dialled back at all.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(cp.next_stream(), 0.5)
