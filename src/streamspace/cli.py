@@ -301,6 +301,8 @@ async def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
             return await fn(db)
     except OSError as exc:
         raise CLIError(f"database unreachable: {exc}") from exc
+    except migrate.MigrationRefused as exc:
+        raise CLIError(str(exc)) from None
     finally:
         await engine.dispose()
 
@@ -320,6 +322,8 @@ def db_upgrade(data_dir: Path | None = typer.Option(None)) -> None:
             return await migrate.current_revision(engine)
         except OSError as exc:
             raise CLIError(f"database unreachable: {exc}") from exc
+        except migrate.MigrationRefused as exc:
+            raise CLIError(str(exc)) from None
         finally:
             await engine.dispose()
 
