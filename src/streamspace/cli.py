@@ -96,6 +96,9 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
         timeout_keep_alive=30,
         lifespan="on",
         access_log=False,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 by default; the app decides,
+        # from STREAMSPACE_TRUSTED_PROXIES only (see controlplane/app.py).
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     stop = asyncio.Event()

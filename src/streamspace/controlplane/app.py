@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from streamspace import __version__
 from streamspace.config import Settings
@@ -27,9 +28,9 @@ from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.loops import Loops
-from streamspace.controlplane.ratelimit import RateLimiter
-from streamspace.controlplane.security import hash_password, random_secret
+from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.db import migrate
@@ -198,7 +199,12 @@ def create_app(settings: Settings) -> FastAPI:
             replica_id=replica,
             secret=await ensure_secret(settings),
             events=EventBus(),
-            limiter=RateLimiter(settings.login_rate_per_minute),
+            login_throttle=LoginThrottle(
+                failures_before_delay=settings.login_failures_before_delay,
+                delay_seconds=settings.login_delay_seconds,
+                max_delay_seconds=settings.login_max_delay_seconds,
+                ip_failures_per_minute=settings.login_ip_failures_per_minute,
+            ),
             auth_cache=AuthCache(settings.auth_cache_seconds),
             db_slots=asyncio.Semaphore(request_slots(settings)),
         )
@@ -211,6 +217,7 @@ def create_app(settings: Settings) -> FastAPI:
             generated = await bootstrap_admin(state)
             async with state.db() as db:
                 await catalog.sync_files(db, settings.resolved_templates_dir())
+        await asyncio.to_thread(dummy_hash)
         if generated:
             print(
                 f"\n  Created user 'admin' with password: {generated}\n"
@@ -254,6 +261,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Observe)
     _mount_ui(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.trusted_proxies:
+        # Outermost, so that everything inside sees the client the proxy forwarded.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
 
 

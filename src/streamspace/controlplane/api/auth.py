@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Request
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streamspace.controlplane import audit
+from streamspace.controlplane import audit, security
 from streamspace.controlplane.api.schemas import (
     LoginIn,
     LogoutIn,
@@ -18,6 +19,7 @@ from streamspace.controlplane.api.schemas import (
     UserOut,
 )
 from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
+from streamspace.controlplane.loginthrottle import TooManyFailures
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.security import (
     hash_password,
@@ -66,33 +68,22 @@ async def issue_tokens(
     )
 
 
-IP_LIMIT_FACTOR = 10
-"""Many users may share one address (NAT), so the per-IP limit is looser than the per-user one."""
-
-
-def _check_rate(state: AppState, ip_key: str, user_key: str) -> None:
-    wait = max(
-        state.limiter.retry_after(user_key),
-        state.limiter.retry_after(ip_key, state.limiter.limit * IP_LIMIT_FACTOR),
-    )
-    if wait > 0:
+@router.post("/login", response_model=TokenOut)
+async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> TokenOut:
+    try:
+        attempt = state.login_throttle.admit(body.username, client_ip(request))
+    except TooManyFailures as exc:
+        wait = exc.retry_after_header
         raise Problem(
             429,
             "Too many requests",
-            f"too many failed login attempts; try again in {int(wait) + 1} s",
+            f"too many failed login attempts from this address; try again in {wait} s",
             kind="rate-limited",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
-
-
-@router.post("/login", response_model=TokenOut)
-async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> TokenOut:
-    ip_key, user_key = f"ip:{client_ip(request)}", f"user:{body.username.lower()}"
-    _check_rate(state, ip_key, user_key)
-    user = await db.scalar(select(User).where(User.username == body.username))
-    if user is None or not verify_password(user.password_hash, body.password):
-        state.limiter.hit(ip_key)
-        state.limiter.hit(user_key)
+            headers={"Retry-After": str(wait)},
+        ) from None
+    user = await db.scalar(select(User).where(func.lower(User.username) == body.username.lower()))
+    stored = user.password_hash if user is not None else security.dummy_hash()
+    if user is None or not await asyncio.to_thread(security.verify_password, stored, body.password):
         audit.record(
             db,
             actor=None,
@@ -104,9 +95,11 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         )
         await db.commit()
         raise _unauthorized("wrong username or password")
+    state.login_throttle.succeeded(attempt)
     if not user.is_active:
         raise _unauthorized("this account is disabled")
-    state.limiter.reset(user_key)
+    if security.needs_rehash(user.password_hash):
+        user.password_hash = await asyncio.to_thread(hash_password, body.password)
     tokens = await issue_tokens(state, db, user)
     audit.record(
         db,

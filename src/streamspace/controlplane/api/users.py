@@ -31,7 +31,7 @@ router = APIRouter(prefix="/api/v1", tags=["users"])
 async def _user(db: DbDep, user_id: str) -> User:
     user = await db.get(User, user_id)
     if user is None:
-        user = await db.scalar(select(User).where(User.username == user_id))
+        user = await db.scalar(select(User).where(func.lower(User.username) == user_id.lower()))
     if user is None:
         raise not_found("user", user_id)
     return user
@@ -62,8 +62,12 @@ async def list_users(
 
 @router.post("/users", response_model=UserOut, status_code=201)
 async def create_user(body: UserCreateIn, request: Request, admin: AdminDep, db: DbDep) -> User:
-    if await db.scalar(select(User.id).where(User.username == body.username)):
-        raise conflict(f"username {body.username!r} is taken")
+    taken = await db.scalar(
+        select(User.username).where(func.lower(User.username) == body.username.lower())
+    )
+    if taken is not None:
+        by = "" if taken == body.username else f" by {taken!r} (case does not count)"
+        raise conflict(f"username {body.username!r} is taken{by}")
     user = User(
         username=body.username,
         password_hash=hash_password(body.password),
