@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import webbrowser
 from collections.abc import Awaitable, Callable
@@ -110,7 +111,8 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
     while not server.started:
         if serve_task.done():
             await serve_task
-            raise CLIError(f"could not listen on {settings.host}:{settings.port}")
+            refused = getattr(application.state, "startup_error", None)
+            raise CLIError(refused or f"could not listen on {settings.host}:{settings.port}")
         await asyncio.sleep(0.05)
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold green]StreamSpace {__version__}[/] is up at [link={url}]{url}[/link]")
@@ -341,19 +343,27 @@ def admin_create_user(
     data_dir: Path | None = typer.Option(None),
 ) -> None:
     """Create a user directly in the database."""
-    from sqlalchemy import select
+    from sqlalchemy import func, select
 
+    from streamspace.controlplane.api.schemas import USERNAME
+    from streamspace.controlplane.passwords import describe, weakness
     from streamspace.controlplane.security import hash_password
     from streamspace.db.models import User
 
     if role not in ("admin", "operator", "user"):
         fail("role must be admin, operator or user")
-    if len(password) < 8:
-        fail("password must have at least 8 characters")
+    if not re.fullmatch(USERNAME, username):
+        fail("username: letters, digits, '.', '_' and '-', starting with a letter or digit; max 64")
+    weak = weakness(password, [username])
+    if weak is not None:
+        fail(describe("password", weak))
 
     async def create(db: Any) -> str:
-        if await db.scalar(select(User.id).where(User.username == username)):
-            raise CLIError(f"user {username!r} exists")
+        taken = await db.scalar(
+            select(User.username).where(func.lower(User.username) == username.lower())
+        )
+        if taken:
+            raise CLIError(f"user {taken!r} exists (usernames are unique whatever their case)")
         user = User(username=username, role=role, password_hash=hash_password(password))
         db.add(user)
         await db.commit()

@@ -151,9 +151,9 @@ def test_password_change(make_control_plane: Any) -> None:
 def test_disabled_user_cannot_log_in(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
     with login(cp) as admin:
-        r = admin.post("/api/v1/users", json={"username": "dave", "password": "dave-pass-1"})
+        r = admin.post("/api/v1/users", json={"username": "dave", "password": "dave-pass-12"})
         assert r.status_code == 201, r.text
-        tokens = attempt(cp, "dave", "dave-pass-1").json()
+        tokens = attempt(cp, "dave", "dave-pass-12").json()
         dave = client(cp, tokens["access_token"])
         assert dave.get("/api/v1/auth/me").status_code == 200
         r = admin.patch("/api/v1/users/dave", json={"is_active": False})
@@ -164,10 +164,10 @@ def test_disabled_user_cannot_log_in(make_control_plane: Any) -> None:
         with client(cp) as anon:
             r = anon.post("/api/v1/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
             assert_problem(r, 401)
-        assert_problem(attempt(cp, "dave", "dave-pass-1"), 401, "disabled")
+        assert_problem(attempt(cp, "dave", "dave-pass-12"), 401, "disabled")
         r = admin.patch("/api/v1/users/dave", json={"is_active": True})
         assert r.status_code == 200, r.text
-    assert attempt(cp, "dave", "dave-pass-1").status_code == 200
+    assert attempt(cp, "dave", "dave-pass-12").status_code == 200
     dave.close()
 
 

@@ -30,6 +30,7 @@ from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.loops import Loops
+from streamspace.controlplane.passwords import describe, weakness
 from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
@@ -138,12 +139,31 @@ async def ensure_secret(settings: Settings) -> str:
     return secret
 
 
+class StartupRefused(RuntimeError):
+    """A setting makes starting unsafe; the message says which and what to do."""
+
+
 async def bootstrap_admin(state: AppState) -> str | None:
-    """Create `admin` on first start; returns the generated password if one was made."""
+    """Create `admin` on first start; returns the generated password if one was made.
+
+    A configured STREAMSPACE_ADMIN_PASSWORD the policy refuses stops the start: the first
+    account, with every right, would otherwise be the easiest one to guess. It is only
+    checked when it is used (no user exists yet), so an old setting never blocks a restart.
+    """
     async with state.db() as db:
         if (await db.scalar(select(func.count(User.id)))) or 0:
             return None
-        password = state.settings.admin_password or random_secret(12)
+        configured = state.settings.admin_password
+        if configured:
+            weak = await asyncio.to_thread(weakness, configured, ["admin", "Administrator"])
+            if weak is not None:
+                raise StartupRefused(
+                    "refusing to create the first admin: "
+                    + describe("STREAMSPACE_ADMIN_PASSWORD", weak)
+                    + " Set a stronger one, or unset it to have a random password generated "
+                    "and printed once."
+                )
+        password = configured or random_secret(12)
         db.add(
             User(
                 username="admin",
@@ -212,11 +232,16 @@ def create_app(settings: Settings) -> FastAPI:
         state.lifecycle = Lifecycle(state)
         state.streams = StreamBroker(state)
         app.state.ss = state
-        async with migrate.startup_lock(engine):
-            await migrate.upgrade(engine)
-            generated = await bootstrap_admin(state)
-            async with state.db() as db:
-                await catalog.sync_files(db, settings.resolved_templates_dir())
+        try:
+            async with migrate.startup_lock(engine):
+                await migrate.upgrade(engine)
+                generated = await bootstrap_admin(state)
+                async with state.db() as db:
+                    await catalog.sync_files(db, settings.resolved_templates_dir())
+        except (StartupRefused, migrate.MigrationRefused) as exc:
+            app.state.startup_error = str(exc)
+            await engine.dispose()
+            raise
         await asyncio.to_thread(dummy_hash)
         if generated:
             print(

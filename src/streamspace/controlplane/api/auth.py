@@ -20,13 +20,13 @@ from streamspace.controlplane.api.schemas import (
 )
 from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
 from streamspace.controlplane.loginthrottle import TooManyFailures
+from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.security import (
     hash_password,
     make_access_token,
     random_secret,
     sha256,
-    verify_password,
 )
 from streamspace.controlplane.state import AppState
 from streamspace.db.models import RefreshToken, User
@@ -184,7 +184,9 @@ async def me(user: UserDep) -> User:
 async def change_password(
     body: PasswordChangeIn, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> TokenOut:
-    if not verify_password(user.password_hash, body.current_password):
+    if not await asyncio.to_thread(
+        security.verify_password, user.password_hash, body.current_password
+    ):
         raise Problem(403, "Forbidden", "current password is wrong", kind="wrong-password")
     if body.new_password == body.current_password:
         raise Problem(
@@ -193,7 +195,10 @@ async def change_password(
             "new_password: must differ from the current one",
             kind="invalid-request",
         )
-    user.password_hash = hash_password(body.new_password)
+    await require_strong(
+        body.new_password, (user.username, user.display_name, user.email), "new_password"
+    )
+    user.password_hash = await asyncio.to_thread(hash_password, body.new_password)
     user.token_version += 1
     await db.execute(
         update(RefreshToken)

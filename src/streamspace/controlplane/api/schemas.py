@@ -22,6 +22,9 @@ class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+PASSWORD_MIN = 12
+
+
 class LoginIn(Strict):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
@@ -37,7 +40,7 @@ class LogoutIn(Strict):
 
 class PasswordChangeIn(Strict):
     current_password: str = Field(min_length=1, max_length=1024)
-    new_password: str = Field(min_length=8, max_length=1024)
+    new_password: str = Field(min_length=PASSWORD_MIN, max_length=1024)
 
 
 class UserOut(Out):
@@ -61,7 +64,7 @@ class TokenOut(BaseModel):
 
 class UserCreateIn(Strict):
     username: str = Field(pattern=USERNAME)
-    password: str = Field(min_length=8, max_length=1024)
+    password: str = Field(min_length=PASSWORD_MIN, max_length=1024)
     display_name: str = Field(default="", max_length=128)
     email: str = Field(default="", max_length=254)
     role: Role = "user"
@@ -72,7 +75,7 @@ class UserPatchIn(Strict):
     email: str | None = Field(default=None, max_length=254)
     role: Role | None = None
     is_active: bool | None = None
-    password: str | None = Field(default=None, min_length=8, max_length=1024)
+    password: str | None = Field(default=None, min_length=PASSWORD_MIN, max_length=1024)
     idle_timeout_seconds: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
 
 
