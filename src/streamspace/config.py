@@ -8,6 +8,7 @@ import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -63,6 +64,12 @@ class Settings(BaseSettings):
         "X-Forwarded-Proto headers are believed. Empty: forwarded headers are ignored and the "
         "TCP peer is the client.",
     )
+    public_url: str = Field(
+        default="",
+        description="The URL browsers use to reach the web UI (e.g. https://streamspace.example). "
+        "Browser WebSockets and the event stream are accepted only from its origin. Empty: only "
+        "from the origin the request itself names in its Host header (same-origin).",
+    )
 
     templates_dir: Path | None = None
     max_body_bytes: int = 1_048_576
@@ -112,6 +119,16 @@ class Settings(BaseSettings):
                         f"trusted_proxies: {item!r} is not an IP address or CIDR network"
                     ) from None
         return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"public_url: {value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
 
     def resolved_database_url(self) -> str:
         if self.database_url:

@@ -25,6 +25,7 @@ from streamspace.config import Settings
 from streamspace.controlplane import catalog, metrics, problems
 from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
 from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.browser import SecurityHeaders
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
@@ -276,7 +277,9 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # FastAPI's docs pages load Swagger UI from a CDN with an inline script: they break
+        # offline and under the UI's CSP. The schema stays at /api/openapi.json.
+        docs_url=None,
         redoc_url=None,
     )
     problems.install(app)
@@ -286,6 +289,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Observe)
     _mount_ui(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
     if settings.trusted_proxies:
         # Outermost, so that everything inside sees the client the proxy forwarded.
         app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
