@@ -463,7 +463,13 @@ def login(
         async with httpx.AsyncClient(base_url=server_url, timeout=30) as client:
             try:
                 resp = await client.post(
-                    "/api/v1/auth/login", json={"username": username, "password": password}
+                    "/api/v1/auth/login",
+                    json={
+                        "username": username,
+                        "password": password,
+                        # Not a browser: keep the refresh token ourselves (in a 0600 file).
+                        "refresh_token_delivery": "body",
+                    },
                 )
             except httpx.HTTPError as exc:
                 raise CLIError(f"cannot reach {server_url}: {exc}") from exc

@@ -17,9 +17,17 @@ from api_support import (
 from conftest import ADMIN_PASSWORD
 
 
-def attempt(cp: Any, username: str, password: str) -> httpx.Response:
+def attempt(cp: Any, username: str, password: str, delivery: str = "cookie") -> httpx.Response:
+    body = {"username": username, "password": password, "refresh_token_delivery": delivery}
     with client(cp) as c:
-        return c.post("/api/v1/auth/login", json={"username": username, "password": password})
+        return c.post("/api/v1/auth/login", json=body)
+
+
+def cli_tokens(cp: Any, username: str = "admin", password: str = ADMIN_PASSWORD) -> Any:
+    """Log in as a non-browser client does: the refresh token comes in the body."""
+    r = attempt(cp, username, password, "body")
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def test_first_start_admin_login_and_me(make_control_plane: Any) -> None:
@@ -29,7 +37,11 @@ def test_first_start_admin_login_and_me(make_control_plane: Any) -> None:
     tokens = r.json()
     assert tokens["token_type"] == "bearer"
     assert tokens["expires_in"] > 0
-    assert tokens["access_token"] and tokens["refresh_token"]
+    assert tokens["access_token"]
+    # a browser login: the refresh token is a cookie, never in the JSON a page script reads
+    assert "refresh_token" not in tokens
+    refresh_cookie = r.cookies["streamspace_refresh"]
+    assert refresh_cookie and refresh_cookie not in r.text
     assert tokens["user"]["username"] == "admin"
     assert tokens["user"]["role"] == "admin"
     assert tokens["user"]["is_active"] is True
@@ -55,15 +67,15 @@ def test_first_start_admin_login_and_me(make_control_plane: Any) -> None:
     with client(cp, "not.a.jwt") as bogus:
         assert_problem(bogus.get("/api/v1/auth/me"), 401)
     # the refresh token is not an access token
-    with client(cp, tokens["refresh_token"]) as wrong_kind:
+    with client(cp, refresh_cookie) as wrong_kind:
         assert_problem(wrong_kind.get("/api/v1/auth/me"), 401)
 
 
 def test_refresh_rotation_and_reuse_revokes_the_family(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
-    first = attempt(cp, "admin", ADMIN_PASSWORD).json()
+    first = cli_tokens(cp)
     # an unrelated login (another family) must survive the replay below
-    other = attempt(cp, "admin", ADMIN_PASSWORD).json()
+    other = cli_tokens(cp)
 
     with client(cp) as anon:
         r1 = anon.post("/api/v1/auth/refresh", json={"refresh_token": first["refresh_token"]})
@@ -90,8 +102,8 @@ def test_refresh_rotation_and_reuse_revokes_the_family(make_control_plane: Any) 
 
 def test_logout_revokes_refresh_and_access_tokens(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
-    tokens = attempt(cp, "admin", ADMIN_PASSWORD).json()
-    second = attempt(cp, "admin", ADMIN_PASSWORD).json()
+    tokens = cli_tokens(cp)
+    second = cli_tokens(cp)
     with client(cp, tokens["access_token"]) as c:
         assert c.get("/api/v1/auth/me").status_code == 200
         r = c.post("/api/v1/auth/logout", json={"refresh_token": tokens["refresh_token"]})
@@ -115,7 +127,7 @@ def test_password_change(make_control_plane: Any) -> None:
     with login(cp) as admin:
         r = admin.post("/api/v1/users", json={"username": "carol", "password": "carol-pass-1"})
         assert r.status_code == 201, r.text
-    tokens = attempt(cp, "carol", "carol-pass-1").json()
+    tokens = cli_tokens(cp, "carol", "carol-pass-1")
     with client(cp, tokens["access_token"]) as c:
         wrong = c.post(
             "/api/v1/auth/password",
@@ -131,10 +143,15 @@ def test_password_change(make_control_plane: Any) -> None:
         assert_problem(too_short, 422, "new_password")
         ok = c.post(
             "/api/v1/auth/password",
-            json={"current_password": "carol-pass-1", "new_password": "carol-pass-2"},
+            json={
+                "current_password": "carol-pass-1",
+                "new_password": "carol-pass-2",
+                "refresh_token_delivery": "body",
+            },
         )
         assert ok.status_code == 200, ok.text
         fresh = ok.json()
+        assert fresh["refresh_token"]
         # the old access token is rejected right away
         assert_problem(c.get("/api/v1/auth/me"), 401)
     # the old refresh token too
@@ -153,7 +170,7 @@ def test_disabled_user_cannot_log_in(make_control_plane: Any) -> None:
     with login(cp) as admin:
         r = admin.post("/api/v1/users", json={"username": "dave", "password": "dave-pass-12"})
         assert r.status_code == 201, r.text
-        tokens = attempt(cp, "dave", "dave-pass-12").json()
+        tokens = cli_tokens(cp, "dave", "dave-pass-12")
         dave = client(cp, tokens["access_token"])
         assert dave.get("/api/v1/auth/me").status_code == 200
         r = admin.patch("/api/v1/users/dave", json={"is_active": False})

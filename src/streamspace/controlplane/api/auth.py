@@ -1,11 +1,21 @@
-"""Login, token refresh (rotating, replay-detecting), logout, me, password change."""
+"""Login, token refresh (rotating, replay-detecting), logout, me, password change.
+
+Browsers get the refresh token as a cookie that no page script can read (HttpOnly,
+SameSite=Strict, sent only to the refresh path, Secure over TLS), so an XSS cannot carry it
+away; the access token lives in the page's memory. A cookie refresh also needs the
+`X-StreamSpace-CSRF` header and, when the browser names one, a same-origin `Origin`: another
+site cannot trigger it. Clients that are not browsers (the CLI) ask for the refresh token in
+the JSON body at login and send it back in the body; a cookie refresh never answers with a
+body token, and the other ways to get one need the password.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -14,14 +24,16 @@ from streamspace.controlplane.api.schemas import (
     LoginIn,
     LogoutIn,
     PasswordChangeIn,
+    RefreshDelivery,
     RefreshIn,
     TokenOut,
     UserOut,
 )
+from streamspace.controlplane.browser import is_tls, origin_allowed
 from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
 from streamspace.controlplane.loginthrottle import TooManyFailures
 from streamspace.controlplane.passwords import require_strong
-from streamspace.controlplane.problems import Problem
+from streamspace.controlplane.problems import Problem, problem_response
 from streamspace.controlplane.security import (
     hash_password,
     make_access_token,
@@ -34,6 +46,10 @@ from streamspace.db.types import new_id
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
 
+REFRESH_COOKIE = "streamspace_refresh"
+REFRESH_PATH = "/api/v1/auth/refresh"
+CSRF_HEADER = "X-StreamSpace-CSRF"
+
 
 def _unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, kind="unauthorized")
@@ -41,7 +57,9 @@ def _unauthorized(detail: str) -> Problem:
 
 async def issue_tokens(
     state: AppState, db: AsyncSession, user: User, family_id: str | None = None
-) -> TokenOut:
+) -> tuple[TokenOut, str]:
+    """A new access token, and a new refresh token (returned apart: where it goes depends on
+    the client, see `token_response`)."""
     ttl = state.settings.access_token_ttl_seconds
     access, _ = make_access_token(
         state.secret,
@@ -60,16 +78,45 @@ async def issue_tokens(
             + timedelta(seconds=state.settings.refresh_token_ttl_seconds),
         )
     )
-    return TokenOut(
-        access_token=access,
-        expires_in=ttl,
-        refresh_token=refresh,
-        user=UserOut.model_validate(user),
+    return TokenOut(access_token=access, expires_in=ttl, user=UserOut.model_validate(user)), refresh
+
+
+def token_response(
+    request: Request,
+    state: AppState,
+    tokens: TokenOut,
+    refresh: str,
+    delivery: RefreshDelivery,
+) -> JSONResponse:
+    if delivery == "body":
+        with_refresh = tokens.model_copy(update={"refresh_token": refresh})
+        return JSONResponse(with_refresh.model_dump(mode="json"))
+    resp = JSONResponse(tokens.model_dump(mode="json", exclude={"refresh_token"}))
+    resp.set_cookie(
+        REFRESH_COOKIE,
+        refresh,
+        max_age=state.settings.refresh_token_ttl_seconds,
+        path=REFRESH_PATH,
+        secure=is_tls(request.scope),
+        httponly=True,
+        samesite="strict",
     )
+    return resp
+
+
+def _forget_cookie(request: Request, resp: Response) -> Response:
+    resp.delete_cookie(
+        REFRESH_COOKIE,
+        path=REFRESH_PATH,
+        secure=is_tls(request.scope),
+        httponly=True,
+        samesite="strict",
+    )
+    return resp
 
 
 @router.post("/login", response_model=TokenOut)
-async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> TokenOut:
+async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> JSONResponse:
     try:
         attempt = state.login_throttle.admit(body.username, client_ip(request))
     except TooManyFailures as exc:
@@ -100,7 +147,7 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         raise _unauthorized("this account is disabled")
     if security.needs_rehash(user.password_hash):
         user.password_hash = await asyncio.to_thread(hash_password, body.password)
-    tokens = await issue_tokens(state, db, user)
+    tokens, refresh = await issue_tokens(state, db, user)
     audit.record(
         db,
         actor=user,
@@ -110,15 +157,54 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         request=request,
     )
     await db.commit()
-    return tokens
+    return token_response(request, state, tokens, refresh, body.refresh_token_delivery)
+
+
+def _cookie_refresh_token(request: Request, state: AppState) -> str:
+    if request.headers.get(CSRF_HEADER) is None:
+        raise Problem(
+            403,
+            "Forbidden",
+            f"a cookie refresh needs the {CSRF_HEADER} header (the web UI sends it); "
+            "other clients send their refresh_token in the body",
+            kind="csrf",
+        )
+    if not origin_allowed(request, state.settings):
+        raise Problem(
+            403,
+            "Forbidden",
+            f"cross-origin refresh refused: Origin {request.headers.get('origin')!r}",
+            kind="cross-origin",
+        )
+    token = request.cookies.get(REFRESH_COOKIE)
+    if not token or len(token) > 512:
+        raise _unauthorized("no refresh token (log in at POST /api/v1/auth/login)")
+    return token
 
 
 @router.post("/refresh", response_model=TokenOut)
-async def refresh(body: RefreshIn, request: Request, state: StateDep, db: DbDep) -> TokenOut:
+async def refresh(
+    request: Request, state: StateDep, db: DbDep, body: RefreshIn | None = None
+) -> Response:
+    if body is not None and body.refresh_token is not None:
+        return await _rotate(request, state, db, body.refresh_token, "body")
+    presented = _cookie_refresh_token(request, state)
+    try:
+        return await _rotate(request, state, db, presented, "cookie")
+    except Problem as exc:
+        if exc.status != 401:
+            raise
+        # A dead cookie is of no further use: let the browser drop it.
+        return _forget_cookie(
+            request, problem_response(request, 401, exc.title, exc.detail, exc.kind)
+        )
+
+
+async def _rotate(
+    request: Request, state: AppState, db: AsyncSession, presented: str, delivery: RefreshDelivery
+) -> Response:
     now = datetime.now(UTC)
-    row = await db.scalar(
-        select(RefreshToken).where(RefreshToken.token_hash == sha256(body.refresh_token))
-    )
+    row = await db.scalar(select(RefreshToken).where(RefreshToken.token_hash == sha256(presented)))
     if row is None or row.revoked_at is not None or row.expires_at <= now:
         raise _unauthorized("refresh token is invalid, expired or revoked; log in again")
     if row.used_at is not None:
@@ -149,14 +235,17 @@ async def refresh(body: RefreshIn, request: Request, state: StateDep, db: DbDep)
     user = await db.get(User, row.user_id)
     if user is None or not user.is_active:
         raise _unauthorized("user no longer exists or is disabled")
-    tokens = await issue_tokens(state, db, user, family_id=row.family_id)
+    tokens, refresh_token = await issue_tokens(state, db, user, family_id=row.family_id)
     await db.commit()
-    return tokens
+    return token_response(request, state, tokens, refresh_token, delivery)
 
 
 @router.post("/logout", status_code=204)
-async def logout(request: Request, user: UserDep, db: DbDep, body: LogoutIn | None = None) -> None:
-    """Revokes every refresh token of the user and every access token issued so far."""
+async def logout(
+    request: Request, user: UserDep, db: DbDep, body: LogoutIn | None = None
+) -> Response:
+    """Revokes every refresh token of the user and every access token issued so far, and drops
+    the refresh cookie. Authenticated by the bearer token, which a cross-site page cannot send."""
     now = datetime.now(UTC)
     await db.execute(
         update(RefreshToken)
@@ -173,6 +262,7 @@ async def logout(request: Request, user: UserDep, db: DbDep, body: LogoutIn | No
         request=request,
     )
     await db.commit()
+    return _forget_cookie(request, Response(status_code=204))
 
 
 @router.get("/me", response_model=UserOut)
@@ -183,7 +273,7 @@ async def me(user: UserDep) -> User:
 @router.post("/password", response_model=TokenOut)
 async def change_password(
     body: PasswordChangeIn, request: Request, user: UserDep, state: StateDep, db: DbDep
-) -> TokenOut:
+) -> Response:
     if not await asyncio.to_thread(
         security.verify_password, user.password_hash, body.current_password
     ):
@@ -205,7 +295,7 @@ async def change_password(
         .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
         .values(revoked_at=datetime.now(UTC))
     )
-    tokens = await issue_tokens(state, db, user)
+    tokens, refresh_token = await issue_tokens(state, db, user)
     audit.record(
         db,
         actor=user,
@@ -215,4 +305,4 @@ async def change_password(
         request=request,
     )
     await db.commit()
-    return tokens
+    return token_response(request, state, tokens, refresh_token, body.refresh_token_delivery)

@@ -24,14 +24,28 @@ class Out(BaseModel):
 
 PASSWORD_MIN = 12
 
+RefreshDelivery = Literal["cookie", "body"]
+DELIVERY_DOC = (
+    "Where the refresh token goes: `cookie` (the default, for the web UI) sets it as an HttpOnly "
+    "cookie that page scripts cannot read; `body` returns it in the JSON instead, for clients "
+    "that are not browsers (the CLI) and keep it themselves."
+)
+
 
 class LoginIn(Strict):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+    refresh_token_delivery: RefreshDelivery = Field(default="cookie", description=DELIVERY_DOC)
 
 
 class RefreshIn(Strict):
-    refresh_token: str = Field(min_length=10, max_length=512)
+    refresh_token: str | None = Field(
+        default=None,
+        min_length=10,
+        max_length=512,
+        description="A refresh token kept by a non-browser client; the new one comes back in "
+        "the body. Without it the refresh cookie is used (and renewed).",
+    )
 
 
 class LogoutIn(Strict):
@@ -41,6 +55,7 @@ class LogoutIn(Strict):
 class PasswordChangeIn(Strict):
     current_password: str = Field(min_length=1, max_length=1024)
     new_password: str = Field(min_length=PASSWORD_MIN, max_length=1024)
+    refresh_token_delivery: RefreshDelivery = Field(default="cookie", description=DELIVERY_DOC)
 
 
 class UserOut(Out):
@@ -58,7 +73,11 @@ class TokenOut(BaseModel):
     access_token: str
     token_type: str = "bearer"
     expires_in: int
-    refresh_token: str
+    refresh_token: str | None = Field(
+        default=None,
+        description="Only with `refresh_token_delivery: body` (or a body-token refresh); "
+        "browsers get it as an HttpOnly cookie instead.",
+    )
     user: UserOut
 
 
