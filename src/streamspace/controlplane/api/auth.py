@@ -130,7 +130,9 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         ) from None
     user = await db.scalar(select(User).where(func.lower(User.username) == body.username.lower()))
     stored = user.password_hash if user is not None else security.dummy_hash()
-    if user is None or not await asyncio.to_thread(security.verify_password, stored, body.password):
+    # Verified whether or not the user exists (never short-circuited): the same work either way.
+    matches = await asyncio.to_thread(security.verify_password, stored, body.password)
+    if user is None or not matches:
         audit.record(
             db,
             actor=None,
