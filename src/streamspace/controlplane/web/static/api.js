@@ -4,6 +4,9 @@
 // headers).
 
 const CSRF_HEADER = "X-StreamSpace-CSRF";
+// Not a credential: only whether this browser holds a refresh cookie worth trying on load
+// (the cookie itself is HttpOnly), so a first visit does not start with a failed refresh.
+const HAS_SESSION_KEY = "streamspace.hasSession";
 const listeners = new Set();
 const channel = "BroadcastChannel" in window ? new BroadcastChannel("streamspace-auth") : null;
 
@@ -29,6 +32,7 @@ export const auth = {
   },
   save(tokens) {
     session = { access_token: tokens.access_token, user: tokens.user };
+    localStorage.setItem(HAS_SESSION_KEY, "1");
     notify();
   },
   setUser(user) {
@@ -38,6 +42,7 @@ export const auth = {
   },
   clear() {
     session = null;
+    localStorage.removeItem(HAS_SESSION_KEY);
     notify();
   },
   onChange(fn) {
@@ -72,7 +77,10 @@ async function doRefresh(failedAccess) {
     credentials: "same-origin",
     signal: AbortSignal.timeout ? AbortSignal.timeout(15000) : undefined,
   });
-  if (!resp.ok) return false;
+  if (!resp.ok) {
+    if (resp.status === 401) localStorage.removeItem(HAS_SESSION_KEY);
+    return false;
+  }
   auth.save(await resp.json());
   return true;
 }
@@ -91,7 +99,8 @@ export function refreshTokens(failedAccess) {
 }
 
 /** On page load: resume the session the refresh cookie holds, if any. */
-export function restoreSession() {
+export async function restoreSession() {
+  if (!localStorage.getItem(HAS_SESSION_KEY)) return false;
   return refreshTokens(null);
 }
 
