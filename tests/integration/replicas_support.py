@@ -625,6 +625,7 @@ class Cluster:
             STREAMSPACE_LOOP_INTERVAL_SECONDS="0.5",
             STREAMSPACE_LOGIN_FAILURES_BEFORE_DELAY="1000",
             STREAMSPACE_LOGIN_IP_FAILURES_PER_MINUTE="1000",
+            STREAMSPACE_TRUSTED_PROXIES="127.0.0.1",  # as deploy/replicas/run.sh: the nginx
             STREAMSPACE_LOG_LEVEL="INFO",
             PYTHONUNBUFFERED="1",
         )
