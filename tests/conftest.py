@@ -139,6 +139,7 @@ class ControlPlane:
             timeout_graceful_shutdown=5,
             ws="websockets-sansio",
             access_log=False,
+            proxy_headers=False,  # as `streamspace up`: only STREAMSPACE_TRUSTED_PROXIES count
         )
         self.server = uvicorn.Server(config)
         self.server.install_signal_handlers = lambda: None

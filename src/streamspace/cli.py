@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import webbrowser
 from collections.abc import Awaitable, Callable
@@ -96,6 +97,9 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
         timeout_keep_alive=30,
         lifespan="on",
         access_log=False,
+        # uvicorn would believe X-Forwarded-For from 127.0.0.1 by default; the app decides,
+        # from STREAMSPACE_TRUSTED_PROXIES only (see controlplane/app.py).
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     stop = asyncio.Event()
@@ -107,7 +111,8 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
     while not server.started:
         if serve_task.done():
             await serve_task
-            raise CLIError(f"could not listen on {settings.host}:{settings.port}")
+            refused = getattr(application.state, "startup_error", None)
+            raise CLIError(refused or f"could not listen on {settings.host}:{settings.port}")
         await asyncio.sleep(0.05)
     url = f"http://{settings.host}:{settings.port}"
     console.print(f"[bold green]StreamSpace {__version__}[/] is up at [link={url}]{url}[/link]")
@@ -332,6 +337,8 @@ async def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
             return await fn(db)
     except OSError as exc:
         raise CLIError(f"database unreachable: {exc}") from exc
+    except migrate.MigrationRefused as exc:
+        raise CLIError(str(exc)) from None
     finally:
         await engine.dispose()
 
@@ -351,6 +358,8 @@ def db_upgrade(data_dir: Path | None = typer.Option(None)) -> None:
             return await migrate.current_revision(engine)
         except OSError as exc:
             raise CLIError(f"database unreachable: {exc}") from exc
+        except migrate.MigrationRefused as exc:
+            raise CLIError(str(exc)) from None
         finally:
             await engine.dispose()
 
@@ -365,19 +374,27 @@ def admin_create_user(
     data_dir: Path | None = typer.Option(None),
 ) -> None:
     """Create a user directly in the database."""
-    from sqlalchemy import select
+    from sqlalchemy import func, select
 
+    from streamspace.controlplane.api.schemas import USERNAME
+    from streamspace.controlplane.passwords import describe, weakness
     from streamspace.controlplane.security import hash_password
     from streamspace.db.models import User
 
     if role not in ("admin", "operator", "user"):
         fail("role must be admin, operator or user")
-    if len(password) < 8:
-        fail("password must have at least 8 characters")
+    if not re.fullmatch(USERNAME, username):
+        fail("username: letters, digits, '.', '_' and '-', starting with a letter or digit; max 64")
+    weak = weakness(password, [username])
+    if weak is not None:
+        fail(describe("password", weak))
 
     async def create(db: Any) -> str:
-        if await db.scalar(select(User.id).where(User.username == username)):
-            raise CLIError(f"user {username!r} exists")
+        taken = await db.scalar(
+            select(User.username).where(func.lower(User.username) == username.lower())
+        )
+        if taken:
+            raise CLIError(f"user {taken!r} exists (usernames are unique whatever their case)")
         user = User(username=username, role=role, password_hash=hash_password(password))
         db.add(user)
         await db.commit()
@@ -477,7 +494,13 @@ def login(
         async with httpx.AsyncClient(base_url=server_url, timeout=30) as client:
             try:
                 resp = await client.post(
-                    "/api/v1/auth/login", json={"username": username, "password": password}
+                    "/api/v1/auth/login",
+                    json={
+                        "username": username,
+                        "password": password,
+                        # Not a browser: keep the refresh token ourselves (in a 0600 file).
+                        "refresh_token_delivery": "body",
+                    },
                 )
             except httpx.HTTPError as exc:
                 raise CLIError(f"cannot reach {server_url}: {exc}") from exc

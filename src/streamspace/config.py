@@ -4,11 +4,14 @@ Documented in docs/configuration.md."""
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _default_data_dir() -> Path:
@@ -35,7 +38,38 @@ class Settings(BaseSettings):
     access_token_ttl_seconds: int = 900
     auth_cache_seconds: float = Field(default=5.0, ge=0)
     refresh_token_ttl_seconds: int = 7 * 24 * 3600
-    login_rate_per_minute: int = 10
+    login_failures_before_delay: int = Field(
+        default=5,
+        ge=1,
+        description="Failed logins one client IP may make for one username before each further "
+        "attempt has to wait.",
+    )
+    login_delay_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="The first wait after those failures; it doubles with each further failure.",
+    )
+    login_max_delay_seconds: float = Field(
+        default=900.0, gt=0, description="The longest wait one (username, client IP) pair gets."
+    )
+    login_ip_failures_per_minute: int = Field(
+        default=60,
+        ge=1,
+        description="Failed logins one client IP (an IPv6 /64) may make per minute, over all "
+        "usernames. Successful logins do not count, so users behind one NAT are not locked out.",
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated IPs or CIDRs of reverse proxies whose X-Forwarded-For and "
+        "X-Forwarded-Proto headers are believed. Empty: forwarded headers are ignored and the "
+        "TCP peer is the client.",
+    )
+    public_url: str = Field(
+        default="",
+        description="The URL browsers use to reach the web UI (e.g. https://streamspace.example). "
+        "Browser WebSockets and the event stream are accepted only from its origin. Empty: only "
+        "from the origin the request itself names in its Host header (same-origin).",
+    )
 
     templates_dir: Path | None = None
     max_body_bytes: int = 1_048_576
@@ -87,6 +121,31 @@ class Settings(BaseSettings):
 
     log_format: str = "kv"
     log_level: str = "INFO"
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [item for item in (part.strip() for part in value.split(",")) if item]
+        if isinstance(value, list):
+            for item in value:
+                try:
+                    ipaddress.ip_network(str(item), strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"trusted_proxies: {item!r} is not an IP address or CIDR network"
+                    ) from None
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str) -> str:
+        if not value:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"public_url: {value!r} is not an http:// or https:// URL")
+        return value.rstrip("/")
 
     def resolved_database_url(self) -> str:
         if self.database_url:

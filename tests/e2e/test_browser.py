@@ -101,6 +101,14 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
+# Collects every CSP violation the page reports, across reloads (the init script runs on each).
+CSP_WATCH = """(() => {
+  document.addEventListener("securitypolicyviolation", (e) => {
+    console.error(`csp-violation: ${e.violatedDirective} blocked ${e.blockedURI || "inline"}`);
+  });
+})()"""
+
+
 class Watched:
     """A page plus everything it said: console errors, page errors, requests it made."""
 
@@ -112,6 +120,14 @@ class Watched:
         page.on("console", self._console)
         page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
         page.on("request", lambda req: self.requests.append(req.url))
+        page.add_init_script(CSP_WATCH)
+
+    def csp_violations(self) -> list[str]:
+        return [
+            line
+            for line in self.console
+            if "csp-violation" in line or "Content Security Policy" in line
+        ]
 
     def _console(self, msg: Any) -> None:
         line = f"{msg.type}: {msg.text}"
@@ -219,6 +235,7 @@ def test_login_and_catalog_render_cleanly(product: Product, watched: Watched) ->
         page.get_by_test_id("catalog-search").fill("")
 
         assert watched.errors == [], f"console errors: {watched.errors}"
+        assert watched.csp_violations() == []
         assert watched.foreign_requests() == [], (
             f"requests to other hosts: {watched.foreign_requests()}"
         )
@@ -332,6 +349,8 @@ def test_xterm_session_lifecycle_through_the_browser(product: Product, watched: 
             assert kind in text, f"history lacks {kind!r}: {text}"
         assert page.evaluate("window.__e2eNoReload === true"), "the page was reloaded"
         assert not [e for e in watched.errors if "pageerror" in e], watched.errors
+        # The viewer (noVNC: canvas, cursor images, the stream WebSocket) runs under the CSP.
+        assert watched.csp_violations() == [], watched.csp_violations()
 
 
 def test_session_rows_settle_without_live_events(product: Product, watched: Watched) -> None:
@@ -379,4 +398,71 @@ def test_admin_pages_render(product: Product, watched: Watched) -> None:
         assert "auth.login" in page.get_by_test_id("audit-table").inner_text()
 
         assert watched.errors == [], f"console errors: {watched.errors}"
+        assert watched.csp_violations() == []
         assert watched.foreign_requests() == []
+
+
+def test_tokens_stay_out_of_page_storage_and_a_reload_stays_logged_in(
+    product: Product, watched: Watched
+) -> None:
+    page = watched.page
+    with artifacts_on_failure(watched, product, "token_storage"):
+        first = page.goto(f"{product.url}/")
+        assert first is not None
+        csp = first.headers.get("content-security-policy", "")
+        assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, csp
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp, csp
+        assert first.headers.get("x-content-type-options") == "nosniff"
+        assert first.headers.get("referrer-policy") == "no-referrer"
+
+        with page.expect_response("**/api/v1/auth/login") as login_response:
+            log_in(page, product.url)
+        access = login_response.value.json()["access_token"]
+        assert "refresh_token" not in login_response.value.json()
+
+        stored = page.evaluate(
+            "() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])"
+        )
+        assert access not in stored, "the access token is in page storage"
+        assert "refresh" not in stored.lower(), stored
+        assert "streamspace_refresh" not in page.evaluate("document.cookie"), "not HttpOnly"
+        cookies = {c["name"]: c for c in page.context.cookies()}
+        refresh = cookies["streamspace_refresh"]
+        assert refresh["httpOnly"] is True and refresh["sameSite"] == "Strict", refresh
+        assert refresh["path"] == "/api/v1/auth/refresh", refresh
+
+        # Another site's page (localhost is another site than 127.0.0.1) tries the refresh: the
+        # SameSite=Strict cookie is not sent and the custom header cannot be, so nothing leaks
+        # and nothing is used up.
+        other = page.context.new_page()
+        other.goto(f"http://localhost:{product.port}/healthz")
+        outcome = other.evaluate(
+            """async (url) => {
+              try {
+                const r = await fetch(url, {method: "POST", credentials: "include",
+                                            headers: {"X-StreamSpace-CSRF": "1"}});
+                return "read: " + r.status + " " + (await r.text());
+              } catch (err) { return "blocked"; }
+            }""",
+            f"http://127.0.0.1:{product.port}/api/v1/auth/refresh",
+        )
+        assert outcome == "blocked", outcome
+        other.close()
+
+        # A reload keeps the user logged in (through the cookie), with a new access token.
+        page.reload()
+        page.get_by_test_id("launch-xterm").wait_for()
+        assert "#/catalog" in page.url
+        assert "admin" in page.get_by_test_id("current-user").inner_text().lower()
+        stored = page.evaluate(
+            "() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])"
+        )
+        assert "eyJ" not in stored, "a JWT is in page storage after the reload"
+
+        # Logging out drops the cookie: a reload then lands on the login page.
+        page.get_by_test_id("logout").click()
+        page.wait_for_url("**/#/login*")
+        assert "streamspace_refresh" not in {c["name"] for c in page.context.cookies()}
+        page.reload()
+        page.get_by_test_id("login-form").wait_for()
+        assert watched.csp_violations() == [], watched.csp_violations()

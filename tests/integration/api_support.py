@@ -15,7 +15,7 @@ from streamspace.controlplane import security
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 
 
-NO_LIMIT = {"login_rate_per_minute": 10_000}
+NO_LIMIT = {"login_failures_before_delay": 10_000, "login_ip_failures_per_minute": 10_000}
 
 
 _TLS = ssl.create_default_context()  # shared: building one per client costs ~50 ms

@@ -32,7 +32,8 @@ TMP_PATHS: list[Path] = []
 FAST = {
     "loop_interval_seconds": 0.5,
     "agent_heartbeat_seconds": 1.0,
-    "login_rate_per_minute": 10_000,
+    "login_failures_before_delay": 10_000,
+    "login_ip_failures_per_minute": 10_000,
 }
 """Control plane settings every test in these modules wants."""
 

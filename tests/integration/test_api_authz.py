@@ -221,7 +221,7 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             "/api/v1/users",
             "/api/v1/users",
             admin_only(201),
-            body={"username": "made-by-admin", "password": "made-pass-1"},
+            body={"username": "made-by-admin", "password": "made-pass-1234"},
         ),
         Row("GET", "/api/v1/users/{user_id}", "/api/v1/users/alice", admin_only(200)),
         Row(

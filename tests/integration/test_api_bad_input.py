@@ -26,7 +26,7 @@ VALID_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/auth/login"): {"username": "admin", "password": "x"},
     ("POST", "/api/v1/auth/refresh"): {"refresh_token": "r" * 20},
     ("POST", "/api/v1/auth/logout"): {},
-    ("POST", "/api/v1/auth/password"): {"current_password": "x", "new_password": "y" * 10},
+    ("POST", "/api/v1/auth/password"): {"current_password": "x", "new_password": "y" * 12},
     ("POST", "/api/v1/users"): {"username": "newbie", "password": "newbie-pass-1"},
     ("PATCH", "/api/v1/users/{user_id}"): {"display_name": "X"},
     ("PUT", "/api/v1/users/{user_id}/quota"): QUOTA,
@@ -313,7 +313,7 @@ def test_body_errors_on_every_endpoint(make_control_plane: Any) -> None:
             "/api/v1/users",
             422,
             ("role",),
-            json={"username": "r1", "password": "pass-word-1", "role": "root"},
+            json={"username": "r1", "password": "pass-word-123", "role": "root"},
         ),
         Case(
             "username type",
@@ -321,7 +321,7 @@ def test_body_errors_on_every_endpoint(make_control_plane: Any) -> None:
             "/api/v1/users",
             422,
             ("username",),
-            json={"username": 12, "password": "pass-word-1"},
+            json={"username": 12, "password": "pass-word-123"},
         ),
         Case(
             "quota negative",
@@ -411,7 +411,7 @@ def test_body_errors_on_every_endpoint(make_control_plane: Any) -> None:
             "/api/v1/users",
             422,
             ("username",),
-            json={"username": "u" * 65, "password": "pass-word-1"},
+            json={"username": "u" * 65, "password": "pass-word-123"},
         ),
         Case(
             "password long",
@@ -571,7 +571,7 @@ def test_body_errors_on_every_endpoint(make_control_plane: Any) -> None:
             "/api/v1/users",
             422,
             ("username",),
-            json={"username": "bad name", "password": "pass-word-1"},
+            json={"username": "bad name", "password": "pass-word-123"},
         ),
         Case(
             "template name chars",
@@ -727,7 +727,7 @@ def test_bad_ids_never_5xx(db_url: str, make_control_plane: Any) -> None:
             "POST",
             "/api/v1/users",
             NOT_5XX,
-            json={"username": "nully", "password": "pass-word-1", "display_name": nul},
+            json={"username": "nully", "password": "pass-word-123", "display_name": nul},
         ),
         Case(
             "nul in group description",

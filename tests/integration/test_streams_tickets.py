@@ -73,7 +73,10 @@ def login(d: Desk, username: str) -> tuple[httpx.Client, dict[str, Any]]:
     )
     assert r.status_code == 201, r.text
     with d.cp.client() as anon:
-        r = anon.post("/api/v1/auth/login", json={"username": username, "password": PASSWORD})
+        r = anon.post(
+            "/api/v1/auth/login",
+            json={"username": username, "password": PASSWORD, "refresh_token_delivery": "body"},
+        )
     assert r.status_code == 200, r.text
     tokens: dict[str, Any] = r.json()
     client = d.cp.client(tokens["access_token"])

@@ -18,18 +18,21 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy import func, select
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from streamspace import __version__
 from streamspace.config import Settings
 from streamspace.controlplane import catalog, metrics, problems
 from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
 from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.browser import SecurityHeaders
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.loops import Loops
-from streamspace.controlplane.ratelimit import RateLimiter
-from streamspace.controlplane.security import hash_password, random_secret
+from streamspace.controlplane.passwords import describe, weakness
+from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.db import migrate
@@ -137,12 +140,31 @@ async def ensure_secret(settings: Settings) -> str:
     return secret
 
 
+class StartupRefused(RuntimeError):
+    """A setting makes starting unsafe; the message says which and what to do."""
+
+
 async def bootstrap_admin(state: AppState) -> str | None:
-    """Create `admin` on first start; returns the generated password if one was made."""
+    """Create `admin` on first start; returns the generated password if one was made.
+
+    A configured STREAMSPACE_ADMIN_PASSWORD the policy refuses stops the start: the first
+    account, with every right, would otherwise be the easiest one to guess. It is only
+    checked when it is used (no user exists yet), so an old setting never blocks a restart.
+    """
     async with state.db() as db:
         if (await db.scalar(select(func.count(User.id)))) or 0:
             return None
-        password = state.settings.admin_password or random_secret(12)
+        configured = state.settings.admin_password
+        if configured:
+            weak = await asyncio.to_thread(weakness, configured, ["admin", "Administrator"])
+            if weak is not None:
+                raise StartupRefused(
+                    "refusing to create the first admin: "
+                    + describe("STREAMSPACE_ADMIN_PASSWORD", weak)
+                    + " Set a stronger one, or unset it to have a random password generated "
+                    "and printed once."
+                )
+        password = configured or random_secret(12)
         db.add(
             User(
                 username="admin",
@@ -198,7 +220,12 @@ def create_app(settings: Settings) -> FastAPI:
             replica_id=replica,
             secret=await ensure_secret(settings),
             events=EventBus(),
-            limiter=RateLimiter(settings.login_rate_per_minute),
+            login_throttle=LoginThrottle(
+                failures_before_delay=settings.login_failures_before_delay,
+                delay_seconds=settings.login_delay_seconds,
+                max_delay_seconds=settings.login_max_delay_seconds,
+                ip_failures_per_minute=settings.login_ip_failures_per_minute,
+            ),
             auth_cache=AuthCache(settings.auth_cache_seconds),
             db_slots=asyncio.Semaphore(request_slots(settings)),
         )
@@ -206,11 +233,17 @@ def create_app(settings: Settings) -> FastAPI:
         state.lifecycle = Lifecycle(state)
         state.streams = StreamBroker(state)
         app.state.ss = state
-        async with migrate.startup_lock(engine):
-            await migrate.upgrade(engine)
-            generated = await bootstrap_admin(state)
-            async with state.db() as db:
-                await catalog.sync_files(db, settings.resolved_templates_dir())
+        try:
+            async with migrate.startup_lock(engine):
+                await migrate.upgrade(engine)
+                generated = await bootstrap_admin(state)
+                async with state.db() as db:
+                    await catalog.sync_files(db, settings.resolved_templates_dir())
+        except (StartupRefused, migrate.MigrationRefused) as exc:
+            app.state.startup_error = str(exc)
+            await engine.dispose()
+            raise
+        await asyncio.to_thread(dummy_hash)
         if generated:
             print(
                 f"\n  Created user 'admin' with password: {generated}\n"
@@ -244,7 +277,9 @@ def create_app(settings: Settings) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         openapi_url="/api/openapi.json",
-        docs_url="/api/docs",
+        # FastAPI's docs pages load Swagger UI from a CDN with an inline script: they break
+        # offline and under the UI's CSP. The schema stays at /api/openapi.json.
+        docs_url=None,
         redoc_url=None,
     )
     problems.install(app)
@@ -254,6 +289,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(Observe)
     _mount_ui(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(SecurityHeaders)
+    if settings.trusted_proxies:
+        # Outermost, so that everything inside sees the client the proxy forwarded.
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     return app
 
 

@@ -27,6 +27,29 @@ def verify_password(password_hash: str, password: str) -> bool:
         return False
 
 
+def needs_rehash(password_hash: str) -> bool:
+    """True for a hash made with other parameters than today's (e.g. before an upgrade)."""
+    try:
+        return _hasher.check_needs_rehash(password_hash)
+    except InvalidHashError:
+        return True
+
+
+_dummy: tuple[PasswordHasher, str] | None = None
+
+
+def dummy_hash() -> str:
+    """A hash of nothing anyone knows, made with today's parameters.
+
+    A login for an unknown username is verified against it, so that it costs the same argon2
+    work as a wrong password for a real one: no timing difference tells which usernames exist.
+    """
+    global _dummy
+    if _dummy is None or _dummy[0] is not _hasher:
+        _dummy = (_hasher, _hasher.hash(random_secret(32)))
+    return _dummy[1]
+
+
 def random_secret(nbytes: int = 32) -> str:
     return secrets.token_urlsafe(nbytes)
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from streamspace.controlplane.events import EventBus
     from streamspace.controlplane.hub import Hub
     from streamspace.controlplane.lifecycle import Lifecycle
-    from streamspace.controlplane.ratelimit import RateLimiter
+    from streamspace.controlplane.loginthrottle import LoginThrottle
     from streamspace.controlplane.streams import StreamBroker
 
 
@@ -33,7 +33,7 @@ class AppState:
     replica_id: str
     secret: str
     events: EventBus
-    limiter: RateLimiter
+    login_throttle: LoginThrottle
     auth_cache: AuthCache
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""

@@ -14,6 +14,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 STARTUP_LOCK_KEY = 0x5354524D  # "STRM": one replica at a time migrates and seeds
 
 
+class MigrationRefused(RuntimeError):
+    """A migration found data it cannot move without losing or changing some; it changed
+    nothing, and its message says what the operator has to decide."""
+
+
 def alembic_config() -> Config:
     cfg = Config()
     cfg.set_main_option("script_location", "streamspace.db:migrations")

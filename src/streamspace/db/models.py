@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -56,6 +57,11 @@ class User(TimestampMixin, Base):
     token_version: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
 
     __table_args__ = (CheckConstraint("role IN ('admin', 'operator', 'user')", name="role"),)
+
+
+USERNAME_CI_INDEX = Index("uq_users_username_lower", func.lower(User.username), unique=True)
+"""Usernames are unique whatever their case: "Alice" cannot be created next to "alice", and a
+login by any case finds the one user (the lookup uses the same expression, so this index)."""
 
 
 class Group(TimestampMixin, Base):

@@ -12,6 +12,7 @@ from streamspace import protocol
 from streamspace.config import Settings
 from streamspace.controlplane import audit
 from streamspace.controlplane.api.schemas import AgentOut, CredentialOut, JoinTokenIn, JoinTokenOut
+from streamspace.controlplane.browser import origin_allowed
 from streamspace.controlplane.catalog import TemplateSpec
 from streamspace.controlplane.deps import AdminDep, DbDep, OperatorDep, StateDep
 from streamspace.controlplane.hub import make_credential
@@ -19,6 +20,7 @@ from streamspace.controlplane.lifecycle import agent_status
 from streamspace.controlplane.problems import Problem, not_found
 from streamspace.controlplane.security import random_secret, sha256
 from streamspace.controlplane.state import AppState
+from streamspace.controlplane.streams import CLOSE_DENIED
 from streamspace.db.models import Agent, JoinToken, Template
 
 router = APIRouter(tags=["agents"])
@@ -280,4 +282,10 @@ async def agent_stream_socket(ws: WebSocket, stream_id: str) -> None:
 
 @router.websocket("/api/v1/streams/ws")
 async def browser_stream_socket(ws: WebSocket) -> None:
-    await ws.app.state.ss.streams.serve_browser(ws)
+    state: AppState = ws.app.state.ss
+    if not origin_allowed(ws, state.settings):
+        # Before the ticket is looked at: a page on another site learns nothing and burns
+        # nothing (cross-site WebSocket hijacking).
+        await ws.close(code=CLOSE_DENIED, reason="cross-origin viewer refused")
+        return
+    await state.streams.serve_browser(ws)

@@ -1,36 +1,54 @@
-"""Login, token refresh (rotating, replay-detecting), logout, me, password change."""
+"""Login, token refresh (rotating, replay-detecting), logout, me, password change.
+
+Browsers get the refresh token as a cookie that no page script can read (HttpOnly,
+SameSite=Strict, sent only to the refresh path, Secure over TLS), so an XSS cannot carry it
+away; the access token lives in the page's memory. A cookie refresh also needs the
+`X-StreamSpace-CSRF` header and, when the browser names one, a same-origin `Origin`: another
+site cannot trigger it. Clients that are not browsers (the CLI) ask for the refresh token in
+the JSON body at login and send it back in the body; a cookie refresh never answers with a
+body token, and the other ways to get one need the password.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
-from fastapi import APIRouter, Request
-from sqlalchemy import select, update
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streamspace.controlplane import audit
+from streamspace.controlplane import audit, security
 from streamspace.controlplane.api.schemas import (
     LoginIn,
     LogoutIn,
     PasswordChangeIn,
+    RefreshDelivery,
     RefreshIn,
     TokenOut,
     UserOut,
 )
+from streamspace.controlplane.browser import is_tls, origin_allowed
 from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
-from streamspace.controlplane.problems import Problem
+from streamspace.controlplane.loginthrottle import TooManyFailures
+from streamspace.controlplane.passwords import require_strong
+from streamspace.controlplane.problems import Problem, problem_response
 from streamspace.controlplane.security import (
     hash_password,
     make_access_token,
     random_secret,
     sha256,
-    verify_password,
 )
 from streamspace.controlplane.state import AppState
 from streamspace.db.models import RefreshToken, User
 from streamspace.db.types import new_id
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
+
+REFRESH_COOKIE = "streamspace_refresh"
+REFRESH_PATH = "/api/v1/auth/refresh"
+CSRF_HEADER = "X-StreamSpace-CSRF"
 
 
 def _unauthorized(detail: str) -> Problem:
@@ -39,7 +57,9 @@ def _unauthorized(detail: str) -> Problem:
 
 async def issue_tokens(
     state: AppState, db: AsyncSession, user: User, family_id: str | None = None
-) -> TokenOut:
+) -> tuple[TokenOut, str]:
+    """A new access token, and a new refresh token (returned apart: where it goes depends on
+    the client, see `token_response`)."""
     ttl = state.settings.access_token_ttl_seconds
     access, _ = make_access_token(
         state.secret,
@@ -58,41 +78,61 @@ async def issue_tokens(
             + timedelta(seconds=state.settings.refresh_token_ttl_seconds),
         )
     )
-    return TokenOut(
-        access_token=access,
-        expires_in=ttl,
-        refresh_token=refresh,
-        user=UserOut.model_validate(user),
+    return TokenOut(access_token=access, expires_in=ttl, user=UserOut.model_validate(user)), refresh
+
+
+def token_response(
+    request: Request,
+    state: AppState,
+    tokens: TokenOut,
+    refresh: str,
+    delivery: RefreshDelivery,
+) -> JSONResponse:
+    if delivery == "body":
+        with_refresh = tokens.model_copy(update={"refresh_token": refresh})
+        return JSONResponse(with_refresh.model_dump(mode="json"))
+    resp = JSONResponse(tokens.model_dump(mode="json", exclude={"refresh_token"}))
+    resp.set_cookie(
+        REFRESH_COOKIE,
+        refresh,
+        max_age=state.settings.refresh_token_ttl_seconds,
+        path=REFRESH_PATH,
+        secure=is_tls(request.scope),
+        httponly=True,
+        samesite="strict",
     )
+    return resp
 
 
-IP_LIMIT_FACTOR = 10
-"""Many users may share one address (NAT), so the per-IP limit is looser than the per-user one."""
-
-
-def _check_rate(state: AppState, ip_key: str, user_key: str) -> None:
-    wait = max(
-        state.limiter.retry_after(user_key),
-        state.limiter.retry_after(ip_key, state.limiter.limit * IP_LIMIT_FACTOR),
+def _forget_cookie(request: Request, resp: Response) -> Response:
+    resp.delete_cookie(
+        REFRESH_COOKIE,
+        path=REFRESH_PATH,
+        secure=is_tls(request.scope),
+        httponly=True,
+        samesite="strict",
     )
-    if wait > 0:
-        raise Problem(
-            429,
-            "Too many requests",
-            f"too many failed login attempts; try again in {int(wait) + 1} s",
-            kind="rate-limited",
-            headers={"Retry-After": str(int(wait) + 1)},
-        )
+    return resp
 
 
 @router.post("/login", response_model=TokenOut)
-async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> TokenOut:
-    ip_key, user_key = f"ip:{client_ip(request)}", f"user:{body.username.lower()}"
-    _check_rate(state, ip_key, user_key)
-    user = await db.scalar(select(User).where(User.username == body.username))
-    if user is None or not verify_password(user.password_hash, body.password):
-        state.limiter.hit(ip_key)
-        state.limiter.hit(user_key)
+async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> JSONResponse:
+    try:
+        attempt = state.login_throttle.admit(body.username, client_ip(request))
+    except TooManyFailures as exc:
+        wait = exc.retry_after_header
+        raise Problem(
+            429,
+            "Too many requests",
+            f"too many failed login attempts from this address; try again in {wait} s",
+            kind="rate-limited",
+            headers={"Retry-After": str(wait)},
+        ) from None
+    user = await db.scalar(select(User).where(func.lower(User.username) == body.username.lower()))
+    stored = user.password_hash if user is not None else security.dummy_hash()
+    # Verified whether or not the user exists (never short-circuited): the same work either way.
+    matches = await asyncio.to_thread(security.verify_password, stored, body.password)
+    if user is None or not matches:
         audit.record(
             db,
             actor=None,
@@ -104,10 +144,12 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         )
         await db.commit()
         raise _unauthorized("wrong username or password")
+    state.login_throttle.succeeded(attempt)
     if not user.is_active:
         raise _unauthorized("this account is disabled")
-    state.limiter.reset(user_key)
-    tokens = await issue_tokens(state, db, user)
+    if security.needs_rehash(user.password_hash):
+        user.password_hash = await asyncio.to_thread(hash_password, body.password)
+    tokens, refresh = await issue_tokens(state, db, user)
     audit.record(
         db,
         actor=user,
@@ -117,15 +159,54 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         request=request,
     )
     await db.commit()
-    return tokens
+    return token_response(request, state, tokens, refresh, body.refresh_token_delivery)
+
+
+def _cookie_refresh_token(request: Request, state: AppState) -> str:
+    if request.headers.get(CSRF_HEADER) is None:
+        raise Problem(
+            403,
+            "Forbidden",
+            f"a cookie refresh needs the {CSRF_HEADER} header (the web UI sends it); "
+            "other clients send their refresh_token in the body",
+            kind="csrf",
+        )
+    if not origin_allowed(request, state.settings):
+        raise Problem(
+            403,
+            "Forbidden",
+            f"cross-origin refresh refused: Origin {request.headers.get('origin')!r}",
+            kind="cross-origin",
+        )
+    token = request.cookies.get(REFRESH_COOKIE)
+    if not token or len(token) > 512:
+        raise _unauthorized("no refresh token (log in at POST /api/v1/auth/login)")
+    return token
 
 
 @router.post("/refresh", response_model=TokenOut)
-async def refresh(body: RefreshIn, request: Request, state: StateDep, db: DbDep) -> TokenOut:
+async def refresh(
+    request: Request, state: StateDep, db: DbDep, body: RefreshIn | None = None
+) -> Response:
+    if body is not None and body.refresh_token is not None:
+        return await _rotate(request, state, db, body.refresh_token, "body")
+    presented = _cookie_refresh_token(request, state)
+    try:
+        return await _rotate(request, state, db, presented, "cookie")
+    except Problem as exc:
+        if exc.status != 401:
+            raise
+        # A dead cookie is of no further use: let the browser drop it.
+        return _forget_cookie(
+            request, problem_response(request, 401, exc.title, exc.detail, exc.kind)
+        )
+
+
+async def _rotate(
+    request: Request, state: AppState, db: AsyncSession, presented: str, delivery: RefreshDelivery
+) -> Response:
     now = datetime.now(UTC)
-    row = await db.scalar(
-        select(RefreshToken).where(RefreshToken.token_hash == sha256(body.refresh_token))
-    )
+    row = await db.scalar(select(RefreshToken).where(RefreshToken.token_hash == sha256(presented)))
     if row is None or row.revoked_at is not None or row.expires_at <= now:
         raise _unauthorized("refresh token is invalid, expired or revoked; log in again")
     if row.used_at is not None:
@@ -156,14 +237,17 @@ async def refresh(body: RefreshIn, request: Request, state: StateDep, db: DbDep)
     user = await db.get(User, row.user_id)
     if user is None or not user.is_active:
         raise _unauthorized("user no longer exists or is disabled")
-    tokens = await issue_tokens(state, db, user, family_id=row.family_id)
+    tokens, refresh_token = await issue_tokens(state, db, user, family_id=row.family_id)
     await db.commit()
-    return tokens
+    return token_response(request, state, tokens, refresh_token, delivery)
 
 
 @router.post("/logout", status_code=204)
-async def logout(request: Request, user: UserDep, db: DbDep, body: LogoutIn | None = None) -> None:
-    """Revokes every refresh token of the user and every access token issued so far."""
+async def logout(
+    request: Request, user: UserDep, db: DbDep, body: LogoutIn | None = None
+) -> Response:
+    """Revokes every refresh token of the user and every access token issued so far, and drops
+    the refresh cookie. Authenticated by the bearer token, which a cross-site page cannot send."""
     now = datetime.now(UTC)
     await db.execute(
         update(RefreshToken)
@@ -180,6 +264,7 @@ async def logout(request: Request, user: UserDep, db: DbDep, body: LogoutIn | No
         request=request,
     )
     await db.commit()
+    return _forget_cookie(request, Response(status_code=204))
 
 
 @router.get("/me", response_model=UserOut)
@@ -190,8 +275,10 @@ async def me(user: UserDep) -> User:
 @router.post("/password", response_model=TokenOut)
 async def change_password(
     body: PasswordChangeIn, request: Request, user: UserDep, state: StateDep, db: DbDep
-) -> TokenOut:
-    if not verify_password(user.password_hash, body.current_password):
+) -> Response:
+    if not await asyncio.to_thread(
+        security.verify_password, user.password_hash, body.current_password
+    ):
         raise Problem(403, "Forbidden", "current password is wrong", kind="wrong-password")
     if body.new_password == body.current_password:
         raise Problem(
@@ -200,14 +287,17 @@ async def change_password(
             "new_password: must differ from the current one",
             kind="invalid-request",
         )
-    user.password_hash = hash_password(body.new_password)
+    await require_strong(
+        body.new_password, (user.username, user.display_name, user.email), "new_password"
+    )
+    user.password_hash = await asyncio.to_thread(hash_password, body.new_password)
     user.token_version += 1
     await db.execute(
         update(RefreshToken)
         .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
         .values(revoked_at=datetime.now(UTC))
     )
-    tokens = await issue_tokens(state, db, user)
+    tokens, refresh_token = await issue_tokens(state, db, user)
     audit.record(
         db,
         actor=user,
@@ -217,4 +307,4 @@ async def change_password(
         request=request,
     )
     await db.commit()
-    return tokens
+    return token_response(request, state, tokens, refresh_token, body.refresh_token_delivery)

@@ -6,13 +6,14 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select, text
 
 from streamspace.controlplane import metrics
+from streamspace.controlplane.browser import require_same_origin
 from streamspace.controlplane.deps import StateDep, UserDep
 from streamspace.db.models import Session as SessionRow
 
@@ -52,7 +53,7 @@ async def prometheus(state: StateDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/api/v1/events")
+@router.get("/api/v1/events", dependencies=[Depends(require_same_origin)])
 async def events(request: Request, user: UserDep, state: StateDep) -> StreamingResponse:
     """Server-sent events: `session` (a session changed) and `resync` (re-fetch the list)."""
     sees_all = user.role in ("admin", "operator") and request.query_params.get("all") == "true"

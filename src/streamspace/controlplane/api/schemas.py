@@ -22,13 +22,30 @@ class Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
 
+PASSWORD_MIN = 12
+
+RefreshDelivery = Literal["cookie", "body"]
+DELIVERY_DOC = (
+    "Where the refresh token goes: `cookie` (the default, for the web UI) sets it as an HttpOnly "
+    "cookie that page scripts cannot read; `body` returns it in the JSON instead, for clients "
+    "that are not browsers (the CLI) and keep it themselves."
+)
+
+
 class LoginIn(Strict):
     username: str = Field(min_length=1, max_length=64)
     password: str = Field(min_length=1, max_length=1024)
+    refresh_token_delivery: RefreshDelivery = Field(default="cookie", description=DELIVERY_DOC)
 
 
 class RefreshIn(Strict):
-    refresh_token: str = Field(min_length=10, max_length=512)
+    refresh_token: str | None = Field(
+        default=None,
+        min_length=10,
+        max_length=512,
+        description="A refresh token kept by a non-browser client; the new one comes back in "
+        "the body. Without it the refresh cookie is used (and renewed).",
+    )
 
 
 class LogoutIn(Strict):
@@ -37,7 +54,8 @@ class LogoutIn(Strict):
 
 class PasswordChangeIn(Strict):
     current_password: str = Field(min_length=1, max_length=1024)
-    new_password: str = Field(min_length=8, max_length=1024)
+    new_password: str = Field(min_length=PASSWORD_MIN, max_length=1024)
+    refresh_token_delivery: RefreshDelivery = Field(default="cookie", description=DELIVERY_DOC)
 
 
 class UserOut(Out):
@@ -55,13 +73,17 @@ class TokenOut(BaseModel):
     access_token: str
     token_type: str = "bearer"
     expires_in: int
-    refresh_token: str
+    refresh_token: str | None = Field(
+        default=None,
+        description="Only with `refresh_token_delivery: body` (or a body-token refresh); "
+        "browsers get it as an HttpOnly cookie instead.",
+    )
     user: UserOut
 
 
 class UserCreateIn(Strict):
     username: str = Field(pattern=USERNAME)
-    password: str = Field(min_length=8, max_length=1024)
+    password: str = Field(min_length=PASSWORD_MIN, max_length=1024)
     display_name: str = Field(default="", max_length=128)
     email: str = Field(default="", max_length=254)
     role: Role = "user"
@@ -72,7 +94,7 @@ class UserPatchIn(Strict):
     email: str | None = Field(default=None, max_length=254)
     role: Role | None = None
     is_active: bool | None = None
-    password: str | None = Field(default=None, min_length=8, max_length=1024)
+    password: str | None = Field(default=None, min_length=PASSWORD_MIN, max_length=1024)
     idle_timeout_seconds: int | None = Field(default=None, ge=60, le=30 * 24 * 3600)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -20,6 +22,7 @@ from streamspace.controlplane.api.schemas import (
     UserPatchIn,
 )
 from streamspace.controlplane.deps import AdminDep, DbDep, StateDep, UserDep
+from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import bad_request, conflict, not_found
 from streamspace.controlplane.quotas import usage, user_limits
 from streamspace.controlplane.security import hash_password
@@ -31,7 +34,7 @@ router = APIRouter(prefix="/api/v1", tags=["users"])
 async def _user(db: DbDep, user_id: str) -> User:
     user = await db.get(User, user_id)
     if user is None:
-        user = await db.scalar(select(User).where(User.username == user_id))
+        user = await db.scalar(select(User).where(func.lower(User.username) == user_id.lower()))
     if user is None:
         raise not_found("user", user_id)
     return user
@@ -62,11 +65,16 @@ async def list_users(
 
 @router.post("/users", response_model=UserOut, status_code=201)
 async def create_user(body: UserCreateIn, request: Request, admin: AdminDep, db: DbDep) -> User:
-    if await db.scalar(select(User.id).where(User.username == body.username)):
-        raise conflict(f"username {body.username!r} is taken")
+    taken = await db.scalar(
+        select(User.username).where(func.lower(User.username) == body.username.lower())
+    )
+    if taken is not None:
+        by = "" if taken == body.username else f" by {taken!r} (case does not count)"
+        raise conflict(f"username {body.username!r} is taken{by}")
+    await require_strong(body.password, (body.username, body.display_name, body.email))
     user = User(
         username=body.username,
-        password_hash=hash_password(body.password),
+        password_hash=await asyncio.to_thread(hash_password, body.password),
         display_name=body.display_name,
         email=body.email,
         role=body.role,
@@ -107,7 +115,16 @@ async def patch_user(
     ):
         raise bad_request("you cannot demote or disable yourself")
     if "password" in changes:
-        user.password_hash = hash_password(changes.pop("password"))
+        password = changes.pop("password")
+        await require_strong(
+            password,
+            (
+                user.username,
+                changes.get("display_name") or user.display_name,
+                changes.get("email") or user.email,
+            ),
+        )
+        user.password_hash = await asyncio.to_thread(hash_password, password)
         user.token_version += 1
     if changes.get("is_active") is False or ("role" in changes and changes["role"] != user.role):
         user.token_version += 1

@@ -1,8 +1,14 @@
-// API client: bearer tokens in localStorage, one shared refresh on 401, problem+json errors,
-// and the live event stream (SSE over fetch, because EventSource cannot send headers).
+// API client: the access token in memory only, the refresh token in an HttpOnly cookie the
+// page never sees (a reload restores the session through it), one shared refresh on 401,
+// problem+json errors, and the live event stream (SSE over fetch: EventSource cannot send
+// headers).
 
-const STORAGE_KEY = "streamspace.auth";
+const CSRF_HEADER = "X-StreamSpace-CSRF";
+// Not a credential: only whether this browser holds a refresh cookie worth trying on load
+// (the cookie itself is HttpOnly), so a first visit does not start with a failed refresh.
+const HAS_SESSION_KEY = "streamspace.hasSession";
 const listeners = new Set();
+const channel = "BroadcastChannel" in window ? new BroadcastChannel("streamspace-auth") : null;
 
 export class ApiError extends Error {
   constructor(status, problem) {
@@ -13,46 +19,30 @@ export class ApiError extends Error {
   }
 }
 
-// ---- token storage --------------------------------------------------------------------------
+// ---- the session (memory only) --------------------------------------------------------------
 
-function load() {
-  try {
-    return JSON.parse(localStorage.getItem(STORAGE_KEY) || "null");
-  } catch {
-    return null;
-  }
-}
+let session = null; // {access_token, user}
 
 export const auth = {
-  get state() {
-    return load();
-  },
   get user() {
-    return load()?.user || null;
+    return session?.user || null;
   },
   get loggedIn() {
-    return Boolean(load()?.access_token);
+    return Boolean(session?.access_token);
   },
   save(tokens) {
-    localStorage.setItem(
-      STORAGE_KEY,
-      JSON.stringify({
-        access_token: tokens.access_token,
-        refresh_token: tokens.refresh_token,
-        user: tokens.user,
-      }),
-    );
+    session = { access_token: tokens.access_token, user: tokens.user };
+    localStorage.setItem(HAS_SESSION_KEY, "1");
     notify();
   },
   setUser(user) {
-    const s = load();
-    if (!s) return;
-    s.user = user;
-    localStorage.setItem(STORAGE_KEY, JSON.stringify(s));
+    if (!session) return;
+    session.user = user;
     notify();
   },
   clear() {
-    localStorage.removeItem(STORAGE_KEY);
+    session = null;
+    localStorage.removeItem(HAS_SESSION_KEY);
     notify();
   },
   onChange(fn) {
@@ -65,40 +55,53 @@ function notify() {
   for (const fn of listeners) fn(auth.user);
 }
 
-// Another tab logged in or out.
-window.addEventListener("storage", (e) => {
-  if (e.key === STORAGE_KEY) notify();
-});
+// Other tabs: a logout there ends this tab's session too; a login there can be picked up here
+// through the shared cookie.
+if (channel) {
+  channel.onmessage = (e) => {
+    if (e.data === "logout" && session) auth.clear();
+    else if (e.data === "login" && !session) refreshTokens(null);
+  };
+}
 
 // ---- refresh (rotating tokens: exactly one refresh at a time, across tabs too) ---------------
 
 let refreshing = null;
 
 async function doRefresh(failedAccess) {
-  const current = load();
-  if (!current?.refresh_token) return false;
-  // Another request (or tab) refreshed while ours was in flight: just use the new token.
-  if (current.access_token && current.access_token !== failedAccess) return true;
+  // Another request refreshed while ours was in flight: just use the new token.
+  if (failedAccess && session?.access_token && session.access_token !== failedAccess) return true;
   const resp = await fetch("/api/v1/auth/refresh", {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ refresh_token: current.refresh_token }),
+    headers: { Accept: "application/json", [CSRF_HEADER]: "1" },
+    credentials: "same-origin",
     signal: AbortSignal.timeout ? AbortSignal.timeout(15000) : undefined,
   });
-  if (!resp.ok) return false;
+  if (!resp.ok) {
+    if (resp.status === 401) localStorage.removeItem(HAS_SESSION_KEY);
+    return false;
+  }
   auth.save(await resp.json());
   return true;
 }
 
+/** Get a fresh access token through the refresh cookie; false if there is no live session. */
 export function refreshTokens(failedAccess) {
   if (!refreshing) {
     const run = () => doRefresh(failedAccess).catch(() => false);
+    // One tab at a time: each refresh rotates the cookie, and a replayed one revokes them all.
     const p = navigator.locks ? navigator.locks.request("streamspace-refresh", run) : run();
     refreshing = p.finally(() => {
       refreshing = null;
     });
   }
   return refreshing;
+}
+
+/** On page load: resume the session the refresh cookie holds, if any. */
+export async function restoreSession() {
+  if (!localStorage.getItem(HAS_SESSION_KEY)) return false;
+  return refreshTokens(null);
 }
 
 let onAuthLost = () => {};
@@ -139,7 +142,7 @@ async function parseError(resp) {
  * On 401 one token refresh is tried; if that fails the user is sent to the login page.
  */
 export async function api(method, path, body, { headers = {}, signal, retry = true } = {}) {
-  const access = load()?.access_token;
+  const access = session?.access_token;
   const init = {
     method,
     headers: { Accept: "application/json", ...headers },
@@ -191,19 +194,18 @@ export function qs(params) {
 export async function login(username, password) {
   const tokens = await api("POST", "/api/v1/auth/login", { username, password }, { retry: false });
   auth.save(tokens);
+  channel?.postMessage("login");
   return tokens.user;
 }
 
 export async function logout() {
-  const s = load();
   try {
-    if (s?.access_token) {
-      await api("POST", "/api/v1/auth/logout", { refresh_token: s.refresh_token }, { retry: false });
-    }
+    if (session?.access_token) await api("POST", "/api/v1/auth/logout", {}, { retry: false });
   } catch {
-    // The tokens are dropped locally whatever the server said.
+    // The session is dropped locally whatever the server said.
   }
   auth.clear();
+  channel?.postMessage("logout");
 }
 
 export function newIdempotencyKey() {
@@ -289,7 +291,7 @@ class LiveEvents {
     this.setStatus("connecting");
     const controller = new AbortController();
     this.controller = controller;
-    const access = load()?.access_token;
+    const access = session?.access_token;
     if (!access) {
       this.stop();
       return;

@@ -1,5 +1,5 @@
 // StreamSpace web UI: shell, hash router and the live event stream.
-import { auth, get, live, logout, setAuthLostHandler } from "./api.js";
+import { auth, get, live, logout, restoreSession, setAuthLostHandler } from "./api.js";
 import { clear, clearErrors, h, setBannerRoot, setToastRoot, showError } from "./ui.js";
 import { loginView } from "./views/login.js";
 import { catalogView } from "./views/catalog.js";
@@ -244,12 +244,16 @@ setAuthLostHandler(() => {
   }
 });
 
+let wasLoggedIn = false;
 auth.onChange(() => {
-  // Logged out in another tab, or the role changed.
+  // Logged out in another tab, or logged in there while this tab shows the login page.
   if (!auth.loggedIn && !location.hash.startsWith("#/login")) {
     live.stop();
     location.replace("#/login");
+  } else if (auth.loggedIn && !wasLoggedIn && location.hash.startsWith("#/login")) {
+    route();
   }
+  wasLoggedIn = auth.loggedIn;
 });
 
 window.addEventListener("hashchange", route);
@@ -258,19 +262,7 @@ window.addEventListener("unhandledrejection", (e) => {
   showError(e.reason);
 });
 
-// Keep the stored user fresh (role changes) without blocking the first render.
-if (auth.loggedIn) {
-  get("/api/v1/auth/me")
-    .then((u) => {
-      const before = auth.user;
-      if (!before || before.role !== u.role || before.username !== u.username) {
-        auth.setUser(u);
-        route();
-      } else {
-        auth.setUser(u);
-      }
-    })
-    .catch(() => {});
-}
-
+// Nothing is kept in the page's storage: a reload resumes the session through the HttpOnly
+// refresh cookie (which also brings the current user and role) before the first render.
+await restoreSession();
 route();

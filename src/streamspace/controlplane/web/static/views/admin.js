@@ -240,7 +240,7 @@ export async function usersView(main, { ctx }) {
   // New user form
   const f = {
     username: h("input", { id: "nu-username", required: true, autocomplete: "off", pattern: "[a-zA-Z0-9][a-zA-Z0-9._\\-]{0,63}", dataset: { testid: "new-username" } }),
-    password: h("input", { id: "nu-password", type: "password", required: true, minlength: 8, autocomplete: "new-password", dataset: { testid: "new-password" } }),
+    password: h("input", { id: "nu-password", type: "password", required: true, minlength: 12, autocomplete: "new-password", dataset: { testid: "new-password" } }),
     display: h("input", { id: "nu-display", autocomplete: "off" }),
     role: h("select", { id: "nu-role", dataset: { testid: "new-role" } }, h("option", { value: "user" }, "User"), h("option", { value: "operator" }, "Operator"), h("option", { value: "admin" }, "Admin")),
   };
@@ -250,7 +250,7 @@ export async function usersView(main, { ctx }) {
     h("h2", {}, "New user"),
     h("div", { class: "form-grid" },
       h("div", { class: "field" }, h("label", { for: "nu-username" }, "Username"), f.username),
-      h("div", { class: "field" }, h("label", { for: "nu-password" }, "Password (8+ characters)"), f.password),
+      h("div", { class: "field" }, h("label", { for: "nu-password" }, "Password (12+ characters, not easy to guess)"), f.password),
       h("div", { class: "field" }, h("label", { for: "nu-display" }, "Display name"), f.display),
       h("div", { class: "field" }, h("label", { for: "nu-role" }, "Role"), f.role),
     ),
@@ -261,8 +261,8 @@ export async function usersView(main, { ctx }) {
   );
   createForm.addEventListener("submit", (e) => {
     e.preventDefault();
-    if (f.password.value.length < 8) {
-      showError("the password needs at least 8 characters");
+    if (f.password.value.length < 12) {
+      showError("the password needs at least 12 characters");
       f.password.focus();
       return;
     }
@@ -366,7 +366,7 @@ export async function usersView(main, { ctx }) {
   }
 
   function renderPassword(u, cell) {
-    const input = h("input", { id: `pw-${u.id}`, type: "password", minlength: 8, autocomplete: "new-password", dataset: { testid: "password-input" } });
+    const input = h("input", { id: `pw-${u.id}`, type: "password", minlength: 12, autocomplete: "new-password", dataset: { testid: "password-input" } });
     const form = h(
       "form",
       { class: "inline-form" },
@@ -378,8 +378,8 @@ export async function usersView(main, { ctx }) {
     );
     form.addEventListener("submit", (e) => {
       e.preventDefault();
-      if (input.value.length < 8) {
-        showError("the password needs at least 8 characters");
+      if (input.value.length < 12) {
+        showError("the password needs at least 12 characters");
         return;
       }
       busy(form.querySelector("button"), async () => {
