@@ -10,7 +10,7 @@ greeting with security type None (`NoneSecurityFront`). Everything after the sec
 
 VNC Authentication is DES of a 16-byte challenge keyed by the password with each byte's bits
 mirrored (RFC 6143 section 7.2.2, as implemented by every VNC server). DES comes from the
-`cryptography` package (its TripleDES with one 8-byte key is single DES).
+`cryptography` package (TripleDES with the same key three times is single DES).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _mirror_bits(key: bytes) -> bytes:
 
 
 def _des_ecb(key: bytes, data: bytes) -> bytes:
-    encryptor = Cipher(TripleDES(key), modes.ECB()).encryptor()
+    encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
     return encryptor.update(data) + encryptor.finalize()
 
 
@@ -91,7 +91,8 @@ def des_response(password: bytes, challenge: bytes) -> bytes:
 
 def obfuscated_password(password: bytes) -> bytes:
     """The 8 bytes a vncpasswd file holds for `password` (what Xvnc -PasswordFile reads)."""
-    return _des_ecb(_PASSWD_FILE_KEY, password[:PASSWORD_BYTES].ljust(PASSWORD_BYTES, b"\0"))
+    key = _mirror_bits(_PASSWD_FILE_KEY)  # VNC's DES takes every key bit-mirrored
+    return _des_ecb(key, password[:PASSWORD_BYTES].ljust(PASSWORD_BYTES, b"\0"))
 
 
 async def open_endpoint(
