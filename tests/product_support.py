@@ -16,7 +16,8 @@ from conftest import ADMIN_PASSWORD, ROOT, free_port
 
 
 class Product:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, extra_args: list[str] | None = None) -> None:
+        self.extra_args = extra_args or []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
@@ -37,6 +38,7 @@ class Product:
                 str(self.port),
                 "--data-dir",
                 str(self.data_dir),
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -21,6 +21,7 @@ class Limits:
     max_cpu_millis: int
     max_memory_mb: int
     source: str
+    max_home_mb: int | None = None
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,21 @@ class Usage:
 
 async def user_limits(db: AsyncSession, user: User, settings: Settings) -> Limits:
     quota = await db.scalar(select(Quota).where(Quota.user_id == user.id))
+    default_home = settings.default_quota_home_mb or None
     if quota is not None:
-        return Limits(quota.max_sessions, quota.max_cpu_millis, quota.max_memory_mb, "user quota")
+        return Limits(
+            quota.max_sessions,
+            quota.max_cpu_millis,
+            quota.max_memory_mb,
+            "user quota",
+            quota.max_home_mb or default_home,
+        )
     return Limits(
         settings.default_quota_sessions,
         settings.default_quota_cpu_millis,
         settings.default_quota_memory_mb,
         "default quota",
+        default_home,
     )
 
 
@@ -99,11 +108,16 @@ def _exceeds(limits: Limits, used: Usage, cpu: int, mem: int, subject: str) -> s
 
 async def check_can_create(
     db: AsyncSession, user: User, settings: Settings, cpu_millis: int, memory_mb: int
-) -> None:
+) -> int | None:
+    """Refuse (403) a session the quotas do not allow; otherwise the home size limit that
+    applies to it: the smallest of the user's and their groups' (None: no limit)."""
     limits = await user_limits(db, user, settings)
+    home_limits = [limits.max_home_mb] if limits.max_home_mb else []
     reason = _exceeds(limits, await usage(db, user_id=user.id), cpu_millis, memory_mb, "your quota")
     if reason is None:
         for group, quota in await group_quotas(db, user):
+            if quota.max_home_mb:
+                home_limits.append(quota.max_home_mb)
             members = list(
                 (
                     await db.scalars(
@@ -123,3 +137,4 @@ async def check_can_create(
                 break
     if reason:
         raise Problem(403, "Quota exceeded", reason, kind="quota-exceeded")
+    return min(home_limits, default=None)

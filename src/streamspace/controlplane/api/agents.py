@@ -52,6 +52,9 @@ def agent_view(agent: Agent, state: AppState) -> AgentOut:
         },
         templates=list(agent.templates),
         version=agent.version,
+        isolation=agent.isolation,
+        isolation_detail=agent.isolation_detail,
+        limits_enforced=agent.limits_enforced,
         created_at=agent.created_at,
     )
 

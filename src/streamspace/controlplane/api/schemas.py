@@ -102,12 +102,19 @@ class QuotaIn(Strict):
     max_sessions: int = Field(ge=0, le=10_000)
     max_cpu_millis: int = Field(ge=0, le=10_000_000)
     max_memory_mb: int = Field(ge=0, le=100_000_000)
+    max_home_mb: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="size limit of each persistent home (null: the configured default)",
+    )
 
 
 class QuotaOut(Out):
     max_sessions: int
     max_cpu_millis: int
     max_memory_mb: int
+    max_home_mb: int | None = Field(default=None, description="null: no limit")
 
 
 class QuotaUsageOut(BaseModel):
@@ -247,6 +254,11 @@ class AgentOut(BaseModel):
     load: dict[str, int]
     templates: list[str]
     version: str
+    isolation: str = Field(
+        description="uid-sandbox, userns-sandbox, container or insecure-shared-user"
+    )
+    isolation_detail: str
+    limits_enforced: bool
     created_at: datetime
 
 

@@ -135,7 +135,7 @@ async def create_session(
                 await db.rollback()
                 response.status_code = 200
                 return view
-        await quotas.check_can_create(db, user, s, cpu, mem)
+        session.home_limit_mb = await quotas.check_can_create(db, user, s, cpu, mem)
         db.add(session)
         try:
             await db.flush()

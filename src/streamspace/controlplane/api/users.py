@@ -239,6 +239,7 @@ async def _quota_usage(db: DbDep, user: User, state: StateDep) -> QuotaUsageOut:
             max_sessions=limits.max_sessions,
             max_cpu_millis=limits.max_cpu_millis,
             max_memory_mb=limits.max_memory_mb,
+            max_home_mb=limits.max_home_mb,
         ),
         source=limits.source,
         used_sessions=used.sessions,

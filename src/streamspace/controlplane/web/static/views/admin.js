@@ -155,6 +155,7 @@ export async function agentsView(main, { ctx }) {
       h("td", {}, h("strong", {}, a.name), h("div", { class: "muted small" }, `${a.backend} · `, h("code", { title: a.id }, shortId(a.id)))),
       h("td", {}, pill(status, statusKind), a.draining ? [" ", pill("draining", "warn")] : null),
       h("td", {}, a.healthy ? pill("healthy", "ok") : pill("unhealthy", "bad"), a.health_detail ? h("div", { class: "muted small" }, a.health_detail) : null),
+      isolationCell(a),
       h(
         "td",
         { class: "usage-cell" },
@@ -166,6 +167,18 @@ export async function agentsView(main, { ctx }) {
       h("td", { class: "small" }, a.version || "—"),
       h("td", { class: "small" }, timeEl(a.last_seen)),
       h("td", { class: "actions" }, actions),
+    );
+  }
+
+  function isolationCell(a) {
+    const insecure = a.isolation === "insecure-shared-user";
+    const label = { "uid-sandbox": "own uid + sandbox", "userns-sandbox": "user-namespace sandbox", container: "container", "insecure-shared-user": "INSECURE: shared user" }[a.isolation] || "unknown";
+    return h(
+      "td",
+      { dataset: { testid: "agent-isolation" } },
+      pill(label, insecure ? "bad" : a.isolation ? "ok" : "warn"),
+      a.limits_enforced ? null : h("div", { class: "small warn-text", dataset: { testid: "agent-limits" } }, "limits not enforced"),
+      a.isolation_detail ? h("div", { class: "muted small" }, a.isolation_detail) : null,
     );
   }
 
@@ -200,7 +213,7 @@ export async function agentsView(main, { ctx }) {
             " ",
             h("span", { class: "muted small" }, `${cid}${first.region ? ` · ${first.region}` : ""} · ${online} of ${list.length} online`),
           ),
-          table(["Agent", "Status", "Health", "Load", "Templates", "Version", "Last seen", "Actions"], list.map(row), { caption: `Agents in ${first.cluster_name || cid}` }),
+          table(["Agent", "Status", "Health", "Isolation", "Load", "Templates", "Version", "Last seen", "Actions"], list.map(row), { caption: `Agents in ${first.cluster_name || cid}` }),
         );
       }),
     );
