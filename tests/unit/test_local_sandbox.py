@@ -78,9 +78,11 @@ def test_the_filesystem_view_binds_only_the_sessions_own_dirs_writable() -> None
     # the inner stage mounts its own over it.
     assert _after(outer, "--ro-bind") == ["/usr", "/etc"]
     assert _after(outer, "--bind") == ["/proc"]
-    assert outer[
-        outer.index("--symlink") : outer.index("--symlink") + 3
-    ] == ["--symlink", "usr/bin", "/bin"]
+    assert outer[outer.index("--symlink") : outer.index("--symlink") + 3] == [
+        "--symlink",
+        "usr/bin",
+        "/bin",
+    ]
     data = [(outer[i + 1], outer[i + 2]) for i, a in enumerate(outer) if a == "--ro-bind-data"]
     assert data == [
         (str(FDS.passwd), "/etc/passwd"),
