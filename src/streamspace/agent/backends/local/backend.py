@@ -87,7 +87,7 @@ _OPTIONAL_DIRS = ("/etc/alternatives", "/var/cache/fontconfig", "/usr/share/font
 _LOG_LIMIT = 4 * 1024 * 1024
 
 
-def _host_system_dirs() -> list[HostDir]:
+def host_system_dirs() -> list[HostDir]:
     """/usr and /etc read-only; the top-level lib/bin dirs as the host has them."""
     found = [HostDir("/usr"), HostDir("/etc")]
     for top in _SYSTEM_DIRS:
@@ -576,7 +576,7 @@ class LocalBackend(Backend):
                 info_read, info_write = os.pipe()
                 opened.append(info_write)
                 fds = SandboxFds(home_fd, run_fd, init_fd, passwd_fd, group_fd, info_write)
-                system = _host_system_dirs()
+                system = host_system_dirs()
                 if plan.switches_uid:
                     assert plan.setpriv is not None
                     argv += uid_sandbox_argv(
