@@ -291,7 +291,7 @@ def test_protocol_version_mismatch_is_refused(fleet: Callable[..., Fleet]) -> No
     msg, close_code = asyncio.run(run())
     assert msg["type"] == "error"
     assert msg["code"] == "unsupported_protocol_version"
-    assert "99" in msg["message"] and "supported: 1" in msg["message"]
+    assert "99" in msg["message"] and "supported: 2" in msg["message"]
     assert close_code == 4400
     assert fl.agent_view(enrolled.agent_id)["status"] == "offline"
 

@@ -79,12 +79,15 @@ def _pids() -> list[str]:
 
 
 def xvnc_pids(needle: str) -> list[int]:
-    """Live Xvnc processes whose command line mentions `needle` (a session id or a path)."""
+    """Live Xvnc processes of a session (by its environment marker) or whose command line
+    mentions `needle` (a path)."""
+    marker = f"{SESSION_MARKER}={needle}".encode()
     found = []
     for pid in _pids():
         argv = _cmdline(pid)
         xvnc = argv and Path(argv[0]).name == "Xvnc"
-        if xvnc and any(needle in a for a in argv) and _alive(pid):
+        mentioned = any(needle in a for a in argv) or marker in _environ(pid)
+        if xvnc and mentioned and _alive(pid):
             found.append(int(pid))
     return found
 

@@ -28,14 +28,19 @@ pytestmark = pytest.mark.xvnc
 
 
 def slow_xvnc_env(tmp_path: Path, delay: float) -> dict[str, str]:
-    """PATH for an agent whose Xvnc takes `delay` seconds before it starts serving."""
+    """Environment for an agent whose Xvnc takes `delay` seconds before it starts serving.
+
+    Unsandboxed: a sandbox sees only the host's /usr, never this test's PATH."""
     real = shutil.which("Xvnc") or "/usr/bin/Xvnc"
     fakebin = tmp_path / "fakebin"
     fakebin.mkdir(parents=True, exist_ok=True)
     script = fakebin / "Xvnc"
     script.write_text(f'#!/bin/sh\nsleep {delay}\nexec {real} "$@"\n')
     script.chmod(0o755)
-    return {"PATH": f"{fakebin}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    return {
+        "PATH": f"{fakebin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "STREAMSPACE_LOCAL_INSECURE_SHARED_USER": "true",
+    }
 
 
 def kinds(session: dict[str, Any]) -> list[str]:

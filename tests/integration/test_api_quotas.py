@@ -33,8 +33,15 @@ def add_user(
     return login(cp, name, PASSWORD)
 
 
-def quota(sessions: int, cpu: int = 100_000, mem: int = 100_000) -> dict[str, int]:
-    return {"max_sessions": sessions, "max_cpu_millis": cpu, "max_memory_mb": mem}
+def quota(
+    sessions: int, cpu: int = 100_000, mem: int = 100_000, home: int | None = None
+) -> dict[str, int | None]:
+    return {
+        "max_sessions": sessions,
+        "max_cpu_millis": cpu,
+        "max_memory_mb": mem,
+        "max_home_mb": home,
+    }
 
 
 def create(client: httpx.Client, **extra: Any) -> httpx.Response:
@@ -223,3 +230,33 @@ def test_quota_race_sqlite(tmp_path: Path, make_control_plane: Any) -> None:
     _race(
         make_control_plane(database_url=f"sqlite+aiosqlite:///{tmp_path / 'race.db'}", **NO_LIMIT)
     )
+
+
+def test_home_size_limit_is_the_smallest_quota_and_reaches_the_agent(
+    control_plane: Any,
+) -> None:
+    cp = control_plane
+    with login(cp) as admin:
+        alice = add_user(cp, admin, "hanna", quota(5, home=700))
+        r = admin.post("/api/v1/groups", json={"name": "small-homes"})
+        assert r.status_code == 201, r.text
+        gid = r.json()["id"]
+        assert admin.put(f"/api/v1/groups/{gid}/members/hanna").status_code == 200
+        r = admin.put(f"/api/v1/groups/{gid}/quota", json=quota(50, home=300))
+        assert r.status_code == 200 and r.json()["max_home_mb"] == 300, r.text
+        r = admin.put("/api/v1/users/hanna/quota", json={**quota(5), "max_home_mb": 0})
+        assert_problem(r, 422)  # a limit of nothing is refused, not stored
+    with alice:
+        assert alice.get("/api/v1/me/quota").json()["limits"]["max_home_mb"] == 700
+        r = create(alice)
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+
+    async def spec_limit() -> tuple[int | None, int | None]:
+        async with cp.state.db() as db:
+            row = await db.get(SessionRow, sid)
+            assert row is not None
+            spec = await cp.state.lifecycle.build_spec(db, row)
+            return row.home_limit_mb, spec.home_limit_mb
+
+    assert cp.run(spec_limit()) == (300, 300)

@@ -540,3 +540,16 @@ def test_path_traversal_in_names_is_refused(tmp_path: Path) -> None:
     spec = new_spec().model_copy(update={"template": "../../etc"})
     with pytest.raises(BackendError, match="invalid template"):
         be.home_for(spec)
+
+
+async def test_a_program_outside_what_the_sandbox_sees_is_a_clear_error(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    tool = tmp_path / "bin" / "my-app"
+    tool.parent.mkdir()
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o755)
+    spec = new_spec([str(tool)])
+    with pytest.raises(BackendError, match="outside what a sandbox sees"):
+        await backend.start(spec)
+    assert session_pids(spec.session_id) == []

@@ -85,6 +85,8 @@ _REASON_RE = re.compile(r"^streamspace-init: reason=(.*)$", re.MULTILINE)
 _SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _OPTIONAL_DIRS = ("/etc/alternatives", "/var/cache/fontconfig", "/usr/share/fonts")
 _LOG_LIMIT = 4 * 1024 * 1024
+_SANDBOX_VISIBLE = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/", "/lib32/", "/libx32/")
+"""Where programs a sandbox can run live (see host_system_dirs)."""
 
 
 def host_system_dirs() -> list[HostDir]:
@@ -447,6 +449,13 @@ class LocalBackend(Backend):
                 f"command {spec.local.command[0]!r} of template {spec.template!r} "
                 "is not installed on this host"
             )
+        if plan.sandboxed:
+            for what, path in (("Xvnc", xvnc), (f"command {spec.local.command[0]!r}", exe)):
+                if not os.path.realpath(path).startswith(_SANDBOX_VISIBLE):
+                    raise BackendError(
+                        f"{what} is at {path}, outside what a sandbox sees (the host's /usr); "
+                        "install it from the distribution's packages"
+                    )
         uid, gid = await asyncio.to_thread(self._account, spec.user_id)
         await asyncio.to_thread(self.homes.check_limit, home, spec.home_limit_mb)
         run_dir = self.run_dir(spec.session_id)
