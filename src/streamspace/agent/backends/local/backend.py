@@ -101,6 +101,14 @@ def host_system_dirs() -> list[HostDir]:
     return found
 
 
+def _check_visible_in_sandbox(what: str, path: str) -> None:
+    if not os.path.realpath(path).startswith(_SANDBOX_VISIBLE):
+        raise BackendError(
+            f"{what} is at {path}, outside what a sandbox sees (the host's /usr); "
+            "install it from the distribution's packages"
+        )
+
+
 def _memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, 0)
     os.write(fd, data)
@@ -451,11 +459,7 @@ class LocalBackend(Backend):
             )
         if plan.sandboxed:
             for what, path in (("Xvnc", xvnc), (f"command {spec.local.command[0]!r}", exe)):
-                if not os.path.realpath(path).startswith(_SANDBOX_VISIBLE):
-                    raise BackendError(
-                        f"{what} is at {path}, outside what a sandbox sees (the host's /usr); "
-                        "install it from the distribution's packages"
-                    )
+                await asyncio.to_thread(_check_visible_in_sandbox, what, path)
         uid, gid = await asyncio.to_thread(self._account, spec.user_id)
         await asyncio.to_thread(self.homes.check_limit, home, spec.home_limit_mb)
         run_dir = self.run_dir(spec.session_id)
