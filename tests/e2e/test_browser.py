@@ -384,6 +384,9 @@ def test_admin_pages_render(product: Product, watched: Watched) -> None:
         agent_row = page.locator('[data-testid^="agent-"]').first
         agent_row.wait_for()
         assert "online" in agent_row.inner_text()
+        isolation = agent_row.get_by_test_id("isolation")
+        assert "own uid + sandbox" in isolation.inner_text()
+        assert isolation.locator(".pill-ok").count() == 1
         page.get_by_test_id("enrol-agent").click()
         assert "streamspace agent" in page.get_by_test_id("join-command").inner_text()
 
@@ -466,3 +469,31 @@ def test_tokens_stay_out_of_page_storage_and_a_reload_stays_logged_in(
         page.reload()
         page.get_by_test_id("login-form").wait_for()
         assert watched.csp_violations() == [], watched.csp_violations()
+
+
+def test_an_insecure_agent_is_shown_in_red(
+    tmp_path_factory: pytest.TempPathFactory, watched: Watched
+) -> None:
+    """`--insecure-shared-user` is an explicit opt-out, and admins see it at a glance."""
+    insecure = Product(
+        tmp_path_factory.mktemp("e2e-insecure") / "data", extra_args=["--insecure-shared-user"]
+    )
+    try:
+        insecure.start()
+        page = watched.page
+        with artifacts_on_failure(watched, insecure, "insecure_agent"):
+            log_in(page, insecure.url)
+            page.get_by_test_id("nav-agents").click()
+            cell = page.locator('[data-testid^="agent-"]').first.get_by_test_id("isolation")
+            cell.wait_for()
+            red = cell.locator(".pill-bad")
+            assert red.count() == 1 and "INSECURE" in red.inner_text()
+            assert "unsandboxed" in cell.inner_text()
+            color = red.evaluate("e => getComputedStyle(e).color")
+            r, g, b = (
+                int(v) for v in color[color.index("(") + 1 : color.index(")")].split(",")[:3]
+            )
+            assert r > 150 and r > 2 * g and r > 2 * b, f"not red: {color}"
+            assert watched.errors == [], f"console errors: {watched.errors}"
+    finally:
+        insecure.stop()

@@ -175,9 +175,9 @@ export async function agentsView(main, { ctx }) {
     const label = { "uid-sandbox": "own uid + sandbox", "userns-sandbox": "user-namespace sandbox", container: "container", "insecure-shared-user": "INSECURE: shared user" }[a.isolation] || "unknown";
     return h(
       "td",
-      { dataset: { testid: "agent-isolation" } },
+      { dataset: { testid: "isolation" } },
       pill(label, insecure ? "bad" : a.isolation ? "ok" : "warn"),
-      a.limits_enforced ? null : h("div", { class: "small warn-text", dataset: { testid: "agent-limits" } }, "limits not enforced"),
+      a.limits_enforced ? null : h("div", { class: "small warn-text", dataset: { testid: "isolation-limits" } }, "limits not enforced"),
       a.isolation_detail ? h("div", { class: "muted small" }, a.isolation_detail) : null,
     );
   }
