@@ -401,3 +401,41 @@ def test_binary_frame_gets_an_error_and_the_connection_stays_up(
         "answering with an error message"
     )
     assert still_connected
+
+
+@pytest.mark.parametrize(
+    ("templates", "code"),
+    [
+        ([f"template-{i:05d}" for i in range(15_000)], "invalid_message"),
+        ([f"t{i}-" + "x" * 1000 for i in range(1_000)], "frame_too_large"),
+    ],
+    ids=["15000-templates", "15-MiB-hello"],
+)
+def test_an_oversized_hello_is_refused_and_nothing_is_stored(
+    fleet: Callable[..., Fleet], templates: list[str], code: str
+) -> None:
+    """The probe got a 15 MiB hello with 15,000 template names stored on the agent row."""
+    fl = fleet()
+    enrolled = enroll(fl)
+    url = f"ws://127.0.0.1:{fl.cp.port}{protocol.AGENT_CONNECT_PATH}"
+    auth = {"Authorization": f"Bearer {enrolled.credential}"}
+    frame = json.dumps(
+        {
+            **json.loads(hello(enrolled.agent_id)),
+            "templates": templates,
+            "cluster_name": "c" * (14 * 1024 * 1024 if code == "frame_too_large" else 10),
+        }
+    )
+
+    async def run() -> dict[str, Any]:
+        async with connect(url, additional_headers=auth, max_size=None) as ws:
+            await ws.send(frame)
+            msg = await recv_json(ws)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+            return msg
+
+    msg = asyncio.run(run())
+    assert (msg["type"], msg["code"]) == ("error", code)
+    view = fl.agent_view(enrolled.agent_id)
+    assert view["templates"] == [] and view["status"] == "offline"
