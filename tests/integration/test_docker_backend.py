@@ -3,7 +3,8 @@
 The session fixture starts `podman system service` (runc, lowered ulimits) on a private socket
 and builds localhost/streamspace/xterm:latest with `build_images` (cached by its inputs hash, so
 only the first run on a machine pays for debootstrap). Every test uses its own agent id and
-user, and removes its containers and home volumes afterwards.
+user id, and removes its containers and home volumes afterwards. Sessions are viewed through
+`DockerBackend.open_vnc`, since their VNC servers require the agent's per-session password.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -35,9 +35,22 @@ if os.geteuid() != 0:
 import docker
 import docker.errors
 
+from docker_support import (
+    HOME,
+    XTERM,
+    Leftovers,
+    app_visible,
+    assert_streams,
+    exec_in,
+    first_frame,
+    home_mount,
+    inspect,
+    new_spec,
+)
 from streamspace.agent.backends.base import BackendError
 from streamspace.agent.backends.docker import (
     AGENT_LABEL,
+    OWNER_ID_LABEL,
     OWNER_LABEL,
     SESSION_LABEL,
     TEMPLATE_LABEL,
@@ -47,21 +60,9 @@ from streamspace.agent.backends.docker import (
 )
 from streamspace.images import HASH_LABEL, build_images, default_images_dir, image_ref
 from streamspace.podman import PodmanService
-from streamspace.protocol import (
-    CatalogEntry,
-    Display,
-    Endpoint,
-    ImageLaunch,
-    LocalLaunch,
-    Resources,
-    SessionSpec,
-)
-from streamspace.rfb import RFBClient
+from streamspace.protocol import CatalogEntry, ImageLaunch, LocalLaunch
 
 pytestmark = pytest.mark.podman
-
-XTERM = image_ref("xterm")
-HOME = "/home/streamspace"
 
 
 # ---- fixtures -----------------------------------------------------------------------------
@@ -75,8 +76,17 @@ def engine(podman_service: PodmanService) -> Iterator[docker.DockerClient]:
 
 
 @pytest.fixture
-def agent_id() -> str:
-    return f"test-agent-{uuid.uuid4().hex[:8]}"
+def leftovers(engine: docker.DockerClient) -> Iterator[Leftovers]:
+    found = Leftovers()
+    yield found
+    found.sweep(engine)
+
+
+@pytest.fixture
+def agent_id(leftovers: Leftovers) -> str:
+    agent_id = f"test-agent-{uuid.uuid4().hex[:8]}"
+    leftovers.agent_ids.add(agent_id)
+    return agent_id
 
 
 @pytest.fixture
@@ -85,102 +95,31 @@ def user() -> str:
 
 
 @pytest.fixture
+def user_id(leftovers: Leftovers) -> str:
+    return leftovers.user_id()
+
+
+@pytest.fixture
 async def backend(
-    podman_service: PodmanService,
-    engine: docker.DockerClient,
-    agent_id: str,
-    user: str,
-    tmp_path: Path,
+    podman_service: PodmanService, agent_id: str, tmp_path: Path
 ) -> AsyncIterator[DockerBackend]:
     be = DockerBackend(podman_service.docker_host, agent_id, tmp_path / "state")
     try:
         yield be
     finally:
         await be.close()
-        await asyncio.to_thread(_cleanup, engine, agent_id, user)
-
-
-def _cleanup(engine: docker.DockerClient, agent_id: str, user: str) -> None:
-    for container in engine.containers.list(
-        all=True, filters={"label": f"{AGENT_LABEL}={agent_id}"}
-    ):
-        container.remove(force=True)
-    for volume in engine.volumes.list():
-        if volume.name.startswith(f"ss-home-{user}-"):
-            volume.remove(force=True)
-
-
-def new_spec(user: str, **overrides: Any) -> SessionSpec:
-    fields: dict[str, Any] = {
-        "session_id": f"t-{uuid.uuid4().hex[:10]}",
-        "user": user,
-        "template": "xterm",
-        "image": ImageLaunch(image=XTERM),
-        "display": Display(width=1024, height=640),
-        "resources": Resources(cpu_millis=750, memory_mb=384),
-    }
-    fields.update(overrides)
-    return SessionSpec(**fields)
-
-
-def app_visible(client: RFBClient) -> bool:
-    """True once a window covers part of the screen: Xvnc's bare root is black, and the
-    cursor alone (drawn into the framebuffer) would already make it "non-blank"."""
-    rgb = client.rgb_bytes()
-    pixels = len(rgb) // 3
-    if pixels == 0:
-        return False
-    step = 7
-    sampled = range(0, pixels, step)
-    lit = sum(1 for i in sampled if rgb[3 * i] or rgb[3 * i + 1] or rgb[3 * i + 2])
-    return lit >= 0.2 * len(sampled)
-
-
-async def first_frame(endpoint: Endpoint, timeout: float = 15.0) -> RFBClient:
-    """Connect and pull updates until the app's window shows in the framebuffer."""
-    async with asyncio.timeout(timeout):
-        client = await RFBClient.open(endpoint.host, endpoint.port)
-    try:
-        await client.request_update(incremental=False, timeout=timeout)
-        if not app_visible(client):
-            await client.wait_for(app_visible, timeout=timeout)
-    except BaseException:
-        await client.close()
-        raise
-    return client
-
-
-async def assert_streams(endpoint: Endpoint) -> None:
-    client = await first_frame(endpoint)
-    try:
-        assert client.framebuffer_nonblank(), "framebuffer stayed blank"
-        assert app_visible(client), "the app's window never showed up"
-    finally:
-        await client.close()
-
-
-def inspect(engine: docker.DockerClient, session_id: str) -> dict[str, Any]:
-    attrs: dict[str, Any] = engine.containers.get(container_name(session_id)).attrs
-    return attrs
-
-
-def exec_in(engine: docker.DockerClient, session_id: str, cmd: list[str]) -> tuple[int, str]:
-    result = engine.containers.get(container_name(session_id)).exec_run(cmd)
-    output = result.output
-    assert isinstance(output, bytes) and result.exit_code is not None
-    return result.exit_code, output.decode(errors="replace")
 
 
 # ---- tests --------------------------------------------------------------------------------
 
 
 async def test_start_streams_with_limits_loopback_port_and_non_root(
-    backend: DockerBackend, engine: docker.DockerClient, user: str, agent_id: str
+    backend: DockerBackend, engine: docker.DockerClient, user: str, user_id: str, agent_id: str
 ) -> None:
-    spec = new_spec(user)
+    spec = new_spec(user, user_id)
     endpoint = await backend.start(spec)
     assert endpoint.host == "127.0.0.1"
-    await assert_streams(endpoint)
+    await assert_streams(backend, spec.session_id)
 
     attrs = await asyncio.to_thread(inspect, engine, spec.session_id)
     host = attrs["HostConfig"]
@@ -194,12 +133,19 @@ async def test_start_streams_with_limits_loopback_port_and_non_root(
     labels = attrs["Config"]["Labels"]
     assert labels[SESSION_LABEL] == spec.session_id
     assert labels[OWNER_LABEL] == user
+    assert labels[OWNER_ID_LABEL] == user_id
     assert labels[TEMPLATE_LABEL] == "xterm"
     assert labels[AGENT_LABEL] == agent_id
     env = dict(item.split("=", 1) for item in attrs["Config"]["Env"])
     assert env["VNC_GEOMETRY"] == "1024x640"
     mounts = {m["Destination"]: m for m in attrs["Mounts"]}
-    assert mounts[HOME]["Name"] == home_volume_name(user, "xterm")
+    assert mounts[HOME]["Name"] == home_volume_name(user_id, "xterm")
+    volume = await asyncio.to_thread(engine.volumes.get, home_volume_name(user_id, "xterm"))
+    assert volume.attrs["Labels"] == {
+        OWNER_LABEL: user,
+        OWNER_ID_LABEL: user_id,
+        TEMPLATE_LABEL: "xterm",
+    }
 
     code, out = await asyncio.to_thread(exec_in, engine, spec.session_id, ["id", "-u"])
     assert (code, out.strip()) == (0, "1000")
@@ -223,9 +169,9 @@ async def test_start_streams_with_limits_loopback_port_and_non_root(
 
 
 async def test_hibernate_keeps_home_and_wake_restores_it(
-    backend: DockerBackend, engine: docker.DockerClient, user: str
+    backend: DockerBackend, engine: docker.DockerClient, user: str, user_id: str
 ) -> None:
-    spec = new_spec(user)
+    spec = new_spec(user, user_id)
     await backend.start(spec)
     code, _ = await asyncio.to_thread(
         exec_in, engine, spec.session_id, ["sh", "-c", f"echo kept > {HOME}/note.txt"]
@@ -236,7 +182,7 @@ async def test_hibernate_keeps_home_and_wake_restores_it(
     await backend.hibernate(spec.session_id)  # idempotent
     attrs = await asyncio.to_thread(inspect, engine, spec.session_id)
     assert attrs["State"]["Status"] == "exited"
-    volume = home_volume_name(user, "xterm")
+    volume = home_volume_name(user_id, "xterm")
     assert (await asyncio.to_thread(engine.volumes.get, volume)).name == volume
     item = await backend.status(spec.session_id)
     assert (item.state, item.endpoint) == ("hibernated", None)
@@ -245,7 +191,7 @@ async def test_hibernate_keeps_home_and_wake_restores_it(
     endpoint = await backend.wake(spec)
     attrs = await asyncio.to_thread(inspect, engine, spec.session_id)
     assert int(attrs["NetworkSettings"]["Ports"]["5901/tcp"][0]["HostPort"]) == endpoint.port
-    await assert_streams(endpoint)
+    await assert_streams(backend, spec.session_id)
     code, out = await asyncio.to_thread(
         exec_in, engine, spec.session_id, ["cat", f"{HOME}/note.txt"]
     )
@@ -253,9 +199,9 @@ async def test_hibernate_keeps_home_and_wake_restores_it(
 
 
 async def test_stop_removes_container_but_keeps_home_volume(
-    backend: DockerBackend, engine: docker.DockerClient, user: str
+    backend: DockerBackend, engine: docker.DockerClient, user: str, user_id: str
 ) -> None:
-    spec = new_spec(user)
+    spec = new_spec(user, user_id)
     await backend.start(spec)
     await asyncio.to_thread(
         exec_in, engine, spec.session_id, ["sh", "-c", f"echo again > {HOME}/note.txt"]
@@ -264,15 +210,16 @@ async def test_stop_removes_container_but_keeps_home_volume(
     await backend.stop(spec.session_id)
     with pytest.raises(docker.errors.NotFound):
         await asyncio.to_thread(engine.containers.get, container_name(spec.session_id))
-    volume = home_volume_name(user, "xterm")
+    volume = home_volume_name(user_id, "xterm")
     assert (await asyncio.to_thread(engine.volumes.get, volume)).name == volume
     assert (await backend.status(spec.session_id)).state == "stopped"
     assert await backend.inventory() == []
     await backend.stop(spec.session_id)  # idempotent
 
     # A new session of the same user and template gets the same home back.
-    again = new_spec(user)
+    again = new_spec(user, user_id)
     await backend.start(again)
+    assert await asyncio.to_thread(home_mount, engine, again.session_id) == volume
     code, out = await asyncio.to_thread(
         exec_in, engine, again.session_id, ["cat", f"{HOME}/note.txt"]
     )
@@ -280,9 +227,14 @@ async def test_stop_removes_container_but_keeps_home_volume(
 
 
 async def test_restarted_agent_adopts_running_container(
-    backend: DockerBackend, podman_service: PodmanService, agent_id: str, user: str, tmp_path: Path
+    backend: DockerBackend,
+    podman_service: PodmanService,
+    agent_id: str,
+    user: str,
+    user_id: str,
+    tmp_path: Path,
 ) -> None:
-    spec = new_spec(user)
+    spec = new_spec(user, user_id)
     endpoint = await backend.start(spec)
     await backend.close()
 
@@ -293,7 +245,8 @@ async def test_restarted_agent_adopts_running_container(
             (spec.session_id, "running", endpoint, user)
         ]
         assert await restarted.start(spec) == endpoint
-        await assert_streams(endpoint)
+        # The restarted agent derives the same per-session VNC password from its state dir.
+        await assert_streams(restarted, spec.session_id)
         other = DockerBackend(podman_service.docker_host, "some-other-agent", tmp_path / "o")
         try:
             assert await other.inventory() == []
@@ -310,7 +263,7 @@ async def test_unknown_labelled_container_is_listed_and_removed(
     container = await asyncio.to_thread(
         engine.containers.run,
         XTERM,
-        ["sleep", "300"],
+        entrypoint=["sleep", "300"],
         name=f"leftover-{orphan_id}",
         labels={AGENT_LABEL: agent_id, SESSION_LABEL: orphan_id},
         detach=True,
@@ -331,7 +284,7 @@ async def test_stop_removes_unknown_session_container(
     await asyncio.to_thread(
         engine.containers.create,
         XTERM,
-        ["sleep", "300"],
+        entrypoint=["sleep", "300"],
         name=container_name(orphan_id),
         labels={AGENT_LABEL: agent_id, SESSION_LABEL: orphan_id},
     )
@@ -342,9 +295,11 @@ async def test_stop_removes_unknown_session_container(
     assert await backend.inventory() == []
 
 
-async def test_missing_image_is_a_user_facing_error(backend: DockerBackend, user: str) -> None:
+async def test_missing_image_is_a_user_facing_error(
+    backend: DockerBackend, user: str, user_id: str
+) -> None:
     image = "localhost/streamspace/not-built-here:latest"
-    spec = new_spec(user, image=ImageLaunch(image=image))
+    spec = new_spec(user, user_id, image=ImageLaunch(image=image))
     with pytest.raises(BackendError) as info:
         await backend.start(spec)
     assert str(info.value) == (
@@ -372,6 +327,8 @@ async def test_unreachable_engine_is_unhealthy(tmp_path: Path) -> None:
 
 async def test_healthy_and_runnable_templates(backend: DockerBackend) -> None:
     assert await backend.healthy() == (True, "")
+    isolation = backend.isolation()
+    assert (isolation.mode, isolation.limits_enforced) == ("container", True)
     catalog = [
         CatalogEntry(name="xterm", image=ImageLaunch(image=XTERM)),
         CatalogEntry(name="short", image=ImageLaunch(image="localhost/streamspace/xterm")),
@@ -381,7 +338,9 @@ async def test_healthy_and_runnable_templates(backend: DockerBackend) -> None:
     assert backend.runnable_templates(catalog) == ["xterm", "short"]
 
 
-async def test_monitor_reports_app_exit_with_code(backend: DockerBackend, user: str) -> None:
+async def test_monitor_reports_app_exit_with_code(
+    backend: DockerBackend, user: str, user_id: str
+) -> None:
     exits: list[tuple[str, str]] = []
     done = asyncio.Event()
 
@@ -392,6 +351,7 @@ async def test_monitor_reports_app_exit_with_code(backend: DockerBackend, user: 
     backend.poll_interval = 0.3
     spec = new_spec(
         user,
+        user_id,
         image=ImageLaunch(image=XTERM, command=["sh", "-c", "sleep 3; echo bye >&2; exit 7"]),
         persistent_home=False,
     )
@@ -405,7 +365,7 @@ async def test_monitor_reports_app_exit_with_code(backend: DockerBackend, user: 
     # A hibernate we asked for is not reported as an exit.
     exits.clear()
     done.clear()
-    other = new_spec(user, persistent_home=False)
+    other = new_spec(user, user_id, persistent_home=False)
     await backend.start(other)
     await asyncio.sleep(0.8)
     await backend.hibernate(other.session_id)
@@ -461,14 +421,14 @@ def test_cached_build_is_fast_and_changes_rebuild(
             engine.images.remove(image_ref(name), force=True)
 
 
-async def test_start_to_first_frame_p50(backend: DockerBackend, user: str) -> None:
+async def test_start_to_first_frame_p50(backend: DockerBackend, user: str, user_id: str) -> None:
     """With the image present, start -> first frame showing the app: the target is p50 < 2 s."""
     timings: list[float] = []
     for _ in range(5):
-        spec = new_spec(user, persistent_home=False)
+        spec = new_spec(user, user_id, persistent_home=False)
         started = time.monotonic()
-        endpoint = await backend.start(spec)
-        client = await first_frame(endpoint)
+        await backend.start(spec)
+        client = await first_frame(backend, spec.session_id)
         timings.append(time.monotonic() - started)
         visible = app_visible(client)
         await client.close()

@@ -1,7 +1,8 @@
 """Container sessions end to end: control plane + `streamspace agent --backend docker` + podman.
 
-Create through the API, stream through the control plane tunnel, hibernate/wake keeping the home
-volume, stop, and agent restarts adopting (or removing) labelled containers.
+Create through the API, stream through the control plane tunnel (the agent authenticates to the
+session's password-protected VNC server; the viewer speaks security type None), hibernate/wake
+keeping the home volume, stop, and agent restarts adopting (or removing) labelled containers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def setup(make_control_plane: Any, podman_service: Any, tmp_path: Path) -> Any:
         60,
         what="docker agent online with the xterm image",
     )
+    admin_id = admin.get("/api/v1/auth/me").json()["id"]
     yield cp, agent, engine, admin, state_dir
     for s in admin.get("/api/v1/sessions", params={"active": "true", "all": "true"}).json()[
         "items"
@@ -64,8 +66,8 @@ def setup(make_control_plane: Any, podman_service: Any, tmp_path: Path) -> Any:
         all=True, filters={"label": f"org.streamspace.agent={label_id}"}
     ):
         c.remove(force=True)
-    for v in engine.volumes.list(filters={"name": "ss-home-"}):
-        if v.attrs.get("Labels", {}) and label_id in str(v.attrs):
+    for v in engine.volumes.list():
+        if v.name.startswith(f"ss-home_{admin_id}_"):
             v.remove(force=True)
     engine.close()
 
@@ -100,7 +102,10 @@ def _container(engine: Any, session_id: str) -> Any:
 
 
 def test_container_session_lifecycle_through_the_control_plane(setup: Any) -> None:
+    from streamspace.agent.backends.docker import OWNER_ID_LABEL, home_volume_name
+
     cp, _agent, engine, admin, _ = setup
+    admin_id = admin.get("/api/v1/auth/me").json()["id"]
     r = admin.post(
         "/api/v1/sessions",
         json={
@@ -123,12 +128,14 @@ def test_container_session_lifecycle_through_the_control_plane(setup: Any) -> No
     bindings = host["PortBindings"]["5901/tcp"]
     assert all(b["HostIp"] == "127.0.0.1" for b in bindings)
     assert container.attrs["Config"]["User"] not in ("", "0", "root")
+    assert container.attrs["Config"]["Labels"][OWNER_ID_LABEL] == admin_id
 
     code, _ = container.exec_run(["sh", "-c", "echo kept > /home/streamspace/note.txt"])
     assert code == 0
     volume = next(
         m["Name"] for m in container.attrs["Mounts"] if m["Destination"] == "/home/streamspace"
     )
+    assert volume == home_volume_name(admin_id, "xterm")
 
     assert admin.post(f"/api/v1/sessions/{sid}/hibernate").status_code == 202
     wait_state(admin, sid, "hibernated", 60)
@@ -159,6 +166,7 @@ def test_agent_restart_adopts_running_containers_and_removes_unknown_ones(setup:
     label_id = (state_dir / "backend-id").read_text().strip()
     stray = engine.containers.run(
         "localhost/streamspace/xterm:latest",
+        entrypoint=["sleep", "300"],
         name="ss-stray-session",
         detach=True,
         labels={
@@ -168,6 +176,7 @@ def test_agent_restart_adopts_running_containers_and_removes_unknown_ones(setup:
             "org.streamspace.template": "xterm",
         },
     )
+    assert engine.containers.get(stray.id).status == "running"
     agent.kill()
     assert _container(engine, sid).status == "running"
     agent.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -24,23 +25,27 @@ if shutil.which("Xvnc") is None:
 
 @contextlib.asynccontextmanager
 async def xvnc(tmp_path: Path, security: str, password: bytes | None) -> AsyncIterator[int]:
+    """An Xvnc on a display it picks itself (-displayfd) and a free port; yields the port."""
     port = free_port()
-    args = ["Xvnc", ":73", "-rfbport", str(port), "-localhost", "-SecurityTypes", security]
-    args += ["-nolisten", "tcp", "-nolisten", "local", "-UseBlacklist", "0", "-geometry", "640x480"]
+    args = ["Xvnc", "-displayfd", "", "-rfbport", str(port), "-localhost"]
+    args += ["-SecurityTypes", security, "-nolisten", "tcp", "-nolisten", "local"]
+    args += ["-UseBlacklist", "0", "-geometry", "640x480"]
     if password is not None:
         passwd = tmp_path / "passwd"
         passwd.write_bytes(vnc.obfuscated_password(password))
         args += ["-PasswordFile", str(passwd)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    read_fd, write_fd = os.pipe()
+    args[2] = str(write_fd)
+    log = tmp_path / "xvnc.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(args, pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=err)
+    os.close(write_fd)
     try:
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            await asyncio.sleep(0.02)
+        display = await asyncio.wait_for(asyncio.to_thread(os.read, read_fd, 16), 10)
+        assert display.strip(), log.read_text()
         yield port
     finally:
+        os.close(read_fd)
         proc.terminate()
         proc.wait(10)
 

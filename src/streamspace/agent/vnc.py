@@ -9,8 +9,10 @@ greeting with security type None (`NoneSecurityFront`). Everything after the sec
 (ClientInit onwards) is passed through untouched.
 
 VNC Authentication is DES of a 16-byte challenge keyed by the password with each byte's bits
-mirrored (RFC 6143 section 7.2.2, as implemented by every VNC server). DES comes from the
-`cryptography` package (TripleDES with the same key three times is single DES).
+mirrored (RFC 6143 section 7.2.2, as implemented by every VNC server). The servers' DES (d3des)
+mirrors every key it is given, so the fixed key of the vncpasswd file format needs the same
+mirroring here. DES comes from the `cryptography` package: TripleDES with the key repeated
+three times is single DES.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ PASSWORD_BYTES = 8
 _SECURITY_NONE = 1
 _SECURITY_VNC_AUTH = 2
 _PASSWD_FILE_KEY = bytes([23, 82, 107, 6, 35, 78, 88, 7])
-"""The fixed key of the vncpasswd file format (TigerVNC, RealVNC, TightVNC all share it)."""
+"""The fixed key of the vncpasswd file format (TigerVNC, RealVNC, TightVNC all share it), as
+their sources write it: d3des mirrors its bits before use."""
 _GREETING = b"RFB 003.008\n"
 
 
@@ -91,7 +94,7 @@ def des_response(password: bytes, challenge: bytes) -> bytes:
 
 def obfuscated_password(password: bytes) -> bytes:
     """The 8 bytes a vncpasswd file holds for `password` (what Xvnc -PasswordFile reads)."""
-    key = _mirror_bits(_PASSWD_FILE_KEY)  # VNC's DES takes every key bit-mirrored
+    key = _mirror_bits(_PASSWD_FILE_KEY)
     return _des_ecb(key, password[:PASSWORD_BYTES].ljust(PASSWORD_BYTES, b"\0"))
 
 

@@ -20,6 +20,10 @@ Design notes:
   (`_` occurs in neither ids nor template names, so two owners can never share a name); it
   survives hibernate (container stop) and stop (container removal), and is reused only if its
   labels name the same user id and template.
+* A v1 home volume (`ss-home-<name>-<template>`, no owner id) is mapped once to the id its
+  owner's name has when the control plane is first asked (`legacy-volumes.json`). One whose
+  name no user has is recorded as orphaned (`orphaned-volumes.json`) and never offered again:
+  a user created later under that name must not inherit it. Nothing is deleted.
 * States: a running container is "running", a created/stopped one "hibernated". The monitor
   reports a container it saw running that stopped without our asking through `on_exit`.
 """
@@ -229,6 +233,9 @@ class DockerBackend(Backend):
         self._legacy_path = self.state_dir / "legacy-volumes.json"
         self._legacy: dict[str, str] = self._load_legacy()
         """Migrated v1 home volumes: "<user id>_<template>" -> the v1 volume name."""
+        self._orphaned_path = self.state_dir / "orphaned-volumes.json"
+        self._orphaned: set[str] = self._load_orphaned()
+        """v1 home volumes whose owner name no user had when they were to be migrated."""
 
     @staticmethod
     def _load_key(path: Path) -> bytes:
@@ -247,6 +254,21 @@ class DockerBackend(Backend):
         except (OSError, ValueError):
             return {}
         return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def _load_orphaned(self) -> set[str]:
+        try:
+            data = json.loads(self._orphaned_path.read_text())
+        except (OSError, ValueError):
+            return set()
+        return {str(v) for v in data} if isinstance(data, list) else set()
+
+    @staticmethod
+    def _write_state(path: Path, data: object) -> None:
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=True)
+        os.replace(tmp, path)
 
     @property
     def engine_url(self) -> str:
@@ -727,7 +749,7 @@ class DockerBackend(Backend):
 
     def _legacy_volumes_sync(self) -> list[tuple[str, str, str]]:
         """(volume, owner name, template) of v1 home volumes not yet mapped to an id."""
-        mapped = set(self._legacy.values())
+        mapped = set(self._legacy.values()) | self._orphaned
         found = []
         for volume in self._client_sync().volumes.list(filters={"label": OWNER_LABEL}):
             labels = (volume.attrs or {}).get("Labels") or {}
@@ -748,23 +770,28 @@ class DockerBackend(Backend):
     async def migrate_homes(self, owners: dict[str, str]) -> dict[str, str]:
         """Map v1 volumes (named after user names) to the ids those names have now.
 
-        Volume labels cannot change, so the mapping is kept in the agent's state; volumes of
-        names that no longer exist stay where they are, unmounted (nothing is deleted)."""
+        Volume labels cannot change, so the mapping is kept in the agent's state. Volumes of
+        names no user has stay where they are, unmounted, and are recorded as orphaned so that
+        a user created later under the same name does not get them (nothing is deleted)."""
         moved: dict[str, str] = {}
+        orphaned: set[str] = set()
         for volume, owner, template in await self._call(self._legacy_volumes_sync):
             user_id = owners.get(owner)
-            if user_id is None or not _ID_RE.fullmatch(user_id):
+            if user_id is None:
+                orphaned.add(volume)
                 log.warning("home_volume_orphaned volume=%s owner=%s", volume, owner)
+                continue
+            if not _ID_RE.fullmatch(user_id):
+                log.warning("home_volume_bad_owner_id volume=%s owner=%s", volume, owner)
                 continue
             self._legacy.setdefault(f"{user_id}_{template}", volume)
             moved[volume] = user_id
             log.info("home_volume_migrated volume=%s owner=%s user_id=%s", volume, owner, user_id)
         if moved:
-            tmp = self._legacy_path.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self._legacy, fh, indent=2, sort_keys=True)
-            os.replace(tmp, self._legacy_path)
+            await asyncio.to_thread(self._write_state, self._legacy_path, self._legacy)
+        if orphaned:
+            self._orphaned |= orphaned
+            await asyncio.to_thread(self._write_state, self._orphaned_path, sorted(self._orphaned))
         return moved
 
     def _remove(self, container: Container) -> None:

@@ -1,0 +1,469 @@
+"""Container sessions (docker backend on real podman): the attacks of issue 12, replayed.
+
+* VNC: anything that reaches a session's VNC server - a host process on the published loopback
+  port, another session's container over the bridge - gets no desktop without the per-session
+  password only the agent can derive; the agent's own password does open it.
+* The image refuses to serve VNC at all when started without a password.
+* Homes: volumes are named by user id, so alice+"dev-chromium" and "alice-dev"+"chromium" no
+  longer share one; a volume whose labels name someone else is refused; a user re-created under
+  an old name starts empty; v1 name-keyed volumes go to their owner's id only, and those of
+  names no user has are kept, unmounted, and not handed to a later user of that name.
+* The session runs as uid 1000 with no capabilities and no_new_privs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import stat
+import struct
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+if shutil.which("podman") is None or os.geteuid() != 0:
+    pytest.skip(
+        "container isolation tests need podman and root (apt-get install -y podman runc "
+        "debootstrap)",
+        allow_module_level=True,
+    )
+
+import docker
+import docker.errors
+
+from docker_support import (
+    HOME,
+    XTERM,
+    Leftovers,
+    assert_streams,
+    exec_in,
+    home_mount,
+    inspect,
+    new_spec,
+    read_from_volume,
+    write_into_volume,
+)
+from streamspace.agent import vnc
+from streamspace.agent.backends.base import BackendError
+from streamspace.agent.backends.docker import (
+    OWNER_ID_LABEL,
+    OWNER_LABEL,
+    TEMPLATE_LABEL,
+    VNC_PASSWORD_ENV,
+    DockerBackend,
+    container_name,
+    home_volume_name,
+    legacy_home_volume_name,
+    vnc_password,
+)
+from streamspace.podman import PodmanService
+from streamspace.rfb import RFBClient, RFBError
+
+pytestmark = pytest.mark.podman
+
+_VNC_AUTH = 2
+
+
+# ---- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def engine(podman_service: PodmanService) -> Iterator[docker.DockerClient]:
+    client = docker.DockerClient(base_url=podman_service.docker_host)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def leftovers(engine: docker.DockerClient) -> Iterator[Leftovers]:
+    found = Leftovers()
+    yield found
+    found.sweep(engine)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "agent-state"
+
+
+@pytest.fixture
+async def backend(
+    podman_service: PodmanService, leftovers: Leftovers, state_dir: Path
+) -> AsyncIterator[DockerBackend]:
+    agent_id = f"sec-agent-{uuid.uuid4().hex[:8]}"
+    leftovers.agent_ids.add(agent_id)
+    be = DockerBackend(podman_service.docker_host, agent_id, state_dir)
+    try:
+        yield be
+    finally:
+        await be.close()
+
+
+def _remove_volumes(engine: docker.DockerClient, names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(docker.errors.NotFound):
+            engine.volumes.get(name).remove(force=True)
+
+
+async def _files(engine: docker.DockerClient, session_id: str) -> set[str]:
+    code, out = await asyncio.to_thread(exec_in, engine, session_id, ["ls", "-A", HOME])
+    assert code == 0, out
+    return set(out.split())
+
+
+async def _cat(engine: docker.DockerClient, session_id: str, name: str) -> str:
+    code, out = await asyncio.to_thread(exec_in, engine, session_id, ["cat", f"{HOME}/{name}"])
+    assert code == 0, out
+    return out
+
+
+# ---- VNC needs the per-session password ---------------------------------------------------
+
+
+async def _security_types(
+    host: str, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[int]]:
+    reader, writer = await asyncio.open_connection(host, port)
+    banner = await asyncio.wait_for(reader.readexactly(12), 10)
+    assert banner == b"RFB 003.008\n", banner
+    writer.write(b"RFB 003.008\n")
+    (count,) = await asyncio.wait_for(reader.readexactly(1), 10)
+    return reader, writer, list(await reader.readexactly(count))
+
+
+async def test_published_port_gives_nothing_without_the_session_password(
+    backend: DockerBackend, leftovers: Leftovers, state_dir: Path
+) -> None:
+    spec = new_spec("victim", leftovers.user_id(), persistent_home=False)
+    endpoint = await backend.start(spec)
+    assert endpoint.port is not None
+
+    # A real RFB viewer that speaks only security None is turned away: VNC Auth is all there is.
+    with pytest.raises(RFBError, match=r"offers security types \[2 \(VNC Authentication\)\]"):
+        async with asyncio.timeout(10):
+            await RFBClient.open(endpoint.host, endpoint.port)
+
+    # Choosing None anyway does not get a ServerInit: the server fails the handshake.
+    reader, writer, offered = await _security_types(endpoint.host, endpoint.port)
+    assert offered == [_VNC_AUTH]
+    writer.write(bytes([1]) + bytes([1]))  # security None, then ClientInit (shared)
+    await writer.drain()
+    answer = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(4096), 10):
+            answer += chunk
+    writer.close()
+    # TigerVNC closes without a SecurityResult; a failed one would do as well. Never "OK".
+    assert answer == b"" or struct.unpack(">I", answer[:4])[0] != 0, answer
+
+    # Wrong passwords fail: a guess, and the password another session would have.
+    key = bytes.fromhex((state_dir / "vnc-key").read_text())
+    for wrong in (b"12345678", vnc_password(key, f"{spec.session_id}x")):
+        assert wrong != vnc_password(key, spec.session_id)
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        with pytest.raises(vnc.VNCAuthError, match="refused the agent"):
+            await asyncio.wait_for(vnc.authenticate(reader, writer, wrong), 10)
+        writer.close()
+
+    # The check is real: the agent's password (from its 0600 key) opens the desktop.
+    assert stat.S_IMODE((state_dir / "vnc-key").stat().st_mode) == 0o600
+    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    await asyncio.wait_for(vnc.authenticate(reader, writer, vnc_password(key, spec.session_id)), 10)
+    front = vnc.NoneSecurityFront(reader, writer)
+    client = await asyncio.wait_for(RFBClient.from_streams(front, front), 10)
+    try:
+        await client.request_update(incremental=False)
+        assert (client.width, client.height) == (1024, 640)
+        assert client.framebuffer_nonblank()
+    finally:
+        await client.close()
+
+
+async def test_another_session_cannot_open_a_session_vnc_over_the_bridge(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers
+) -> None:
+    victim = new_spec("victim", leftovers.user_id(), persistent_home=False)
+    attacker = new_spec("mallory", leftovers.user_id(), persistent_home=False)
+    await backend.start(victim)
+    await backend.start(attacker)
+    networks = (await asyncio.to_thread(inspect, engine, victim.session_id))["NetworkSettings"][
+        "Networks"
+    ]
+    address = next(n["IPAddress"] for n in networks.values() if n.get("IPAddress"))
+
+    # From the attacker's desktop: what the victim's Xvnc offers a client without its password.
+    probe = (
+        f"exec 3<>/dev/tcp/{address}/5901 && head -c 12 <&3 && "
+        "printf 'RFB 003.008\\n' >&3 && head -c 2 <&3 | od -An -tu1"
+    )
+    code, out = await asyncio.to_thread(exec_in, engine, attacker.session_id, ["bash", "-c", probe])
+    assert code == 0, out
+    banner, types = out.split("\n", 1)
+    assert banner == "RFB 003.008"
+    assert types.split() == ["1", str(_VNC_AUTH)], out  # one type offered: VNC Authentication
+
+    # The app's environment does not carry the password (the entrypoint drops it before
+    # starting the app; /proc/1/environ, same uid, still has it: see docs/security.md).
+    code, out = await asyncio.to_thread(
+        exec_in,
+        engine,
+        attacker.session_id,
+        [
+            "sh",
+            "-c",
+            'for p in /proc/[0-9]*; do [ "$(cat $p/comm)" = xterm ] || continue; '
+            "tr '\\0' '\\n' < $p/environ; done",
+        ],
+    )
+    assert code == 0 and "DISPLAY=:1" in out, out
+    assert VNC_PASSWORD_ENV not in out
+
+
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_entrypoint_refuses_to_start_without_a_vnc_password(
+    engine: docker.DockerClient, value: str | None
+) -> None:
+    environment = {} if value is None else {VNC_PASSWORD_ENV: value}
+    container = engine.containers.run(
+        XTERM,
+        environment=environment,
+        user="1000:1000",
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        detach=True,
+    )
+    try:
+        result = container.wait(timeout=30)
+        logs = container.logs().decode(errors="replace")
+    finally:
+        container.remove(force=True)
+    assert result["StatusCode"] == 2, logs
+    assert f"{VNC_PASSWORD_ENV} is not set; refusing to serve VNC" in logs
+
+
+# ---- homes keyed by ids -------------------------------------------------------------------
+
+
+async def test_alice_dev_chromium_and_alice_dev_plus_chromium_get_separate_homes(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers
+) -> None:
+    # The v1 names of these two homes were the same volume.
+    assert legacy_home_volume_name("alice", "dev-chromium") == legacy_home_volume_name(
+        "alice-dev", "chromium"
+    )
+    alice_id, alice_dev_id = leftovers.user_id(), leftovers.user_id()
+    alice = new_spec("alice", alice_id, template="dev-chromium")
+    alice_dev = new_spec("alice-dev", alice_dev_id, template="chromium")
+    await backend.start(alice)
+    await backend.start(alice_dev)
+
+    assert await asyncio.to_thread(home_mount, engine, alice.session_id) == home_volume_name(
+        alice_id, "dev-chromium"
+    )
+    assert await asyncio.to_thread(home_mount, engine, alice_dev.session_id) == home_volume_name(
+        alice_dev_id, "chromium"
+    )
+    for spec in (alice, alice_dev):
+        code, out = await asyncio.to_thread(
+            exec_in, engine, spec.session_id, ["sh", "-c", f"echo {spec.user} > {HOME}/mine.txt"]
+        )
+        assert code == 0, out
+    assert await _files(engine, alice.session_id) >= {"mine.txt"}
+    assert (await _cat(engine, alice.session_id, "mine.txt")).strip() == "alice"
+    assert (await _cat(engine, alice_dev.session_id, "mine.txt")).strip() == "alice-dev"
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        pytest.param("foreign-id", id="labelled-for-another-user-id"),
+        pytest.param("other-template", id="labelled-for-another-template"),
+        pytest.param("none", id="unlabelled"),
+    ],
+)
+async def test_volume_labelled_for_someone_else_is_refused_not_mounted(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers, labels: str
+) -> None:
+    victim_id, attacker_id = leftovers.user_id(), leftovers.user_id()
+    name = leftovers.home_of(victim_id)
+    planted = {
+        "foreign-id": {OWNER_LABEL: "victim", OWNER_ID_LABEL: attacker_id, TEMPLATE_LABEL: "xterm"},
+        "other-template": {
+            OWNER_LABEL: "victim",
+            OWNER_ID_LABEL: victim_id,
+            TEMPLATE_LABEL: "firefox",
+        },
+        "none": {},
+    }[labels]
+    await asyncio.to_thread(engine.volumes.create, name, labels=planted)
+    await asyncio.to_thread(write_into_volume, engine, name, "planted.txt", "from mallory")
+
+    spec = new_spec("victim", victim_id)
+    with pytest.raises(BackendError, match=f"home volume {name} exists but is not labelled"):
+        await backend.start(spec)
+    with pytest.raises(docker.errors.NotFound):
+        await asyncio.to_thread(engine.containers.get, container_name(spec.session_id))
+    assert await backend.inventory() == []
+    # Refused, not repaired: the volume and its content are as they were.
+    volume = await asyncio.to_thread(engine.volumes.get, name)
+    assert (volume.attrs.get("Labels") or {}) == planted
+    assert await asyncio.to_thread(read_from_volume, engine, name, "planted.txt") == "from mallory"
+
+
+async def test_user_recreated_under_the_same_name_gets_a_new_empty_home(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers
+) -> None:
+    old_id, new_id = leftovers.user_id(), leftovers.user_id()
+    old = new_spec("carol", old_id)
+    await backend.start(old)
+    code, _ = await asyncio.to_thread(
+        exec_in, engine, old.session_id, ["sh", "-c", f"echo private > {HOME}/diary.txt"]
+    )
+    assert code == 0
+    await backend.stop(old.session_id)
+
+    new = new_spec("carol", new_id)
+    await backend.start(new)
+    assert await asyncio.to_thread(home_mount, engine, new.session_id) == home_volume_name(
+        new_id, "xterm"
+    )
+    assert "diary.txt" not in await _files(engine, new.session_id)
+    await backend.stop(new.session_id)
+
+    # Nothing is lost: the old id's home still holds the old carol's file.
+    again = new_spec("carol", old_id)
+    await backend.start(again)
+    assert (await _cat(engine, again.session_id, "diary.txt")).strip() == "private"
+
+
+# ---- v1 (name-keyed) volumes --------------------------------------------------------------
+
+
+@pytest.fixture
+def v1_volumes(engine: docker.DockerClient, leftovers: Leftovers) -> dict[str, str]:
+    """v1 homes of carol and dave (a name no user has any more), each holding a file."""
+    made = {"carol": "ss-home-carol-xterm", "dave": "ss-home-dave-xterm"}
+    _remove_volumes(engine, list(made.values()))
+    leftovers.volumes.update(made.values())
+    for owner, name in made.items():
+        assert name == legacy_home_volume_name(owner, "xterm")
+        engine.volumes.create(name, labels={OWNER_LABEL: owner, TEMPLATE_LABEL: "xterm"})
+        write_into_volume(engine, name, "v1.txt", f"{owner} before the upgrade")
+    return made
+
+
+async def test_v1_volume_is_mounted_for_its_owner_id_only(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    leftovers: Leftovers,
+    podman_service: PodmanService,
+    state_dir: Path,
+    v1_volumes: dict[str, str],
+) -> None:
+    carol_id, other_id = leftovers.user_id(), leftovers.user_id()
+    assert {"carol", "dave"} <= set(await backend.legacy_home_names())
+
+    moved = await backend.migrate_homes({"carol": carol_id})
+    assert moved == {"ss-home-carol-xterm": carol_id}
+    assert "carol" not in await backend.legacy_home_names()
+    mapping = state_dir / "legacy-volumes.json"
+    assert stat.S_IMODE(mapping.stat().st_mode) == 0o600
+    assert json.loads(mapping.read_text()) == {f"{carol_id}_xterm": "ss-home-carol-xterm"}
+
+    carol = new_spec("carol", carol_id)
+    await backend.start(carol)
+    assert await asyncio.to_thread(home_mount, engine, carol.session_id) == "ss-home-carol-xterm"
+    assert await _cat(engine, carol.session_id, "v1.txt") == "carol before the upgrade"
+    code, out = await asyncio.to_thread(
+        exec_in, engine, carol.session_id, ["sh", "-c", f"echo after > {HOME}/v2.txt"]
+    )
+    assert code == 0, out
+    await backend.stop(carol.session_id)
+
+    # Another id - even under the same name - gets its own, empty home.
+    other = new_spec("carol", other_id)
+    await backend.start(other)
+    assert await asyncio.to_thread(home_mount, engine, other.session_id) == home_volume_name(
+        other_id, "xterm"
+    )
+    assert not {"v1.txt", "v2.txt"} & await _files(engine, other.session_id)
+
+    # The mapping survives an agent restart.
+    restarted = DockerBackend(podman_service.docker_host, backend.agent_id, state_dir)
+    try:
+        again = new_spec("carol", carol_id)
+        await restarted.start(again)
+        assert (
+            await asyncio.to_thread(home_mount, engine, again.session_id) == "ss-home-carol-xterm"
+        )
+        assert (await _cat(engine, again.session_id, "v2.txt")).strip() == "after"
+    finally:
+        await restarted.close()
+
+
+async def test_v1_volume_of_a_vanished_name_is_kept_and_never_handed_out(
+    backend: DockerBackend,
+    engine: docker.DockerClient,
+    leftovers: Leftovers,
+    v1_volumes: dict[str, str],
+) -> None:
+    assert await backend.migrate_homes({"carol": leftovers.user_id()}) == {
+        "ss-home-carol-xterm": next(iter(leftovers.user_ids))
+    }
+    # dave has no user: the volume stays, with its content, and is not offered again.
+    assert "dave" not in await backend.legacy_home_names()
+    assert await asyncio.to_thread(read_from_volume, engine, "ss-home-dave-xterm", "v1.txt") == (
+        "dave before the upgrade"
+    )
+
+    # A "dave" created after the upgrade is a different person: no migration, no old files.
+    new_dave_id = leftovers.user_id()
+    assert await backend.migrate_homes({"dave": new_dave_id}) == {}
+    dave = new_spec("dave", new_dave_id)
+    await backend.start(dave)
+    assert await asyncio.to_thread(home_mount, engine, dave.session_id) == home_volume_name(
+        new_dave_id, "xterm"
+    )
+    assert "v1.txt" not in await _files(engine, dave.session_id)
+    assert (await asyncio.to_thread(engine.volumes.get, "ss-home-dave-xterm")).name
+
+
+# ---- least privilege inside the container -------------------------------------------------
+
+
+async def test_session_runs_as_uid_1000_without_capabilities_or_new_privileges(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers
+) -> None:
+    spec = new_spec("alice", leftovers.user_id(), persistent_home=False)
+    await backend.start(spec)
+    await assert_streams(backend, spec.session_id)
+
+    code, out = await asyncio.to_thread(
+        exec_in,
+        engine,
+        spec.session_id,
+        ["sh", "-c", "for f in /proc/[0-9]*/status; do echo; cat $f; done"],
+    )
+    assert code == 0, out
+    processes = []
+    for block in out.strip().split("\n\n"):
+        fields = dict(line.split(":\t", 1) for line in block.splitlines() if ":\t" in line)
+        if fields:
+            processes.append(fields)
+    by_pid = {p["Pid"]: p for p in processes}
+    init = by_pid["1"]
+    assert init["Name"] == "tini", init
+    names = {p["Name"] for p in processes}
+    assert {"Xvnc", "xterm"} <= names, names  # the whole session, not only the exec'd shell
+    for proc in processes:
+        what = f"{proc['Name']} (pid {proc['Pid']})"
+        assert proc["Uid"].split() == ["1000"] * 4, what
+        assert proc["Gid"].split() == ["1000"] * 4, what
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(proc[cap], 16) == 0, f"{what}: {cap} {proc[cap]}"
+        assert proc["NoNewPrivs"].strip() == "1", what
