@@ -13,10 +13,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from fastapi import WebSocket, WebSocketDisconnect
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 
 from streamspace import protocol
 from streamspace.controlplane.security import random_secret
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from streamspace.controlplane.state import AppState
 
 log = logging.getLogger("streamspace.streams")
+
+SESSIONS = cast(Table, SessionRow.__table__)
 
 AGENT_DIAL_TIMEOUT = 10.0
 MAX_AGENT_FRAME = 1024 * 1024
@@ -333,16 +335,25 @@ class StreamBroker:
         self._activity[session_id] = time.time()
 
     async def flush_activity(self) -> int:
-        """Persist last_activity in batches so stream traffic costs no per-frame writes."""
+        """Persist last_activity in batches so stream traffic costs no per-frame writes.
+
+        A plain executemany, not the ORM's bulk UPDATE by primary key: that one fails the whole
+        batch if a row is gone (a deleted user's sessions), and the batch was kept for the next
+        try, so no session's activity was recorded again."""
         if not self._activity:
             return 0
         activity, self._activity = self._activity, {}
+        stmt = (
+            update(SESSIONS)
+            .where(SESSIONS.c.id == bindparam("sid"))
+            .values(last_activity=bindparam("at"))
+        )
         try:
             async with self.state.db() as db:
                 await db.execute(
-                    update(SessionRow),
+                    stmt,
                     [  # sorted: concurrent writers then lock rows in one order (no deadlock)
-                        {"id": sid, "last_activity": datetime.fromtimestamp(ts, UTC)}
+                        {"sid": sid, "at": datetime.fromtimestamp(ts, UTC)}
                         for sid, ts in sorted(activity.items())
                     ],
                 )
