@@ -36,6 +36,23 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(default=5.0, ge=0)
     refresh_token_ttl_seconds: int = 7 * 24 * 3600
     login_rate_per_minute: int = 10
+    user_requests_per_second: float = Field(
+        default=30.0,
+        ge=0,
+        description="Sustained API requests each user may make per second on each replica "
+        "(token bucket; 0 turns the limit off). Over it a request gets 429 with Retry-After.",
+    )
+    user_request_burst: int = Field(
+        default=300,
+        ge=1,
+        description="Requests a user may make at once before user_requests_per_second applies.",
+    )
+    user_concurrent_creates: int = Field(
+        default=2,
+        ge=0,
+        description="Session creations one user may have under way at once on each replica "
+        "(0: no limit); more get 429 with Retry-After.",
+    )
 
     templates_dir: Path | None = None
     max_body_bytes: int = 1_048_576

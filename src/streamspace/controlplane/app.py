@@ -28,7 +28,7 @@ from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loops import Loops
-from streamspace.controlplane.ratelimit import RateLimiter
+from streamspace.controlplane.ratelimit import InFlight, RateLimiter, TokenBuckets
 from streamspace.controlplane.security import hash_password, random_secret
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
@@ -199,6 +199,10 @@ def create_app(settings: Settings) -> FastAPI:
             secret=await ensure_secret(settings),
             events=EventBus(),
             limiter=RateLimiter(settings.login_rate_per_minute),
+            user_requests=TokenBuckets(
+                settings.user_requests_per_second, settings.user_request_burst
+            ),
+            session_creates=InFlight(settings.user_concurrent_creates),
             auth_cache=AuthCache(settings.auth_cache_seconds),
             db_slots=asyncio.Semaphore(request_slots(settings)),
         )

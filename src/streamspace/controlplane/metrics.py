@@ -65,3 +65,9 @@ loop_runs_total = Counter(
 loop_leader = Gauge(
     "streamspace_loop_leader", "1 if this replica runs the background loops", registry=registry
 )
+rate_limited_total = Counter(
+    "streamspace_rate_limited_total",
+    "requests answered 429 by a per-user limit",
+    ["limit"],
+    registry=registry,
+)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from streamspace.controlplane.events import EventBus
     from streamspace.controlplane.hub import Hub
     from streamspace.controlplane.lifecycle import Lifecycle
-    from streamspace.controlplane.ratelimit import RateLimiter
+    from streamspace.controlplane.ratelimit import InFlight, RateLimiter, TokenBuckets
     from streamspace.controlplane.streams import StreamBroker
 
 
@@ -34,6 +34,10 @@ class AppState:
     secret: str
     events: EventBus
     limiter: RateLimiter
+    user_requests: TokenBuckets
+    """Each user's request rate (deps.token_claims)."""
+    session_creates: InFlight
+    """Each user's session creations under way (deps.create_turn)."""
     auth_cache: AuthCache
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""

@@ -47,13 +47,22 @@ def create_engine(
 ) -> AsyncEngine:
     """PostgreSQL connections are not pinged on checkout: that was one more round trip on every
     request. A connection found dead is invalidated with the rest of the pool by SQLAlchemy's
-    disconnect handling and the request answers 503 (problems.py); the next one reconnects."""
+    disconnect handling and the request answers 503 (problems.py); the next one reconnects.
+
+    SQLite gets the same pool sizes: the request slots (deps.get_db) are sized from them, and
+    with SQLAlchemy's smaller default pool requests queued in the pool instead of in the slots."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        pool: dict[str, Any] = {}
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+            pool = {
+                "pool_size": pool_size,
+                "max_overflow": max_overflow,
+                "pool_timeout": pool_timeout,
+            }
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **pool)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
 
