@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     admin_password: str = ""
     access_token_ttl_seconds: int = 900
     auth_cache_seconds: float = Field(default=5.0, ge=0)
+    connection_recheck_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often each replica re-reads the users it holds viewer WebSockets and "
+        "event streams for, closing those whose sign-in was revoked in a way no message "
+        "announced (a lost Redis message, a change made straight in the database).",
+    )
     refresh_token_ttl_seconds: int = 7 * 24 * 3600
     login_rate_per_minute: int = 10
     user_requests_per_second: float = Field(

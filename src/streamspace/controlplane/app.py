@@ -29,6 +29,7 @@ from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loops import Loops
 from streamspace.controlplane.ratelimit import InFlight, RateLimiter, TokenBuckets
+from streamspace.controlplane.revocation import Revocations
 from streamspace.controlplane.security import hash_password, random_secret
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
@@ -189,10 +190,12 @@ def create_app(settings: Settings) -> FastAPI:
             pool_timeout=settings.db_pool_timeout_seconds,
         )
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        auth_cache = AuthCache(settings.auth_cache_seconds)
+        sessions = session_factory(engine)
         state = AppState(
             settings=settings,
             engine=engine,
-            db=session_factory(engine),
+            db=sessions,
             read_db=read_session_factory(engine),
             write_db=write_session_factory(engine),
             replica_id=replica,
@@ -203,8 +206,9 @@ def create_app(settings: Settings) -> FastAPI:
                 settings.user_requests_per_second, settings.user_request_burst
             ),
             session_creates=InFlight(settings.user_concurrent_creates),
-            auth_cache=AuthCache(settings.auth_cache_seconds),
+            auth_cache=auth_cache,
             db_slots=asyncio.Semaphore(request_slots(settings)),
+            revocations=Revocations(auth_cache, sessions),
         )
         state.hub = Hub(state)
         state.lifecycle = Lifecycle(state)

@@ -297,6 +297,39 @@ class Lifecycle:
         cmd = self.new_command(db, session, "wake", spec)
         await self.commit(db, [session], [cmd])
 
+    async def end_owner_sessions(
+        self, db: AsyncSession, owner_id: str, why: str, *, hibernate: bool
+    ) -> list[SessionRow]:
+        """Hibernate (the owner was disabled) or stop (deleted) every active session of an owner,
+        in the caller's transaction, and commit. With `hibernate`, a session that cannot
+        hibernate now (queued, starting, waking) is stopped instead; one already on its way down
+        is left alone. Returns the sessions changed."""
+        query = select(SessionRow).where(
+            SessionRow.owner_id == owner_id,
+            SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
+        )
+        if not is_sqlite(self.state.engine):
+            query = query.order_by(SessionRow.id).with_for_update()
+        changed: list[SessionRow] = []
+        cmds: list[AgentCommand] = []
+        for session in (await db.scalars(query)).all():
+            st = State(session.state)
+            if st == State.STOPPING or (hibernate and st in (State.HIBERNATING, State.HIBERNATED)):
+                continue
+            if hibernate and st == State.RUNNING:
+                self.transition(db, session, State.HIBERNATING, why, action="hibernate")
+                cmds.append(self.new_command(db, session, "hibernate"))
+            elif st == State.PENDING or session.agent_id is None:
+                self.transition(db, session, State.STOPPED, why, action="stop")
+            else:
+                self.transition(db, session, State.STOPPING, why, action="stop")
+                cmds.append(self.new_command(db, session, "stop"))
+            changed.append(session)
+        await self.commit(db, changed, cmds)
+        if changed:
+            self.wake_placer()
+        return changed
+
     # ---- placement ----------------------------------------------------------------------
 
     def wake_placer(self, local_only: bool = False) -> None:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from streamspace.controlplane.hub import Hub
     from streamspace.controlplane.lifecycle import Lifecycle
     from streamspace.controlplane.ratelimit import InFlight, RateLimiter, TokenBuckets
+    from streamspace.controlplane.revocation import Revocations
     from streamspace.controlplane.streams import StreamBroker
 
 
@@ -41,6 +42,7 @@ class AppState:
     auth_cache: AuthCache
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""
+    revocations: Revocations
     hub: Hub = field(init=False)
     lifecycle: Lifecycle = field(init=False)
     streams: StreamBroker = field(init=False)

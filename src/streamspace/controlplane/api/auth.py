@@ -19,6 +19,7 @@ from streamspace.controlplane.api.schemas import (
 )
 from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
 from streamspace.controlplane.problems import Problem
+from streamspace.controlplane.revocation import end_sign_ins
 from streamspace.controlplane.security import (
     hash_password,
     make_access_token,
@@ -162,15 +163,12 @@ async def refresh(body: RefreshIn, request: Request, state: StateDep, db: DbDep)
 
 
 @router.post("/logout", status_code=204)
-async def logout(request: Request, user: UserDep, db: DbDep, body: LogoutIn | None = None) -> None:
-    """Revokes every refresh token of the user and every access token issued so far."""
-    now = datetime.now(UTC)
-    await db.execute(
-        update(RefreshToken)
-        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
-    user.token_version += 1
+async def logout(
+    request: Request, user: UserDep, state: StateDep, db: DbDep, body: LogoutIn | None = None
+) -> None:
+    """Revokes every refresh token of the user and every access token issued so far, and closes
+    the user's open viewer and event streams."""
+    await end_sign_ins(db, user)
     audit.record(
         db,
         actor=user,
@@ -180,6 +178,7 @@ async def logout(request: Request, user: UserDep, db: DbDep, body: LogoutIn | No
         request=request,
     )
     await db.commit()
+    state.revocations.revoke(user.id, "signed out (logged out)")
 
 
 @router.get("/me", response_model=UserOut)
@@ -201,12 +200,7 @@ async def change_password(
             kind="invalid-request",
         )
     user.password_hash = hash_password(body.new_password)
-    user.token_version += 1
-    await db.execute(
-        update(RefreshToken)
-        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=datetime.now(UTC))
-    )
+    await end_sign_ins(db, user)
     tokens = await issue_tokens(state, db, user)
     audit.record(
         db,
@@ -217,4 +211,5 @@ async def change_password(
         request=request,
     )
     await db.commit()
+    state.revocations.revoke(user.id, "signed out: the password was changed")
     return tokens

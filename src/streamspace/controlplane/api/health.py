@@ -54,19 +54,26 @@ async def prometheus(state: StateDep) -> Response:
 
 @router.get("/api/v1/events")
 async def events(request: Request, user: UserDep, state: StateDep) -> StreamingResponse:
-    """Server-sent events: `session` (a session changed) and `resync` (re-fetch the list)."""
+    """Server-sent events: `session` (a session changed) and `resync` (re-fetch the list).
+
+    The stream ends with a `revoked` event when the user's sign-in is revoked (logout, password
+    change, disabled, deleted, signed out by an admin); see controlplane.revocation."""
     sees_all = user.role in ("admin", "operator") and request.query_params.get("all") == "true"
+    user_id, token_version = user.id, user.token_version
 
     async def stream() -> AsyncIterator[str]:
-        async with state.events.subscribe(user.id, sees_all) as sub:
-            yield "event: hello\ndata: {}\n\n"
-            while True:
-                try:
-                    event = await asyncio.wait_for(sub.queue.get(), 15)
-                except TimeoutError:
-                    yield ": keepalive\n\n"
-                    continue
-                yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+        async with state.events.subscribe(user_id, sees_all) as sub:
+            with state.revocations.track(user_id, token_version, "events", sub.close):
+                yield "event: hello\ndata: {}\n\n"
+                while True:
+                    try:
+                        event = await asyncio.wait_for(sub.queue.get(), 15)
+                    except TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    yield f"event: {event['type']}\ndata: {json.dumps(event)}\n\n"
+                    if event["type"] == "revoked":
+                        return
 
     return StreamingResponse(
         stream(),

@@ -352,7 +352,7 @@ async def connect_session(
         raise conflict(
             f"cannot connect to a session that is {session.state}", current_state=session.state
         )
-    ticket, expires = await state.streams.issue_ticket(session.id, user.id)
+    ticket, expires = await state.streams.issue_ticket(session.id, user.id, user.token_version)
     audit.record(
         db,
         actor=user,
