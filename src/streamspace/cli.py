@@ -278,11 +278,14 @@ def _backend_label_id(state_dir: Path) -> str:
     """
     import uuid
 
+    from streamspace.private_files import create_private_file, private_dir
+
     path = state_dir / "backend-id"
     if path.exists():
         return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     value = uuid.uuid4().hex
+    create_private_file(path)
     path.write_text(value)
     return value
 

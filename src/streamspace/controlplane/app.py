@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from streamspace import __version__
 from streamspace.config import Settings
-from streamspace.controlplane import catalog, metrics, problems
+from streamspace.controlplane import catalog, datadir, metrics, problems
 from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
 from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.events import EventBus
@@ -124,20 +124,6 @@ class Observe:
             metrics.request_seconds.labels(method, path).observe(time.perf_counter() - started)
 
 
-async def ensure_secret(settings: Settings) -> str:
-    if settings.secret_key:
-        return settings.secret_key
-    path = settings.data_dir / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = random_secret(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret)
-    return secret
-
-
 async def bootstrap_admin(state: AppState) -> str | None:
     """Create `admin` on first start; returns the generated password if one was made."""
     async with state.db() as db:
@@ -183,6 +169,7 @@ def settle_garbage_collector() -> None:
 def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        datadir.prepare(settings.data_dir)
         engine = create_engine(
             settings.resolved_database_url(),
             pool_size=settings.db_pool_size,
@@ -199,7 +186,7 @@ def create_app(settings: Settings) -> FastAPI:
             read_db=read_session_factory(engine),
             write_db=write_session_factory(engine),
             replica_id=replica,
-            secret=await ensure_secret(settings),
+            secret=datadir.load_or_create_secret(settings),
             events=EventBus(),
             limiter=RateLimiter(settings.login_rate_per_minute),
             user_requests=TokenBuckets(

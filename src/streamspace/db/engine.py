@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from streamspace.db.onestatement import ONE_STATEMENT_ONLY
+from streamspace.private_files import PRIVATE_FILE, create_private_file, private_dir, tighten
 
 Database = async_sessionmaker[AsyncSession]
 
@@ -42,6 +43,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def make_private_file(path: Path) -> None:
+    """The database file owner-only (0600) before SQLite opens it: SQLite gives its WAL and
+    shared-memory files the database file's mode, and the database holds every password hash
+    and agent credential hash. Its directory is created owner-only if missing."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    create_private_file(path)
+    for suffix in SQLITE_COMPANIONS:
+        tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
+
+
 def create_engine(
     url: str, *, pool_size: int = 20, max_overflow: int = 20, pool_timeout: float = 10.0
 ) -> AsyncEngine:
@@ -56,7 +71,7 @@ def create_engine(
     if parsed.get_backend_name() == "sqlite":
         pool: dict[str, Any] = {}
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            make_private_file(Path(parsed.database))
             pool = {
                 "pool_size": pool_size,
                 "max_overflow": max_overflow,
