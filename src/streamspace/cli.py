@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import webbrowser
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import typer
@@ -45,7 +46,7 @@ class CLIError(Exception):
     pass
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(1)
 
@@ -204,10 +205,46 @@ def server(
     run(_serve(s, with_local_agent=False))
 
 
+JOIN_TOKEN_ENV = "STREAMSPACE_JOIN_TOKEN"
+
+
+def _join_token(ctx: typer.Context, given: str | None, path: Path | None) -> str | None:
+    """The join token from exactly one of --join-token-file, STREAMSPACE_JOIN_TOKEN and
+    --join-token. On the command line it is visible to every local account in `ps` for as long
+    as the agent runs, so that way is still accepted (it always was) but warned about."""
+    if path is not None:
+        if given is not None:
+            fail(f"give the join token once: --join-token-file or {JOIN_TOKEN_ENV}/--join-token")
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read the join token file {path}: {exc.strerror or exc}")
+        if not token:
+            fail(f"the join token file {path} is empty")
+        return token
+    source = ctx.get_parameter_source("join_token")
+    if given is not None and getattr(source, "name", "") == "COMMANDLINE":
+        logging.getLogger("streamspace.cli").warning(
+            "join_token_on_command_line hint=%s",
+            f"other local accounts can read it in ps; use --join-token-file or {JOIN_TOKEN_ENV}",
+        )
+    return given or None
+
+
 @app.command()
 def agent(
+    ctx: typer.Context,
     server_url: str = typer.Option(..., "--server", help="Control plane URL, e.g. http://cp:8080"),
-    join_token: str | None = typer.Option(None, help="One-time join token (first start only)."),
+    join_token: str | None = typer.Option(
+        None,
+        envvar=JOIN_TOKEN_ENV,
+        show_envvar=True,
+        help="One-time join token (first start only). Prefer the environment variable or "
+        "--join-token-file: on the command line other local accounts can read it in `ps`.",
+    ),
+    join_token_file: Path | None = typer.Option(
+        None, help="Read the one-time join token from this file (first start only)."
+    ),
     cluster_id: str = typer.Option("default"),
     cluster_name: str = typer.Option("Default cluster"),
     region: str = typer.Option(""),
@@ -228,6 +265,7 @@ def agent(
 
     s = Settings()
     logs.configure(s.log_level, s.log_format)
+    token = _join_token(ctx, join_token, join_token_file)
     sdir = state_dir or (Path.home() / ".local" / "share" / "streamspace-agent")
     agent_name = name or socket.gethostname()
     be: Any
@@ -254,7 +292,7 @@ def agent(
         region=region,
         backend=backend,  # type: ignore[arg-type]
         capacity=Capacity(max_sessions=max_sessions, cpu_millis=cpu_millis, memory_mb=memory_mb),
-        join_token=join_token,
+        join_token=token,
     )
     runner = Agent(config, be)
 

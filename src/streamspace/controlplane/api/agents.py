@@ -82,8 +82,8 @@ async def create_join_token(
     return JoinTokenOut(
         token=token,
         expires_at=expires,
-        command=(
-            f"streamspace agent --server {base} --join-token {token} "
+        command=(  # the token in the environment: on the command line `ps` shows it to all
+            f"STREAMSPACE_JOIN_TOKEN={token} streamspace agent --server {base} "
             "--cluster-id CLUSTER --cluster-name 'Cluster name' --backend local"
         ),
     )
