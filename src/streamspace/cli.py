@@ -172,6 +172,8 @@ def up(
 ) -> None:
     """Everything on this machine: control plane (SQLite) plus a local desktop agent."""
     s = settings_for(data_dir, port=port, host=host)
+    if "STREAMSPACE_METRICS_LOOPBACK_ONLY" not in os.environ:
+        s.metrics_loopback_only = True  # whatever --host says; a metrics token opens them
     logs.configure(s.log_level, s.log_format)
     run(_serve(s, with_local_agent=True))
 

@@ -61,6 +61,17 @@ class Settings(BaseSettings):
         "(0: no limit); more get 429 with Retry-After.",
     )
 
+    metrics_token: str = Field(
+        default="",
+        description="When set, GET /metrics needs `Authorization: Bearer <token>` (from any "
+        "client, loopback included); unset, /metrics is open (see metrics_loopback_only).",
+    )
+    metrics_loopback_only: bool = Field(
+        default=False,
+        description="Without a metrics token, serve /metrics only to clients on this machine "
+        "that came through no proxy. `streamspace up` turns it on.",
+    )
+
     templates_dir: Path | None = None
     max_body_bytes: int = 1_048_576
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from collections.abc import AsyncIterator
 
@@ -12,8 +13,11 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from sqlalchemy import func, select, text
 
+from streamspace.config import Settings
 from streamspace.controlplane import metrics
-from streamspace.controlplane.deps import StateDep, UserDep
+from streamspace.controlplane.deps import StateDep, UserDep, bearer_token, client_ip
+from streamspace.controlplane.problems import Problem
+from streamspace.controlplane.security import constant_eq
 from streamspace.db.models import Session as SessionRow
 
 router = APIRouter(tags=["health"])
@@ -37,8 +41,45 @@ async def readyz(state: StateDep) -> Response:
     return JSONResponse({"status": "ok", "database": "ok", "replica": state.replica_id})
 
 
+FORWARDED_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def check_metrics_access(request: Request, settings: Settings) -> None:
+    """The figures say who runs what where (users, sessions, agents): with a token only its
+    holder reads them; without one `streamspace up` keeps them to this machine. A request a
+    proxy relayed comes from wherever the proxy's client is, so it is not a local one."""
+    if settings.metrics_token:
+        if not constant_eq(bearer_token(request) or "", settings.metrics_token):
+            raise Problem(
+                401,
+                "Unauthorized",
+                "GET /metrics needs the metrics token (Authorization: Bearer <token>)",
+                kind="unauthorized",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return
+    if settings.metrics_loopback_only:
+        relayed = any(name in request.headers for name in FORWARDED_HEADERS)
+        if relayed or not is_loopback(client_ip(request)):
+            raise Problem(
+                403,
+                "Forbidden",
+                "metrics are served to this machine only; set STREAMSPACE_METRICS_TOKEN to "
+                "scrape them from elsewhere",
+                kind="forbidden",
+            )
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @router.get("/metrics")
-async def prometheus(state: StateDep) -> Response:
+async def prometheus(request: Request, state: StateDep) -> Response:
+    check_metrics_access(request, state.settings)
     metrics.agents_connected.set(len(state.hub.connections))
     metrics.streams_active.set(state.streams.active_streams)
     async with state.db() as db:
