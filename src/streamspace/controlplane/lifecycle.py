@@ -636,7 +636,7 @@ class Lifecycle:
                         State.FAILED,
                         f"{cmd.action} failed on agent {agent}: {result.error}",
                     )
-            elif result.ok and st in (State.FAILED, State.STOPPED):
+            elif result.ok and st in (State.FAILED, State.STOPPED) and session.agent_id:
                 cmds.append(self.new_command(db, session, "stop"))
                 self.event(
                     db,
@@ -721,11 +721,43 @@ class Lifecycle:
                     keep.append(session.id)
             elif item is not None and (session.state in ON_AGENT_STATES or session.id in open_cmds):
                 keep.append(session.id)
+        changed += await self._fail_replaced(db, agent_id, set(reported) - {s.id for s in rows})
         await self.commit(db, changed)
         return keep
 
+    async def _fail_replaced(
+        self, db: AsyncSession, agent_id: str, session_ids: set[str]
+    ) -> list[SessionRow]:
+        """Sessions this agent reports that the database places on another agent: that one was
+        replaced by this one (enrolled again under a new identity with the same session
+        state). They fail, saying so, and leave the old identity; this agent stops them (they
+        are not in its `keep`). Left alone they stayed `running` on an agent that never comes
+        back."""
+        if not session_ids:
+            return []
+        rows = (
+            await db.scalars(
+                select(SessionRow).where(
+                    SessionRow.id.in_(sorted(session_ids)),
+                    SessionRow.agent_id.is_not(None),
+                    SessionRow.agent_id != agent_id,
+                    SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
+                )
+            )
+        ).all()
+        for session in rows:
+            old = session.agent_id
+            why = (
+                f"agent {old} was replaced by agent {agent_id} (enrolled again under a new "
+                "identity); the session was stopped"
+            )
+            self.transition(db, session, State.FAILED, why, replaced_by=agent_id)
+            session.agent_id = None
+        return list(rows)
+
     async def fail_agent_sessions(self, db: AsyncSession, agent_id: str, reason: str) -> int:
-        """Sessions on an agent that can never answer again (revoked) fail with the reason."""
+        """Sessions on an agent that can never answer again (revoked) fail with the reason and
+        leave it: a stop then ends them at once instead of waiting on that agent for minutes."""
         rows = (
             await db.scalars(
                 select(SessionRow).where(
@@ -735,7 +767,8 @@ class Lifecycle:
             )
         ).all()
         for session in rows:
-            self.transition(db, session, State.FAILED, reason)
+            self.transition(db, session, State.FAILED, reason, agent_id=agent_id)
+            session.agent_id = None
         await db.execute(
             update(AgentCommand)
             .where(
