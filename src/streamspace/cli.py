@@ -117,6 +117,7 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
     if with_local_agent:
         agent = await _embedded_agent(application, settings, url)
         application.state.ss.streams.local_agent = agent
+        application.state.ss.embedded_agent = agent
         agent_task = asyncio.create_task(agent.run())
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), serve_task}
     if agent_task is not None:
@@ -134,16 +135,46 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
 async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any:
     from streamspace.agent.backends.local import LocalBackend
     from streamspace.agent.runtime import Agent, AgentConfig
-    from streamspace.controlplane.api.agents import mint_join_token
+    from streamspace.controlplane import audit
+    from streamspace.controlplane.api.agents import mint_join_token, revoke
+    from streamspace.db.models import Agent as AgentRow
     from streamspace.protocol import Capacity
 
+    ss = application.state.ss
     state_dir = settings.data_dir / "agent"
+
+    async def new_join_token() -> str:
+        async with ss.db() as db:
+            token, _ = await mint_join_token(db, ss.settings, None, 300)
+            await db.commit()
+        return token
+
+    async def reenrol(old_agent_id: str) -> str:
+        """The stored credential was rejected (revoked, or the database is not the one it was
+        enrolled in): enrol again. An identity left unrevoked is revoked now, so its sessions
+        end as failed instead of staying `running` on an agent that will never return."""
+        async with ss.db() as db:
+            old = await db.get(AgentRow, old_agent_id)
+            audit.record(
+                db,
+                actor=None,
+                action="agent.reenrol",
+                resource_type="agent",
+                resource_id=old_agent_id,
+            )
+            if old is not None and not old.revoked:
+                why = (
+                    f"agent {old.name} was replaced by a new enrolment of this machine's agent; "
+                    "its sessions can no longer be reached"
+                )
+                await revoke(ss, db, old, why)
+            else:
+                await db.commit()
+        return await new_join_token()
+
     join_token = None
     if not (state_dir / "agent.json").exists():
-        ss = application.state.ss
-        async with ss.db() as db:
-            join_token, _ = await mint_join_token(db, ss.settings, None, 300)
-            await db.commit()
+        join_token = await new_join_token()
     backend = LocalBackend(state_dir=state_dir, sandbox=settings.local_sandbox)
     config = AgentConfig(
         server=url,
@@ -160,6 +191,7 @@ async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any
         ),
         max_concurrent_commands=settings.agent_max_concurrent_commands,
         join_token=join_token,
+        reenrol=reenrol,
     )
     return Agent(config, backend)
 

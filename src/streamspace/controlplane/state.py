@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from streamspace.controlplane.ratelimit import InFlight, RateLimiter, TokenBuckets
     from streamspace.controlplane.revocation import Revocations
     from streamspace.controlplane.streams import StreamBroker
+
+
+class EmbeddedAgent(Protocol):
+    """The agent `streamspace up` runs in this process (agent.runtime.Agent)."""
+
+    @property
+    def agent_id(self) -> str | None: ...
+
+    async def adopt_credential(self, credential: str) -> None: ...
 
 
 @dataclass
@@ -50,3 +59,5 @@ class AppState:
     """Serialises read-then-write requests on SQLite, which has no row locks: quota check +
     insert, and a session action's decision + write (PostgreSQL uses row locks and
     compare-and-set writes instead)."""
+    embedded_agent: EmbeddedAgent | None = None
+    """Set by `streamspace up`: a credential rotated for it is handed to it in-process."""
