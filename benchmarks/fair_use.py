@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import time
 
 import httpx
@@ -104,6 +105,10 @@ def main() -> None:
     env = {
         # The burst is one user's: keep the login limiter out of the way of the setup only.
         "STREAMSPACE_LOGIN_RATE_PER_MINUTE": "1000",
+        # The fair-use limits as configured (benchmarks.common turns the request rate off).
+        "STREAMSPACE_USER_REQUESTS_PER_SECOND": os.environ.get(
+            "STREAMSPACE_USER_REQUESTS_PER_SECOND", "30"
+        ),
     }
     with product(args.command, env=env) as url:
         make_users(url, login(url))
