@@ -1204,6 +1204,8 @@ def main() -> None:
             "STREAMSPACE_DEFAULT_QUOTA_CPU_MILLIS": "10000000",
             "STREAMSPACE_DEFAULT_QUOTA_MEMORY_MB": "100000000",
             "STREAMSPACE_ACCESS_TOKEN_TTL_SECONDS": str(int(args.duration) + 3600),
+            # Capacity runs (--think 0) drive one user faster than the per-user fair-use limit.
+            "STREAMSPACE_USER_REQUESTS_PER_SECOND": "0",
         }
         replicas = [start_replica(i, tag, work, db_url, args.redis, env) for i in range(2)]
         wait_healthy(replicas)

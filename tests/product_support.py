@@ -16,17 +16,28 @@ from conftest import ADMIN_PASSWORD, ROOT, free_port
 
 
 class Product:
-    def __init__(self, data_dir: Path, extra_args: list[str] | None = None) -> None:
-        self.extra_args = extra_args or []
+    def __init__(
+        self, data_dir: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir.parent / "streamspace-up.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra_env = env or {}
+        self.extra_args = args or []
+
+    def login(self, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
+        c = httpx.Client(base_url=self.url, timeout=30)
+        r = c.post("/api/v1/auth/login", json={"username": username, "password": password})
+        assert r.status_code == 200, r.text
+        c.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        return c
 
     def start(self) -> Product:
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSPACE_")}
         env.update(STREAMSPACE_ADMIN_PASSWORD=ADMIN_PASSWORD, PYTHONUNBUFFERED="1")
+        env.update(self.extra_env)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
 import webbrowser
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import typer
@@ -46,7 +47,7 @@ class CLIError(Exception):
     pass
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(1)
 
@@ -121,6 +122,7 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
     if with_local_agent:
         agent = await _embedded_agent(application, settings, url)
         application.state.ss.streams.local_agent = agent
+        application.state.ss.embedded_agent = agent
         agent_task = asyncio.create_task(agent.run())
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), serve_task}
     if agent_task is not None:
@@ -158,16 +160,46 @@ def local_backend(settings: Settings, state_dir: Path) -> Any:
 
 async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any:
     from streamspace.agent.runtime import Agent, AgentConfig
-    from streamspace.controlplane.api.agents import mint_join_token
+    from streamspace.controlplane import audit
+    from streamspace.controlplane.api.agents import mint_join_token, revoke
+    from streamspace.db.models import Agent as AgentRow
     from streamspace.protocol import Capacity
 
+    ss = application.state.ss
     state_dir = settings.data_dir / "agent"
+
+    async def new_join_token() -> str:
+        async with ss.db() as db:
+            token, _ = await mint_join_token(db, ss.settings, None, 300)
+            await db.commit()
+        return token
+
+    async def reenrol(old_agent_id: str) -> str:
+        """The stored credential was rejected (revoked, or the database is not the one it was
+        enrolled in): enrol again. An identity left unrevoked is revoked now, so its sessions
+        end as failed instead of staying `running` on an agent that will never return."""
+        async with ss.db() as db:
+            old = await db.get(AgentRow, old_agent_id)
+            audit.record(
+                db,
+                actor=None,
+                action="agent.reenrol",
+                resource_type="agent",
+                resource_id=old_agent_id,
+            )
+            if old is not None and not old.revoked:
+                why = (
+                    f"agent {old.name} was replaced by a new enrolment of this machine's agent; "
+                    "its sessions can no longer be reached"
+                )
+                await revoke(ss, db, old, why)
+            else:
+                await db.commit()
+        return await new_join_token()
+
     join_token = None
     if not (state_dir / "agent.json").exists():
-        ss = application.state.ss
-        async with ss.db() as db:
-            join_token, _ = await mint_join_token(db, ss.settings, None, 300)
-            await db.commit()
+        join_token = await new_join_token()
     backend = local_backend(settings, state_dir)
     config = AgentConfig(
         server=url,
@@ -184,6 +216,7 @@ async def _embedded_agent(application: Any, settings: Settings, url: str) -> Any
         ),
         max_concurrent_commands=settings.agent_max_concurrent_commands,
         join_token=join_token,
+        reenrol=reenrol,
     )
     return Agent(config, backend)
 
@@ -203,6 +236,8 @@ def up(
     s = settings_for(data_dir, port=port, host=host)
     if insecure_shared_user:
         s.local_insecure_shared_user = True
+    if "STREAMSPACE_METRICS_LOOPBACK_ONLY" not in os.environ:
+        s.metrics_loopback_only = True  # whatever --host says; a metrics token opens them
     logs.configure(s.log_level, s.log_format)
     run(_serve(s, with_local_agent=True))
 
@@ -236,10 +271,46 @@ def server(
     run(_serve(s, with_local_agent=False))
 
 
+JOIN_TOKEN_ENV = "STREAMSPACE_JOIN_TOKEN"
+
+
+def _join_token(ctx: typer.Context, given: str | None, path: Path | None) -> str | None:
+    """The join token from exactly one of --join-token-file, STREAMSPACE_JOIN_TOKEN and
+    --join-token. On the command line it is visible to every local account in `ps` for as long
+    as the agent runs, so that way is still accepted (it always was) but warned about."""
+    if path is not None:
+        if given is not None:
+            fail(f"give the join token once: --join-token-file or {JOIN_TOKEN_ENV}/--join-token")
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read the join token file {path}: {exc.strerror or exc}")
+        if not token:
+            fail(f"the join token file {path} is empty")
+        return token
+    source = ctx.get_parameter_source("join_token")
+    if given is not None and getattr(source, "name", "") == "COMMANDLINE":
+        logging.getLogger("streamspace.cli").warning(
+            "join_token_on_command_line hint=%s",
+            f"other local accounts can read it in ps; use --join-token-file or {JOIN_TOKEN_ENV}",
+        )
+    return given or None
+
+
 @app.command()
 def agent(
+    ctx: typer.Context,
     server_url: str = typer.Option(..., "--server", help="Control plane URL, e.g. http://cp:8080"),
-    join_token: str | None = typer.Option(None, help="One-time join token (first start only)."),
+    join_token: str | None = typer.Option(
+        None,
+        envvar=JOIN_TOKEN_ENV,
+        show_envvar=True,
+        help="One-time join token (first start only). Prefer the environment variable or "
+        "--join-token-file: on the command line other local accounts can read it in `ps`.",
+    ),
+    join_token_file: Path | None = typer.Option(
+        None, help="Read the one-time join token from this file (first start only)."
+    ),
     cluster_id: str = typer.Option("default"),
     cluster_name: str = typer.Option("Default cluster"),
     region: str = typer.Option(""),
@@ -264,6 +335,7 @@ def agent(
 
     s = Settings()
     logs.configure(s.log_level, s.log_format)
+    token = _join_token(ctx, join_token, join_token_file)
     sdir = state_dir or (Path.home() / ".local" / "share" / "streamspace-agent")
     agent_name = name or socket.gethostname()
     be: Any
@@ -290,7 +362,7 @@ def agent(
         region=region,
         backend=backend,  # type: ignore[arg-type]
         capacity=Capacity(max_sessions=max_sessions, cpu_millis=cpu_millis, memory_mb=memory_mb),
-        join_token=join_token,
+        join_token=token,
     )
     runner = Agent(config, be)
 
@@ -314,11 +386,14 @@ def _backend_label_id(state_dir: Path) -> str:
     """
     import uuid
 
+    from streamspace.private_files import create_private_file, private_dir
+
     path = state_dir / "backend-id"
     if path.exists():
         return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     value = uuid.uuid4().hex
+    create_private_file(path)
     path.write_text(value)
     return value
 

@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     admin_password: str = ""
     access_token_ttl_seconds: int = 900
     auth_cache_seconds: float = Field(default=5.0, ge=0)
+    connection_recheck_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How often each replica re-reads the users it holds viewer WebSockets and "
+        "event streams for, closing those whose sign-in was revoked in a way no message "
+        "announced (a lost Redis message, a change made straight in the database).",
+    )
     refresh_token_ttl_seconds: int = 7 * 24 * 3600
     login_failures_before_delay: int = Field(
         default=5,
@@ -69,6 +76,34 @@ class Settings(BaseSettings):
         description="The URL browsers use to reach the web UI (e.g. https://streamspace.example). "
         "Browser WebSockets and the event stream are accepted only from its origin. Empty: only "
         "from the origin the request itself names in its Host header (same-origin).",
+    )
+    user_requests_per_second: float = Field(
+        default=30.0,
+        ge=0,
+        description="Sustained API requests each user may make per second on each replica "
+        "(token bucket; 0 turns the limit off). Over it a request gets 429 with Retry-After.",
+    )
+    user_request_burst: int = Field(
+        default=300,
+        ge=1,
+        description="Requests a user may make at once before user_requests_per_second applies.",
+    )
+    user_concurrent_creates: int = Field(
+        default=2,
+        ge=0,
+        description="Session creations one user may have under way at once on each replica "
+        "(0: no limit); more get 429 with Retry-After.",
+    )
+
+    metrics_token: str = Field(
+        default="",
+        description="When set, GET /metrics needs `Authorization: Bearer <token>` (from any "
+        "client, loopback included); unset, /metrics is open (see metrics_loopback_only).",
+    )
+    metrics_loopback_only: bool = Field(
+        default=False,
+        description="Without a metrics token, serve /metrics only to clients on this machine "
+        "that came through no proxy. `streamspace up` turns it on.",
     )
 
     templates_dir: Path | None = None

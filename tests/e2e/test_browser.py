@@ -476,7 +476,7 @@ def test_an_insecure_agent_is_shown_in_red(
 ) -> None:
     """`--insecure-shared-user` is an explicit opt-out, and admins see it at a glance."""
     insecure = Product(
-        tmp_path_factory.mktemp("e2e-insecure") / "data", extra_args=["--insecure-shared-user"]
+        tmp_path_factory.mktemp("e2e-insecure") / "data", args=["--insecure-shared-user"]
     )
     try:
         insecure.start()

@@ -250,6 +250,12 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             "/api/v1/users/quota-target/quota",
             admin_only(204),
         ),
+        Row(
+            "POST",
+            "/api/v1/users/{user_id}/sign-out",
+            "/api/v1/users/quota-target/sign-out",
+            admin_only(204),
+        ),
         Row("DELETE", "/api/v1/users/{user_id}", "/api/v1/users/victim", admin_only(204)),
         Row("GET", "/api/v1/me/quota", "/api/v1/me/quota", everyone(200)),
         # groups

@@ -222,14 +222,17 @@ def _race(cp: Any) -> None:
     assert active_in_db(cp, "ann", "ben") == 3
 
 
+RACE = {**NO_LIMIT, "user_concurrent_creates": 0}
+"""The race is one user's 10 creates at once: the per-user limit on creations under way (per
+replica, so several replicas still race) would refuse most of them before the quota is read."""
+
+
 def test_quota_race_postgres(pg_url: str, make_control_plane: Any) -> None:
-    _race(make_control_plane(database_url=pg_url, **NO_LIMIT))
+    _race(make_control_plane(database_url=pg_url, **RACE))
 
 
 def test_quota_race_sqlite(tmp_path: Path, make_control_plane: Any) -> None:
-    _race(
-        make_control_plane(database_url=f"sqlite+aiosqlite:///{tmp_path / 'race.db'}", **NO_LIMIT)
-    )
+    _race(make_control_plane(database_url=f"sqlite+aiosqlite:///{tmp_path / 'race.db'}", **RACE))
 
 
 def test_home_size_limit_is_the_smallest_quota_and_reaches_the_agent(

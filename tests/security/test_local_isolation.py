@@ -282,7 +282,7 @@ def test_the_agent_reports_its_isolation(admin: httpx.Client) -> None:
 def insecure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     require(XVNC_MISSING)
     product = Product(
-        tmp_path_factory.mktemp("insecure") / "data", extra_args=["--insecure-shared-user"]
+        tmp_path_factory.mktemp("insecure") / "data", args=["--insecure-shared-user"]
     )
     try:
         product.start()

@@ -70,6 +70,7 @@ log = logging.getLogger("streamspace.agent")
 
 FATAL_ERROR_CODES = frozenset({"revoked", "unauthorized", "unsupported_protocol_version"})
 """Server error codes after which retrying cannot help; the agent gives up with AgentError."""
+CREDENTIAL_ERROR_CODES = frozenset({"revoked", "unauthorized"})
 
 RESULT_CACHE_SIZE = 1000
 STREAM_CHUNK_BYTES = 1024 * 1024
@@ -83,6 +84,10 @@ _Reliable = Result | SessionStatus
 
 class AgentError(Exception):
     """A fatal condition: retrying will not help. The message is shown to the operator as is."""
+
+
+class CredentialRejected(AgentError):
+    """The control plane no longer accepts this agent's credential (revoked or rotated)."""
 
 
 class _TransientError(Exception):
@@ -129,6 +134,10 @@ class AgentConfig:
     capacity: Capacity = field(default_factory=_default_capacity)
     max_concurrent_commands: int = 8
     join_token: str | None = field(default=None, repr=False)
+    reenrol: Callable[[str], Awaitable[str]] | None = field(default=None, repr=False)
+    """Only for an agent embedded in its control plane (`streamspace up`): given the identity
+    whose credential was rejected, a fresh join token to enrol again with, instead of giving
+    up. A separate agent never re-enrols on its own: its operator decides."""
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 10.0
     handshake_timeout_seconds: float = 15.0
@@ -282,6 +291,11 @@ class Agent:
                 if self._monitor_task is None:
                     self._start_monitor()
                 await self._connect_once(self._state)
+            except CredentialRejected as exc:
+                if self._config.reenrol is None or self._state is None:
+                    raise
+                await self._prepare_reenrolment(self._state, exc)
+                continue
             except _TransientError as exc:
                 log.warning(_fmt("control_plane_unavailable", agent_id=self.agent_id, error=exc))
             except (AgentError, asyncio.CancelledError):
@@ -297,6 +311,24 @@ class Agent:
             log.info(_fmt("reconnecting", agent_id=self.agent_id, delay=f"{delay:.2f}s"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), timeout=delay)
+
+    async def _prepare_reenrolment(self, state: AgentState, why: CredentialRejected) -> None:
+        assert self._config.reenrol is not None
+        log.warning(_fmt("reenrolling", agent_id=state.agent_id, reason=str(why)))
+        self._config.join_token = await self._config.reenrol(state.agent_id)
+        await asyncio.to_thread(state_path(self._config.state_dir).unlink, missing_ok=True)
+        self._state = None
+        self._outbox.clear()  # results and statuses for the old identity's commands
+
+    async def adopt_credential(self, credential: str) -> None:
+        """Use a credential rotated by the control plane this agent is embedded in: stored
+        first, so the reconnect after the rotation's disconnect presents it."""
+        if self._state is None:
+            raise AgentError("not enrolled yet")
+        state = self._state.model_copy(update={"credential": credential})
+        await asyncio.to_thread(save_state, self._config.state_dir, state)
+        self._state = state
+        log.info(_fmt("credential_adopted", agent_id=state.agent_id))
 
     def _backoff(self, attempt: int) -> float:
         """Exponential with jitter so a fleet does not reconnect in lockstep after an outage."""
@@ -433,7 +465,9 @@ class Agent:
             raw = await self._http("GET", protocol.AGENT_CATALOG_PATH, credential=state.credential)
         except _HTTPProblem as exc:
             if exc.status in (401, 403):
-                raise AgentError(f"agent credential rejected (revoked?): {exc.detail}") from exc
+                raise CredentialRejected(
+                    f"agent credential rejected (revoked?): {exc.detail}"
+                ) from exc
             raise AgentError(f"cannot fetch the template catalog: {exc.detail}") from exc
         try:
             return Catalog.model_validate_json(raw)
@@ -483,7 +517,7 @@ class Agent:
             )
         except InvalidStatus as exc:
             if exc.response.status_code in (401, 403):
-                raise AgentError("agent credential rejected (revoked?)") from exc
+                raise CredentialRejected("agent credential rejected (revoked?)") from exc
             raise _TransientError(str(exc)) from exc
         except (OSError, InvalidHandshake, InvalidURI) as exc:
             raise _TransientError(f"cannot connect to {url}: {exc}") from exc
@@ -542,7 +576,8 @@ class Agent:
                     message=msg.message,
                 )
             )
-            raise AgentError(f"control plane refused the agent ({msg.code}): {msg.message}")
+            error = CredentialRejected if msg.code in CREDENTIAL_ERROR_CODES else AgentError
+            raise error(f"control plane refused the agent ({msg.code}): {msg.message}")
 
     def _on_welcome(
         self,

@@ -2,18 +2,19 @@
 
 The credential is the only secret an agent holds, so the file is written owner-only (0600) and
 replaced atomically: a crash mid-write must never leave a truncated file that would force a
-re-enrolment (join tokens are single-use and short-lived).
+re-enrolment (join tokens are single-use and short-lived). A file or state dir left readable by
+an older version is tightened when it is loaded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from streamspace.private_files import PRIVATE_DIR, PRIVATE_FILE, private_dir, tighten
 from streamspace.protocol import BackendKind
 
 STATE_FILE_NAME = "agent.json"
@@ -57,6 +58,8 @@ def load_state(state_dir: Path) -> AgentState | None:
         return None
     except OSError as exc:
         raise StateError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    tighten(path, PRIVATE_FILE)
+    tighten(state_dir, PRIVATE_DIR)
     try:
         return AgentState.model_validate_json(raw)
     except ValidationError as exc:
@@ -68,21 +71,17 @@ def load_state(state_dir: Path) -> AgentState | None:
 
 def save_state(state_dir: Path, state: AgentState) -> Path:
     """Write owner-only and atomically (temp file + rename) so the credential never leaks."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(OSError):
-        # Best effort: a shared parent dir (e.g. a mounted volume) may not allow chmod.
-        if state_dir.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            state_dir.chmod(0o700)
+    private_dir(state_dir)
     path = state_path(state_dir)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = state.model_dump_json(indent=2).encode() + b"\n"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)  # O_CREAT's mode is filtered by the umask; be explicit
+        os.chmod(tmp, PRIVATE_FILE)  # a leftover tmp file kept its old mode; be explicit
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -22,7 +22,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from streamspace import __version__
 from streamspace.config import Settings
-from streamspace.controlplane import catalog, metrics, problems
+from streamspace.controlplane import catalog, datadir, metrics, problems
 from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
 from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.browser import SecurityHeaders
@@ -33,6 +33,8 @@ from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.loops import Loops
 from streamspace.controlplane.passwords import describe, weakness
 from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
+from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
+from streamspace.controlplane.revocation import Revocations
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.db import migrate
@@ -126,20 +128,6 @@ class Observe:
             metrics.request_seconds.labels(method, path).observe(time.perf_counter() - started)
 
 
-async def ensure_secret(settings: Settings) -> str:
-    if settings.secret_key:
-        return settings.secret_key
-    path = settings.data_dir / "secret_key"
-    if path.exists():
-        return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = random_secret(48)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secret)
-    return secret
-
-
 class StartupRefused(RuntimeError):
     """A setting makes starting unsafe; the message says which and what to do."""
 
@@ -204,6 +192,7 @@ def settle_garbage_collector() -> None:
 def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        datadir.prepare(settings.data_dir)
         engine = create_engine(
             settings.resolved_database_url(),
             pool_size=settings.db_pool_size,
@@ -211,14 +200,16 @@ def create_app(settings: Settings) -> FastAPI:
             pool_timeout=settings.db_pool_timeout_seconds,
         )
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+        auth_cache = AuthCache(settings.auth_cache_seconds)
+        sessions = session_factory(engine)
         state = AppState(
             settings=settings,
             engine=engine,
-            db=session_factory(engine),
+            db=sessions,
             read_db=read_session_factory(engine),
             write_db=write_session_factory(engine),
             replica_id=replica,
-            secret=await ensure_secret(settings),
+            secret=datadir.load_or_create_secret(settings),
             events=EventBus(),
             login_throttle=LoginThrottle(
                 failures_before_delay=settings.login_failures_before_delay,
@@ -226,8 +217,13 @@ def create_app(settings: Settings) -> FastAPI:
                 max_delay_seconds=settings.login_max_delay_seconds,
                 ip_failures_per_minute=settings.login_ip_failures_per_minute,
             ),
-            auth_cache=AuthCache(settings.auth_cache_seconds),
+            user_requests=TokenBuckets(
+                settings.user_requests_per_second, settings.user_request_burst
+            ),
+            session_creates=InFlight(settings.user_concurrent_creates),
+            auth_cache=auth_cache,
             db_slots=asyncio.Semaphore(request_slots(settings)),
+            revocations=Revocations(auth_cache, sessions),
         )
         state.hub = Hub(state)
         state.lifecycle = Lifecycle(state)

@@ -7,8 +7,9 @@ database session with `merge(load=False)` (no SQL), so handlers get an ordinary 
 
 Staleness: any change to a user row made through the ORM on this replica (logout and password
 change bump `token_version`, an admin disables, demotes or deletes) drops the entry at once, via
-mapper events. Another replica notices such a change within `ttl` seconds, as a JupyterHub
-service does with its token cache. `STREAMSPACE_AUTH_CACHE_SECONDS=0` turns it off.
+mapper events; every revocation drops it again after its commit and on the other replicas too
+(controlplane.revocation, through Redis). A change nothing announces (a write straight to the
+database) is noticed within `ttl` seconds. `STREAMSPACE_AUTH_CACHE_SECONDS=0` turns it off.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class AuthCache:
         self._users: dict[str, tuple[float, User]] = {}
         self.hits = 0
         self.misses = 0
+        self._forgets = 0
         _caches.add(self)
 
     async def load(self, db: AsyncSession, user_id: str) -> User | None:
@@ -42,14 +44,18 @@ class AuthCache:
             self.hits += 1
             return await db.merge(entry[1], load=False)
         self.misses += 1
+        forgets = self._forgets
         user = await db.get(User, user_id)
-        if user is not None and self.ttl > 0:
+        # A read that overlapped a `forget` may have seen the row from before the revocation;
+        # caching it would keep a signed-out user signed in for another `ttl`.
+        if user is not None and self.ttl > 0 and forgets == self._forgets:
             if len(self._users) >= self.max_entries:
                 self._users.clear()
             self._users[user_id] = (time.monotonic() + self.ttl, _detached_copy(user))
         return user
 
     def forget(self, user_id: str) -> None:
+        self._forgets += 1
         self._users.pop(user_id, None)
 
 

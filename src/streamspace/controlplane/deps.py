@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -11,9 +13,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 
+from streamspace.controlplane import metrics
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.security import decode_access_token
 from streamspace.controlplane.state import AppState
+from streamspace.db.engine import is_sqlite
 from streamspace.db.models import User
 
 
@@ -40,6 +44,33 @@ def one_statement(endpoint: Endpoint) -> Endpoint:
     return endpoint
 
 
+SLOT_KEY = "streamspace.request_slot"
+
+
+class RequestSlot:
+    """A request's place among those allowed a database session at once (`state.db_slots`)."""
+
+    def __init__(self, slots: asyncio.Semaphore, timeout: float) -> None:
+        self._slots = slots
+        self._timeout = timeout
+        self.held = False
+
+    async def acquire(self) -> None:
+        if self._slots.locked():  # only then pay for wait_for's task and timer
+            try:
+                await asyncio.wait_for(self._slots.acquire(), self._timeout)
+            except TimeoutError:
+                raise PoolTimeoutError("no database connection became free in time") from None
+        else:
+            await self._slots.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._slots.release()
+
+
 async def get_db(conn: HTTPConnection, state: StateDep) -> AsyncIterator[AsyncSession]:
     """A session per request, admitted first come first served.
 
@@ -54,19 +85,40 @@ async def get_db(conn: HTTPConnection, state: StateDep) -> AsyncIterator[AsyncSe
         factory = state.write_db
     else:
         factory = state.db
-    slots = state.db_slots
-    if slots.locked():  # only then pay for wait_for's task and timer
-        try:
-            await asyncio.wait_for(slots.acquire(), state.settings.db_pool_timeout_seconds)
-        except TimeoutError:
-            raise PoolTimeoutError("no database connection became free in time") from None
-    else:
-        await slots.acquire()
+    slot = RequestSlot(state.db_slots, state.settings.db_pool_timeout_seconds)
+    await slot.acquire()
     try:
         async with factory() as db:
+            db.info[SLOT_KEY] = slot
             yield db
     finally:
-        slots.release()
+        slot.release()
+
+
+@contextlib.asynccontextmanager
+async def writer_turn(state: AppState, db: AsyncSession) -> AsyncIterator[None]:
+    """On SQLite, this replica's turn to decide and write (`state.sqlite_lock`: SQLite has no
+    row locks), waited for without holding a pooled connection or a request slot.
+
+    A request that waited for the lock while holding its connection deadlocked against the
+    placement loop, which holds the lock and then needs a connection: 30 parallel creates
+    took every connection of the pool, and everyone's requests stalled until the pool timeout
+    (25-30 s). So the connection goes back first (the session's reads so far are committed:
+    expire_on_commit is off, loaded rows stay usable), then the slot; both are taken again once
+    the lock is held. PostgreSQL has row locks and compare-and-set writes: nothing to wait for.
+    """
+    if not is_sqlite(state.engine):
+        yield
+        return
+    if db.in_transaction():
+        await db.commit()
+    slot: RequestSlot | None = db.info.get(SLOT_KEY)
+    if slot is not None:
+        slot.release()
+    async with state.sqlite_lock:
+        if slot is not None:
+            await slot.acquire()
+        yield
 
 
 DbDep = Annotated[AsyncSession, Depends(get_db)]
@@ -86,13 +138,43 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
-async def current_user(request: Request, state: StateDep, db: DbDep) -> User:
+def _too_many(detail: str, retry_after: float, limit: str) -> Problem:
+    seconds = max(1, math.ceil(retry_after))
+    metrics.rate_limited_total.labels(limit).inc()
+    return Problem(
+        429,
+        "Too many requests",
+        f"{detail}; try again in {seconds} s",
+        kind="rate-limited",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+async def token_claims(request: Request, state: StateDep) -> dict[str, Any]:
+    """The access token's claims, and the caller's request rate, checked before the request
+    takes a database slot: a user over the limit costs others nothing but this check."""
     token = bearer_token(request)
     if token is None:
         raise _unauthorized("missing bearer token (log in at POST /api/v1/auth/login)")
     claims = decode_access_token(state.secret, token)
     if claims is None:
         raise _unauthorized("invalid or expired access token")
+    wait = state.user_requests.take(str(claims["sub"]))
+    if wait > 0:
+        s = state.settings
+        raise _too_many(
+            f"too many requests from this account (at most {s.user_requests_per_second:g} "
+            f"per second, {s.user_request_burst} at once)",
+            wait,
+            "requests",
+        )
+    return claims
+
+
+ClaimsDep = Annotated[dict[str, Any], Depends(token_claims)]
+
+
+async def current_user(request: Request, state: StateDep, claims: ClaimsDep, db: DbDep) -> User:
     user = await state.auth_cache.load(db, claims["sub"])
     if user is None or not user.is_active:
         raise _unauthorized("user no longer exists or is disabled")
@@ -117,6 +199,26 @@ async def operator_user(user: UserDep) -> User:
             403, "Forbidden", "this action needs the operator or admin role", kind="forbidden"
         )
     return user
+
+
+async def create_turn(state: StateDep, claims: ClaimsDep) -> AsyncIterator[None]:
+    """A place among the caller's session creations under way, taken before any database
+    work: 30 parallel creates by one user used to hold every pooled connection."""
+    user_id = str(claims["sub"])
+    if not state.session_creates.try_enter(user_id):
+        raise _too_many(
+            f"this account already has {state.session_creates.limit} session creations under "
+            "way; wait for them to finish",
+            1,
+            "session_creates",
+        )
+    try:
+        yield
+    finally:
+        state.session_creates.leave(user_id)
+
+
+CreateTurnDep = Annotated[None, Depends(create_turn, scope="function")]
 
 
 AdminDep = Annotated[User, Depends(admin_user)]

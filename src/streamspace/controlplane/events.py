@@ -9,11 +9,20 @@ from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Subscriber:
     user_id: str
     sees_all: bool
     queue: asyncio.Queue[dict[str, Any]]
+    closed: bool = False
+
+    def close(self, reason: str) -> None:
+        """End the stream: what is queued is dropped and `revoked` is the last event."""
+        self.closed = True
+        with contextlib.suppress(asyncio.QueueEmpty):
+            while True:
+                self.queue.get_nowait()
+        self.queue.put_nowait({"type": "revoked", "reason": reason})
 
 
 class EventBus:
@@ -32,7 +41,7 @@ class EventBus:
 
     def deliver(self, event: dict[str, Any], *, owner_id: str) -> None:
         for sub in list(self._subs):
-            if not (sub.sees_all or sub.user_id == owner_id):
+            if sub.closed or not (sub.sees_all or sub.user_id == owner_id):
                 continue
             try:
                 sub.queue.put_nowait(event)

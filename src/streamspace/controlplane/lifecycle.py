@@ -300,6 +300,39 @@ class Lifecycle:
         cmd = self.new_command(db, session, "wake", spec)
         await self.commit(db, [session], [cmd])
 
+    async def end_owner_sessions(
+        self, db: AsyncSession, owner_id: str, why: str, *, hibernate: bool
+    ) -> list[SessionRow]:
+        """Hibernate (the owner was disabled) or stop (deleted) every active session of an owner,
+        in the caller's transaction, and commit. With `hibernate`, a session that cannot
+        hibernate now (queued, starting, waking) is stopped instead; one already on its way down
+        is left alone. Returns the sessions changed."""
+        query = select(SessionRow).where(
+            SessionRow.owner_id == owner_id,
+            SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
+        )
+        if not is_sqlite(self.state.engine):
+            query = query.order_by(SessionRow.id).with_for_update()
+        changed: list[SessionRow] = []
+        cmds: list[AgentCommand] = []
+        for session in (await db.scalars(query)).all():
+            st = State(session.state)
+            if st == State.STOPPING or (hibernate and st in (State.HIBERNATING, State.HIBERNATED)):
+                continue
+            if hibernate and st == State.RUNNING:
+                self.transition(db, session, State.HIBERNATING, why, action="hibernate")
+                cmds.append(self.new_command(db, session, "hibernate"))
+            elif st == State.PENDING or session.agent_id is None:
+                self.transition(db, session, State.STOPPED, why, action="stop")
+            else:
+                self.transition(db, session, State.STOPPING, why, action="stop")
+                cmds.append(self.new_command(db, session, "stop"))
+            changed.append(session)
+        await self.commit(db, changed, cmds)
+        if changed:
+            self.wake_placer()
+        return changed
+
     # ---- placement ----------------------------------------------------------------------
 
     def wake_placer(self, local_only: bool = False) -> None:
@@ -606,7 +639,7 @@ class Lifecycle:
                         State.FAILED,
                         f"{cmd.action} failed on agent {agent}: {result.error}",
                     )
-            elif result.ok and st in (State.FAILED, State.STOPPED):
+            elif result.ok and st in (State.FAILED, State.STOPPED) and session.agent_id:
                 cmds.append(self.new_command(db, session, "stop"))
                 self.event(
                     db,
@@ -691,11 +724,43 @@ class Lifecycle:
                     keep.append(session.id)
             elif item is not None and (session.state in ON_AGENT_STATES or session.id in open_cmds):
                 keep.append(session.id)
+        changed += await self._fail_replaced(db, agent_id, set(reported) - {s.id for s in rows})
         await self.commit(db, changed)
         return keep
 
+    async def _fail_replaced(
+        self, db: AsyncSession, agent_id: str, session_ids: set[str]
+    ) -> list[SessionRow]:
+        """Sessions this agent reports that the database places on another agent: that one was
+        replaced by this one (enrolled again under a new identity with the same session
+        state). They fail, saying so, and leave the old identity; this agent stops them (they
+        are not in its `keep`). Left alone they stayed `running` on an agent that never comes
+        back."""
+        if not session_ids:
+            return []
+        rows = (
+            await db.scalars(
+                select(SessionRow).where(
+                    SessionRow.id.in_(sorted(session_ids)),
+                    SessionRow.agent_id.is_not(None),
+                    SessionRow.agent_id != agent_id,
+                    SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
+                )
+            )
+        ).all()
+        for session in rows:
+            old = session.agent_id
+            why = (
+                f"agent {old} was replaced by agent {agent_id} (enrolled again under a new "
+                "identity); the session was stopped"
+            )
+            self.transition(db, session, State.FAILED, why, replaced_by=agent_id)
+            session.agent_id = None
+        return list(rows)
+
     async def fail_agent_sessions(self, db: AsyncSession, agent_id: str, reason: str) -> int:
-        """Sessions on an agent that can never answer again (revoked) fail with the reason."""
+        """Sessions on an agent that can never answer again (revoked) fail with the reason and
+        leave it: a stop then ends them at once instead of waiting on that agent for minutes."""
         rows = (
             await db.scalars(
                 select(SessionRow).where(
@@ -705,7 +770,8 @@ class Lifecycle:
             )
         ).all()
         for session in rows:
-            self.transition(db, session, State.FAILED, reason)
+            self.transition(db, session, State.FAILED, reason, agent_id=agent_id)
+            session.agent_id = None
         await db.execute(
             update(AgentCommand)
             .where(

@@ -83,6 +83,12 @@ class Loops:
         self._spawn("lease", self.lease.renew, 5.0, leader_only=False)
         self._spawn("heartbeats", self.state.hub.flush_heartbeats, 2.0, leader_only=False)
         self._spawn("activity", self.state.streams.flush_activity, 5.0, leader_only=False)
+        self._spawn(
+            "revocation_recheck",
+            self.state.revocations.recheck,
+            s.connection_recheck_seconds,
+            leader_only=False,
+        )
         self._spawn("expire", lc.expire, s.loop_interval_seconds)
         self._spawn("cull", lc.cull, s.idle_check_interval_seconds)
         self._tasks.append(asyncio.create_task(self._placement_loop(), name="loop-placement"))

@@ -65,3 +65,15 @@ loop_runs_total = Counter(
 loop_leader = Gauge(
     "streamspace_loop_leader", "1 if this replica runs the background loops", registry=registry
 )
+connections_revoked_total = Counter(
+    "streamspace_connections_revoked_total",
+    "viewer WebSockets and event streams closed because their user's sign-in was revoked",
+    ["kind"],
+    registry=registry,
+)
+rate_limited_total = Counter(
+    "streamspace_rate_limited_total",
+    "requests answered 429 by a per-user limit",
+    ["limit"],
+    registry=registry,
+)

@@ -5,8 +5,10 @@ long as it holds it. Any replica reaches the agent by publishing there, with no 
 holds it; Redis answers how many subscribers got the frame, so an agent held by nobody (or by a
 replica that just died, whose subscriptions died with its connection) is noticed at once: the
 command then stays pending in the database and is re-sent when the agent reconnects somewhere.
-Events fan out on `ss:events`; tickets live in Redis with a TTL and are consumed atomically
-with GETDEL, so a ticket issued on one replica opens a stream on any other. See docs/scaling.md.
+Events fan out on `ss:events`; revocations (a user signed out, disabled or deleted) on
+`ss:revoke`, so every replica closes that user's viewer and event streams and forgets the user's
+cached row; tickets live in Redis with a TTL and are consumed atomically with GETDEL, so a ticket
+issued on one replica opens a stream on any other. See docs/scaling.md and docs/security.md.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger("streamspace.router")
 
 EVENTS_CHANNEL = "ss:events"
 PLACER_CHANNEL = "ss:placer"
+REVOKE_CHANNEL = "ss:revoke"
 TICKET_PREFIX = "ss:ticket:"
 
 
@@ -67,6 +70,7 @@ class RedisRouter:
         self.state.hub.on_agent_held = self.hold_agent
         self.state.hub.on_agent_released = self.release_agent
         self.state.events.remote_publish = self.publish_event
+        self.state.revocations.remote_publish = self.publish_revocation
         self.state.lifecycle.remote_wake = self.wake_placers
         self._task = asyncio.create_task(self._listen(), name="redis-router")
 
@@ -87,7 +91,7 @@ class RedisRouter:
             try:
                 async with self._subscriptions:
                     held = [agent_channel(a) for a in self.state.hub.connections]
-                    await pubsub.subscribe(EVENTS_CHANNEL, PLACER_CHANNEL, *held)
+                    await pubsub.subscribe(EVENTS_CHANNEL, PLACER_CHANNEL, REVOKE_CHANNEL, *held)
                     self._pubsub = pubsub
                 log.info("router_subscribed replica=%s agents=%d", self.state.replica_id, len(held))
                 delay = 0.2
@@ -139,6 +143,10 @@ class RedisRouter:
         if name == EVENTS_CHANNEL:
             if body.get("origin") != self.state.replica_id:
                 self.state.events.deliver(body["event"], owner_id=body["owner_id"])
+            return
+        if name == REVOKE_CHANNEL:
+            if body.get("origin") != self.state.replica_id:
+                self.state.revocations.apply(str(body["user_id"]), str(body["reason"]))
             return
         if not name.startswith(AGENT_PREFIX):
             return
@@ -192,6 +200,13 @@ class RedisRouter:
         task = asyncio.create_task(self._publish(payload))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
+    def publish_revocation(self, user_id: str, reason: str) -> None:
+        payload = json.dumps(
+            {"user_id": user_id, "reason": reason, "origin": self.state.replica_id}
+        )
+        task = asyncio.create_task(self._publish(payload, REVOKE_CHANNEL))
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
     def wake_placers(self) -> None:
         """Tell the other replicas (the lease holder among them) that placement work arrived."""
         task = asyncio.create_task(self._publish(self.state.replica_id, PLACER_CHANNEL))
@@ -201,7 +216,7 @@ class RedisRouter:
         try:
             await self.redis.publish(channel, payload)
         except (RedisError, OSError) as exc:
-            log.warning("router_event_publish_failed error=%r", exc)
+            log.warning("router_event_publish_failed channel=%s error=%r", channel, exc)
 
     # ---- tickets --------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -17,7 +17,18 @@ if TYPE_CHECKING:
     from streamspace.controlplane.hub import Hub
     from streamspace.controlplane.lifecycle import Lifecycle
     from streamspace.controlplane.loginthrottle import LoginThrottle
+    from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
+    from streamspace.controlplane.revocation import Revocations
     from streamspace.controlplane.streams import StreamBroker
+
+
+class EmbeddedAgent(Protocol):
+    """The agent `streamspace up` runs in this process (agent.runtime.Agent)."""
+
+    @property
+    def agent_id(self) -> str | None: ...
+
+    async def adopt_credential(self, credential: str) -> None: ...
 
 
 @dataclass
@@ -34,9 +45,14 @@ class AppState:
     secret: str
     events: EventBus
     login_throttle: LoginThrottle
+    user_requests: TokenBuckets
+    """Each user's request rate (deps.token_claims)."""
+    session_creates: InFlight
+    """Each user's session creations under way (deps.create_turn)."""
     auth_cache: AuthCache
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""
+    revocations: Revocations
     hub: Hub = field(init=False)
     lifecycle: Lifecycle = field(init=False)
     streams: StreamBroker = field(init=False)
@@ -44,3 +60,5 @@ class AppState:
     """Serialises read-then-write requests on SQLite, which has no row locks: quota check +
     insert, and a session action's decision + write (PostgreSQL uses row locks and
     compare-and-set writes instead)."""
+    embedded_agent: EmbeddedAgent | None = None
+    """Set by `streamspace up`: a credential rotated for it is handed to it in-process."""

@@ -13,12 +13,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from fastapi import WebSocket, WebSocketDisconnect
-from sqlalchemy import update
+from sqlalchemy import Table, bindparam, update
 
 from streamspace import protocol
+from streamspace.controlplane.revocation import Connection
 from streamspace.controlplane.security import random_secret
 from streamspace.controlplane.statemachine import State
 from streamspace.db.models import Session as SessionRow
@@ -30,12 +31,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("streamspace.streams")
 
+SESSIONS = cast(Table, SessionRow.__table__)
+
 AGENT_DIAL_TIMEOUT = 10.0
 MAX_AGENT_FRAME = 1024 * 1024
 """Browser frames (a big clipboard paste) are split to stay under the agent's frame limit;
 RFB is a byte stream, so frame boundaries carry no meaning."""
 CLOSE_DENIED = 4401
 CLOSE_UNAVAILABLE = 4503
+CLOSE_SIGNED_OUT = 4401
+"""Also 4401: the viewer must not reconnect with what it holds; the reason says why."""
 
 
 class SessionReader(Protocol):
@@ -75,6 +80,9 @@ class Ticket:
     session_id: str
     user_id: str
     expires_at: datetime
+    token_version: int
+    """The user's token_version when the ticket was issued: a ticket issued before a sign-out
+    opens nothing after it."""
 
 
 @dataclass
@@ -101,7 +109,9 @@ class StreamBroker:
 
     # ---- tickets --------------------------------------------------------------------------
 
-    async def issue_ticket(self, session_id: str, user_id: str) -> tuple[str, datetime]:
+    async def issue_ticket(
+        self, session_id: str, user_id: str, token_version: int
+    ) -> tuple[str, datetime]:
         self._drop_expired()
         ticket = random_secret(32)
         ttl = self.state.settings.stream_ticket_ttl_seconds
@@ -109,11 +119,16 @@ class StreamBroker:
         if self.router is not None:
             await self.router.put_ticket(
                 ticket,
-                {"session_id": session_id, "user_id": user_id, "expires_at": expires.isoformat()},
+                {
+                    "session_id": session_id,
+                    "user_id": user_id,
+                    "expires_at": expires.isoformat(),
+                    "token_version": str(token_version),
+                },
                 ttl,
             )
         else:
-            self._tickets[ticket] = Ticket(session_id, user_id, expires)
+            self._tickets[ticket] = Ticket(session_id, user_id, expires, token_version)
         return ticket, expires
 
     async def consume_ticket(self, ticket: str) -> Ticket | None:
@@ -124,7 +139,12 @@ class StreamBroker:
         if self.router is not None:
             raw = await self.router.take_ticket(ticket)
             found = (
-                Ticket(raw["session_id"], raw["user_id"], datetime.fromisoformat(raw["expires_at"]))
+                Ticket(
+                    raw["session_id"],
+                    raw["user_id"],
+                    datetime.fromisoformat(raw["expires_at"]),
+                    int(raw.get("token_version", -1)),
+                )
                 if raw
                 else None
             )
@@ -158,9 +178,39 @@ class StreamBroker:
         if ticket is None:
             await ws.close(code=CLOSE_DENIED, reason="stream ticket invalid, used or expired")
             return
+        # Tracked before the user is read: a revocation committed after that read reaches this
+        # stream through the registry, one committed before it is seen by the read.
+        serving: asyncio.Task[None] | None = None
+
+        def on_revoke(_reason: str) -> None:
+            if serving is not None:
+                serving.cancel()
+
+        revocations = self.state.revocations
+        with revocations.track(ticket.user_id, ticket.token_version, "stream", on_revoke) as conn:
+            serving = asyncio.create_task(self._serve_ticket(ws, ticket, conn))
+            try:
+                await serving
+            except asyncio.CancelledError:
+                if not conn.revoked:
+                    raise
+                await _close(ws, conn)
+                log.info(
+                    "stream_revoked session_id=%s user_id=%s reason=%r",
+                    ticket.session_id,
+                    ticket.user_id,
+                    conn.revoked,
+                )
+            finally:
+                serving.cancel()
+
+    async def _serve_ticket(self, ws: WebSocket, ticket: Ticket, conn: Connection) -> None:
         async with self.state.db() as db:
             session = await db.get(SessionRow, ticket.session_id)
             user = await db.get(User, ticket.user_id)
+        if user is not None and user.token_version != ticket.token_version:
+            await ws.close(code=CLOSE_SIGNED_OUT, reason="signed out since the ticket was issued")
+            return
         allowed = (
             session is not None
             and user is not None
@@ -177,7 +227,7 @@ class StreamBroker:
         await ws.accept(subprotocol=subprotocol)
         local = self.local_agent
         if local is not None and local.agent_id == session.agent_id:
-            await self._serve_local(ws, local, session, user.id if user else "")
+            await self._serve_local(ws, local, session, user.id if user else "", conn)
             return
         stream_id = random_secret(16)
         pending = PendingStream(
@@ -210,14 +260,19 @@ class StreamBroker:
                 session.agent_id,
                 user.id if user else "",
             )
-            await self._pump_pair(ws, agent_ws, session.id)
+            await self._pump_pair(ws, agent_ws, session.id, conn)
         finally:
             pending.done.set()
             self._pending.pop(stream_id, None)
             log.info("stream_closed stream_id=%s session_id=%s", stream_id, ticket.session_id)
 
     async def _serve_local(
-        self, ws: WebSocket, local: LocalEndpointOpener, session: SessionRow, user_id: str
+        self,
+        ws: WebSocket,
+        local: LocalEndpointOpener,
+        session: SessionRow,
+        user_id: str,
+        conn: Connection,
     ) -> None:
         try:
             reader, writer = await local.open_session(session.id)
@@ -234,7 +289,7 @@ class StreamBroker:
         )
         self.local_streams += 1
         try:
-            await self._pump_tcp(ws, reader, writer, session.id)
+            await self._pump_tcp(ws, reader, writer, session.id, conn)
         finally:
             writer.close()
             with contextlib.suppress(OSError, RuntimeError):
@@ -263,7 +318,9 @@ class StreamBroker:
 
     # ---- pumping --------------------------------------------------------------------------
 
-    async def _pump_pair(self, browser: WebSocket, agent: WebSocket, session_id: str) -> None:
+    async def _pump_pair(
+        self, browser: WebSocket, agent: WebSocket, session_id: str, conn: Connection
+    ) -> None:
         self.active_streams += 1
         self.touch(session_id)
         to_agent = asyncio.create_task(self._pump(browser, agent, session_id, upstream=True))
@@ -274,9 +331,9 @@ class StreamBroker:
             self.active_streams -= 1
             for task in (to_agent, to_browser):
                 task.cancel()
-            for sock in (browser, agent):
-                with contextlib.suppress(Exception):
-                    await sock.close()
+            await _close(browser, conn)
+            with contextlib.suppress(Exception):
+                await agent.close()
 
     async def _pump(self, src: WebSocket, dst: WebSocket, session_id: str, upstream: bool) -> None:
         last_touch = 0.0
@@ -307,6 +364,7 @@ class StreamBroker:
         reader: SessionReader,
         writer: SessionWriter,
         session_id: str,
+        conn: Connection,
     ) -> None:
         """Browser WebSocket <-> session VNC; each side awaits its sink before reading more."""
 
@@ -333,23 +391,31 @@ class StreamBroker:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(Exception):
-                await browser.close()
+            await _close(browser, conn)
 
     def touch(self, session_id: str) -> None:
         self._activity[session_id] = time.time()
 
     async def flush_activity(self) -> int:
-        """Persist last_activity in batches so stream traffic costs no per-frame writes."""
+        """Persist last_activity in batches so stream traffic costs no per-frame writes.
+
+        A plain executemany, not the ORM's bulk UPDATE by primary key: that one fails the whole
+        batch if a row is gone (a deleted user's sessions), and the batch was kept for the next
+        try, so no session's activity was recorded again."""
         if not self._activity:
             return 0
         activity, self._activity = self._activity, {}
+        stmt = (
+            update(SESSIONS)
+            .where(SESSIONS.c.id == bindparam("sid"))
+            .values(last_activity=bindparam("at"))
+        )
         try:
             async with self.state.db() as db:
                 await db.execute(
-                    update(SessionRow),
+                    stmt,
                     [  # sorted: concurrent writers then lock rows in one order (no deadlock)
-                        {"id": sid, "last_activity": datetime.fromtimestamp(ts, UTC)}
+                        {"sid": sid, "at": datetime.fromtimestamp(ts, UTC)}
                         for sid, ts in sorted(activity.items())
                     ],
                 )
@@ -359,6 +425,14 @@ class StreamBroker:
                 self._activity[sid] = max(ts, self._activity.get(sid, 0.0))
             raise
         return len(activity)
+
+
+async def _close(browser: WebSocket, conn: Connection) -> None:
+    """Close the viewer's socket, saying why if its user was signed out (once: later calls
+    find it closed)."""
+    code, reason = (CLOSE_SIGNED_OUT, conn.revoked[:120]) if conn.revoked else (1000, "")
+    with contextlib.suppress(Exception):
+        await browser.close(code=code, reason=reason)
 
 
 async def _receive_bytes(ws: WebSocket) -> bytes | None:

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from streamspace.db.onestatement import ONE_STATEMENT_ONLY
+from streamspace.private_files import PRIVATE_FILE, create_private_file, private_dir, tighten
 
 Database = async_sessionmaker[AsyncSession]
 
@@ -42,18 +43,41 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+SQLITE_COMPANIONS = ("-wal", "-shm", "-journal")
+
+
+def make_private_file(path: Path) -> None:
+    """The database file owner-only (0600) before SQLite opens it: SQLite gives its WAL and
+    shared-memory files the database file's mode, and the database holds every password hash
+    and agent credential hash. Its directory is created owner-only if missing."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    create_private_file(path)
+    for suffix in SQLITE_COMPANIONS:
+        tighten(path.with_name(path.name + suffix), PRIVATE_FILE)
+
+
 def create_engine(
     url: str, *, pool_size: int = 20, max_overflow: int = 20, pool_timeout: float = 10.0
 ) -> AsyncEngine:
     """PostgreSQL connections are not pinged on checkout: that was one more round trip on every
     request. A connection found dead is invalidated with the rest of the pool by SQLAlchemy's
-    disconnect handling and the request answers 503 (problems.py); the next one reconnects."""
+    disconnect handling and the request answers 503 (problems.py); the next one reconnects.
+
+    SQLite gets the same pool sizes: the request slots (deps.get_db) are sized from them, and
+    with SQLAlchemy's smaller default pool requests queued in the pool instead of in the slots."""
     url = normalise_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        pool: dict[str, Any] = {}
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+            make_private_file(Path(parsed.database))
+            pool = {
+                "pool_size": pool_size,
+                "max_overflow": max_overflow,
+                "pool_timeout": pool_timeout,
+            }
+        engine = create_async_engine(url, connect_args={"timeout": 30}, **pool)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
 

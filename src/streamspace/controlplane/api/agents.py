@@ -87,8 +87,8 @@ async def create_join_token(
     return JoinTokenOut(
         token=token,
         expires_at=expires,
-        command=(
-            f"streamspace agent --server {base} --join-token {token} "
+        command=(  # the token in the environment: on the command line `ps` shows it to all
+            f"STREAMSPACE_JOIN_TOKEN={token} streamspace agent --server {base} "
             "--cluster-id CLUSTER --cluster-name 'Cluster name' --backend local"
         ),
     )
@@ -225,13 +225,23 @@ async def undrain_agent(
     return agent_view(agent, state)
 
 
+async def revoke(state: AppState, db: AsyncSession, agent: Agent, reason: str) -> None:
+    """The agent's credential stops working for good, its socket is closed and its sessions
+    fail with `reason` (they can no longer be reached). Commits."""
+    agent.revoked = True
+    agent.credential_hash = sha256(random_secret(32))
+    await db.commit()
+    await state.hub.disconnect(agent.id, "revoked", "this agent's credential was revoked")
+    await state.lifecycle.fail_agent_sessions(db, agent.id, reason)
+
+
 @router.post("/api/v1/agents/{agent_id}/revoke", response_model=AgentOut)
 async def revoke_agent(
     agent_id: str, request: Request, admin: AdminDep, state: StateDep, db: DbDep
 ) -> AgentOut:
+    """For `streamspace up`'s own agent the process enrols it again under a new identity (its
+    sessions fail like those of any revoked agent), so the product keeps working."""
     agent = await _agent(db, agent_id)
-    agent.revoked = True
-    agent.credential_hash = sha256(random_secret(32))
     audit.record(
         db,
         actor=admin,
@@ -240,10 +250,8 @@ async def revoke_agent(
         resource_id=agent.id,
         request=request,
     )
-    await db.commit()
-    await state.hub.disconnect(agent.id, "revoked", "this agent's credential was revoked")
-    await state.lifecycle.fail_agent_sessions(
-        db, agent.id, f"agent {agent.name} was revoked; its sessions can no longer be reached"
+    await revoke(
+        state, db, agent, f"agent {agent.name} was revoked; its sessions can no longer be reached"
     )
     return agent_view(agent, state)
 
@@ -252,7 +260,9 @@ async def revoke_agent(
 async def rotate_credential(
     agent_id: str, request: Request, admin: AdminDep, state: StateDep, db: DbDep
 ) -> CredentialOut:
-    """A new credential, shown once; the old one stops working (the agent is disconnected)."""
+    """A new credential, shown once; the old one stops working (the agent is disconnected).
+    `streamspace up`'s own agent is handed the new one in-process and reconnects with it, its
+    sessions untouched."""
     agent = await _agent(db, agent_id)
     if agent.revoked:
         raise Problem(409, "Conflict", "agent is revoked; enrol a new one", kind="conflict")
@@ -267,10 +277,14 @@ async def rotate_credential(
         request=request,
     )
     await db.commit()
+    credential = make_credential(agent.id, secret)
+    embedded = state.embedded_agent
+    if embedded is not None and embedded.agent_id == agent.id:
+        await embedded.adopt_credential(credential)
     await state.hub.disconnect(
         agent.id, "credential_rotated", "credential rotated; restart the agent with the new one"
     )
-    return CredentialOut(agent_id=agent.id, credential=make_credential(agent.id, secret))
+    return CredentialOut(agent_id=agent.id, credential=credential)
 
 
 @router.websocket(protocol.AGENT_CONNECT_PATH)

@@ -34,6 +34,7 @@ from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
 from streamspace.controlplane.loginthrottle import TooManyFailures
 from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import Problem, problem_response
+from streamspace.controlplane.revocation import end_sign_ins
 from streamspace.controlplane.security import (
     hash_password,
     make_access_token,
@@ -244,17 +245,12 @@ async def _rotate(
 
 @router.post("/logout", status_code=204)
 async def logout(
-    request: Request, user: UserDep, db: DbDep, body: LogoutIn | None = None
+    request: Request, user: UserDep, state: StateDep, db: DbDep, body: LogoutIn | None = None
 ) -> Response:
-    """Revokes every refresh token of the user and every access token issued so far, and drops
-    the refresh cookie. Authenticated by the bearer token, which a cross-site page cannot send."""
-    now = datetime.now(UTC)
-    await db.execute(
-        update(RefreshToken)
-        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=now)
-    )
-    user.token_version += 1
+    """Revokes every refresh token of the user and every access token issued so far, closes
+    the user's open viewer and event streams, and drops the refresh cookie. Authenticated by
+    the bearer token, which a cross-site page cannot send."""
+    await end_sign_ins(db, user)
     audit.record(
         db,
         actor=user,
@@ -264,6 +260,7 @@ async def logout(
         request=request,
     )
     await db.commit()
+    state.revocations.revoke(user.id, "signed out (logged out)")
     return _forget_cookie(request, Response(status_code=204))
 
 
@@ -291,12 +288,7 @@ async def change_password(
         body.new_password, (user.username, user.display_name, user.email), "new_password"
     )
     user.password_hash = await asyncio.to_thread(hash_password, body.new_password)
-    user.token_version += 1
-    await db.execute(
-        update(RefreshToken)
-        .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=datetime.now(UTC))
-    )
+    await end_sign_ins(db, user)
     tokens, refresh_token = await issue_tokens(state, db, user)
     audit.record(
         db,
@@ -307,4 +299,5 @@ async def change_password(
         request=request,
     )
     await db.commit()
+    state.revocations.revoke(user.id, "signed out: the password was changed")
     return token_response(request, state, tokens, refresh_token, body.refresh_token_delivery)

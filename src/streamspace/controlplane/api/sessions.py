@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import exists, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
@@ -22,7 +19,14 @@ from streamspace.controlplane.api.schemas import (
     _clean_tags,
 )
 from streamspace.controlplane.catalog import TemplateSpec
-from streamspace.controlplane.deps import DbDep, StateDep, UserDep, one_statement
+from streamspace.controlplane.deps import (
+    CreateTurnDep,
+    DbDep,
+    StateDep,
+    UserDep,
+    one_statement,
+    writer_turn,
+)
 from streamspace.controlplane.lifecycle import session_view
 from streamspace.controlplane.problems import Problem, bad_request, conflict, not_found
 from streamspace.controlplane.state import AppState
@@ -76,6 +80,7 @@ async def create_session(
     body: SessionCreateIn,
     request: Request,
     response: Response,
+    _turn: CreateTurnDep,
     user: UserDep,
     state: StateDep,
     db: DbDep,
@@ -121,7 +126,7 @@ async def create_session(
         idempotency_key=idempotency_key,
         status_message="waiting for the scheduler",
     )
-    async with _sqlite_lock(state, db):
+    async with writer_turn(state, db):
         await quotas.lock_subjects(db, user)
         if idempotency_key:
             # A concurrent create with the same key may have committed while we waited.
@@ -163,10 +168,6 @@ async def create_session(
     state.lifecycle.wake_placer()
     response.headers["Location"] = f"/api/v1/sessions/{session.id}"
     return await _view(db, state, session)
-
-
-def _sqlite_lock(state: AppState, db: AsyncSession) -> asyncio.Lock | contextlib.nullcontext[None]:
-    return state.sqlite_lock if db.get_bind().dialect.name == "sqlite" else contextlib.nullcontext()
 
 
 @router.get("", response_model=Page[SessionOut])
@@ -283,8 +284,8 @@ async def _act(
     No row lock is taken: the write is a compare-and-set on the session row (db.onestatement).
     If the session changed between the read and the write (an agent's result, another
     request), nothing was written and the action is decided again on the fresh row. SQLite
-    has no row locks; there the decision and the write hold the process-wide SQLite lock."""
-    async with _sqlite_lock(state, db):
+    has no row locks; there the decision and the write take this replica's writer turn."""
+    async with writer_turn(state, db):
         return await _decide_and_write(action, session_id, request, user, state, db)
 
 
@@ -351,7 +352,7 @@ async def connect_session(
         raise conflict(
             f"cannot connect to a session that is {session.state}", current_state=session.state
         )
-    ticket, expires = await state.streams.issue_ticket(session.id, user.id)
+    ticket, expires = await state.streams.issue_ticket(session.id, user.id, user.token_version)
     audit.record(
         db,
         actor=user,

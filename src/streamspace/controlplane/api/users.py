@@ -21,10 +21,11 @@ from streamspace.controlplane.api.schemas import (
     UserOut,
     UserPatchIn,
 )
-from streamspace.controlplane.deps import AdminDep, DbDep, StateDep, UserDep
+from streamspace.controlplane.deps import AdminDep, DbDep, StateDep, UserDep, writer_turn
 from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import bad_request, conflict, not_found
 from streamspace.controlplane.quotas import usage, user_limits
+from streamspace.controlplane.revocation import end_sign_ins
 from streamspace.controlplane.security import hash_password
 from streamspace.db.models import Group, GroupMembership, Quota, User
 
@@ -106,69 +107,110 @@ async def get_user(user_id: str, _: AdminDep, db: DbDep) -> User:
 
 @router.patch("/users/{user_id}", response_model=UserOut)
 async def patch_user(
-    user_id: str, body: UserPatchIn, request: Request, admin: AdminDep, db: DbDep
+    user_id: str, body: UserPatchIn, request: Request, admin: AdminDep, state: StateDep, db: DbDep
 ) -> User:
-    user = await _user(db, user_id)
-    changes = body.model_dump(exclude_unset=True)
-    if user.id == admin.id and (
-        changes.get("role", "admin") != "admin" or changes.get("is_active") is False
-    ):
-        raise bad_request("you cannot demote or disable yourself")
-    if "password" in changes:
-        password = changes.pop("password")
-        await require_strong(
-            password,
-            (
-                user.username,
-                changes.get("display_name") or user.display_name,
-                changes.get("email") or user.email,
-            ),
+    """Disabling a user signs them out everywhere and hibernates their sessions; a new
+    password signs them out everywhere; a role change ends their access tokens (a refresh gets
+    one with the new role) and closes their open viewer and event streams."""
+    async with writer_turn(state, db):
+        user = await _user(db, user_id)
+        changes = body.model_dump(exclude_unset=True)
+        if user.id == admin.id and (
+            changes.get("role", "admin") != "admin" or changes.get("is_active") is False
+        ):
+            raise bad_request("you cannot demote or disable yourself")
+        revoked = ""
+        disabling = changes.get("is_active") is False and user.is_active
+        if "password" in changes:
+            password = changes.pop("password")
+            await require_strong(
+                password,
+                (
+                    user.username,
+                    changes.get("display_name") or user.display_name,
+                    changes.get("email") or user.email,
+                ),
+            )
+            user.password_hash = await asyncio.to_thread(hash_password, password)
+            await end_sign_ins(db, user)
+            revoked = f"signed out: the password was reset by {admin.username}"
+        if disabling:
+            if not revoked:
+                await end_sign_ins(db, user)
+            revoked = f"signed out: the account was disabled by {admin.username}"
+        elif "role" in changes and changes["role"] != user.role:
+            user.token_version += 1
+            revoked = revoked or f"signed out: the role changed to {changes['role']}"
+        for key, value in changes.items():
+            setattr(user, key, value)
+        audit.record(
+            db,
+            actor=admin,
+            action="user.update",
+            resource_type="user",
+            resource_id=user.id,
+            request=request,
+            fields=sorted(body.model_dump(exclude_unset=True)),
         )
-        user.password_hash = await asyncio.to_thread(hash_password, password)
-        user.token_version += 1
-    if changes.get("is_active") is False or ("role" in changes and changes["role"] != user.role):
-        user.token_version += 1
-    for key, value in changes.items():
-        setattr(user, key, value)
-    audit.record(
-        db,
-        actor=admin,
-        action="user.update",
-        resource_type="user",
-        resource_id=user.id,
-        request=request,
-        fields=sorted(body.model_dump(exclude_unset=True)),
-    )
-    await db.commit()
+        if disabling:
+            why = f"the owner's account was disabled by {admin.username}"
+            await state.lifecycle.end_owner_sessions(db, user.id, why, hibernate=True)
+        else:
+            await db.commit()
+    if revoked:
+        state.revocations.revoke(user.id, revoked)
     return user
 
 
 @router.delete("/users/{user_id}", status_code=204)
-async def delete_user(user_id: str, request: Request, admin: AdminDep, db: DbDep) -> Response:
-    user = await _user(db, user_id)
-    if user.id == admin.id:
-        raise bad_request("you cannot delete yourself")
-    from streamspace.controlplane.statemachine import ACTIVE_STATES
-    from streamspace.db.models import Session as SessionRow
-
-    active = await db.scalar(
-        select(func.count(SessionRow.id)).where(
-            SessionRow.owner_id == user.id, SessionRow.state.in_(list(ACTIVE_STATES))
+async def delete_user(
+    user_id: str, request: Request, admin: AdminDep, state: StateDep, db: DbDep
+) -> Response:
+    """Stops the user's sessions (each gets an event saying why), deletes the user with
+    everything they own, and closes their open viewer and event streams."""
+    async with writer_turn(state, db):
+        user = await _user(db, user_id)
+        if user.id == admin.id:
+            raise bad_request("you cannot delete yourself")
+        why = f"the owner's account was deleted by {admin.username}"
+        stopped = await state.lifecycle.end_owner_sessions(db, user.id, why, hibernate=False)
+        # The sessions' rows go with the user (ON DELETE CASCADE) and their stop commands with
+        # them; the agent has those already, or stops the sessions as unknown when it next
+        # reconnects. Their stop events were published and logged; the audit entry lists them.
+        await db.delete(user)
+        audit.record(
+            db,
+            actor=admin,
+            action="user.delete",
+            resource_type="user",
+            resource_id=user.id,
+            request=request,
+            username=user.username,
+            sessions_stopped=[s.id for s in stopped],
         )
-    )
-    if active:
-        raise conflict(f"user has {active} active sessions; stop them first")
-    await db.delete(user)
+        await db.commit()
+    state.revocations.revoke(user.id, "signed out: the account was deleted")
+    return Response(status_code=204)
+
+
+@router.post("/users/{user_id}/sign-out", status_code=204)
+async def sign_out_user(
+    user_id: str, request: Request, admin: AdminDep, state: StateDep, db: DbDep
+) -> Response:
+    """Sign the user out everywhere: every access and refresh token they hold stops working,
+    and their open viewer and event streams close, on every replica."""
+    user = await _user(db, user_id)
+    await end_sign_ins(db, user)
     audit.record(
         db,
         actor=admin,
-        action="user.delete",
+        action="user.sign_out",
         resource_type="user",
-        resource_id=user_id,
+        resource_id=user.id,
         request=request,
-        username=user.username,
     )
     await db.commit()
+    state.revocations.revoke(user.id, f"signed out everywhere by {admin.username}")
     return Response(status_code=204)
 
 

@@ -354,10 +354,27 @@ export async function usersView(main, { ctx }) {
               class: u.is_active ? "btn btn-small btn-danger-outline" : "btn btn-small",
               dataset: { testid: u.is_active ? "deactivate" : "activate" },
               disabled: self && u.is_active,
-              title: self ? "You cannot disable your own account" : undefined,
+              title: self ? "You cannot disable your own account" : u.is_active ? "Signs the user out everywhere and hibernates their sessions" : undefined,
               onclick: (e) => busy(e.currentTarget, () => update(u, { is_active: !u.is_active }, `${u.username} ${u.is_active ? "disabled" : "enabled"}`)),
             },
             u.is_active ? "Disable" : "Enable",
+          ),
+          h(
+            "button",
+            {
+              type: "button",
+              class: "btn btn-small",
+              dataset: { testid: "sign-out-everywhere" },
+              "aria-label": `Sign ${u.username} out everywhere`,
+              disabled: self,
+              title: self ? "Use Log out to sign yourself out" : "Ends every sign-in of this user and closes their open desktops and live updates",
+              onclick: (e) =>
+                busy(e.currentTarget, async () => {
+                  await post(`/api/v1/users/${u.id}/sign-out`);
+                  toast(`${u.username} was signed out everywhere`);
+                }),
+            },
+            "Sign out everywhere",
           ),
         ),
       ),
