@@ -281,9 +281,7 @@ def test_the_agent_reports_its_isolation(admin: httpx.Client) -> None:
 @pytest.fixture(scope="module")
 def insecure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
     require(XVNC_MISSING)
-    product = Product(
-        tmp_path_factory.mktemp("insecure") / "data", args=["--insecure-shared-user"]
-    )
+    product = Product(tmp_path_factory.mktemp("insecure") / "data", args=["--insecure-shared-user"])
     try:
         product.start()
         yield product

@@ -32,9 +32,9 @@ from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.loops import Loops
 from streamspace.controlplane.passwords import describe, weakness
-from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.db import migrate
