@@ -9,13 +9,12 @@ now. Homes of names no user has any more go to `homes/.orphaned/<name>` (kept, n
 deleted: an admin decides).
 
 Everything that walks a home runs as root on a tree the session user controls, so nothing here
-follows symlinks: sizes are taken with lstat, ownership is changed with lchown.
+follows symlinks: ownership is changed with lchown, sizes are taken by agent/homeusage.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from streamspace.agent.backends.base import BackendError
+from streamspace.agent.homeusage import HomeUsage
 
 __all__ = [
     "LAYOUT_VERSION",
@@ -68,29 +68,16 @@ def chown_tree(root: Path, uid: int, gid: int) -> None:
                 os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
 
 
-def tree_bytes(root: Path) -> int:
-    """Disk usage of a tree (allocated blocks), symlinks not followed."""
-    total = 0
-    with contextlib.suppress(FileNotFoundError):
-        total += root.lstat().st_blocks * 512
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in (*dirnames, *filenames):
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
-
-
 class HomeStore:
     """Paths, ownership, size accounting and layout migration of homes (blocking methods)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "homes"
         self.ephemeral = state_dir / "ephemeral"
-        self._usage_path = state_dir / "home-usage.json"
         for path in (self.root, self.ephemeral):
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
             path.chmod(0o700)
-        self._usage: dict[str, int] = self._load_usage()
+        self.usage = HomeUsage(state_dir / "home-usage.json")
         if not (self.root / ".layout").exists() and self.layout() == LAYOUT_VERSION:
             (self.root / ".layout").write_text(f"{LAYOUT_VERSION}\n")
 
@@ -113,40 +100,12 @@ class HomeStore:
 
     # ---- size accounting ------------------------------------------------------------------
 
-    def _load_usage(self) -> dict[str, int]:
-        try:
-            data = json.loads(self._usage_path.read_text())
-        except (OSError, ValueError):
-            return {}
-        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
-
     def measure(self, home: Path) -> int:
         """Measure and remember a home's size (done when its session stops or hibernates)."""
-        size = tree_bytes(home)
-        self._usage[str(home)] = size
-        tmp = self._usage_path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self._usage, fh)
-        os.replace(tmp, self._usage_path)
-        return size
+        return self.usage.measure(str(home), home)
 
     def check_limit(self, home: Path, limit_mb: int | None) -> None:
-        """Refuse to start a session whose home was over its limit when last measured.
-
-        The home is measured again first, so space freed since (by an admin, or by the files
-        API) counts at once."""
-        if limit_mb is None or str(home) not in self._usage:
-            return
-        limit = limit_mb * 1024 * 1024
-        if self._usage[str(home)] <= limit:
-            return
-        used = self.measure(home)
-        if used > limit:
-            raise BackendError(
-                f"the home of this app uses {used / 2**20:.0f} MiB, over your limit of "
-                f"{limit_mb} MiB; free space in it (ask an admin) before starting it again"
-            )
+        self.usage.check(str(home), home, limit_mb)
 
     # ---- layout migration -----------------------------------------------------------------
 
