@@ -110,27 +110,35 @@ def exec_in(engine: docker.DockerClient, session_id: str, cmd: list[str]) -> tup
     return result.exit_code, output.decode(errors="replace")
 
 
-def write_into_volume(engine: docker.DockerClient, volume: str, path: str, text: str) -> None:
-    """Put a file into a volume as the session user would have (uid 1000, mounted at the
-    home), without the session entrypoint (which needs a VNC password)."""
-    engine.containers.run(
+def run_once(engine: docker.DockerClient, entrypoint: list[str], volume: str, mode: str) -> str:
+    """Run a one-off helper container on a home volume as the session user (uid 1000, mounted at
+    the home), without the session entrypoint (which needs a VNC password); its output.
+
+    Not `containers.run`: its log stream can outlive a container that exits at once on podman's
+    compatible API, and the test then hangs. Wait with a timeout, then read the logs."""
+    container = engine.containers.create(
         XTERM,
-        entrypoint=["sh", "-c", f"printf %s '{text}' > {HOME}/{path}"],
+        entrypoint=entrypoint,
         user="1000:1000",
-        volumes={volume: {"bind": HOME, "mode": "rw"}},
-        remove=True,
+        volumes={volume: {"bind": HOME, "mode": mode}},
     )
+    try:
+        container.start()
+        result = container.wait(timeout=60)
+        out = bytes(container.logs(stdout=True, stderr=True)).decode()
+        assert result.get("StatusCode") == 0, out
+        return out
+    finally:
+        container.remove(force=True)
+
+
+def write_into_volume(engine: docker.DockerClient, volume: str, path: str, text: str) -> None:
+    """Put a file into a volume as the session user would have."""
+    run_once(engine, ["sh", "-c", f"printf %s '{text}' > {HOME}/{path}"], volume, "rw")
 
 
 def read_from_volume(engine: docker.DockerClient, volume: str, path: str) -> str:
-    out = engine.containers.run(
-        XTERM,
-        entrypoint=["cat", f"{HOME}/{path}"],
-        user="1000:1000",
-        volumes={volume: {"bind": HOME, "mode": "ro"}},
-        remove=True,
-    )
-    return bytes(out).decode()
+    return run_once(engine, ["cat", f"{HOME}/{path}"], volume, "ro")
 
 
 @dataclass

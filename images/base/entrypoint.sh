@@ -6,7 +6,8 @@
 # The VNC server requires VNC Authentication: STREAMSPACE_VNC_PASSWD holds the obfuscated
 # password bytes (vncpasswd file format) as octal printf escapes, set by the StreamSpace agent,
 # which alone knows the password. Without it the container refuses to start rather than serve
-# an open VNC port.
+# an open VNC port. With STREAMSPACE_VNC_SOCKET (the agent sets it) Xvnc listens on that Unix
+# socket only, in a directory the agent bind-mounts, and on no TCP port at all.
 set -eu
 
 geometry="${VNC_GEOMETRY:-1280x800}"
@@ -34,10 +35,20 @@ passwd_file="$runtime/vncpasswd"
 (umask 077 && printf "$STREAMSPACE_VNC_PASSWD" > "$passwd_file")
 unset STREAMSPACE_VNC_PASSWD
 
+# The socket path comes from the agent (a fixed path without spaces), so it may be split.
+socket="${STREAMSPACE_VNC_SOCKET:-}"
+unset STREAMSPACE_VNC_SOCKET
+if [ -n "$socket" ]; then
+    rm -f "$socket"
+    listen="-rfbunixpath $socket -rfbunixmode 0600 -rfbport -1"
+else
+    listen="-rfbport 5901"
+fi
+
 Xvnc :1 \
     -geometry "$geometry" \
     -depth "$depth" \
-    -rfbport 5901 \
+    $listen \
     -SecurityTypes VncAuth \
     -PasswordFile "$passwd_file" \
     -UseBlacklist 0 \

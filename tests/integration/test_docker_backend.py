@@ -113,22 +113,22 @@ async def backend(
 # ---- tests --------------------------------------------------------------------------------
 
 
-async def test_start_streams_with_limits_loopback_port_and_non_root(
+async def test_start_streams_with_limits_no_port_and_non_root(
     backend: DockerBackend, engine: docker.DockerClient, user: str, user_id: str, agent_id: str
 ) -> None:
     spec = new_spec(user, user_id)
     endpoint = await backend.start(spec)
-    assert endpoint.host == "127.0.0.1"
+    socket_path = backend.state_dir / "docker-run" / spec.session_id / "vnc.sock"
+    assert (endpoint.port, endpoint.unix_path) == (None, str(socket_path))
+    assert socket_path.is_socket()
     await assert_streams(backend, spec.session_id)
 
     attrs = await asyncio.to_thread(inspect, engine, spec.session_id)
     host = attrs["HostConfig"]
     assert host["NanoCpus"] == 750 * 1_000_000
     assert host["Memory"] == 384 * 1024 * 1024
-    bindings = attrs["NetworkSettings"]["Ports"]["5901/tcp"]
-    assert bindings, "5901/tcp is not published"
-    assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}
-    assert {int(b["HostPort"]) for b in bindings} == {endpoint.port}
+    assert not host.get("PortBindings")  # nothing published: VNC is a Unix socket
+    assert host["NetworkMode"] == "none"  # xterm does not ask for network
     assert attrs["Config"]["User"] == "1000:1000"
     labels = attrs["Config"]["Labels"]
     assert labels[SESSION_LABEL] == spec.session_id
@@ -140,6 +140,7 @@ async def test_start_streams_with_limits_loopback_port_and_non_root(
     assert env["VNC_GEOMETRY"] == "1024x640"
     mounts = {m["Destination"]: m for m in attrs["Mounts"]}
     assert mounts[HOME]["Name"] == home_volume_name(user_id, "xterm")
+    assert mounts["/run/streamspace"]["Source"] == str(socket_path.parent)
     volume = await asyncio.to_thread(engine.volumes.get, home_volume_name(user_id, "xterm"))
     assert volume.attrs["Labels"] == {
         OWNER_LABEL: user,
@@ -189,8 +190,7 @@ async def test_hibernate_keeps_home_and_wake_restores_it(
     assert [i.state for i in await backend.inventory()] == ["hibernated"]
 
     endpoint = await backend.wake(spec)
-    attrs = await asyncio.to_thread(inspect, engine, spec.session_id)
-    assert int(attrs["NetworkSettings"]["Ports"]["5901/tcp"][0]["HostPort"]) == endpoint.port
+    assert endpoint.unix_path is not None and Path(endpoint.unix_path).is_socket()
     await assert_streams(backend, spec.session_id)
     code, out = await asyncio.to_thread(
         exec_in, engine, spec.session_id, ["cat", f"{HOME}/note.txt"]

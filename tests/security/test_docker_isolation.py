@@ -1,8 +1,10 @@
 """Container sessions (docker backend on real podman): the attacks of issue 12, replayed.
 
-* VNC: anything that reaches a session's VNC server - a host process on the published loopback
-  port, another session's container over the bridge - gets no desktop without the per-session
-  password only the agent can derive; the agent's own password does open it.
+* VNC: no TCP port at all (another session's container on the bridge finds nothing); the Unix
+  socket sits in the agent's private state directory, and even a client holding it gets no
+  desktop without the per-session password only the agent can derive; the agent's own
+  password does open it.
+* Network only for templates that ask: the others get none, not even to the host.
 * The image refuses to serve VNC at all when started without a password.
 * Homes: volumes are named by user id, so alice+"dev-chromium" and "alice-dev"+"chromium" no
   longer share one; a volume whose labels name someone else is refused; a user re-created under
@@ -46,6 +48,7 @@ from docker_support import (
     inspect,
     new_spec,
     read_from_volume,
+    run_once,
     write_into_volume,
 )
 from streamspace.agent import vnc
@@ -61,8 +64,9 @@ from streamspace.agent.backends.docker import (
     legacy_home_volume_name,
     vnc_password,
 )
+from streamspace.agent.vnc import short_socket_path
 from streamspace.podman import PodmanService
-from streamspace.rfb import RFBClient, RFBError
+from streamspace.rfb import RFBClient, RFBError, TCPTransport
 
 pytestmark = pytest.mark.podman
 
@@ -125,32 +129,43 @@ async def _cat(engine: docker.DockerClient, session_id: str, name: str) -> str:
 # ---- VNC needs the per-session password ---------------------------------------------------
 
 
-async def _security_types(
-    host: str, port: int
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[int]]:
-    reader, writer = await asyncio.open_connection(host, port)
+async def _security_types(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[int]:
     banner = await asyncio.wait_for(reader.readexactly(12), 10)
     assert banner == b"RFB 003.008\n", banner
     writer.write(b"RFB 003.008\n")
     (count,) = await asyncio.wait_for(reader.readexactly(1), 10)
-    return reader, writer, list(await reader.readexactly(count))
+    return list(await reader.readexactly(count))
 
 
-async def test_published_port_gives_nothing_without_the_session_password(
+async def _open_socket(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    with short_socket_path(path) as short:
+        return await asyncio.open_unix_connection(short)
+
+
+async def test_the_vnc_socket_gives_nothing_without_the_session_password(
     backend: DockerBackend, leftovers: Leftovers, state_dir: Path
 ) -> None:
     spec = new_spec("victim", leftovers.user_id(), persistent_home=False)
     endpoint = await backend.start(spec)
-    assert endpoint.port is not None
+    assert endpoint.port is None and endpoint.unix_path is not None
+    sock = Path(endpoint.unix_path)
+    # Only the agent reaches the socket: it sits in the agent's private state directory.
+    for directory in (state_dir, state_dir / "docker-run"):
+        st = directory.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+    assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
 
-    # A real RFB viewer that speaks only security None is turned away: VNC Auth is all there is.
-    with pytest.raises(RFBError, match=r"offers security types \[2 \(VNC Authentication\)\]"):
+    # Even with the socket in hand, a viewer that speaks only security None is turned away.
+    with (
+        short_socket_path(sock) as short,
+        pytest.raises(RFBError, match=r"offers security types \[2 \(VNC Authentication\)\]"),
+    ):
         async with asyncio.timeout(10):
-            await RFBClient.open(endpoint.host, endpoint.port)
+            await RFBClient.over(await TCPTransport.connect_unix(short))
 
     # Choosing None anyway does not get a ServerInit: the server fails the handshake.
-    reader, writer, offered = await _security_types(endpoint.host, endpoint.port)
-    assert offered == [_VNC_AUTH]
+    reader, writer = await _open_socket(sock)
+    assert await _security_types(reader, writer) == [_VNC_AUTH]
     writer.write(bytes([1]) + bytes([1]))  # security None, then ClientInit (shared)
     await writer.drain()
     answer = b""
@@ -165,14 +180,14 @@ async def test_published_port_gives_nothing_without_the_session_password(
     key = bytes.fromhex((state_dir / "vnc-key").read_text())
     for wrong in (b"12345678", vnc_password(key, f"{spec.session_id}x")):
         assert wrong != vnc_password(key, spec.session_id)
-        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        reader, writer = await _open_socket(sock)
         with pytest.raises(vnc.VNCAuthError, match="refused the agent"):
             await asyncio.wait_for(vnc.authenticate(reader, writer, wrong), 10)
         writer.close()
 
     # The check is real: the agent's password (from its 0600 key) opens the desktop.
     assert stat.S_IMODE((state_dir / "vnc-key").stat().st_mode) == 0o600
-    reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    reader, writer = await _open_socket(sock)
     await asyncio.wait_for(vnc.authenticate(reader, writer, vnc_password(key, spec.session_id)), 10)
     front = vnc.NoneSecurityFront(reader, writer)
     client = await asyncio.wait_for(RFBClient.from_streams(front, front), 10)
@@ -184,28 +199,26 @@ async def test_published_port_gives_nothing_without_the_session_password(
         await client.close()
 
 
-async def test_another_session_cannot_open_a_session_vnc_over_the_bridge(
+async def test_another_session_finds_no_vnc_server_on_the_network(
     backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers
 ) -> None:
-    victim = new_spec("victim", leftovers.user_id(), persistent_home=False)
-    attacker = new_spec("mallory", leftovers.user_id(), persistent_home=False)
+    victim = new_spec("victim", leftovers.user_id(), persistent_home=False, network=True)
+    attacker = new_spec("mallory", leftovers.user_id(), persistent_home=False, network=True)
     await backend.start(victim)
     await backend.start(attacker)
     networks = (await asyncio.to_thread(inspect, engine, victim.session_id))["NetworkSettings"][
         "Networks"
     ]
     address = next(n["IPAddress"] for n in networks.values() if n.get("IPAddress"))
-
-    # From the attacker's desktop: what the victim's Xvnc offers a client without its password.
-    probe = (
-        f"exec 3<>/dev/tcp/{address}/5901 && head -c 12 <&3 && "
-        "printf 'RFB 003.008\\n' >&3 && head -c 2 <&3 | od -An -tu1"
-    )
+    # The attacker's desktop can reach the victim's address (same bridge) but no VNC port.
+    probe = f"timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/5901' && echo OPEN; echo done"
     code, out = await asyncio.to_thread(exec_in, engine, attacker.session_id, ["bash", "-c", probe])
-    assert code == 0, out
-    banner, types = out.split("\n", 1)
-    assert banner == "RFB 003.008"
-    assert types.split() == ["1", str(_VNC_AUTH)], out  # one type offered: VNC Authentication
+    assert code == 0 and "done" in out, out
+    assert "OPEN" not in out, out
+    listening = await asyncio.to_thread(
+        exec_in, engine, victim.session_id, ["sh", "-c", "cat /proc/net/tcp /proc/net/tcp6"]
+    )
+    assert not [line for line in listening[1].splitlines() if line.split()[3:4] == ["0A"]]
 
     # The app's environment does not carry the password (the entrypoint drops it before
     # starting the app; /proc/1/environ, same uid, still has it: see docs/security.md).
@@ -467,3 +480,80 @@ async def test_session_runs_as_uid_1000_without_capabilities_or_new_privileges(
         for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
             assert int(proc[cap], 16) == 0, f"{what}: {cap} {proc[cap]}"
         assert proc["NoNewPrivs"].strip() == "1", what
+
+
+# ---- network only for templates that ask ---------------------------------------------------
+
+
+def _host_address() -> str:
+    """This host's first non-loopback IPv4 address (what a container could dial out to)."""
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family.name == "AF_INET" and not addr.address.startswith("127."):
+                return str(addr.address)
+    pytest.skip("the host has no non-loopback IPv4 address to dial")
+    raise AssertionError
+
+
+async def test_a_template_without_network_reaches_nothing_but_still_streams(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers
+) -> None:
+    accepted: list[str] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(str(writer.get_extra_info("peername")))
+        writer.close()
+
+    server = await asyncio.start_server(accept, "0.0.0.0", 0)
+    port = server.sockets[0].getsockname()[1]
+    address = _host_address()
+    probe = f"timeout 5 bash -c 'exec 3<>/dev/tcp/{address}/{port}' && echo REACHED"
+    try:
+        offline = new_spec("olga", leftovers.user_id(), persistent_home=False)
+        online = new_spec("otto", leftovers.user_id(), persistent_home=False, network=True)
+        await backend.start(offline)
+        await backend.start(online)
+
+        code, out = await asyncio.to_thread(
+            exec_in, engine, offline.session_id, ["bash", "-c", probe]
+        )
+        assert code != 0 and "REACHED" not in out, out
+        assert not accepted
+        host_config = (await asyncio.to_thread(inspect, engine, offline.session_id))["HostConfig"]
+        assert host_config["NetworkMode"] == "none"
+        await assert_streams(backend, offline.session_id)  # the agent still reaches its desktop
+
+        # The check is real: a template that asks for network gets it.
+        code, out = await asyncio.to_thread(
+            exec_in, engine, online.session_id, ["bash", "-c", probe]
+        )
+        assert code == 0 and "REACHED" in out, out
+        assert len(accepted) == 1
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# ---- home size -----------------------------------------------------------------------------
+
+
+async def test_a_home_volume_over_its_limit_keeps_the_session_from_starting(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers
+) -> None:
+    spec = new_spec("hilda", leftovers.user_id(), home_limit_mb=1)
+    await backend.start(spec)
+    code, out = await asyncio.to_thread(
+        exec_in, engine, spec.session_id, ["sh", "-c", f"head -c 3145728 /dev/urandom > {HOME}/big"]
+    )
+    assert code == 0, out
+    await backend.hibernate(spec.session_id)  # measured here
+    volume = home_volume_name(spec.user_id, spec.template)
+    assert (backend.usage.last(volume) or 0) > 3 * 1024 * 1024
+    await backend.stop(spec.session_id)
+    with pytest.raises(BackendError, match=r"uses 3 MiB, over your limit of 1 MiB"):
+        await backend.start(spec)
+    await asyncio.to_thread(run_once, engine, ["rm", f"{HOME}/big"], volume, "rw")
+    await backend.start(spec)  # space freed: it starts again
+    assert (await backend.status(spec.session_id)).state == "running"

@@ -18,8 +18,12 @@ three times is single DES.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import struct
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Protocol
 
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
@@ -38,6 +42,7 @@ __all__ = [
     "new_password",
     "obfuscated_password",
     "open_endpoint",
+    "short_socket_path",
 ]
 
 PASSWORD_BYTES = 8
@@ -96,6 +101,22 @@ def obfuscated_password(password: bytes) -> bytes:
     """The 8 bytes a vncpasswd file holds for `password` (what Xvnc -PasswordFile reads)."""
     key = _mirror_bits(_PASSWD_FILE_KEY)
     return _des_ecb(key, password[:PASSWORD_BYTES].ljust(PASSWORD_BYTES, b"\0"))
+
+
+@contextlib.contextmanager
+def short_socket_path(path: Path) -> Iterator[str]:
+    """A name for a Unix socket short enough for an address (108 bytes): state dirs nest deep.
+
+    Blocking (one open/close): call it in a thread or accept the microseconds."""
+    full = str(path)
+    if len(full) < 100:
+        yield full
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 async def open_endpoint(

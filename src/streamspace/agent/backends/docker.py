@@ -8,14 +8,17 @@ Design notes:
   labelled with session, owner, template and agent. `inventory()` lists this agent's labelled
   containers, so an agent restarted with the same id adopts its sessions without local state.
 * Containers run as uid 1000 with every capability dropped, `no-new-privileges`, a pids limit,
-  and CPU/memory limits from `SessionSpec.resources`. The image's Xvnc listens on 5901 inside;
-  that port is published on 127.0.0.1 only, on a host port the engine picks (read back after
-  every start, since it may change across hibernate/wake).
-* The VNC server requires VNC Authentication with a per-session password: anything that can
-  reach the port (a process on the host, another container on the bridge) gets nothing
-  without it. The password is derived from a key only the agent holds (`vnc-key` in its state
-  directory, 0600), so a restarted agent can still connect; the agent authenticates and gives
-  the viewer security type None (see agent/vnc.py).
+  and CPU/memory limits from `SessionSpec.resources`.
+* No TCP port: the image's Xvnc listens on a Unix socket in `/run/streamspace`, a per-session
+  directory of the agent's state dir (`docker-run/<session>`, owned by the container's uid,
+  mode 0700, inside the agent's 0700 state dir) bind-mounted into the container. Only the agent
+  (and the session itself) can reach it; nothing on any network can. So the engine must run on
+  the agent's host, as the published loopback ports of before required too.
+* The VNC server also requires VNC Authentication with a per-session password derived from a
+  key only the agent holds (`vnc-key`, 0600), so a restarted agent can still connect; the agent
+  authenticates and gives the viewer security type None (see agent/vnc.py).
+* Templates without `network: true` get `network_mode: none` (loopback only); browsers get the
+  engine's default network.
 * A persistent home is the named volume `ss-home_<user id>_<template>` at /home/streamspace
   (`_` occurs in neither ids nor template names, so two owners can never share a name); it
   survives hibernate (container stop) and stop (container removal), and is reused only if its
@@ -38,6 +41,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -49,6 +53,8 @@ from docker.models.containers import Container
 
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
+from streamspace.agent.homeusage import HomeUsage
+from streamspace.agent.vnc import short_socket_path
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -81,15 +87,23 @@ OWNER_ID_LABEL = "org.streamspace.owner-id"
 TEMPLATE_LABEL = "org.streamspace.template"
 AGENT_LABEL = "org.streamspace.agent"
 
-CONTAINER_PORT = "5901/tcp"
+CONTAINER_RUN_DIR = "/run/streamspace"
+VNC_SOCKET_ENV = "STREAMSPACE_VNC_SOCKET"
 CONTAINER_USER = "1000:1000"
 CONTAINER_HOME = "/home/streamspace"
-_LOOPBACK = "127.0.0.1"
 VNC_PASSWORD_ENV = "STREAMSPACE_VNC_PASSWD"
 """The obfuscated vncpasswd bytes as a printf format (octal escapes); the image's entrypoint
 writes them to a 0600 file for Xvnc and drops the variable before starting the app."""
 _RESERVED_ENV = frozenset(
-    {"VNC_GEOMETRY", "VNC_DEPTH", "DISPLAY", "HOME", "USER", VNC_PASSWORD_ENV}
+    {
+        "VNC_GEOMETRY",
+        "VNC_DEPTH",
+        "DISPLAY",
+        "HOME",
+        "USER",
+        VNC_PASSWORD_ENV,
+        "STREAMSPACE_VNC_SOCKET",
+    }
 )
 _SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _VOLUME_OK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -163,25 +177,6 @@ def _run_state(status: str) -> SessionRunState:
     return "unknown"
 
 
-def _host_port(attrs: dict[str, Any]) -> int | None:
-    """The loopback host port published for 5901/tcp, from list or inspect attrs."""
-    bindings = ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).get(CONTAINER_PORT)
-    if bindings:
-        for binding in bindings:
-            port = binding.get("HostPort")
-            if port and binding.get("HostIp", _LOOPBACK) in (_LOOPBACK, ""):
-                return int(port)
-    for entry in attrs.get("Ports") or []:
-        if (
-            isinstance(entry, dict)
-            and entry.get("PrivatePort") == 5901
-            and entry.get("Type", "tcp") == "tcp"
-            and entry.get("PublicPort")
-        ):
-            return int(entry["PublicPort"])
-    return None
-
-
 def _labels(attrs: dict[str, Any]) -> dict[str, str]:
     labels = attrs.get("Labels")
     if labels is None:
@@ -229,7 +224,12 @@ class DockerBackend(Backend):
         self._monitor: asyncio.Task[None] | None = None
         self._callbacks: set[asyncio.Task[None]] = set()
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._run = self.state_dir / "docker-run"
+        self._run.mkdir(mode=0o700, exist_ok=True)
         self._vnc_key = self._load_key(self.state_dir / "vnc-key")
+        self.usage = HomeUsage(self.state_dir / "home-usage.json")
+        """Home volume sizes, measured on stop/hibernate where the volume's directory is on this
+        host (a local engine); a remote engine's volumes are not measured."""
         self._legacy_path = self.state_dir / "legacy-volumes.json"
         self._legacy: dict[str, str] = self._load_legacy()
         """Migrated v1 home volumes: "<user id>_<template>" -> the v1 volume name."""
@@ -288,6 +288,8 @@ class DockerBackend(Backend):
             self._seen_running.discard(session_id)
             for container in await self._find(session_id):
                 await self._call(self._remove, container)
+                await self._measure_home(container)
+            await asyncio.to_thread(shutil.rmtree, self._run / session_id, True)
             self._stopped.add(session_id)
         log.info("session_stopped session_id=%s", session_id)
 
@@ -301,6 +303,7 @@ class DockerBackend(Backend):
             for container in found:
                 if _state_of(container.attrs) in _RUNNING:
                     await self._call(self._stop_sync, container)
+                await self._measure_home(container)
         log.info("session_hibernated session_id=%s", session_id)
 
     async def status(self, session_id: str) -> InventoryItem:
@@ -329,7 +332,8 @@ class DockerBackend(Backend):
             mode="container",
             detail=(
                 f"one container per session as uid {CONTAINER_USER.split(':')[0]}, all "
-                "capabilities dropped, no-new-privileges; VNC needs a per-session password"
+                "capabilities dropped, no-new-privileges, no network unless the template asks; "
+                "VNC on a Unix socket only the agent reaches, with a per-session password"
             ),
             limits_enforced=True,
         )
@@ -340,7 +344,9 @@ class DockerBackend(Backend):
         item = await self.status(session_id)
         if item.state != "running" or item.endpoint is None:
             raise BackendError(f"session {session_id} is not running on this agent")
-        reader, writer = await vnc.open_endpoint(item.endpoint, connect_timeout)
+        with short_socket_path(self._socket(session_id)) as path:
+            opening = asyncio.open_unix_connection(path)
+            reader, writer = await asyncio.wait_for(opening, connect_timeout)
         try:
             await asyncio.wait_for(
                 vnc.authenticate(reader, writer, vnc_password(self._vnc_key, session_id)),
@@ -424,7 +430,7 @@ class DockerBackend(Backend):
                         await self._call(self._remove, container)
                     raise
             try:
-                endpoint = await self._wait_ready(container)
+                endpoint = await self._wait_ready(container, session_id)
             except BaseException:
                 # A fresh container that never served is removed; an existing one is left
                 # stopped (hibernated) so its writable layer is not lost.
@@ -476,7 +482,6 @@ class DockerBackend(Backend):
             "labels": labels,
             "environment": env,
             "user": CONTAINER_USER,
-            "ports": {CONTAINER_PORT: (_LOOPBACK, None)},
             "nano_cpus": spec.resources.cpu_millis * 1_000_000,
             "mem_limit": f"{memory_mb}m",
             "shm_size": f"{max(64, min(512, memory_mb // 4))}m",
@@ -488,12 +493,20 @@ class DockerBackend(Backend):
         }
         if spec.image.command:
             kwargs["command"] = list(spec.image.command)
+        if not spec.network:
+            kwargs["network_mode"] = "none"
+        run_dir = await asyncio.to_thread(self._prepare_run_dir, spec.session_id)
+        kwargs["volumes"] = {str(run_dir): {"bind": CONTAINER_RUN_DIR, "mode": "rw"}}
+        env[VNC_SOCKET_ENV] = f"{CONTAINER_RUN_DIR}/vnc.sock"
         if spec.persistent_home:
             volume = self._legacy.get(f"{spec.user_id}_{spec.template}") or home_volume_name(
                 spec.user_id, spec.template
             )
             await self._call(self._ensure_volume, volume, spec)
-            kwargs["volumes"] = {volume: {"bind": CONTAINER_HOME, "mode": "rw"}}
+            where = await self._call(self._volume_path, volume)
+            if where is not None:
+                await asyncio.to_thread(self.usage.check, volume, where, spec.home_limit_mb)
+            kwargs["volumes"][volume] = {"bind": CONTAINER_HOME, "mode": "rw"}
         created: Container | None = await self._call(self._create_sync, image, kwargs)
         if created is None:
             raise BackendError(
@@ -502,14 +515,14 @@ class DockerBackend(Backend):
             )
         return created
 
-    async def _wait_ready(self, container: Container) -> Endpoint:
-        """Wait until the published port answers the RFB banner; the endpoint once it does."""
+    async def _wait_ready(self, container: Container, session_id: str) -> Endpoint:
+        """Wait until the session's VNC socket answers the RFB banner."""
         deadline = time.monotonic() + self.start_timeout
         next_inspect = 0.0
-        port: int | None = None
+        socket_path = self._socket(session_id)
         while True:
             now = time.monotonic()
-            if port is None or now >= next_inspect:
+            if now >= next_inspect:
                 if not await self._call(self._reload, container):
                     raise BackendError("the session container was removed during startup")
                 status = _state_of(container.attrs)
@@ -519,15 +532,13 @@ class DockerBackend(Backend):
                     raise BackendError(
                         f"the session container exited during startup (code {code}): {tail}"
                     )
-                port = _host_port(container.attrs)
                 next_inspect = now + 0.5
-            if port is not None and await _rfb_answers(port):
-                return Endpoint(host=_LOOPBACK, port=port)
+            if await _rfb_answers(socket_path):
+                return Endpoint(unix_path=str(socket_path))
             if time.monotonic() > deadline:
                 tail = await self._logs_tail(container)
-                where = f"127.0.0.1:{port}" if port else "its published port"
                 raise BackendError(
-                    f"the session's VNC server did not answer on {where} within "
+                    f"the session's VNC server did not answer within "
                     f"{self.start_timeout:.0f}s: {tail}"
                 )
             await asyncio.sleep(0.05)
@@ -718,6 +729,39 @@ class DockerBackend(Backend):
 
         self._images_refresh = loop.create_task(refresh(), name="docker-image-refresh")
 
+    def _volume_path(self, name: str) -> Path | None:
+        """The volume's directory if the agent can read it (the engine runs on this host)."""
+        try:
+            mountpoint = (self._client_sync().volumes.get(name).attrs or {}).get("Mountpoint")
+        except docker.errors.NotFound:
+            return None
+        path = Path(mountpoint) if mountpoint else None
+        return path if path is not None and os.access(path, os.R_OK | os.X_OK) else None
+
+    async def _measure_home(self, container: Container) -> None:
+        mounts = (container.attrs or {}).get("Mounts") or []
+        for mount in mounts:
+            if mount.get("Destination") == CONTAINER_HOME and mount.get("Name"):
+                where = await self._call(self._volume_path, mount["Name"])
+                if where is not None:
+                    await asyncio.to_thread(self.usage.measure, mount["Name"], where)
+
+    def _socket(self, session_id: str) -> Path:
+        return self._run / session_id / "vnc.sock"
+
+    def _prepare_run_dir(self, session_id: str) -> Path:
+        """The session's socket directory: a real directory owned by the container's uid."""
+        uid, gid = (int(x) for x in CONTAINER_USER.split(":"))
+        path = self._run / session_id
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700)
+        if path.is_symlink() or not path.is_dir():
+            raise BackendError(f"{path} is not a directory")
+        if os.geteuid() == 0:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        path.chmod(0o700)
+        return path
+
     def _ensure_volume(self, name: str, spec: SessionSpec) -> None:
         """Create the home volume, or check that the existing one is this user's for this
         template: a volume is never handed to someone its labels do not name."""
@@ -827,11 +871,16 @@ class DockerBackend(Backend):
     def _item(self, attrs: dict[str, Any], session_id: str | None = None) -> InventoryItem:
         labels = _labels(attrs)
         state = _run_state(_state_of(attrs))
-        port = _host_port(attrs) if state == "running" else None
+        sid = session_id or self._session_of(attrs)
+        endpoint = (
+            Endpoint(unix_path=str(self._socket(sid)))
+            if state == "running" and _SESSION_ID_RE.fullmatch(sid)
+            else None
+        )
         return InventoryItem(
-            session_id=session_id or self._session_of(attrs),
+            session_id=sid,
             state=state,
-            endpoint=Endpoint(host=_LOOPBACK, port=port) if port else None,
+            endpoint=endpoint,
             user=labels.get(OWNER_LABEL),
             template=labels.get(TEMPLATE_LABEL),
         )
@@ -840,5 +889,9 @@ class DockerBackend(Backend):
         return self._locks.setdefault(session_id, asyncio.Lock())
 
 
-async def _rfb_answers(port: int) -> bool:
-    return await rfb_answers(port, _LOOPBACK, read_timeout=1.0)
+async def _rfb_answers(socket_path: Path) -> bool:
+    try:
+        with short_socket_path(socket_path) as path:
+            return await rfb_answers(unix_path=path, read_timeout=1.0)
+    except OSError:  # the session directory is gone
+        return False

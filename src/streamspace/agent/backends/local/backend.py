@@ -65,6 +65,7 @@ from streamspace.agent.backends.local.sandbox import (
     uid_sandbox_argv,
     userns_sandbox_argv,
 )
+from streamspace.agent.vnc import short_socket_path
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -172,20 +173,6 @@ def _exit_reason(run_dir: Path) -> str:
         if last:
             reason = f"{reason}: {last}"
     return reason
-
-
-@contextlib.contextmanager
-def _short_path(directory: Path, name: str) -> Any:
-    """A path for `directory/name` short enough for a Unix socket address (108 bytes)."""
-    full = str(directory / name)
-    if len(full) < 100:
-        yield full
-        return
-    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{name}"
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -351,7 +338,7 @@ class LocalBackend(Backend):
         rec = self._records.get(session_id)
         if rec is None or rec.state != "running":
             raise BackendError(f"session {session_id} is not running on this agent")
-        with _short_path(rec.rfb_socket.parent, rec.rfb_socket.name) as path:
+        with short_socket_path(rec.rfb_socket) as path:
             return await asyncio.wait_for(asyncio.open_unix_connection(path), connect_timeout)
 
     async def close(self) -> None:
@@ -660,10 +647,11 @@ class LocalBackend(Backend):
             await asyncio.sleep(0.05)
 
     async def _rfb_answers(self, rec: SessionRecord) -> bool:
-        if not rec.rfb_socket.exists():
+        try:
+            with short_socket_path(rec.rfb_socket) as path:
+                return await rfb_answers(unix_path=path)
+        except OSError:  # the runtime directory is gone
             return False
-        with _short_path(rec.rfb_socket.parent, rec.rfb_socket.name) as path:
-            return await rfb_answers(unix_path=path)
 
     # ---- liveness & exit reporting ---------------------------------------------------------
 
