@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import ADMIN_PASSWORD, XVNC_MISSING, require, wait_state
+from conftest import XVNC_MISSING, require, wait_state
 from product_support import Product
 from streamspace.rfb import RFBClient, WebSocketTransport
 from vnc_support import tcp_listeners, vnc_socket, xvnc_processes
@@ -32,17 +32,6 @@ if os.geteuid() != 0:
     pytest.skip(
         "the probe was made against a root agent (`make run` as root)", allow_module_level=True
     )
-
-
-def login(up: Product, username: str = "admin", password: str = ADMIN_PASSWORD) -> httpx.Client:
-    r = httpx.post(
-        f"{up.url}/api/v1/auth/login",
-        json={"username": username, "password": password},
-        timeout=30,
-    )
-    assert r.status_code == 200, r.text
-    token = r.json()["access_token"]
-    return httpx.Client(base_url=up.url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +47,14 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
 
 @pytest.fixture(scope="module")
 def admin(up: Product) -> Iterator[httpx.Client]:
-    with login(up) as c:
+    with up.login() as c:
         yield c
 
 
 def make_user(up: Product, admin: httpx.Client, name: str) -> tuple[httpx.Client, str]:
     r = admin.post("/api/v1/users", json={"username": name, "password": PASSWORD})
     assert r.status_code == 201, r.text
-    c = login(up, name, PASSWORD)
+    c = up.login(name, PASSWORD)
     return c, c.get("/api/v1/auth/me").json()["id"]
 
 
@@ -290,7 +279,7 @@ def insecure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
 
 
 def test_the_insecure_opt_out_is_explicit_and_reported(insecure: Product) -> None:
-    with login(insecure) as c:
+    with insecure.login() as c:
         (agent,) = c.get("/api/v1/agents").json()
     assert agent["isolation"] == "insecure-shared-user"
     assert agent["isolation_detail"].startswith("INSECURE")

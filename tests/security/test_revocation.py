@@ -156,7 +156,10 @@ async def test_a_ticket_issued_before_logout_opens_nothing_after_it(d: Desk) -> 
 async def test_sign_out_everywhere_closes_only_that_users_connections(d: Desk) -> None:
     async with victim(d, "rv-signout") as v, victim(d, "rv-bystander") as bystander:
         with d.cp.client() as anon:
-            r = anon.post("/api/v1/auth/login", json={"username": v.name, "password": PASSWORD})
+            r = anon.post(
+                "/api/v1/auth/login",
+                json={"username": v.name, "password": PASSWORD, "refresh_token_delivery": "body"},
+            )
             assert r.status_code == 200, r.text
             refresh_token = r.json()["refresh_token"]
         started = time.monotonic()
