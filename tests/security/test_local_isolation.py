@@ -47,8 +47,9 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
 
 @pytest.fixture(scope="module")
 def admin(up: Product) -> Iterator[httpx.Client]:
-    with up.login() as c:
-        yield c
+    c = up.login()
+    yield c
+    c.close()
 
 
 def make_user(up: Product, admin: httpx.Client, name: str) -> tuple[httpx.Client, str]:
@@ -279,8 +280,9 @@ def insecure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Product]:
 
 
 def test_the_insecure_opt_out_is_explicit_and_reported(insecure: Product) -> None:
-    with insecure.login() as c:
-        (agent,) = c.get("/api/v1/agents").json()
+    c = insecure.login()
+    (agent,) = c.get("/api/v1/agents").json()
+    c.close()
     assert agent["isolation"] == "insecure-shared-user"
     assert agent["isolation_detail"].startswith("INSECURE")
     log = insecure.log()
