@@ -3,8 +3,9 @@
 The app counts as shown when the frame has at least 3 colours (a bare root window has 1-2).
 
 Usage: python benchmarks/session_start.py [--runs 20] [--templates xterm,firefox]
-                                          [--backend local|docker|both]
-Prints p50/p95 per template and backend.
+                                          [--backend local|docker|both] [--unsandboxed]
+Prints p50/p95 per template and backend. --unsandboxed also runs the local backend with
+--insecure-shared-user, in the same run, as the anchor that shows what the sandbox costs.
 """
 
 from __future__ import annotations
@@ -95,6 +96,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--templates", default="xterm,firefox")
     ap.add_argument("--backend", default="local", choices=["local", "docker", "both"])
+    ap.add_argument(
+        "--unsandboxed", action="store_true", help="also time unsandboxed local sessions"
+    )
     args = ap.parse_args()
     templates = args.templates.split(",")
     print(f"machine: {describe_machine()}")
@@ -102,6 +106,9 @@ def main() -> None:
     if args.backend in ("local", "both"):
         with product("up") as url:
             asyncio.run(measure(url, templates, args.runs, "local"))
+        if args.unsandboxed:
+            with product("up", args=["--insecure-shared-user"]) as url:
+                asyncio.run(measure(url, templates, args.runs, "nosbx"))
     if args.backend in ("docker", "both"):
         from benchmarks.docker_env import docker_product
 
