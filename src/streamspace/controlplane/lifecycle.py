@@ -657,6 +657,11 @@ class Lifecycle:
                 self.transition(db, session, State.STOPPED, f"stopped on agent {agent}")
             else:
                 self.transition(db, session, State.FAILED, f"stop failed: {result.error}")
+        elif cmd.action == "stop" and st == State.HIBERNATED and result.ok:
+            # A stop asked for while the session was hibernating, overwritten by the hibernate
+            # result read before it: the agent has stopped it, so it is stopped, not hibernated.
+            self.transition(db, session, State.STOPPING, "stop requested while hibernating")
+            self.transition(db, session, State.STOPPED, f"stopped on agent {agent}")
 
     async def on_session_status(self, agent_id: str, msg: protocol.SessionStatus) -> None:
         async with self.state.db() as db:
