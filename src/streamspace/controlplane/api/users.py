@@ -152,14 +152,15 @@ async def patch_user(
             request=request,
             fields=sorted(body.model_dump(exclude_unset=True)),
         )
+        # The sign-out is committed and announced before any session goes down: a session
+        # stopped first would close the user's viewers as an ordinary end of session, before
+        # they could be told why.
+        await db.commit()
+        if revoked:
+            state.revocations.revoke(user.id, revoked)
         if disabling:
             why = f"the owner's account was disabled by {admin.username}"
-            state.revocations.apply(user.id, revoked)  # before the sessions go down (see delete)
             await state.lifecycle.end_owner_sessions(db, user.id, why, hibernate=True)
-        else:
-            await db.commit()
-    if revoked:
-        state.revocations.revoke(user.id, revoked)
     return user
 
 
@@ -174,10 +175,11 @@ async def delete_user(
         if user.id == admin.id:
             raise bad_request("you cannot delete yourself")
         why = f"the owner's account was deleted by {admin.username}"
-        # Close this replica's viewers first, with the reason: the stop commands go out at the
-        # next commit and a quick agent would close them as an ordinary end of session. The
-        # revocation proper (other replicas too) follows the commit that deletes the user.
-        state.revocations.apply(user.id, "signed out: the account was deleted")
+        # Signed out everywhere first (committed, then announced), then the sessions stopped and
+        # the user deleted: see patch_user for why the order matters.
+        await end_sign_ins(db, user)
+        await db.commit()
+        state.revocations.revoke(user.id, "signed out: the account was deleted")
         stopped = await state.lifecycle.end_owner_sessions(db, user.id, why, hibernate=False)
         # The sessions' rows go with the user (ON DELETE CASCADE) and their stop commands with
         # them; the agent has those already, or stops the sessions as unknown when it next
