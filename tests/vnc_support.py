@@ -1,7 +1,8 @@
 """Looking at local sessions from the outside: their VNC sockets and processes.
 
 Local sessions serve RFB on a Unix socket in the agent's state directory
-(`run/<session>/session/vnc.sock`), never on TCP. Tests connect there as root (the agent's user),
+(`run/<session>/vnc.sock`, moved there from the session's own runtime dir once Xvnc made it),
+never on TCP. Tests connect there as root (the agent's user),
 count the connections the session's Xvnc holds, and find every process of a session by its
 environment marker, independently of the backend's own bookkeeping.
 """
@@ -20,7 +21,7 @@ from streamspace.rfb import RFBClient, TCPTransport
 
 
 def vnc_socket(state_dir: Path, session_id: str) -> Path:
-    return state_dir / "run" / session_id / "session" / "vnc.sock"
+    return state_dir / "run" / session_id / "vnc.sock"
 
 
 @contextlib.contextmanager

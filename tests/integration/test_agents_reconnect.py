@@ -30,7 +30,7 @@ pytestmark = pytest.mark.xvnc
 def the_xvnc(session_id: str, agent_state_dir: Path) -> int:
     """The session's Xvnc, found via /proc by its session marker; its RFB socket lives in the
     session's run dir."""
-    assert (agent_state_dir / "run" / session_id / "session" / "vnc.sock").is_socket()
+    assert (agent_state_dir / "run" / session_id / "vnc.sock").is_socket()
     pids = xvnc_pids(session_id)
     assert len(pids) == 1, pids
     environ = Path(f"/proc/{pids[0]}/environ").read_bytes().split(b"\0")

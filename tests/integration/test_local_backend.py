@@ -553,3 +553,89 @@ async def test_a_program_outside_what_the_sandbox_sees_is_a_clear_error(
     with pytest.raises(BackendError, match="outside what a sandbox sees"):
         await backend.start(spec)
     assert session_pids(spec.session_id) == []
+
+
+# ---- what the session controls, the agent must not trust ----------------------------------
+
+
+async def test_a_symlink_planted_for_the_vnc_socket_is_never_followed(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """The runtime dir is the session user's: a symlink at vnc.sock to the D-Bus system bus or
+    a container engine would have had the agent, as root, relay a viewer's bytes there."""
+    bait_hits: list[int] = []
+
+    async def bait(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        bait_hits.append(1)
+        writer.write(b"RFB 003.008\n")
+        writer.close()
+
+    bait_path = tmp_path / "bait.sock"
+    server = await asyncio.start_unix_server(bait, path=str(bait_path))
+    try:
+        spec = new_spec()
+        await backend.start(spec)
+        session_dir = backend.run_dir(spec.session_id) / "session"
+        (session_dir / "vnc.sock").unlink(missing_ok=True)
+        (session_dir / "vnc.sock").symlink_to(bait_path)  # as the session user could
+        client = await viewer(backend, spec.session_id)  # still its own Xvnc
+        assert client.name == "xterm (alice)"
+        await client.close()
+        assert bait_hits == []
+    finally:
+        server.close()
+
+
+def test_socket_handles_refuse_anything_but_the_sessions_own_socket(tmp_path: Path) -> None:
+    import socket as socketlib
+
+    from streamspace.agent import vnc
+
+    real = tmp_path / "real.sock"
+    with socketlib.socket(socketlib.AF_UNIX) as listener:
+        listener.bind(str(real))
+        with vnc.socket_handle(real, owner=os.getuid()) as name:
+            assert name.startswith("/proc/self/fd/")
+        link = tmp_path / "link.sock"
+        link.symlink_to(real)
+        plain = tmp_path / "plain"
+        plain.write_text("")
+        for bad, owner in ((link, None), (plain, None), (real, os.getuid() + 1)):
+            with pytest.raises(OSError), vnc.socket_handle(bad, owner=owner):
+                pass
+
+
+async def test_nothing_of_the_template_env_reaches_a_process_running_as_root(
+    backend: LocalBackend,
+) -> None:
+    template_env = {"STREAMSPACE_PROBE": "from-template", "LD_AUDIT": "/tmp/evil.so"}
+    spec = new_spec().model_copy(update={"local": LocalLaunch(command=XTERM, env=template_env)})
+    await backend.start(spec)
+    procs = session_processes(spec.session_id)
+    as_root = [p for p in procs if p.uids().real == 0]
+    assert as_root  # the privileged bwrap stage, at least
+    for proc in as_root:
+        assert set(proc.environ()) <= {"PATH", "PWD", "STREAMSPACE_SESSION_ID"}, proc.cmdline()
+    app = [p for p in procs if p.name() == "xterm"]
+    assert app and app[0].environ()["STREAMSPACE_PROBE"] == "from-template"
+
+
+def test_an_interrupted_home_migration_resumes_and_never_orphans_moved_homes(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    for name in ("dora", "erin"):
+        (state / "homes" / name / "xterm").mkdir(parents=True)
+        (state / "homes" / name / "xterm" / "notes.txt").write_text(f"{name}'s notes")
+    be = LocalBackend(state)
+    dora = uuid.uuid4().hex
+    # erin's id is refused (not an id at all): that home stays, dora's moves.
+    asyncio.run(be.migrate_homes({"dora": dora, "erin": "../../etc"}))
+    assert (state / "homes" / dora / "xterm" / "notes.txt").read_text() == "dora's notes"
+    assert asyncio.run(be.legacy_home_names()) == ["erin"]  # not dora's new id dir
+    erin = uuid.uuid4().hex
+    asyncio.run(be.migrate_homes({"erin": erin}))
+    assert (state / "homes" / erin / "xterm" / "notes.txt").read_text() == "erin's notes"
+    assert (state / "homes" / dora / "xterm" / "notes.txt").exists()
+    assert not (state / "homes" / ".orphaned").exists()
+    assert asyncio.run(be.legacy_home_names()) == []

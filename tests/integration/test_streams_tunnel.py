@@ -1,7 +1,7 @@
 """The VNC tunnel: browser WebSocket -> control plane -> agent WebSocket -> session VNC socket.
 
 The agent connects to the Unix socket its local backend keeps for the session
-(`run/<session>/session/vnc.sock`). Putting a test server (echo, flood) at that path, with the
+(`run/<session>/vnc.sock`). Putting a test server (echo, flood) at that path, with the
 session's real socket moved aside, runs the complete production path - ticket, control plane,
 agent subprocess, agent WebSocket, the backend's own connect - with a peer whose bytes the test
 controls. The Xvnc of that session keeps running untouched; its socket is put back afterwards.
@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import json
 import logging
+import os
 import random
 import time
 from collections.abc import Iterator
@@ -50,6 +52,9 @@ async def session_served_by(d: Desk, session_id: str, handler: Any) -> Any:
         if handler is not None:
             with short_path(path) as short:
                 server = await asyncio.start_unix_server(handler, path=short)
+            # The agent connects only to a socket of the session's own uid.
+            record = json.loads((d.agent.state_dir / "sessions" / f"{session_id}.json").read_text())
+            os.chown(path, record["uid"], record["gid"], follow_symlinks=False)
         yield
     finally:
         if server is not None:

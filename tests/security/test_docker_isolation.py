@@ -64,7 +64,7 @@ from streamspace.agent.backends.docker import (
     legacy_home_volume_name,
     vnc_password,
 )
-from streamspace.agent.vnc import short_socket_path
+from streamspace.agent.vnc import socket_handle
 from streamspace.podman import PodmanService
 from streamspace.rfb import RFBClient, RFBError, TCPTransport
 
@@ -138,7 +138,7 @@ async def _security_types(reader: asyncio.StreamReader, writer: asyncio.StreamWr
 
 
 async def _open_socket(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    with short_socket_path(path) as short:
+    with socket_handle(path) as short:
         return await asyncio.open_unix_connection(short)
 
 
@@ -157,7 +157,7 @@ async def test_the_vnc_socket_gives_nothing_without_the_session_password(
 
     # Even with the socket in hand, a viewer that speaks only security None is turned away.
     with (
-        short_socket_path(sock) as short,
+        socket_handle(sock) as short,
         pytest.raises(RFBError, match=r"offers security types \[2 \(VNC Authentication\)\]"),
     ):
         async with asyncio.timeout(10):
@@ -557,3 +557,39 @@ async def test_a_home_volume_over_its_limit_keeps_the_session_from_starting(
     await asyncio.to_thread(run_once, engine, ["rm", f"{HOME}/big"], volume, "rw")
     await backend.start(spec)  # space freed: it starts again
     assert (await backend.status(spec.session_id)).state == "running"
+
+
+async def test_a_planted_socket_symlink_is_not_followed_by_the_agent(
+    backend: DockerBackend, engine: docker.DockerClient, leftovers: Leftovers, tmp_path: Path
+) -> None:
+    """The socket's directory is the container user's: a symlink planted there to a root-only
+    host socket (the container engine's, say) must not get the agent to connect to it."""
+    bait = tmp_path / "engine.sock"
+    hits: list[int] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hits.append(1)
+        writer.write(b"RFB 003.008\n")
+        writer.close()
+
+    server = await asyncio.start_unix_server(accept, path=str(bait))
+    try:
+        spec = new_spec("mallory", leftovers.user_id(), persistent_home=False)
+        await backend.start(spec)
+        sock = "/run/streamspace/vnc.sock"
+        code, out = await asyncio.to_thread(
+            exec_in,
+            engine,
+            spec.session_id,
+            [
+                "sh",
+                "-c",
+                f"rm -f {sock} && ln -s {bait} {sock}",
+            ],
+        )
+        assert code == 0, out
+        with pytest.raises(ConnectionError, match="not the session's VNC socket"):
+            await backend.open_vnc(spec.session_id)
+        assert hits == []
+    finally:
+        server.close()

@@ -9,6 +9,7 @@ a root shell on the host: every assertion below failed then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -290,3 +291,32 @@ def test_the_insecure_opt_out_is_explicit_and_reported(insecure: Product) -> Non
     assert agent["isolation_detail"].startswith("INSECURE")
     log = insecure.log()
     assert "local_backend_insecure" in log and "agent_insecure" in log
+
+
+def test_a_planted_socket_symlink_does_not_turn_the_agent_into_a_relay(
+    up: Product, alice: Terminal, tmp_path: Path
+) -> None:
+    """The review's attack: replace the session's vnc.sock with a symlink to a root-only host
+    socket (here a bait standing in for the D-Bus system bus) and open a viewer: the agent,
+    as root, would have connected there and relayed the viewer's bytes."""
+    bait = tmp_path / "system_bus_socket"
+    hits: list[bytes] = []
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(bait))
+    bait.chmod(0o600)  # root only, like the real bus
+    listener.listen(4)
+    listener.settimeout(0.2)
+    try:
+        rc, _ = alice.run(
+            f"rm -f /run/streamspace/vnc.sock; ln -s {bait} /run/streamspace/vnc.sock; true"
+        )
+        assert rc == 0
+        rc, out = alice.run("echo still-my-desktop")  # a fresh viewer, through the agent
+        assert (rc, out) == (0, "still-my-desktop")
+        with contextlib.suppress(TimeoutError):
+            conn, _ = listener.accept()
+            hits.append(conn.recv(64))
+            conn.close()
+        assert hits == []
+    finally:
+        listener.close()

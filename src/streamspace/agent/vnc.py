@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,13 +37,15 @@ __all__ = [
     "ByteStreamReader",
     "ByteStreamWriter",
     "NoneSecurityFront",
+    "SocketRefused",
     "VNCAuthError",
     "authenticate",
     "des_response",
     "new_password",
     "obfuscated_password",
     "open_endpoint",
-    "short_socket_path",
+    "open_unix",
+    "socket_handle",
 ]
 
 PASSWORD_BYTES = 8
@@ -103,20 +106,36 @@ def obfuscated_password(password: bytes) -> bytes:
     return _des_ecb(key, password[:PASSWORD_BYTES].ljust(PASSWORD_BYTES, b"\0"))
 
 
-@contextlib.contextmanager
-def short_socket_path(path: Path) -> Iterator[str]:
-    """A name for a Unix socket short enough for an address (108 bytes): state dirs nest deep.
+class SocketRefused(ConnectionError):
+    """The path is not the socket it should be (a symlink or another file planted there)."""
 
-    Blocking (one open/close): call it in a thread or accept the microseconds."""
-    full = str(path)
-    if len(full) < 100:
-        yield full
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+
+@contextlib.contextmanager
+def socket_handle(path: Path, owner: int | None = None) -> Iterator[str]:
+    """A connectable name for the Unix socket at `path`, never a symlink planted there.
+
+    Session sockets live where the session user can write: a symlink to the D-Bus system bus
+    or a container engine would have the agent, as root, connect wherever it points. The path
+    is opened O_PATH|O_NOFOLLOW, checked to be a socket (owned by `owner`, when given), and
+    the connect goes through /proc/self/fd to that very inode - which also keeps the address
+    short (108 bytes at most) however deep the state dir is. Blocking (open/fstat): call it
+    in a thread or accept the microseconds.
+    """
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
     try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or (owner is not None and st.st_uid != owner):
+            raise SocketRefused(f"{path} is not the session's VNC socket")
+        yield f"/proc/self/fd/{fd}"
     finally:
         os.close(fd)
+
+
+async def open_unix(
+    path: Path, connect_timeout: float, owner: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    with socket_handle(path, owner) as name:
+        return await asyncio.wait_for(asyncio.open_unix_connection(name), connect_timeout)
 
 
 async def open_endpoint(

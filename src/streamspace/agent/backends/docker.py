@@ -54,7 +54,6 @@ from docker.models.containers import Container
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
 from streamspace.agent.homeusage import HomeUsage
-from streamspace.agent.vnc import short_socket_path
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -91,6 +90,9 @@ CONTAINER_RUN_DIR = "/run/streamspace"
 VNC_SOCKET_ENV = "STREAMSPACE_VNC_SOCKET"
 CONTAINER_USER = "1000:1000"
 CONTAINER_HOME = "/home/streamspace"
+_UID = int(CONTAINER_USER.split(":")[0])
+"""Owner of the session's VNC socket under a rootful engine; the container can plant other
+files in that directory, so a root agent connects only to a socket of this uid."""
 VNC_PASSWORD_ENV = "STREAMSPACE_VNC_PASSWD"
 """The obfuscated vncpasswd bytes as a printf format (octal escapes); the image's entrypoint
 writes them to a 0600 file for Xvnc and drops the variable before starting the app."""
@@ -344,9 +346,9 @@ class DockerBackend(Backend):
         item = await self.status(session_id)
         if item.state != "running" or item.endpoint is None:
             raise BackendError(f"session {session_id} is not running on this agent")
-        with short_socket_path(self._socket(session_id)) as path:
-            opening = asyncio.open_unix_connection(path)
-            reader, writer = await asyncio.wait_for(opening, connect_timeout)
+        reader, writer = await vnc.open_unix(
+            self._socket(session_id), connect_timeout, _socket_owner()
+        )
         try:
             await asyncio.wait_for(
                 vnc.authenticate(reader, writer, vnc_password(self._vnc_key, session_id)),
@@ -889,9 +891,14 @@ class DockerBackend(Backend):
         return self._locks.setdefault(session_id, asyncio.Lock())
 
 
+def _socket_owner() -> int | None:
+    """The uid the session's socket must have: a rootless engine maps it to a subordinate id."""
+    return _UID if os.geteuid() == 0 else None
+
+
 async def _rfb_answers(socket_path: Path) -> bool:
     try:
-        with short_socket_path(socket_path) as path:
+        with vnc.socket_handle(socket_path, owner=_socket_owner()) as path:
             return await rfb_answers(unix_path=path, read_timeout=1.0)
-    except OSError:  # the session directory is gone
+    except OSError:  # not there (yet), or not a socket of the container's user
         return False

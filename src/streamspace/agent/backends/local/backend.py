@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streamspace.agent import vnc
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
 from streamspace.agent.backends.local import display as xdisplay
 from streamspace.agent.backends.local import processes
@@ -60,12 +61,12 @@ from streamspace.agent.backends.local.sandbox import (
     cgroup_join_argv,
     group_text,
     passwd_text,
+    root_stage_env,
     session_env,
     tini_argv,
     uid_sandbox_argv,
     userns_sandbox_argv,
 )
-from streamspace.agent.vnc import short_socket_path
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -100,6 +101,18 @@ def host_system_dirs() -> list[HostDir]:
             found.append(HostDir(top))
     found += [HostDir(p, optional=True) for p in _OPTIONAL_DIRS if not p.startswith("/usr")]
     return found
+
+
+def _take_socket(rec: SessionRecord) -> None:
+    """Move Xvnc's socket out of the directory the session user can write, into the agent's
+    own: from there on nobody can swap it for a symlink to some other socket on the host (the
+    D-Bus system bus, a container engine) for the agent to connect to as root. What is moved
+    must still be a socket of the session's own uid, not something planted before the move."""
+    os.rename(rec.made_socket, rec.rfb_socket)
+    st = os.lstat(rec.rfb_socket)
+    if not stat.S_ISSOCK(st.st_mode) or st.st_uid != rec.uid:
+        os.unlink(rec.rfb_socket)
+        raise BackendError("the session's VNC socket was replaced before it could be secured")
 
 
 def _check_visible_in_sandbox(what: str, path: str) -> None:
@@ -338,8 +351,7 @@ class LocalBackend(Backend):
         rec = self._records.get(session_id)
         if rec is None or rec.state != "running":
             raise BackendError(f"session {session_id} is not running on this agent")
-        with short_socket_path(rec.rfb_socket) as path:
-            return await asyncio.wait_for(asyncio.open_unix_connection(path), connect_timeout)
+        return await vnc.open_unix(rec.rfb_socket, connect_timeout, owner=rec.uid)
 
     async def close(self) -> None:
         """Stop watching; the sessions themselves keep running for the next agent."""
@@ -476,11 +488,7 @@ class LocalBackend(Backend):
             self._spawned[spec.session_id] = _Spawned(proc)
             await asyncio.to_thread(self._store.save, rec)
             await self._wait_ready(rec, proc)
-            if plan.switches_uid:
-                # Only the agent may talk to the VNC server; the session user has X11 anyway.
-                await asyncio.to_thread(
-                    os.chown, rec.rfb_socket, os.getuid(), os.getgid(), follow_symlinks=False
-                )
+            await asyncio.to_thread(_take_socket, rec)
             rec.state = "running"
             rec.started_at = time.time()
             await asyncio.to_thread(self._store.save, rec)
@@ -586,10 +594,12 @@ class LocalBackend(Backend):
                         rec.gid,
                         fds,
                         system,
+                        env,
                         network=spec.network,
                     )
                 else:
-                    argv += userns_sandbox_argv(plan.bwrap, fds, system, network=spec.network)
+                    argv += userns_sandbox_argv(plan.bwrap, fds, system, env, network=spec.network)
+                env = root_stage_env(env)
                 argv += tini_argv(plan.tini, SANDBOX_INIT, spec.local.command, subreaper=False)
                 cwd = "/"
             else:
@@ -648,9 +658,9 @@ class LocalBackend(Backend):
 
     async def _rfb_answers(self, rec: SessionRecord) -> bool:
         try:
-            with short_socket_path(rec.rfb_socket) as path:
+            with vnc.socket_handle(rec.made_socket, owner=rec.uid) as path:
                 return await rfb_answers(unix_path=path)
-        except OSError:  # the runtime directory is gone
+        except OSError:  # not there (yet), or not a socket of the session's
             return False
 
     # ---- liveness & exit reporting ---------------------------------------------------------

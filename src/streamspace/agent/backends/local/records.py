@@ -52,8 +52,14 @@ class SessionRecord:
     updated_at: float = field(default_factory=time.time)
 
     @property
-    def rfb_socket(self) -> Path:
+    def made_socket(self) -> Path:
+        """Where Xvnc creates its socket: the runtime dir the session user can write."""
         return Path(self.run_dir) / "session" / "vnc.sock"
+
+    @property
+    def rfb_socket(self) -> Path:
+        """Where the agent keeps it once the session is up: a directory only the agent uses."""
+        return Path(self.run_dir) / "vnc.sock"
 
     def endpoint(self) -> Endpoint | None:
         if self.state != "running":
