@@ -65,7 +65,8 @@ def run_sandboxed(base: Path, script: str, *, network: bool = False) -> tuple[in
     group = memfd(group_text("streamspace", NOBODY))
     info_r, info_w = os.pipe()
     fds = SandboxFds(home, run, init, passwd, group, info_w)
-    argv = userns_sandbox_argv("bwrap", fds, host_system_dirs(), network=network)
+    env = {"HOME": "/home/streamspace", "PATH": "/usr/bin:/bin", "STREAMSPACE_SESSION_ID": "s-1"}
+    argv = userns_sandbox_argv("bwrap", fds, host_system_dirs(), env, network=network)
     as_agent = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--"]
     opened = (home, run, init, passwd, group, info_w)
     try:

@@ -15,6 +15,7 @@ from streamspace.agent.backends.local.sandbox import (
     cgroup_join_argv,
     group_text,
     passwd_text,
+    root_stage_env,
     session_env,
     setpriv_argv,
     tini_argv,
@@ -24,6 +25,7 @@ from streamspace.agent.backends.local.sandbox import (
 
 FDS = SandboxFds(home=11, run=12, init=13, passwd=14, group=15, info=16)
 SYSTEM = [HostDir("/usr"), HostDir("/etc"), HostDir("/bin", symlink_to="usr/bin")]
+ENV = {"HOME": SANDBOX_HOME, "DISPLAY": ":1", SESSION_ENV_MARKER: "s-1", "GCONV_PATH": "/tmp/x"}
 
 
 def _after(argv: list[str], flag: str) -> list[str]:
@@ -41,13 +43,14 @@ def _stages(argv: list[str]) -> tuple[list[str], list[str], list[str]]:
 def test_uid_sandbox_outer_stage_keeps_only_what_setpriv_needs() -> None:
     outer, setpriv, inner = _stages(
         uid_sandbox_argv(
-            "/usr/bin/bwrap", "/usr/bin/setpriv", 200007, 200007, FDS, SYSTEM, network=False
+            "/usr/bin/bwrap", "/usr/bin/setpriv", 200007, 200007, FDS, SYSTEM, ENV, network=False
         )
     )
     assert outer[0] == "/usr/bin/bwrap"
     assert _after(outer, "--cap-drop") == ["ALL"]
     assert sorted(_after(outer, "--cap-add")) == ["CAP_SETGID", "CAP_SETPCAP", "CAP_SETUID"]
     assert "--unshare-user" not in outer  # a root-created user namespace would map to root
+    assert "--setenv" not in outer  # the session's environment is given inside only
     assert setpriv == [
         "/usr/bin/setpriv",
         "--reuid=200007",
@@ -70,7 +73,7 @@ def test_uid_sandbox_outer_stage_keeps_only_what_setpriv_needs() -> None:
 
 def test_the_filesystem_view_binds_only_the_sessions_own_dirs_writable() -> None:
     outer, _, _ = _stages(
-        uid_sandbox_argv("bwrap", "setpriv", 200007, 200007, FDS, SYSTEM, network=True)
+        uid_sandbox_argv("bwrap", "setpriv", 200007, 200007, FDS, SYSTEM, ENV, network=True)
     )
     binds = [(outer[i + 1], outer[i + 2]) for i, a in enumerate(outer) if a == "--bind-fd"]
     assert binds == [(str(FDS.home), SANDBOX_HOME), (str(FDS.run), SANDBOX_RUN)]
@@ -93,14 +96,14 @@ def test_the_filesystem_view_binds_only_the_sessions_own_dirs_writable() -> None
 
 
 def test_network_is_only_for_templates_that_ask() -> None:
-    with_net = userns_sandbox_argv("bwrap", FDS, SYSTEM, network=True)
-    without = userns_sandbox_argv("bwrap", FDS, SYSTEM, network=False)
+    with_net = userns_sandbox_argv("bwrap", FDS, SYSTEM, ENV, network=True)
+    without = userns_sandbox_argv("bwrap", FDS, SYSTEM, ENV, network=False)
     assert "--unshare-net" not in with_net
     assert "--unshare-net" in without
 
 
 def test_userns_sandbox_is_one_unprivileged_stage() -> None:
-    argv = userns_sandbox_argv("bwrap", FDS, SYSTEM, network=False)
+    argv = userns_sandbox_argv("bwrap", FDS, SYSTEM, ENV, network=False)
     assert argv.count("bwrap") == 1 and "setpriv" not in argv
     assert "--disable-userns" in argv and _after(argv, "--cap-drop") == ["ALL"]
     assert _after(argv, "--proc") == ["/proc"]  # its own PID namespace's /proc
@@ -207,3 +210,14 @@ def test_bad_uid_ranges_are_refused(text: str) -> None:
 
 def test_uid_range_parses() -> None:
     assert parse_uid_range("200000-265535") == (200000, 265535)
+
+
+def test_root_stages_get_no_session_environment_the_inner_stage_gets_exactly_it() -> None:
+    env = root_stage_env(ENV)
+    assert env == {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", SESSION_ENV_MARKER: "s-1"}
+    _, _, inner = _stages(
+        uid_sandbox_argv("bwrap", "setpriv", 200007, 200007, FDS, SYSTEM, ENV, network=False)
+    )
+    assert "--clearenv" in inner
+    given = {inner[i + 1]: inner[i + 2] for i, a in enumerate(inner) if a == "--setenv"}
+    assert given == ENV

@@ -20,14 +20,18 @@ __all__ = ["HomeUsage", "tree_bytes"]
 
 
 def tree_bytes(root: Path) -> int:
-    """Disk usage of a tree (allocated blocks), symlinks not followed."""
+    """Disk usage of a tree (allocated blocks), symlinks never followed.
+
+    fwalk descends through directory descriptors, so a directory the session swaps for a
+    symlink while the walk runs (another session of the same home may be running) cannot send
+    it elsewhere on the host."""
     total = 0
     with contextlib.suppress(FileNotFoundError):
         total += root.lstat().st_blocks * 512
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for _, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
         for name in (*dirnames, *filenames):
             with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                total += os.lstat(name, dir_fd=dir_fd).st_blocks * 512
     return total
 
 

@@ -15,6 +15,7 @@ follows symlinks: ownership is changed with lchown, sizes are taken by agent/hom
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -56,16 +57,26 @@ def _mkdir_owned(path: Path, uid: int, gid: int) -> None:
     if (st.st_uid, st.st_gid) != (uid, gid):
         os.chown(path, uid, gid, follow_symlinks=False)
     if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700, follow_symlinks=False)
+        _chmod_dir(path, 0o700)
 
 
 def chown_tree(root: Path, uid: int, gid: int) -> None:
-    """lchown a whole tree (a migrated home written by the old root-run sessions)."""
+    """lchown a whole tree (a migrated home written by the old root-run sessions), through
+    directory descriptors, so no swapped-in symlink can redirect it (see tree_bytes)."""
     os.chown(root, uid, gid, follow_symlinks=False)
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    for _, dirnames, filenames, dir_fd in os.fwalk(root, follow_symlinks=False):
         for name in (*dirnames, *filenames):
             with contextlib.suppress(FileNotFoundError):
-                os.chown(os.path.join(dirpath, name), uid, gid, follow_symlinks=False)
+                os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _chmod_dir(path: Path, mode: int) -> None:
+    """chmod a directory without following a symlink (os.chmod cannot, on Linux)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 class HomeStore:
@@ -116,44 +127,75 @@ class HomeStore:
             has_homes = any(p.name[0] != "." for p in self.root.iterdir() if p.is_dir())
             return 1 if has_homes else LAYOUT_VERSION
 
+    def _migrated(self) -> set[str]:
+        """Directories already in the new layout while a migration is under way."""
+        try:
+            return set(json.loads((self.root / ".migrated.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return set()
+
     def legacy_names(self) -> list[str]:
         """User names of version-1 homes still waiting for their owner's id."""
         if self.layout() >= LAYOUT_VERSION:
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and p.name[0] != ".")
+        done = self._migrated()
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and p.name[0] != "." and p.name not in done
+        )
 
     def migrate_legacy(self, owners: dict[str, str], uid_for: UidLookup) -> dict[str, str]:
-        """Move `homes/<name>/*` to `homes/<id>/*`; what went where (names -> new dirs)."""
+        """Move `homes/<name>/*` to `homes/<id>/*`; what went where (names -> new dirs).
+
+        Progress is recorded home by home, so a migration cut short (a crash, a home that
+        cannot move) resumes where it stopped and never takes a moved home for a user name."""
         moved: dict[str, str] = {}
+        done = self._migrated()
+        failed = False
         for name in self.legacy_names():
-            source = self.root / name
-            user_id = owners.get(name)
-            if user_id is None:
-                target = self.root / ".orphaned" / name
-                target.parent.mkdir(mode=0o700, exist_ok=True)
-                if target.exists():
-                    target = target.with_name(f"{name}.{os.getpid()}")
-                os.rename(source, target)
-                moved[name] = str(target)
-                log.warning("home_orphaned name=%s kept_at=%s", name, target)
+            try:
+                target = self._migrate_one(name, owners.get(name), uid_for)
+            except (OSError, BackendError) as exc:
+                failed = True
+                log.error("home_migration_failed name=%s error=%s", name, exc)
                 continue
-            check_name("user id", user_id)
-            uid, gid = uid_for(user_id)
-            dest = self.root / user_id
-            if dest.exists() and dest != source:
-                for template_dir in sorted(source.iterdir()):
-                    target = dest / template_dir.name
-                    if target.exists():
-                        target = dest / f"{template_dir.name}.from-{name}"
-                    os.rename(template_dir, target)
-                shutil.rmtree(source, ignore_errors=True)
-            else:
-                os.rename(source, dest)
-            chown_tree(dest, uid, gid)
-            for path in (dest, *dest.iterdir()):
-                if path.is_dir() and not path.is_symlink():
-                    path.chmod(0o700)
-            moved[name] = str(dest)
-            log.info("home_migrated name=%s user_id=%s path=%s", name, user_id, dest)
-        (self.root / ".layout").write_text(f"{LAYOUT_VERSION}\n")
+            moved[name] = str(target)
+            if target.parent == self.root:
+                done.add(target.name)
+                tmp = self.root / ".migrated.tmp"
+                tmp.write_text(json.dumps(sorted(done)))
+                os.replace(tmp, self.root / ".migrated.json")
+        if not failed:
+            (self.root / ".layout").write_text(f"{LAYOUT_VERSION}\n")
+            (self.root / ".migrated.json").unlink(missing_ok=True)
         return moved
+
+    def _migrate_one(self, name: str, user_id: str | None, uid_for: UidLookup) -> Path:
+        source = self.root / name
+        if user_id is None:
+            target = self.root / ".orphaned" / name
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            if target.exists():
+                target = target.with_name(f"{name}.{os.getpid()}")
+            os.rename(source, target)
+            log.warning("home_orphaned name=%s kept_at=%s", name, target)
+            return target
+        check_name("user id", user_id)
+        uid, gid = uid_for(user_id)
+        dest = self.root / user_id
+        if dest.exists() and dest != source:
+            for template_dir in sorted(source.iterdir()):
+                target = dest / template_dir.name
+                if target.exists():
+                    target = dest / f"{template_dir.name}.from-{name}"
+                os.rename(template_dir, target)
+            shutil.rmtree(source, ignore_errors=True)
+        else:
+            os.rename(source, dest)
+        chown_tree(dest, uid, gid)
+        for path in (dest, *dest.iterdir()):
+            if path.is_dir() and not path.is_symlink():
+                _chmod_dir(path, 0o700)
+        log.info("home_migrated name=%s user_id=%s path=%s", name, user_id, dest)
+        return dest

@@ -26,13 +26,14 @@ def start_time(pid: int) -> float | None:
 
 
 def alive(pid: int | None, started: float | None) -> bool:
-    if pid is None:
+    """Without a start time a pid cannot be told from a recycled one: it counts as gone."""
+    if pid is None or started is None:
         return False
     try:
         proc = psutil.Process(pid)
         if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             return False
-        return started is None or proc.create_time() == started
+        return proc.create_time() == started
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 

@@ -44,6 +44,7 @@ __all__ = [
     "cgroup_join_argv",
     "group_text",
     "passwd_text",
+    "root_stage_env",
     "session_env",
     "setpriv_argv",
     "tini_argv",
@@ -189,6 +190,27 @@ def setpriv_argv(setpriv: str, uid: int, gid: int) -> list[str]:
     ]
 
 
+ROOT_STAGE_ENV_KEYS = ("PATH", SESSION_ENV_MARKER)
+"""All the environment the stages that run as root (cgroup join, the privileged bwrap,
+setpriv) get: nothing from templates or the agent reaches a root process (LD_AUDIT, GCONV_PATH,
+exported shell functions...). The session's own environment is set by the inner bwrap."""
+
+
+def root_stage_env(session_env: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        SESSION_ENV_MARKER: session_env[SESSION_ENV_MARKER],
+    }
+
+
+def setenv_args(env: Mapping[str, str]) -> list[str]:
+    """bwrap arguments that give the sandboxed process exactly `env`."""
+    args = ["--clearenv"]
+    for key, value in sorted(env.items()):
+        args += ["--setenv", key, value]
+    return args
+
+
 def _namespaces(fds: SandboxFds, network: bool) -> list[str]:
     """An unprivileged bwrap: new user (no nested ones), PID, IPC, UTS, cgroup and (unless the
     app needs network) net namespaces, no capabilities; its child is PID 1."""
@@ -229,12 +251,18 @@ def _filesystem(fds: SandboxFds, system: Sequence[HostDir], proc: list[str]) -> 
 
 
 def userns_sandbox_argv(
-    bwrap: str, fds: SandboxFds, system: Sequence[HostDir], *, network: bool
+    bwrap: str,
+    fds: SandboxFds,
+    system: Sequence[HostDir],
+    env: Mapping[str, str],
+    *,
+    network: bool,
 ) -> list[str]:
     """One unprivileged bwrap (the agent is not root): the session keeps the agent's uid."""
     return [
         bwrap,
         *_namespaces(fds, network),
+        *setenv_args(env),
         *_filesystem(fds, system, ["--proc", "/proc"]),
         "--chdir",
         SANDBOX_HOME,
@@ -249,6 +277,7 @@ def uid_sandbox_argv(
     gid: int,
     fds: SandboxFds,
     system: Sequence[HostDir],
+    env: Mapping[str, str],
     *,
     network: bool,
 ) -> list[str]:
@@ -275,6 +304,7 @@ def uid_sandbox_argv(
     inner = [
         bwrap,
         *_namespaces(fds, network),
+        *setenv_args(env),
         "--bind",
         "/",
         "/",
