@@ -639,3 +639,17 @@ def test_an_interrupted_home_migration_resumes_and_never_orphans_moved_homes(
     assert (state / "homes" / dora / "xterm" / "notes.txt").exists()
     assert not (state / "homes" / ".orphaned").exists()
     assert asyncio.run(be.legacy_home_names()) == []
+
+
+async def test_fifty_viewers_connecting_at_once_all_get_in(backend: LocalBackend) -> None:
+    """A Unix socket with a full listen backlog refuses at once (EAGAIN) where TCP would retry;
+    the agent waits its turn instead of failing the viewer."""
+    spec = new_spec()
+    await backend.start(spec)
+    opened = await asyncio.gather(*(backend.open_vnc(spec.session_id) for _ in range(50)))
+    try:
+        for reader, _ in opened:
+            assert await asyncio.wait_for(reader.readexactly(12), 10) == b"RFB 003.008\n"
+    finally:
+        for _, writer in opened:
+            writer.close()

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import socket
 import stat
 import struct
 from collections.abc import Iterator
@@ -134,8 +135,32 @@ def socket_handle(path: Path, owner: int | None = None) -> Iterator[str]:
 async def open_unix(
     path: Path, connect_timeout: float, owner: int | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    with socket_handle(path, owner) as name:
-        return await asyncio.wait_for(asyncio.open_unix_connection(name), connect_timeout)
+    """Connect to the session's socket, waiting while its listen backlog is full.
+
+    A Unix socket whose backlog is full refuses a non-blocking connect with EAGAIN, where TCP
+    would retry its SYN; asyncio takes that EAGAIN for "in progress" and hands back a socket
+    that never connected (the first read fails with EINVAL). Xvnc's backlog is short: 50 viewers
+    opening at once hit it. So the connect is done here and retried until the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + connect_timeout
+    delay = 0.002
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        with socket_handle(path, owner) as name:
+            while True:
+                try:
+                    sock.connect(name)
+                    break
+                except BlockingIOError:
+                    if loop.time() + delay > deadline:
+                        raise TimeoutError(f"{path}: the VNC server accepts no more now") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        return await asyncio.open_unix_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 async def open_endpoint(
