@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import re
 import shutil
 import socket
 import statistics
@@ -71,19 +69,16 @@ async def measure(stats: PathStats, opener: Opener, updates: int, pings: int) ->
         await rfb.close()
 
 
-def xvnc_port(session_id: str) -> int:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "Xvnc" in cmd and session_id in cmd:
-            m = re.search(r"-rfbport (\d+)", cmd)
-            if m:
-                return int(m.group(1))
-    raise RuntimeError("session's Xvnc not found")
+def vnc_socket(session_id: str) -> Path:
+    """The session's VNC socket (local backend: `run/<session>/vnc.sock` in the agent's state
+    dir, one of this script's temporary dirs), through a short symlink: Unix socket addresses
+    are limited to 108 bytes and websockify needs a plain path."""
+    for found in Path(tempfile.gettempdir()).glob(f"ss-bench-*/**/run/{session_id}/vnc.sock"):
+        link = Path(tempfile.gettempdir()) / f"ss-bench-vnc-{session_id[:12]}.sock"
+        link.unlink(missing_ok=True)
+        link.symlink_to(found)
+        return link
+    raise RuntimeError("session's VNC socket not found")
 
 
 async def tunnel_opener(url: str, token: str, session_id: str) -> Transport:
@@ -165,17 +160,18 @@ def main() -> None:
                 if c.get(f"/api/v1/sessions/{sid}").json()["state"] == "running":
                     break
                 time.sleep(0.1)
-            port = xvnc_port(sid)
+            sock = vnc_socket(sid)
             ws_port = free_port()
             bridge = subprocess.Popen(
-                [websockify, f"127.0.0.1:{ws_port}", f"127.0.0.1:{port}"],
+                [websockify, f"--unix-target={sock}", f"127.0.0.1:{ws_port}"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             try:
                 wait_port(ws_port)
-                asyncio.run(run_all(args, url, token, sid, port, ws_port))
+                asyncio.run(run_all(args, url, token, sid, sock, ws_port))
             finally:
+                sock.unlink(missing_ok=True)
                 bridge.terminate()
                 bridge.wait(10)
                 c.delete(f"/api/v1/sessions/{sid}")
@@ -186,14 +182,14 @@ def main() -> None:
 
 
 async def run_all(
-    args: argparse.Namespace, url: str, token: str, sid: str, port: int, ws_port: int
+    args: argparse.Namespace, url: str, token: str, sid: str, sock: Path, ws_port: int
 ) -> None:
     """Rounds interleave the three paths so a noisy neighbour hurts all of them alike."""
-    direct = PathStats("(a) direct VNC port")
+    direct = PathStats("(a) direct VNC socket")
     bridge = PathStats("(b) websockify")
     ours = PathStats(f"(c) StreamSpace ({args.agent} agent)")
     openers: list[tuple[PathStats, Opener]] = [
-        (direct, lambda: TCPTransport.connect("127.0.0.1", port)),
+        (direct, lambda: TCPTransport.connect_unix(str(sock))),
         (bridge, lambda: WebSocketTransport.connect(f"ws://127.0.0.1:{ws_port}/")),
         (ours, lambda: tunnel_opener(url, token, sid)),
     ]
