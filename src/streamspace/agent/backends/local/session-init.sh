@@ -25,6 +25,18 @@ on_stop() {
 }
 trap on_stop TERM INT HUP
 
+# `kill -0` also succeeds on a display server that is dying or dead but not yet reaped.
+display_gone() {
+    kill -0 "$xvnc_pid" 2>/dev/null || return 0
+    stat=""
+    read -r stat <"/proc/$xvnc_pid/stat" 2>/dev/null || return 0
+    stat=${stat##*) }
+    case "$stat" in
+    Z* | X*) return 0 ;;
+    esac
+    return 1
+}
+
 rm -f "$SS_RFB_SOCKET" "/tmp/.X$SS_DISPLAY-lock" "/tmp/.X11-unix/X$SS_DISPLAY"
 
 # No TCP listener (-rfbport -1, -nolisten tcp) and no abstract X socket (-nolisten local):
@@ -46,7 +58,7 @@ xvnc_pid=$!
 
 tries=0
 while [ ! -S "/tmp/.X11-unix/X$SS_DISPLAY" ]; do
-    if ! kill -0 "$xvnc_pid" 2>/dev/null; then
+    if display_gone; then
         note "reason=display server exited during startup"
         exit 125
     fi
@@ -78,7 +90,17 @@ while :; do
     kill -0 "$app_pid" 2>/dev/null || break
 done
 
-if ! kill -0 "$xvnc_pid" 2>/dev/null; then
+# An app usually dies of its display server's death a moment before that death is visible
+# here (the kernel closes the server's sockets before it becomes a zombie); give it that moment.
+if [ -z "$stopping" ]; then
+    tries=0
+    while ! display_gone && [ "$tries" -lt 25 ]; do
+        tries=$((tries + 1))
+        sleep 0.02
+    done
+fi
+
+if display_gone; then
     note "reason=display server exited"
 elif [ -n "$stopping" ]; then
     note "reason=stopped"
@@ -90,7 +112,7 @@ fi
 
 kill -TERM "$xvnc_pid" 2>/dev/null
 tries=0
-while kill -0 "$xvnc_pid" 2>/dev/null && [ "$tries" -lt 100 ]; do
+while ! display_gone && [ "$tries" -lt 100 ]; do
     tries=$((tries + 1))
     sleep 0.02
 done
