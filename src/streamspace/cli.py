@@ -32,11 +32,13 @@ admin_app = typer.Typer(help="Administration straight on the database.", no_args
 sessions_app = typer.Typer(help="Your sessions (uses `streamspace login`).", no_args_is_help=True)
 templates_app = typer.Typer(help="The template catalog.", no_args_is_help=True)
 images_app = typer.Typer(help="Session container images.", no_args_is_help=True)
+config_app = typer.Typer(help="The STREAMSPACE_* settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(admin_app, name="admin")
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(templates_app, name="templates")
 app.add_typer(images_app, name="images")
+app.add_typer(config_app, name="config")
 
 console = Console()
 err = Console(stderr=True)
@@ -766,6 +768,14 @@ def images_ls() -> None:
 
     for name in images.available_images():
         console.print(f"{name:<10} {images.image_ref(name)}")
+
+
+@config_app.command("docs")
+def config_docs() -> None:
+    """Print docs/configuration.md, generated from the settings class (`make docs`)."""
+    from streamspace.configdocs import render
+
+    typer.echo(render(), nl=False)
 
 
 @app.command()
