@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -292,9 +291,10 @@ def _join_token(ctx: typer.Context, given: str | None, path: Path | None) -> str
         return token
     source = ctx.get_parameter_source("join_token")
     if given is not None and getattr(source, "name", "") == "COMMANDLINE":
-        logging.getLogger("streamspace.cli").warning(
-            "join_token_on_command_line hint=%s",
-            f"other local accounts can read it in ps; use --join-token-file or {JOIN_TOKEN_ENV}",
+        logs.get_logger("streamspace.cli").warning(
+            "join_token_on_command_line",
+            hint="other local accounts can read it in ps; use --join-token-file or "
+            + JOIN_TOKEN_ENV,
         )
     return given or None
 
