@@ -61,12 +61,12 @@ QUIETED_TO_WARNING = ("uvicorn.access", "httpx", "websockets", "aiosqlite", "sql
 def plain(value: object) -> Any:
     """`value` as JSON-able data: scalars as they are, containers element by element,
     exceptions as their repr (a bare str() of many exceptions is empty), the rest as str()."""
+    if isinstance(value, enum.Enum):
+        return plain(value.value)
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
-    if isinstance(value, enum.Enum):
-        return plain(value.value)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat()
     if isinstance(value, BaseException):

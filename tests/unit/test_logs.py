@@ -6,11 +6,14 @@ a matching parser bug."""
 
 from __future__ import annotations
 
+import datetime as dt
+import enum
 import io
 import json
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +40,32 @@ AWKWARD: dict[str, object] = {
     "nothing": None,
     "items": [1, "two words", {"k": "v=w"}],
 }
+
+
+class Colour(enum.StrEnum):
+    RED = "dark red"
+
+
+class Step(enum.IntEnum):
+    TWO = 2
+
+
+def test_values_become_plain_data() -> None:
+    when = dt.datetime(2026, 12, 2, 1, 2, 3, tzinfo=dt.UTC)
+    got = [
+        logs.plain(v)
+        for v in (Colour.RED, Step.TWO, when, Path("/a b"), {3, 1}, float("nan"), KeyError("k"))
+    ]
+    assert got == [
+        "dark red",
+        2,
+        "2026-12-02T01:02:03+00:00",
+        "/a b",
+        [1, 3],
+        "nan",
+        "KeyError('k')",
+    ]
+    assert [type(v) for v in got[:2]] == [str, int]
 
 
 def parse_kv(line: str) -> dict[str, Any]:
