@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: install install-system install-test-system venv vendor run test lint unit format clean services
+.PHONY: install install-system install-test-system venv vendor run test lint unit format docs clean services
 
 install: install-system venv vendor
 
@@ -43,6 +43,10 @@ format: venv
 
 unit: venv
 	$(BIN)/pytest -q tests/unit
+
+# docs/configuration.md is generated from streamspace/config.py; a unit test fails when stale.
+docs: venv
+	$(BIN)/streamspace config docs > docs/configuration.md
 
 test: install install-test-system services lint
 	$(BIN)/pytest -q -p no:cacheprovider tests

@@ -17,7 +17,7 @@ import time
 import httpx
 
 from benchmarks.common import describe_machine, login, product, summary
-from streamspace.rfb import RFBClient, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, WebSocketTransport
 
 
 def app_visible(rfb: RFBClient, min_colours: int = 3) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import agent_process, describe_machine, free_port, login, percentile, product
-from streamspace.rfb import RFBClient, TCPTransport, Transport, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, TCPTransport, Transport, WebSocketTransport
 
 Opener = Callable[[], Awaitable[Transport]]
 

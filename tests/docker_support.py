@@ -26,7 +26,7 @@ from streamspace.agent.backends.docker import (
 )
 from streamspace.images import image_ref
 from streamspace.protocol import Display, ImageLaunch, Resources, SessionSpec
-from streamspace.rfb import RFBClient
+from streamspace_testing.rfb import RFBClient
 
 XTERM = image_ref("xterm")
 HOME = "/home/streamspace"

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 
 from streamspace.agent.backends.local import SESSION_ENV_MARKER
-from streamspace.rfb import RFBClient, TCPTransport
+from streamspace_testing.rfb import RFBClient, TCPTransport
 
 
 def vnc_socket(state_dir: Path, session_id: str) -> Path:

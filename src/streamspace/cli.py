@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
@@ -32,11 +31,13 @@ admin_app = typer.Typer(help="Administration straight on the database.", no_args
 sessions_app = typer.Typer(help="Your sessions (uses `streamspace login`).", no_args_is_help=True)
 templates_app = typer.Typer(help="The template catalog.", no_args_is_help=True)
 images_app = typer.Typer(help="Session container images.", no_args_is_help=True)
+config_app = typer.Typer(help="The STREAMSPACE_* settings.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(admin_app, name="admin")
 app.add_typer(sessions_app, name="sessions")
 app.add_typer(templates_app, name="templates")
 app.add_typer(images_app, name="images")
+app.add_typer(config_app, name="config")
 
 console = Console()
 err = Console(stderr=True)
@@ -290,9 +291,10 @@ def _join_token(ctx: typer.Context, given: str | None, path: Path | None) -> str
         return token
     source = ctx.get_parameter_source("join_token")
     if given is not None and getattr(source, "name", "") == "COMMANDLINE":
-        logging.getLogger("streamspace.cli").warning(
-            "join_token_on_command_line hint=%s",
-            f"other local accounts can read it in ps; use --join-token-file or {JOIN_TOKEN_ENV}",
+        logs.get_logger("streamspace.cli").warning(
+            "join_token_on_command_line",
+            hint="other local accounts can read it in ps; use --join-token-file or "
+            + JOIN_TOKEN_ENV,
         )
     return given or None
 
@@ -766,6 +768,14 @@ def images_ls() -> None:
 
     for name in images.available_images():
         console.print(f"{name:<10} {images.image_ref(name)}")
+
+
+@config_app.command("docs")
+def config_docs() -> None:
+    """Print docs/configuration.md, generated from the settings class (`make docs`)."""
+    from streamspace.configdocs import render
+
+    typer.echo(render(), nl=False)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """The one settings object. Every knob is an env var `STREAMSPACE_<NAME>`.
 
-Documented in docs/configuration.md."""
+docs/configuration.md is generated from the field descriptions here:
+`streamspace config docs > docs/configuration.md`."""
 
 from __future__ import annotations
 
@@ -19,42 +20,117 @@ def _default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
+    """Every field's description is its documentation: docs/configuration.md is generated
+    from them (`streamspace config docs`). `shown_default` (in json_schema_extra) says what an
+    empty or computed default means, where the value itself would not."""
+
     model_config = SettingsConfigDict(env_prefix="STREAMSPACE_", extra="ignore")
 
-    data_dir: Path = Field(default_factory=_default_data_dir)
-    database_url: str = ""
-    db_pool_size: int = Field(default=20, ge=1)
-    db_max_overflow: int = Field(default=20, ge=0)
-    db_pool_timeout_seconds: float = Field(default=10.0, gt=0)
-    redis_url: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8080
-    advertise_url: str = ""
-    """This replica's own URL as agents can reach it (multi-replica stream dial-back)."""
-    replica_id: str = ""
+    data_dir: Path = Field(
+        default_factory=_default_data_dir,
+        description="Where the control plane keeps its SQLite database, the signing key, the "
+        "embedded agent's state (`agent/`, users' home directories included) and podman's "
+        "configuration for `streamspace images build`.",
+        json_schema_extra={"shown_default": "`~/.local/share/streamspace`"},
+    )
+    database_url: str = Field(
+        default="",
+        description="`postgresql://user@host/db` for PostgreSQL (the async driver is chosen "
+        "automatically). Empty: SQLite in the data dir.",
+        json_schema_extra={"shown_default": "*(SQLite in the data dir)*"},
+    )
+    db_pool_size: int = Field(
+        default=20,
+        ge=1,
+        description="Database connections each replica keeps open; SQLite gets the same size. "
+        "Size pool and overflow so all PostgreSQL replicas together stay under the server's "
+        "`max_connections`.",
+    )
+    db_max_overflow: int = Field(
+        default=20,
+        ge=0,
+        description="How many connections beyond the pool each replica may open under bursts "
+        "(closed again when returned).",
+    )
+    db_pool_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A request that finds no free database connection within this long gets a "
+        "503 `database-busy` problem.",
+    )
+    redis_url: str = Field(
+        default="",
+        description="Redis for running several control-plane replicas. Empty: single-process mode.",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Where the API and web UI listen (`--host` overrides it).",
+    )
+    port: int = Field(
+        default=8080, description="Port of the API and web UI (`--port` overrides it)."
+    )
+    advertise_url: str = Field(
+        default="",
+        description="This replica's own URL as agents can reach it; agents dial stream sockets "
+        "back to it when several replicas run.",
+        json_schema_extra={"shown_default": "`http://HOST:PORT` when Redis is set"},
+    )
+    replica_id: str = Field(
+        default="",
+        description="Name of this replica in logs, leases and agent routing.",
+        json_schema_extra={"shown_default": "`<hostname>-<pid>`"},
+    )
 
-    secret_key: str = ""
-    admin_password: str = ""
-    access_token_ttl_seconds: int = 900
-    auth_cache_seconds: float = Field(default=5.0, ge=0)
+    secret_key: str = Field(
+        default="",
+        description="Signs access tokens. Set the same value on every replica.",
+        json_schema_extra={"shown_default": "generated once into `DATA_DIR/secret_key`"},
+    )
+    admin_password: str = Field(
+        default="",
+        description="Password of the `admin` user created on the first start. It must pass the "
+        "password policy (12+ characters, not easy to guess); a weak one stops the first start "
+        "with the reason. Ignored once users exist.",
+        json_schema_extra={"shown_default": "random, printed once"},
+    )
+    access_token_ttl_seconds: int = Field(
+        default=900, description="Lifetime of an access token (JWT)."
+    )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a replica reuses a user row it has loaded to authenticate "
+        "requests (saves a database read per request). A logout, password change, disable, "
+        "role change, delete or sign-out applies at once on every replica (through Redis with "
+        "several); a change written straight to the database is seen within this many "
+        "seconds. `0` turns the cache off.",
+    )
     connection_recheck_seconds: float = Field(
         default=5.0,
         gt=0,
         description="How often each replica re-reads the users it holds viewer WebSockets and "
         "event streams for, closing those whose sign-in was revoked in a way no message "
-        "announced (a lost Redis message, a change made straight in the database).",
+        "announced (a lost Redis message, a change made straight in the database). "
+        "Revocations through the API close them at once.",
     )
-    refresh_token_ttl_seconds: int = 7 * 24 * 3600
+    refresh_token_ttl_seconds: int = Field(
+        default=7 * 24 * 3600,
+        description="Lifetime of a refresh token (rotating, single use; an HttpOnly cookie in "
+        "browsers).",
+    )
     login_failures_before_delay: int = Field(
         default=5,
         ge=1,
         description="Failed logins one client IP may make for one username before each further "
-        "attempt has to wait.",
+        "attempt of that pair has to wait (`429` with `Retry-After`). See `docs/security.md`, "
+        '"Login and passwords".',
     )
     login_delay_seconds: float = Field(
         default=1.0,
         gt=0,
-        description="The first wait after those failures; it doubles with each further failure.",
+        description="The first wait after those failures; it doubles with each further failure "
+        "of the pair. A correct password clears the pair.",
     )
     login_max_delay_seconds: float = Field(
         default=900.0, gt=0, description="The longest wait one (username, client IP) pair gets."
@@ -67,95 +143,188 @@ class Settings(BaseSettings):
     )
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated IPs or CIDRs of reverse proxies whose X-Forwarded-For and "
-        "X-Forwarded-Proto headers are believed. Empty: forwarded headers are ignored and the "
-        "TCP peer is the client.",
+        description="Comma-separated IPs or CIDRs of reverse proxies whose `X-Forwarded-For` "
+        "and `X-Forwarded-Proto` headers are believed (e.g. `127.0.0.1` or `10.0.0.0/8`). "
+        "Empty: those headers are ignored and the TCP peer is the client. The `Forwarded` "
+        "header is never read. List only proxies that replace `X-Forwarded-For` rather than "
+        "pass a client's on.",
+        json_schema_extra={"shown_default": "*(none)*"},
     )
     public_url: str = Field(
         default="",
-        description="The URL browsers use to reach the web UI (e.g. https://streamspace.example). "
-        "Browser WebSockets and the event stream are accepted only from its origin. Empty: only "
-        "from the origin the request itself names in its Host header (same-origin).",
+        description="The URL users open (e.g. `https://streamspace.example.com`). Browsers may "
+        "open the viewer WebSocket and the event stream, and run the cookie refresh, only from "
+        "its origin. Empty: only from the origin the request's own `Host` header names "
+        "(same-origin; what `streamspace up` on `http://127.0.0.1:8080` needs).",
+        json_schema_extra={"shown_default": "*(none)*"},
     )
     user_requests_per_second: float = Field(
         default=30.0,
         ge=0,
-        description="Sustained API requests each user may make per second on each replica "
-        "(token bucket; 0 turns the limit off). Over it a request gets 429 with Retry-After.",
+        description="Sustained API requests each user may make per second on each replica (a "
+        "token bucket, checked before the request takes a database connection; `0` turns the "
+        "limit off). Over it a request gets 429 `rate-limited` with `Retry-After`.",
     )
     user_request_burst: int = Field(
         default=300,
         ge=1,
-        description="Requests a user may make at once before user_requests_per_second applies.",
+        description="Requests a user may make at once before "
+        "`STREAMSPACE_USER_REQUESTS_PER_SECOND` applies.",
     )
     user_concurrent_creates: int = Field(
         default=2,
         ge=0,
         description="Session creations one user may have under way at once on each replica "
-        "(0: no limit); more get 429 with Retry-After.",
+        "(`0`: no limit); more get 429 `rate-limited` with `Retry-After: 1`.",
     )
 
     metrics_token: str = Field(
         default="",
-        description="When set, GET /metrics needs `Authorization: Bearer <token>` (from any "
-        "client, loopback included); unset, /metrics is open (see metrics_loopback_only).",
+        description="When set, `GET /metrics` needs `Authorization: Bearer <token>` from every "
+        "client, loopback included (401 otherwise). Set it in production and give it to the "
+        "scraper. Unset, /metrics is open (see `STREAMSPACE_METRICS_LOOPBACK_ONLY`).",
+        json_schema_extra={"shown_default": "*(none)*"},
     )
     metrics_loopback_only: bool = Field(
         default=False,
-        description="Without a metrics token, serve /metrics only to clients on this machine "
-        "that came through no proxy. `streamspace up` turns it on.",
+        description="Without a metrics token, answer `/metrics` only for clients on this "
+        "machine that came through no proxy (403 otherwise). `streamspace up` turns it on "
+        "unless the variable is set.",
+        json_schema_extra={"shown_default": "`false` (`true` for `streamspace up`)"},
     )
 
-    templates_dir: Path | None = None
-    max_body_bytes: int = 1_048_576
+    templates_dir: Path | None = Field(
+        default=None,
+        description="Directory of template YAML files loaded into the catalog at start.",
+        json_schema_extra={
+            "shown_default": "`templates/` of the checkout, else of the installed package"
+        },
+    )
+    max_body_bytes: int = Field(default=1_048_576, description="Larger request bodies get 413.")
 
-    stream_ticket_ttl_seconds: int = 30
-    agent_heartbeat_seconds: float = 10.0
-    agent_stale_after_seconds: float = 30.0
-    agent_offline_after_seconds: float = 90.0
-    join_token_ttl_seconds: int = 3600
+    stream_ticket_ttl_seconds: int = Field(
+        default=30, description="Lifetime of a single-use stream ticket."
+    )
+    agent_heartbeat_seconds: float = Field(
+        default=10.0, description="Heartbeat interval the control plane asks agents for."
+    )
+    agent_stale_after_seconds: float = Field(
+        default=30.0,
+        description="An agent not heard from for this long (or with no connection) is `stale`: "
+        "it gets no new sessions.",
+    )
+    agent_offline_after_seconds: float = Field(
+        default=90.0, description="An agent not heard from for this long is `offline`."
+    )
+    join_token_ttl_seconds: int = Field(
+        default=3600,
+        description="Lifetime of an agent join token when its creator gives none.",
+    )
 
-    command_timeout_seconds: float = 30.0
-    command_max_attempts: int = 3
-    starting_timeout_seconds: float = 150.0
-    stopping_timeout_seconds: float = 120.0
-    queue_timeout_seconds: float = 600.0
-    loop_interval_seconds: float = 2.0
-    idle_check_interval_seconds: float = 15.0
-    scheduler_strategy: str = "least_loaded"
+    command_timeout_seconds: float = Field(
+        default=30.0,
+        description="How long one attempt of an agent command may take before it is re-sent.",
+    )
+    command_max_attempts: int = Field(
+        default=3, description="Attempts before a command (and its session) fails."
+    )
+    starting_timeout_seconds: float = Field(
+        default=150.0,
+        description="A session still scheduled, starting or waking after this long fails.",
+    )
+    stopping_timeout_seconds: float = Field(
+        default=120.0,
+        description="A session still stopping or hibernating after this long fails.",
+    )
+    queue_timeout_seconds: float = Field(
+        default=600.0,
+        description="A pending session no agent could take fails after this long, with the reason.",
+    )
+    loop_interval_seconds: float = Field(
+        default=2.0,
+        description="Period of the timeout loop, and the longest the placement loop sleeps "
+        "when nothing wakes it.",
+    )
+    idle_check_interval_seconds: float = Field(
+        default=15.0, description="Period of the idle culler."
+    )
+    scheduler_strategy: str = Field(
+        default="least_loaded",
+        description="`least_loaded` spreads sessions over agents; `bin_packing` fills agents "
+        "one by one.",
+    )
 
-    default_idle_timeout_seconds: int = 3600
-    default_max_duration_seconds: int = 12 * 3600
-    default_quota_sessions: int = 5
-    default_quota_cpu_millis: int = 8000
-    default_quota_memory_mb: int = 16384
+    default_idle_timeout_seconds: int = Field(
+        default=3600,
+        description="Idle time before a session is hibernated, unless the session request, "
+        "the user or the template says otherwise.",
+    )
+    default_max_duration_seconds: int = Field(
+        default=12 * 3600,
+        description="A session older than this is stopped, unless its template gives another "
+        "maximum.",
+    )
+    default_quota_sessions: int = Field(
+        default=5, description="Active sessions per user without an explicit quota."
+    )
+    default_quota_cpu_millis: int = Field(
+        default=8000, description="CPU (millicores) per user without an explicit quota."
+    )
+    default_quota_memory_mb: int = Field(
+        default=16384, description="Memory (MiB) per user without an explicit quota."
+    )
 
-    local_agent: bool = True
-    agent_max_sessions: int = 10
-    agent_cpu_millis: int = 8000
-    agent_memory_mb: int = 16384
-    agent_max_concurrent_commands: int = 8
+    local_agent: bool = Field(
+        default=True,
+        description="Read by nothing: `streamspace up` always runs its embedded agent and "
+        "`streamspace server` never does.",
+    )
+    agent_max_sessions: int = Field(
+        default=10, description="Sessions the embedded agent of `streamspace up` offers."
+    )
+    agent_cpu_millis: int = Field(
+        default=8000,
+        description="CPU (millicores) the embedded agent of `streamspace up` offers.",
+    )
+    agent_memory_mb: int = Field(
+        default=16384, description="Memory (MiB) the embedded agent of `streamspace up` offers."
+    )
+    agent_max_concurrent_commands: int = Field(
+        default=8, description="Commands the embedded agent of `streamspace up` runs at once."
+    )
     local_insecure_shared_user: bool = Field(
         default=False,
-        description=(
-            "Run local sessions as the agent's own user without a sandbox (a single-person "
-            "laptop only): loudly logged and shown in red to admins"
-        ),
+        description="Run local sessions as the agent's own user, unsandboxed (also "
+        "`--insecure-shared-user`). A single-person laptop only: logged loudly, shown in red "
+        "to admins. Without it sessions always run sandboxed (see docs/security.md).",
     )
     local_uid_range: str = Field(
         default="200000-265535",
-        description="Uids (and gids) given to users' local sessions when the agent is root",
+        description="Uids (= gids) given to users' local sessions when the agent is root; one "
+        "per user id, kept in the agent's `identities.json`. Must not overlap host accounts "
+        "(those uids are skipped).",
     )
     local_enforce_limits: bool = Field(
         default=True,
-        description="Apply each local session's CPU and memory limits through cgroups",
+        description="Apply each local session's CPU and memory limits through cgroups (v2 when "
+        'delegated, v1 as root); the agent reports "limits not enforced" where it cannot.',
     )
     default_quota_home_mb: int = Field(
-        default=0, ge=0, description="Size limit of each persistent home (0: no limit)"
+        default=0,
+        ge=0,
+        description="Size limit of each persistent home for users without a `max_home_mb` in "
+        "their quota (`0`: none). Measured when a session stops or hibernates; an over-limit "
+        "home keeps its session from starting.",
     )
 
-    log_format: str = "kv"
-    log_level: str = "INFO"
+    log_format: str = Field(
+        default="kv",
+        description="`kv` (key=value) or `json`; one event per line (see streamspace/logs.py).",
+    )
+    log_level: str = Field(
+        default="INFO",
+        description="Lowest level logged: `DEBUG`, `INFO`, `WARNING` or `ERROR`.",
+    )
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -8,11 +8,12 @@ failure to do so is logged, not fatal (a volume may refuse chmod).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 
-log = logging.getLogger("streamspace.files")
+from streamspace import logs
+
+log = logs.get_logger("streamspace.files")
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -26,7 +27,7 @@ def tighten(path: Path, mode: int) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        log.warning("file_mode_not_tightened path=%s error=%r", path, exc)
+        log.warning("file_mode_not_tightened", path=path, error=exc)
 
 
 def private_dir(path: Path) -> None:

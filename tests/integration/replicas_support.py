@@ -44,7 +44,7 @@ import httpx
 import psycopg2
 
 from conftest import ADMIN_PASSWORD, PG_ADMIN_URL, ROOT, AgentProcess, free_port, wait_for
-from streamspace.rfb import RFBClient, RFBError, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, RFBError, WebSocketTransport
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 REDIS_SERVER = shutil.which("redis-server")

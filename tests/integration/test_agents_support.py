@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from conftest import XVNC_MISSING, AgentProcess, require, wait_for, wait_state
-from streamspace.rfb import RFBClient, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, WebSocketTransport
 
 SESSION_MARKER = "STREAMSPACE_SESSION_ID"
 TMP_PATHS: list[Path] = []

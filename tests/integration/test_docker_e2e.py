@@ -73,7 +73,7 @@ def setup(make_control_plane: Any, podman_service: Any, tmp_path: Path) -> Any:
 
 
 def _stream_nonblank(cp: ControlPlane, client: Any, session_id: str) -> bool:
-    from streamspace.rfb import RFBClient, WebSocketTransport
+    from streamspace_testing.rfb import RFBClient, WebSocketTransport
 
     async def run() -> bool:
         t = client.post(f"/api/v1/sessions/{session_id}/connect").json()

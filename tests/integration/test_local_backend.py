@@ -23,7 +23,7 @@ import pytest
 from streamspace.agent.backends.base import BackendError
 from streamspace.agent.backends.local import LocalBackend
 from streamspace.protocol import CatalogEntry, ImageLaunch, LocalLaunch, SessionSpec
-from streamspace.rfb import RFBClient
+from streamspace_testing.rfb import RFBClient
 from vnc_support import session_pids, session_processes, vnc_socket, xvnc_processes
 
 if shutil.which("Xvnc") is None or shutil.which("xterm") is None:

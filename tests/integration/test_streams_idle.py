@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conftest import wait_state
-from streamspace.rfb import RFBClient, RFBError
+from streamspace_testing.rfb import RFBClient, RFBError
 
 pytestmark = pytest.mark.xvnc
 

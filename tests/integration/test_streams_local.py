@@ -15,7 +15,7 @@ from test_streams_support import wait_until
 
 from conftest import XVNC_MISSING, require
 from product_support import Product
-from streamspace.rfb import RFBClient, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, WebSocketTransport
 from vnc_support import open_direct, vnc_clients
 
 pytestmark = pytest.mark.xvnc

@@ -27,7 +27,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from conftest import XVNC_MISSING, AgentProcess, ControlPlane, require, wait_for, wait_state
 from streamspace.db.models import Session as SessionRow
-from streamspace.rfb import RFBClient, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, WebSocketTransport
 
 STREAM_PATH = "/api/v1/streams/ws"
 

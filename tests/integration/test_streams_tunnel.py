@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import wait_for
-from streamspace.rfb import RFBClient, RFBError
+from streamspace_testing.rfb import RFBClient, RFBError
 from vnc_support import short_path, vnc_clients, vnc_socket
 
 pytestmark = pytest.mark.xvnc

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import free_port
 from streamspace.agent import vnc
-from streamspace.rfb import RFBClient, RFBError, TCPTransport
+from streamspace_testing.rfb import RFBClient, RFBError, TCPTransport
 
 pytestmark = pytest.mark.xvnc
 

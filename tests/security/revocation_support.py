@@ -12,7 +12,7 @@ from replicas_support import SSEReader
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from streamspace.rfb import RFBClient, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, WebSocketTransport
 
 LIMIT = 2.0
 """Seconds within which a revocation must close every open connection of its user."""

@@ -66,7 +66,7 @@ from streamspace.agent.backends.docker import (
 )
 from streamspace.agent.vnc import socket_handle
 from streamspace.podman import PodmanService
-from streamspace.rfb import RFBClient, RFBError, TCPTransport
+from streamspace_testing.rfb import RFBClient, RFBError, TCPTransport
 
 pytestmark = pytest.mark.podman
 

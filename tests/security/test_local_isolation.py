@@ -22,7 +22,7 @@ import pytest
 
 from conftest import XVNC_MISSING, require, wait_state
 from product_support import Product
-from streamspace.rfb import RFBClient, WebSocketTransport
+from streamspace_testing.rfb import RFBClient, WebSocketTransport
 from vnc_support import tcp_listeners, vnc_socket, xvnc_processes
 
 pytestmark = pytest.mark.xvnc

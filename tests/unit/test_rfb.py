@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from streamspace.rfb import (
+from streamspace_testing.rfb import (
     ENCODING_DESKTOP_SIZE,
     ENCODING_RAW,
     KEYSYM_RETURN,

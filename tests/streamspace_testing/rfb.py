@@ -404,7 +404,7 @@ class RFBClient:
         width: int | None = None,
         height: int | None = None,
         *,
-        timeout: float | None = 10.0,  # noqa: ASYNC109
+        timeout: float | None = 10.0,
     ) -> UpdateStats:
         """Ask for an update and apply the next FramebufferUpdate the server sends.
 
@@ -420,7 +420,7 @@ class RFBClient:
         )
         return await self.read_update(timeout=timeout)
 
-    async def read_update(self, *, timeout: float | None = 10.0) -> UpdateStats:  # noqa: ASYNC109
+    async def read_update(self, *, timeout: float | None = 10.0) -> UpdateStats:
         """Process server messages until one FramebufferUpdate has been applied."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -436,7 +436,7 @@ class RFBClient:
         self,
         predicate: Callable[[RFBClient], bool],
         *,
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 10.0,
     ) -> bool:
         """Pull incremental updates until predicate(self) holds; False if it never did in time."""
         deadline = time.monotonic() + timeout
@@ -451,7 +451,7 @@ class RFBClient:
                 return True
         return predicate(self)
 
-    async def wait_for_change(self, digest: str, *, timeout: float = 10.0) -> bool:  # noqa: ASYNC109
+    async def wait_for_change(self, digest: str, *, timeout: float = 10.0) -> bool:
         return await self.wait_for(lambda c: c.framebuffer_digest() != digest, timeout=timeout)
 
     def framebuffer_nonblank(self) -> bool:
