@@ -274,11 +274,6 @@ class Settings(BaseSettings):
         default=16384, description="Memory (MiB) per user without an explicit quota."
     )
 
-    local_agent: bool = Field(
-        default=True,
-        description="Read by nothing: `streamspace up` always runs its embedded agent and "
-        "`streamspace server` never does.",
-    )
     agent_max_sessions: int = Field(
         default=10, description="Sessions the embedded agent of `streamspace up` offers."
     )

@@ -35,7 +35,7 @@ def test_every_env_var_has_its_row() -> None:
     rows = [line for line in DOC.read_text().splitlines() if line.startswith("| `STREAMSPACE_")]
     documented = [line.split("`")[1] for line in rows]
     assert documented == [f"STREAMSPACE_{name.upper()}" for name in Settings.model_fields]
-    assert "STREAMSPACE_LOCAL_AGENT" in documented
+    assert "STREAMSPACE_METRICS_TOKEN" in documented
 
 
 def test_rows_show_type_constraint_and_default() -> None:
