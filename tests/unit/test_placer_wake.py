@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any
 
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from peers_support import FakePeers
 from streamspace.config import Settings
+from streamspace.controlplane.events import EventBus
+from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import REMOTE_WAKE_GAP_SECONDS, Lifecycle
+from streamspace.controlplane.writerturn import WriterTurn
 
 
 def _lifecycle() -> tuple[Lifecycle, list[float]]:
-    state: Any = SimpleNamespace(settings=Settings())
-    lc = Lifecycle(state)
-    sent: list[float] = []
-    loop = asyncio.get_running_loop()
-    lc.remote_wake = lambda: sent.append(loop.time())
-    return lc, sent
+    settings = Settings()
+    peers = FakePeers()
+    db = async_sessionmaker()  # never used: nothing here touches the database
+    lc = Lifecycle(
+        settings=settings,
+        db=db,
+        write_db=db,
+        writer_turn=WriterTurn(sqlite=False),
+        events=EventBus(peers=peers),
+        hub=Hub(db=db, settings=settings, replica_id=peers.replica_id, peers=peers),
+        peers=peers,
+    )
+    return lc, peers.wakes
 
 
 async def test_a_burst_sends_one_wake_at_once_and_one_at_the_end_of_the_gap() -> None:

@@ -10,10 +10,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy import event as sa_event
@@ -22,9 +21,13 @@ from sqlalchemy.orm import Session as OrmSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace import protocol
+from streamspace.config import Settings
 from streamspace.controlplane import scheduler
 from streamspace.controlplane.api.schemas import SessionEventOut, SessionOut
 from streamspace.controlplane.catalog import TemplateSpec
+from streamspace.controlplane.events import EventBus
+from streamspace.controlplane.hub import Hub
+from streamspace.controlplane.peers import Peers
 from streamspace.controlplane.statemachine import (
     ACTIVE_STATES,
     ON_AGENT_STATES,
@@ -32,14 +35,12 @@ from streamspace.controlplane.statemachine import (
     allowed_actions,
     check_transition,
 )
+from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db import onestatement
-from streamspace.db.engine import is_sqlite
+from streamspace.db.engine import Database
 from streamspace.db.models import Agent, AgentCommand, SessionEvent, Template, User
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.onestatement import ONE_STATEMENT_ONLY
-
-if TYPE_CHECKING:
-    from streamspace.controlplane.state import AppState
 
 log = logging.getLogger("streamspace.lifecycle")
 
@@ -129,11 +130,26 @@ class _Changed:
 
 
 class Lifecycle:
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self.settings = state.settings
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        db: Database,
+        write_db: Database,
+        writer_turn: WriterTurn,
+        events: EventBus,
+        hub: Hub,
+        peers: Peers,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.write_db = write_db
+        """For writes that are one statement (see db.engine.write_session_factory)."""
+        self.writer_turn = writer_turn
+        self.events = events
+        self.hub = hub
+        self.peers = peers
         self._place_wakeup = asyncio.Event()
-        self.remote_wake: Callable[[], None] | None = None
         self._last_remote_wake = -REMOTE_WAKE_GAP_SECONDS
         self._trailing_wake: asyncio.TimerHandle | None = None
         self._results: asyncio.Queue[tuple[str, protocol.Result | protocol.Ack]] = asyncio.Queue()
@@ -183,12 +199,11 @@ class Lifecycle:
         return name
 
     async def publish(self, db: AsyncSession, sessions: list[SessionRow]) -> None:
-        events = self.state.events
-        if events.subscriber_count == 0 and events.remote_publish is None:
+        if not self.events.watched:
             return
         for s in sessions:
             view = session_view(s, await self.owner_name(db, s.owner_id))
-            self.state.events.publish(
+            self.events.publish(
                 {"type": "session", "session": view.model_dump(mode="json")}, owner_id=s.owner_id
             )
 
@@ -211,7 +226,7 @@ class Lifecycle:
         await self.publish(db, sessions)
         if commands:
             try:
-                await self.state.hub.dispatch_many(commands)
+                await self.hub.dispatch_many(commands)
             except Exception as exc:  # the commands are stored; the retry loop sends them later
                 log.warning("dispatch_failed count=%d error=%r", len(commands), exc)
 
@@ -311,7 +326,7 @@ class Lifecycle:
             SessionRow.owner_id == owner_id,
             SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
         )
-        if not is_sqlite(self.state.engine):
+        if not self.writer_turn.sqlite:
             query = query.order_by(SessionRow.id).with_for_update()
         changed: list[SessionRow] = []
         cmds: list[AgentCommand] = []
@@ -341,7 +356,7 @@ class Lifecycle:
         dropped, it left a session created just after a placement round's read waiting for
         some later wake (the loop interval at worst)."""
         self._place_wakeup.set()
-        if self.remote_wake is None or local_only:
+        if local_only:
             return
         wait = self._last_remote_wake + REMOTE_WAKE_GAP_SECONDS - time.monotonic()
         if wait <= 0:
@@ -354,8 +369,7 @@ class Lifecycle:
     def _send_remote_wake(self) -> None:
         self._trailing_wake = None
         self._last_remote_wake = time.monotonic()
-        if self.remote_wake is not None:
-            self.remote_wake()
+        self.peers.wake_placers()
 
     async def wait_for_placement_work(self, max_wait: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -451,14 +465,14 @@ class Lifecycle:
         again. A larger round is one transaction, its pending rows locked as they are read, so
         the ORM's batched flush stays fast for a burst of thousands. SQLite has no row locks:
         there the round holds the lock that user actions on sessions hold too."""
-        if is_sqlite(self.state.engine):
-            async with self.state.sqlite_lock, self.state.db() as db:
+        if self.writer_turn.sqlite:
+            async with self.writer_turn.held(), self.db() as db:
                 return await self._place(db, await self._pending(db, limit))
-        async with self.state.write_db() as db:
+        async with self.write_db() as db:
             pending = await self._pending(db, limit)
             if len(pending) <= SMALL_PLACEMENT_ROUND:
                 return await self._place(db, pending)
-        async with self.state.db() as db:
+        async with self.db() as db:
             return await self._place(db, await self._pending(db, limit))
 
     async def _pending(self, db: AsyncSession, limit: int) -> list[SessionRow]:
@@ -556,7 +570,7 @@ class Lifecycle:
         await self.on_results([(agent_id, result)])
 
     async def on_results(self, batch: list[tuple[str, protocol.Result | protocol.Ack]]) -> None:
-        async with self.state.db() as db:
+        async with self.db() as db:
             ids = [r.command_id for _, r in batch]
             cmds = {
                 c.id: c
@@ -664,7 +678,7 @@ class Lifecycle:
             self.transition(db, session, State.STOPPED, f"stopped on agent {agent}")
 
     async def on_session_status(self, agent_id: str, msg: protocol.SessionStatus) -> None:
-        async with self.state.db() as db:
+        async with self.db() as db:
             session = await db.get(SessionRow, msg.session_id)
             if session is None or session.agent_id != agent_id:
                 return
@@ -796,7 +810,7 @@ class Lifecycle:
 
     async def _expire_commands(self) -> None:
         at = now()
-        async with self.state.db() as db:
+        async with self.db() as db:
             overdue = (
                 await db.scalars(
                     select(AgentCommand)
@@ -836,7 +850,7 @@ class Lifecycle:
             await db.commit()
             await self.publish(db, changed)
         for cmd in resend:
-            await self.state.hub.dispatch(cmd.id, retry=True)
+            await self.hub.dispatch(cmd.id, retry=True)
 
     async def _expire_states(self) -> None:
         at = now()
@@ -849,7 +863,7 @@ class Lifecycle:
             State.STOPPING: s.stopping_timeout_seconds,
             State.PENDING: s.queue_timeout_seconds,
         }
-        async with self.state.db() as db:
+        async with self.db() as db:
             changed: list[SessionRow] = []
             for st, seconds in limits.items():
                 rows = (
@@ -885,7 +899,7 @@ class Lifecycle:
     async def cull(self) -> None:
         """Hibernate sessions idle past idle_timeout; stop those past max_duration."""
         at = now()
-        async with self.state.db() as db:
+        async with self.db() as db:
             running = (
                 await db.scalars(
                     select(SessionRow).where(

@@ -13,16 +13,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from streamspace.config import Settings
 from streamspace.controlplane import metrics
+from streamspace.controlplane.agentsocket import AgentEndpoint
+from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.streams import StreamBroker
+from streamspace.db.engine import Database
 from streamspace.db.models import Lease
-
-if TYPE_CHECKING:
-    from streamspace.controlplane.state import AppState
 
 log = logging.getLogger("streamspace.loops")
 
@@ -31,17 +33,18 @@ LAG_PROBE_SECONDS = 0.05
 
 
 class LeaderLease:
-    def __init__(self, state: AppState, ttl_seconds: float = 15.0) -> None:
-        self.state = state
+    def __init__(self, *, db: Database, replica_id: str, ttl_seconds: float = 15.0) -> None:
+        self.db = db
+        self.replica_id = replica_id
         self.ttl = ttl_seconds
         self.is_leader = False
 
     async def renew(self) -> bool:
         at = datetime.now(UTC)
-        holder = self.state.replica_id
+        holder = self.replica_id
         expires = at + timedelta(seconds=self.ttl)
         try:
-            async with self.state.db() as db:
+            async with self.db() as db:
                 result = await db.execute(
                     update(Lease)
                     .where(Lease.name == LEASE_NAME)
@@ -72,20 +75,33 @@ class LeaderLease:
 
 
 class Loops:
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self.lease = LeaderLease(state)
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        lease: LeaderLease,
+        lifecycle: Lifecycle,
+        agents: AgentEndpoint,
+        streams: StreamBroker,
+        revocations: Revocations,
+    ) -> None:
+        self.settings = settings
+        self.lease = lease
+        self.lifecycle = lifecycle
+        self.agents = agents
+        self.streams = streams
+        self.revocations = revocations
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        s = self.state.settings
-        lc = self.state.lifecycle
+        s = self.settings
+        lc = self.lifecycle
         self._spawn("lease", self.lease.renew, 5.0, leader_only=False)
-        self._spawn("heartbeats", self.state.hub.flush_heartbeats, 2.0, leader_only=False)
-        self._spawn("activity", self.state.streams.flush_activity, 5.0, leader_only=False)
+        self._spawn("heartbeats", self.agents.flush_heartbeats, 2.0, leader_only=False)
+        self._spawn("activity", self.streams.flush_activity, 5.0, leader_only=False)
         self._spawn(
             "revocation_recheck",
-            self.state.revocations.recheck,
+            self.revocations.recheck,
             s.connection_recheck_seconds,
             leader_only=False,
         )
@@ -115,9 +131,9 @@ class Loops:
         self._tasks.append(asyncio.create_task(run(), name=f"loop-{name}"))
 
     async def _placement_loop(self) -> None:
-        lc = self.state.lifecycle
+        lc = self.lifecycle
         while True:
-            await lc.wait_for_placement_work(self.state.settings.loop_interval_seconds)
+            await lc.wait_for_placement_work(self.settings.loop_interval_seconds)
             if not self.lease.is_leader:
                 continue
             try:
