@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from conftest import wait_for
-from streamspace.controlplane.api.sessions import ACTION_ATTEMPTS
+from streamspace.controlplane.lifecycle import ACTION_ATTEMPTS
 from streamspace.db.models import Agent, AgentCommand, SessionEvent, User
 from streamspace.db.models import Session as SessionRow
 

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -23,7 +24,6 @@ from sqlalchemy.orm.exc import StaleDataError
 from streamspace import protocol
 from streamspace.config import Settings
 from streamspace.controlplane import scheduler
-from streamspace.controlplane.api.schemas import SessionEventOut, SessionOut
 from streamspace.controlplane.catalog import TemplateSpec
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
@@ -31,10 +31,11 @@ from streamspace.controlplane.peers import Peers
 from streamspace.controlplane.statemachine import (
     ACTIVE_STATES,
     ON_AGENT_STATES,
+    ActionContended,
     State,
-    allowed_actions,
     check_transition,
 )
+from streamspace.controlplane.views import session_view, status_of
 from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db import onestatement
 from streamspace.db.engine import Database
@@ -46,6 +47,8 @@ log = logging.getLogger("streamspace.lifecycle")
 
 OPEN_COMMAND_STATUSES = ("pending", "sent", "acked")
 REMOTE_WAKE_GAP_SECONDS = 0.02
+ACTION_ATTEMPTS = 3
+"""How often a stop/hibernate/wake is decided again when the session changed under it."""
 SMALL_PLACEMENT_ROUND = 4
 """Sessions a placement round may hold to be written as one statement (3 rows each)."""
 EVENTS_KEY = "streamspace.session_events"
@@ -69,59 +72,6 @@ def _drop_session_events(sess: OrmSession) -> None:
 
 def now() -> datetime:
     return datetime.now(UTC)
-
-
-def session_view(
-    row: SessionRow, owner: str, events: list[SessionEvent] | None = None
-) -> SessionOut:
-    return SessionOut(
-        id=row.id,
-        owner_id=row.owner_id,
-        owner=owner,
-        template=row.template_name,
-        state=row.state,
-        agent_id=row.agent_id,
-        cluster_id=row.cluster_id,
-        requested_cluster_id=row.requested_cluster_id,
-        tags=list(row.tags),
-        resources={"cpu_millis": row.cpu_millis, "memory_mb": row.memory_mb},
-        persistent_home=row.persistent_home,
-        idle_timeout_seconds=row.idle_timeout_seconds,
-        max_duration_seconds=row.max_duration_seconds,
-        failure_reason=row.failure_reason,
-        status_message=row.status_message,
-        allowed_actions=allowed_actions(row.state),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        state_changed_at=row.state_changed_at,
-        started_at=row.started_at,
-        last_activity=row.last_activity,
-        events=[SessionEventOut.model_validate(e) for e in events] if events is not None else None,
-    )
-
-
-def agent_status(agent: Agent, settings: Any, at: datetime | None = None) -> str:
-    """online / stale / offline, derived from last_seen only (plus whether a socket is held)."""
-    return status_of(agent.revoked, agent.last_seen, agent.connected_replica, settings, at)
-
-
-def status_of(
-    revoked: bool,
-    last_seen: datetime | None,
-    connected_replica: str | None,
-    settings: Any,
-    at: datetime | None = None,
-) -> str:
-    if revoked:
-        return "revoked"
-    if last_seen is None:
-        return "offline"
-    age = ((at or now()) - last_seen).total_seconds()
-    if connected_replica and age <= settings.agent_stale_after_seconds:
-        return "online"
-    if age <= settings.agent_offline_after_seconds:
-        return "stale"
-    return "offline"
 
 
 @dataclass
@@ -282,6 +232,37 @@ class Lifecycle:
         )
 
     # ---- user actions -------------------------------------------------------------------
+
+    async def act(
+        self,
+        db: AsyncSession,
+        action: str,
+        read: Callable[[], Awaitable[tuple[SessionRow, str]]],
+    ) -> SessionRow:
+        """stop / hibernate / wake, as a user asked for it: `read` loads the session (and
+        records the request in the same transaction) and says why.
+
+        No row lock is taken: the write is a compare-and-set on the session row
+        (db.onestatement). If the session changed between the read and the write (an agent's
+        result, another request), nothing was written and the action is decided again on the
+        fresh row, up to ACTION_ATTEMPTS times. SQLite has no row locks; there the decision and
+        the write take this replica's writer turn."""
+        request = {
+            "stop": self.request_stop,
+            "hibernate": self.request_hibernate,
+            "wake": self.request_wake,
+        }[action]
+        async with self.writer_turn.taken_by(db):
+            for _ in range(ACTION_ATTEMPTS):
+                session, why = await read()
+                try:
+                    await request(db, session, why)
+                except StaleDataError:
+                    db.expunge_all()  # before the rollback, which would expire the caller's rows
+                    await db.rollback()
+                    continue
+                return session
+        raise ActionContended(action)
 
     async def request_stop(self, db: AsyncSession, session: SessionRow, why: str) -> None:
         cmds: list[AgentCommand] = []

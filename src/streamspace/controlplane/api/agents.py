@@ -16,11 +16,11 @@ from streamspace.controlplane.api.schemas import AgentOut, CredentialOut, JoinTo
 from streamspace.controlplane.browser import origin_allowed
 from streamspace.controlplane.catalog import TemplateSpec
 from streamspace.controlplane.deps import AdminDep, DbDep, OperatorDep, StateDep
-from streamspace.controlplane.lifecycle import agent_status
 from streamspace.controlplane.problems import Problem, not_found
 from streamspace.controlplane.security import random_secret, sha256
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import CLOSE_DENIED
+from streamspace.controlplane.views import agent_status
 from streamspace.db.models import Agent, JoinToken, Template
 
 router = APIRouter(tags=["agents"])
