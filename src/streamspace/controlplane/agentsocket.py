@@ -17,11 +17,11 @@ from sqlalchemy import select, update
 from streamspace import protocol
 from streamspace.config import Settings
 from streamspace.controlplane import agentauth
-from streamspace.controlplane.hub import CLOSE_PROTOCOL, OPEN_STATUSES, AgentConnection, Hub
+from streamspace.controlplane.hub import CLOSE_PROTOCOL, AgentConnection, Hub
 from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.db.engine import Database
-from streamspace.db.models import Agent, AgentCommand, User
+from streamspace.db.models import OPEN_COMMAND_STATUSES, Agent, AgentCommand, User
 
 log = logging.getLogger("streamspace.hub")
 
@@ -163,7 +163,7 @@ class AgentEndpoint:
                     select(AgentCommand.id)
                     .where(
                         AgentCommand.agent_id == agent_id,
-                        AgentCommand.status.in_(OPEN_STATUSES),
+                        AgentCommand.status.in_(OPEN_COMMAND_STATUSES),
                     )
                     .order_by(AgentCommand.created_at)
                 )

@@ -21,15 +21,15 @@ from streamspace import protocol
 from streamspace.config import Settings
 from streamspace.controlplane.peers import Peers
 from streamspace.db.engine import Database
-from streamspace.db.models import Agent, AgentCommand
+from streamspace.db.models import OPEN_COMMAND_STATUSES, Agent, AgentCommand, CommandStatus
 
 log = logging.getLogger("streamspace.hub")
+SENT = CommandStatus.SENT.value
 
 SEND_QUEUE = 1000
 CLOSE_REVOKED = 4403
 CLOSE_PROTOCOL = 4400
 CLOSE_REPLACED = 4409
-OPEN_STATUSES = ("pending", "sent", "acked")
 
 
 def command_message(cmd: AgentCommand) -> protocol.Command:
@@ -164,7 +164,7 @@ class Hub:
         """Send one command to its agent if reachable; the row records the attempt."""
         async with self.db() as db:
             cmd = await db.get(AgentCommand, command_id)
-            if cmd is None or cmd.status not in OPEN_STATUSES:
+            if cmd is None or cmd.status not in OPEN_COMMAND_STATUSES:
                 return False
             agent_id, msg = cmd.agent_id, command_message(cmd)
         sent = await self.send_to_agent(agent_id, msg)
@@ -225,10 +225,16 @@ class Hub:
             )
             await db.execute(
                 update(AgentCommand)
-                .where(AgentCommand.id.in_(command_ids), AgentCommand.status.in_(OPEN_STATUSES))
+                .where(
+                    AgentCommand.id.in_(command_ids), AgentCommand.status.in_(OPEN_COMMAND_STATUSES)
+                )
                 .values(
                     status=case(
-                        (AgentCommand.status == "pending", "sent"), else_=AgentCommand.status
+                        (
+                            AgentCommand.status == CommandStatus.PENDING.value,
+                            CommandStatus.SENT.value,
+                        ),
+                        else_=AgentCommand.status,
                     ),
                     attempts=AgentCommand.attempts + 1,
                     sent_at=at,

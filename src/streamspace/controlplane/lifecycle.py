@@ -39,13 +39,20 @@ from streamspace.controlplane.views import session_view, status_of
 from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db import onestatement
 from streamspace.db.engine import Database
-from streamspace.db.models import Agent, AgentCommand, SessionEvent, Template, User
+from streamspace.db.models import (
+    OPEN_COMMAND_STATUSES,
+    Agent,
+    AgentCommand,
+    CommandStatus,
+    SessionEvent,
+    Template,
+    User,
+)
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.onestatement import ONE_STATEMENT_ONLY
 
 log = logging.getLogger("streamspace.lifecycle")
 
-OPEN_COMMAND_STATUSES = ("pending", "sent", "acked")
 REMOTE_WAKE_GAP_SECONDS = 0.02
 ACTION_ATTEMPTS = 3
 """How often a stop/hibernate/wake is decided again when the session changed under it."""
@@ -193,7 +200,7 @@ class Lifecycle:
             session_id=session.id,
             action=action,
             payload={"spec": spec.model_dump(mode="json")} if spec else {},
-            status="pending",
+            status=CommandStatus.PENDING.value,
             attempts=0,
             deadline=now() + timedelta(seconds=self.settings.command_timeout_seconds),
         )
@@ -590,12 +597,12 @@ class Lifecycle:
                         result.command_id,
                     )
                     continue
-                if cmd.status in ("succeeded", "failed"):
+                if cmd.status in (CommandStatus.SUCCEEDED, CommandStatus.FAILED):
                     continue
                 late_start = result.ok and cmd.action in ("start", "wake")
-                if cmd.status == "timed_out" and not late_start:
+                if cmd.status == CommandStatus.TIMED_OUT and not late_start:
                     continue
-                cmd.status = "succeeded" if result.ok else "failed"
+                cmd.status = (CommandStatus.SUCCEEDED if result.ok else CommandStatus.FAILED).value
                 cmd.error = result.error
                 cmd.completed_at = now()
                 freed = freed or cmd.action in ("stop", "hibernate") or not result.ok
@@ -778,7 +785,7 @@ class Lifecycle:
                 AgentCommand.agent_id == agent_id,
                 AgentCommand.status.in_(OPEN_COMMAND_STATUSES),
             )
-            .values(status="failed", completed_at=now(), error=reason)
+            .values(status=CommandStatus.FAILED.value, completed_at=now(), error=reason)
         )
         await self.commit(db, list(rows))
         return len(rows)
@@ -812,7 +819,7 @@ class Lifecycle:
                     cmd.deadline = at + timedelta(seconds=timeout)
                     resend.append(cmd)
                     continue
-                cmd.status = "timed_out"
+                cmd.status = CommandStatus.TIMED_OUT.value
                 cmd.completed_at = at
                 cmd.error = (
                     f"agent {cmd.agent_id} did not complete {cmd.action} after "
@@ -872,7 +879,11 @@ class Lifecycle:
                         AgentCommand.session_id.in_([c.id for c in changed]),
                         AgentCommand.status.in_(OPEN_COMMAND_STATUSES),
                     )
-                    .values(status="timed_out", completed_at=at, error="session timed out")
+                    .values(
+                        status=CommandStatus.TIMED_OUT.value,
+                        completed_at=at,
+                        error="session timed out",
+                    )
                 )
             await db.commit()
             await self.publish(db, changed)
