@@ -331,14 +331,14 @@ def test_a_placement_round_does_not_resurrect_a_session_stopped_meanwhile(
             )
             await db.commit()
         async with cp.state.write_db() as placer_db:
-            pending = await lc._pending(placer_db, 10)
+            pending = await lc.placement._pending(placer_db, 10)
             assert [s.id for s in pending] == [sid]
             async with cp.state.db() as db:
                 await db.execute(
                     update(SessionRow).where(SessionRow.id == sid).values(state="stopped")
                 )
                 await db.commit()
-            return await lc._place(placer_db, pending)
+            return await lc.placement._place(placer_db, pending)
 
     assert cp.run(race()) == 0
 

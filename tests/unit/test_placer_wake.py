@@ -10,22 +10,23 @@ from peers_support import FakePeers
 from streamspace.config import Settings
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
-from streamspace.controlplane.lifecycle import REMOTE_WAKE_GAP_SECONDS, Lifecycle
+from streamspace.controlplane.placement import REMOTE_WAKE_GAP_SECONDS, Placement
+from streamspace.controlplane.transitions import Transitions
 from streamspace.controlplane.writerturn import WriterTurn
 
 
-def _lifecycle() -> tuple[Lifecycle, list[float]]:
+def _lifecycle() -> tuple[Placement, list[float]]:
     settings = Settings()
     peers = FakePeers()
     db = async_sessionmaker()  # never used: nothing here touches the database
-    lc = Lifecycle(
+    hub = Hub(db=db, settings=settings, replica_id=peers.replica_id, peers=peers)
+    lc = Placement(
         settings=settings,
         db=db,
         write_db=db,
         writer_turn=WriterTurn(sqlite=False),
-        events=EventBus(peers=peers),
-        hub=Hub(db=db, settings=settings, replica_id=peers.replica_id, peers=peers),
         peers=peers,
+        transitions=Transitions(settings=settings, events=EventBus(peers=peers), hub=hub),
     )
     return lc, peers.wakes
 

@@ -12,9 +12,10 @@ from streamspace.config import Settings
 from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import AgentConnection, Hub
-from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.placement import Placement
 from streamspace.controlplane.redis_peers import RedisPeers, _to_agent_payload, agent_channel
 from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.transitions import Transitions
 from streamspace.controlplane.wiring import PeerInbox
 from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.protocol import Command
@@ -28,18 +29,17 @@ def _router(connections: dict[str, AgentConnection]) -> RedisPeers:
     hub = Hub(db=db, settings=settings, replica_id="r1", peers=peers)
     hub.connections.update(connections)
     events = EventBus(peers=peers)
-    lifecycle = Lifecycle(
+    placement = Placement(
         settings=settings,
         db=db,
         write_db=db,
         writer_turn=WriterTurn(sqlite=False),
-        events=events,
-        hub=hub,
         peers=peers,
+        transitions=Transitions(settings=settings, events=events, hub=hub),
     )
     revocations = Revocations(auth_cache=AuthCache(0), db=db, peers=peers)
     router = RedisPeers(url="redis://127.0.0.1:1/0", replica_id="r1")  # never connected here
-    router.bind(PeerInbox(hub=hub, events=events, revocations=revocations, lifecycle=lifecycle))
+    router.bind(PeerInbox(hub=hub, events=events, revocations=revocations, placement=placement))
     return router
 
 

@@ -18,7 +18,8 @@ from streamspace import protocol
 from streamspace.config import Settings
 from streamspace.controlplane import agentauth
 from streamspace.controlplane.hub import CLOSE_PROTOCOL, AgentConnection, Hub
-from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.placement import Placement
+from streamspace.controlplane.results import Results
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.db.engine import Database
 from streamspace.db.models import OPEN_COMMAND_STATUSES, Agent, AgentCommand, User
@@ -54,14 +55,16 @@ class AgentEndpoint:
         settings: Settings,
         replica_id: str,
         hub: Hub,
-        lifecycle: Lifecycle,
+        results: Results,
+        placement: Placement,
         streams: StreamBroker,
     ) -> None:
         self.db = db
         self.settings = settings
         self.replica_id = replica_id
         self.hub = hub
-        self.lifecycle = lifecycle
+        self.results = results
+        self.placement = placement
         self.streams = streams
         self._beats: dict[str, tuple[datetime, protocol.Heartbeat]] = {}
         self._admission = asyncio.Semaphore(ADMISSION_SLOTS)
@@ -151,7 +154,7 @@ class AgentEndpoint:
             agent.connected_replica = self.replica_id
             agent.healthy = True
             await db.commit()
-            keep = await self.lifecycle.reconcile(db, agent_id, hello.inventory)
+            keep = await self.results.reconcile(db, agent_id, hello.inventory)
             home_owners: dict[str, str] = {}
             if hello.legacy_homes:
                 rows = await db.execute(
@@ -197,10 +200,10 @@ class AgentEndpoint:
             )
         for cmd_id in open_cmds:
             await self.hub.dispatch(cmd_id, retry=True)
-        self.lifecycle.wake_placer()
+        self.placement.wake_placer()
 
     async def _read_loop(self, conn: AgentConnection) -> None:
-        lifecycle = self.lifecycle
+        results = self.results
         while True:
             try:
                 raw = await _receive_text(conn.ws)
@@ -220,11 +223,11 @@ class AgentEndpoint:
             if isinstance(msg, protocol.Heartbeat):
                 self._beats[conn.agent_id] = (datetime.now(UTC), msg)
             elif isinstance(msg, protocol.Ack):
-                lifecycle.submit_ack(conn.agent_id, msg)
+                results.submit_ack(conn.agent_id, msg)
             elif isinstance(msg, protocol.Result):
-                lifecycle.submit_result(conn.agent_id, msg)
+                results.submit_result(conn.agent_id, msg)
             elif isinstance(msg, protocol.SessionStatus):
-                await lifecycle.on_session_status(conn.agent_id, msg)
+                await results.on_session_status(conn.agent_id, msg)
             elif isinstance(msg, protocol.StreamFailed):
                 self.streams.agent_failed(msg.stream_id, msg.error)
             elif isinstance(msg, protocol.ErrorMessage):
@@ -265,5 +268,5 @@ class AgentEndpoint:
                     )
             await db.commit()
         if any(not hb.healthy or hb.templates is not None for _, hb in beats.values()):
-            self.lifecycle.wake_placer()
+            self.placement.wake_placer()
         return len(rows)

@@ -20,9 +20,11 @@ from sqlalchemy.exc import IntegrityError
 from streamspace.config import Settings
 from streamspace.controlplane import metrics
 from streamspace.controlplane.agentsocket import AgentEndpoint
-from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.placement import Placement
+from streamspace.controlplane.results import Results
 from streamspace.controlplane.revocation import Revocations
 from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.timeouts import Timeouts
 from streamspace.db.engine import Database
 from streamspace.db.models import Lease
 
@@ -80,14 +82,18 @@ class Loops:
         *,
         settings: Settings,
         lease: LeaderLease,
-        lifecycle: Lifecycle,
+        placement: Placement,
+        results: Results,
+        timeouts: Timeouts,
         agents: AgentEndpoint,
         streams: StreamBroker,
         revocations: Revocations,
     ) -> None:
         self.settings = settings
         self.lease = lease
-        self.lifecycle = lifecycle
+        self.placement = placement
+        self.results = results
+        self.timeouts = timeouts
         self.agents = agents
         self.streams = streams
         self.revocations = revocations
@@ -95,7 +101,6 @@ class Loops:
 
     def start(self) -> None:
         s = self.settings
-        lc = self.lifecycle
         self._spawn("lease", self.lease.renew, 5.0, leader_only=False)
         self._spawn("heartbeats", self.agents.flush_heartbeats, 2.0, leader_only=False)
         self._spawn("activity", self.streams.flush_activity, 5.0, leader_only=False)
@@ -105,10 +110,10 @@ class Loops:
             s.connection_recheck_seconds,
             leader_only=False,
         )
-        self._spawn("expire", lc.expire, s.loop_interval_seconds)
-        self._spawn("cull", lc.cull, s.idle_check_interval_seconds)
+        self._spawn("expire", self.timeouts.expire, s.loop_interval_seconds)
+        self._spawn("cull", self.timeouts.cull, s.idle_check_interval_seconds)
         self._tasks.append(asyncio.create_task(self._placement_loop(), name="loop-placement"))
-        self._tasks.append(asyncio.create_task(lc.process_results(), name="loop-results"))
+        self._tasks.append(asyncio.create_task(self.results.process(), name="loop-results"))
         self._tasks.append(asyncio.create_task(probe_event_loop_lag(), name="loop-lag-probe"))
 
     def _spawn(
@@ -131,17 +136,17 @@ class Loops:
         self._tasks.append(asyncio.create_task(run(), name=f"loop-{name}"))
 
     async def _placement_loop(self) -> None:
-        lc = self.lifecycle
+        placement = self.placement
         while True:
-            await lc.wait_for_placement_work(self.settings.loop_interval_seconds)
+            await placement.wait_for_work(self.settings.loop_interval_seconds)
             if not self.lease.is_leader:
                 continue
             try:
-                placed = await lc.place_pending()
+                placed = await placement.place_pending()
                 metrics.loop_runs_total.labels("placement").inc()
                 if placed:
                     metrics.placements_total.inc(placed)
-                    lc.wake_placer()
+                    placement.wake_placer()
             except Exception as exc:
                 log.warning("loop_failed loop=placement error=%r", exc)
                 await asyncio.sleep(1)

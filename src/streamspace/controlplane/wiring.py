@@ -22,11 +22,15 @@ from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.loops import LeaderLease, Loops
 from streamspace.controlplane.peers import InProcessPeers, Peers
+from streamspace.controlplane.placement import Placement
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.redis_peers import RedisPeers
+from streamspace.controlplane.results import Results
 from streamspace.controlplane.revocation import Revocations
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.timeouts import Timeouts
+from streamspace.controlplane.transitions import Transitions
 from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db.engine import (
     is_sqlite,
@@ -60,14 +64,18 @@ def build_state(
     revocations = Revocations(auth_cache=auth_cache, db=db, peers=peers)
     writer_turn = WriterTurn(sqlite=is_sqlite(engine))
     hub = Hub(db=db, settings=settings, replica_id=replica_id, peers=peers)
-    lifecycle = Lifecycle(
+    transitions = Transitions(settings=settings, events=events, hub=hub)
+    placement = Placement(
         settings=settings,
         db=db,
         write_db=write_db,
         writer_turn=writer_turn,
-        events=events,
-        hub=hub,
         peers=peers,
+        transitions=transitions,
+    )
+    results = Results(db=db, transitions=transitions, placement=placement)
+    lifecycle = Lifecycle(
+        transitions=transitions, placement=placement, results=results, writer_turn=writer_turn
     )
     local_agent = EmbeddedAgentSlot()
     streams = StreamBroker(
@@ -83,7 +91,8 @@ def build_state(
         settings=settings,
         replica_id=replica_id,
         hub=hub,
-        lifecycle=lifecycle,
+        results=results,
+        placement=placement,
         streams=streams,
     )
     return AppState(
@@ -120,7 +129,14 @@ def build_loops(state: AppState) -> Loops:
     return Loops(
         settings=state.settings,
         lease=LeaderLease(db=state.db, replica_id=state.replica_id),
-        lifecycle=state.lifecycle,
+        placement=state.lifecycle.placement,
+        results=state.lifecycle.results,
+        timeouts=Timeouts(
+            settings=state.settings,
+            db=state.db,
+            hub=state.hub,
+            transitions=state.lifecycle.transitions,
+        ),
         agents=state.agents,
         streams=state.streams,
         revocations=state.revocations,
@@ -131,12 +147,12 @@ class PeerInbox:
     """`peers.Inbox`: what another replica asks of this one, done with local delivery only."""
 
     def __init__(
-        self, *, hub: Hub, events: EventBus, revocations: Revocations, lifecycle: Lifecycle
+        self, *, hub: Hub, events: EventBus, revocations: Revocations, placement: Placement
     ) -> None:
         self.hub = hub
         self.events = events
         self.revocations = revocations
-        self.lifecycle = lifecycle
+        self.placement = placement
 
     def held_agents(self) -> Iterable[str]:
         return self.hub.connections.keys()
@@ -155,7 +171,7 @@ class PeerInbox:
         self.revocations.apply(user_id, reason)
 
     def wake_placer(self) -> None:
-        self.lifecycle.wake_placer(local_only=True)
+        self.placement.wake_placer(local_only=True)
 
 
 def start_peers(state: AppState) -> None:
@@ -164,6 +180,6 @@ def start_peers(state: AppState) -> None:
             hub=state.hub,
             events=state.events,
             revocations=state.revocations,
-            lifecycle=state.lifecycle,
+            placement=state.lifecycle.placement,
         )
     )
