@@ -37,7 +37,7 @@ ON_AGENT_STATES = frozenset(
     {S.SCHEDULED, S.STARTING, S.RUNNING, S.HIBERNATING, S.HIBERNATED, S.WAKING}
 )
 TRANSITIONAL_STATES = frozenset({S.SCHEDULED, S.STARTING, S.HIBERNATING, S.WAKING, S.STOPPING})
-"""Each has a completion path (an agent result) and a timeout path (loops.expire_transitions)."""
+"""Each has a completion path (an agent result, results.py) and a timeout path (timeouts.py)."""
 
 
 class IllegalTransition(Exception):
