@@ -49,7 +49,7 @@ class AppState:
     """Each user's session creations under way (deps.create_turn)."""
     auth_cache: AuthCache
     db_slots: asyncio.Semaphore
-    """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""
+    """Request sessions allowed at once (see deps.get_db); sized from the pool by wiring."""
     revocations: Revocations
     writer_turn: WriterTurn
     """Serialises read-then-write requests on SQLite, which has no row locks: quota check +
