@@ -122,8 +122,7 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
     agent = None
     if with_local_agent:
         agent = await _embedded_agent(application, settings, url)
-        application.state.ss.streams.local_agent = agent
-        application.state.ss.embedded_agent = agent
+        application.state.ss.local_agent.attach(agent)
         agent_task = asyncio.create_task(agent.run())
     waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(stop.wait()), serve_task}
     if agent_task is not None:

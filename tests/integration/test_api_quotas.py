@@ -259,7 +259,7 @@ def test_home_size_limit_is_the_smallest_quota_and_reaches_the_agent(
         async with cp.state.db() as db:
             row = await db.get(SessionRow, sid)
             assert row is not None
-            spec = await cp.state.lifecycle.build_spec(db, row)
+            spec = await cp.state.lifecycle.transitions.build_spec(db, row)
             return row.home_limit_mb, spec.home_limit_mb
 
     assert cp.run(spec_limit()) == (300, 300)

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from conftest import wait_for
-from streamspace.controlplane.api.sessions import ACTION_ATTEMPTS
+from streamspace.controlplane.lifecycle import ACTION_ATTEMPTS
 from streamspace.db.models import Agent, AgentCommand, SessionEvent, User
 from streamspace.db.models import Session as SessionRow
 
@@ -331,14 +331,14 @@ def test_a_placement_round_does_not_resurrect_a_session_stopped_meanwhile(
             )
             await db.commit()
         async with cp.state.write_db() as placer_db:
-            pending = await lc._pending(placer_db, 10)
+            pending = await lc.placement._pending(placer_db, 10)
             assert [s.id for s in pending] == [sid]
             async with cp.state.db() as db:
                 await db.execute(
                     update(SessionRow).where(SessionRow.id == sid).values(state="stopped")
                 )
                 await db.commit()
-            return await lc._place(placer_db, pending)
+            return await lc.placement._place(placer_db, pending)
 
     assert cp.run(race()) == 0
 

@@ -56,7 +56,7 @@ def test_a_stop_overtaken_by_the_hibernate_result_still_ends_stopped(tmp_path: P
                 db.add(stop)
                 await db.commit()
                 ids: dict[str, Any] = {"agent": agent.id, "session": session.id, "cmd": stop.id}
-            await cp.state.lifecycle.on_results(
+            await cp.state.lifecycle.results.on_results(
                 [(ids["agent"], protocol.Result(command_id=ids["cmd"], ok=True))]
             )
             async with cp.state.db() as db:

@@ -14,7 +14,7 @@ from sqlalchemy import Table, delete, event, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
-from streamspace.controlplane.lifecycle import EVENTS_KEY, now
+from streamspace.controlplane.transitions import EVENTS_KEY, now
 from streamspace.db import migrate, onestatement
 from streamspace.db.engine import create_engine, session_factory, write_session_factory
 from streamspace.db.models import Agent, AgentCommand, AuditLog, SessionEvent, User

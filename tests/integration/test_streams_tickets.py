@@ -140,7 +140,7 @@ async def test_ticket_is_single_use(d: Desk) -> None:
     await wait_stream_count(d, 0)
     # ... and after it closed.
     assert await handshake_status(d.ws_url(ticket)) == 403
-    assert ticket not in d.cp.state.streams._tickets
+    assert ticket not in d.cp.state.peers._tickets
 
     # A ticket that was refused for another reason is gone as well (consumed on any attempt).
     ticket2 = d.connect(session["id"])["ticket"]
@@ -168,7 +168,7 @@ async def test_ticket_expires(make_control_plane: Any, tmp_path: Path) -> None:
         unused = short.connect(session["id"])["ticket"]
         await asyncio.sleep(1.5)
         short.connect(session["id"])
-        assert unused not in short.cp.state.streams._tickets
+        assert unused not in short.cp.state.peers._tickets
 
 
 async def test_missing_or_garbage_ticket_is_refused(d: Desk) -> None:

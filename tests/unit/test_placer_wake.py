@@ -3,20 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
-from typing import Any
 
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from peers_support import FakePeers
 from streamspace.config import Settings
-from streamspace.controlplane.lifecycle import REMOTE_WAKE_GAP_SECONDS, Lifecycle
+from streamspace.controlplane.events import EventBus
+from streamspace.controlplane.hub import Hub
+from streamspace.controlplane.placement import REMOTE_WAKE_GAP_SECONDS, Placement
+from streamspace.controlplane.transitions import Transitions
+from streamspace.controlplane.writerturn import WriterTurn
 
 
-def _lifecycle() -> tuple[Lifecycle, list[float]]:
-    state: Any = SimpleNamespace(settings=Settings())
-    lc = Lifecycle(state)
-    sent: list[float] = []
-    loop = asyncio.get_running_loop()
-    lc.remote_wake = lambda: sent.append(loop.time())
-    return lc, sent
+def _lifecycle() -> tuple[Placement, list[float]]:
+    settings = Settings()
+    peers = FakePeers()
+    db = async_sessionmaker()  # never used: nothing here touches the database
+    hub = Hub(db=db, settings=settings, replica_id=peers.replica_id, peers=peers)
+    lc = Placement(
+        settings=settings,
+        db=db,
+        write_db=db,
+        writer_turn=WriterTurn(sqlite=False),
+        peers=peers,
+        transitions=Transitions(settings=settings, events=EventBus(peers=peers), hub=hub),
+    )
+    return lc, peers.wakes
 
 
 async def test_a_burst_sends_one_wake_at_once_and_one_at_the_end_of_the_gap() -> None:

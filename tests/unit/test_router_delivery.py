@@ -4,17 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
-from typing import Any
 
-from streamspace.controlplane.hub import AgentConnection
-from streamspace.controlplane.router import RedisRouter, _to_agent_payload, agent_channel
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from peers_support import FakePeers
+from streamspace.config import Settings
+from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.events import EventBus
+from streamspace.controlplane.hub import AgentConnection, Hub
+from streamspace.controlplane.placement import Placement
+from streamspace.controlplane.redis_peers import RedisPeers, _to_agent_payload, agent_channel
+from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.transitions import Transitions
+from streamspace.controlplane.wiring import PeerInbox
+from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.protocol import Command
 
 
-def _router(connections: dict[str, AgentConnection]) -> RedisRouter:
-    state: Any = SimpleNamespace(hub=SimpleNamespace(connections=connections), replica_id="r1")
-    return RedisRouter(state, "redis://127.0.0.1:1/0")  # never connected in these tests
+def _router(connections: dict[str, AgentConnection]) -> RedisPeers:
+    """A RedisPeers whose inbox is this replica's real one, over a hub holding `connections`."""
+    settings = Settings()
+    peers = FakePeers()
+    db = async_sessionmaker()  # never used: delivery touches no database
+    hub = Hub(db=db, settings=settings, replica_id="r1", peers=peers)
+    hub.connections.update(connections)
+    events = EventBus(peers=peers)
+    placement = Placement(
+        settings=settings,
+        db=db,
+        write_db=db,
+        writer_turn=WriterTurn(sqlite=False),
+        peers=peers,
+        transitions=Transitions(settings=settings, events=events, hub=hub),
+    )
+    revocations = Revocations(auth_cache=AuthCache(0), db=db, peers=peers)
+    router = RedisPeers(url="redis://127.0.0.1:1/0", replica_id="r1")  # never connected here
+    router.bind(PeerInbox(hub=hub, events=events, revocations=revocations, placement=placement))
+    return router
 
 
 def _frame(n: int) -> bytes:

@@ -4,10 +4,11 @@ import itertools
 
 import pytest
 
-from streamspace.controlplane.problems import Problem
+from streamspace.controlplane.problems import domain_problem
 from streamspace.controlplane.statemachine import (
     TRANSITIONAL_STATES,
     TRANSITIONS,
+    IllegalTransition,
     State,
     allowed_actions,
     can_transition,
@@ -33,11 +34,12 @@ def test_happy_path_is_legal() -> None:
 
 
 def test_impossible_transition_is_409_with_current_state() -> None:
-    with pytest.raises(Problem) as info:
+    with pytest.raises(IllegalTransition) as raised:
         check_transition("pending", State.HIBERNATING, "hibernate")
-    assert info.value.status == 409
-    assert info.value.extra["current_state"] == "pending"
-    assert "cannot hibernate a session that is pending" in info.value.detail
+    problem = domain_problem(raised.value)  # what the API answers with
+    assert problem.status == 409
+    assert problem.extra["current_state"] == "pending"
+    assert "cannot hibernate a session that is pending" in problem.detail
 
 
 def test_stopped_is_terminal() -> None:

@@ -24,26 +24,13 @@ from streamspace import __version__
 from streamspace.config import Settings
 from streamspace.controlplane import catalog, datadir, metrics, problems
 from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
-from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.browser import SecurityHeaders
-from streamspace.controlplane.events import EventBus
-from streamspace.controlplane.hub import Hub
-from streamspace.controlplane.lifecycle import Lifecycle
-from streamspace.controlplane.loginthrottle import LoginThrottle
-from streamspace.controlplane.loops import Loops
 from streamspace.controlplane.passwords import describe, weakness
-from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
-from streamspace.controlplane.revocation import Revocations
 from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
 from streamspace.controlplane.state import AppState
-from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.wiring import build_loops, build_state, start_peers
 from streamspace.db import migrate
-from streamspace.db.engine import (
-    create_engine,
-    read_session_factory,
-    session_factory,
-    write_session_factory,
-)
+from streamspace.db.engine import create_engine
 from streamspace.db.models import User
 
 log = logging.getLogger("streamspace.app")
@@ -168,13 +155,6 @@ async def bootstrap_admin(state: AppState) -> str | None:
 GC_THRESHOLDS = (10_000, 20, 100)
 
 
-def request_slots(settings: Settings) -> int:
-    """Pooled connections requests may hold at once; the rest stay free for the background
-    loops, the hub and result batches, which do not queue behind requests."""
-    total = settings.db_pool_size + settings.db_max_overflow
-    return max(1, total - max(2, total // 5))
-
-
 def settle_garbage_collector() -> None:
     """Keep full collections rare and small: they stop the event loop for their whole run.
 
@@ -200,34 +180,9 @@ def create_app(settings: Settings) -> FastAPI:
             pool_timeout=settings.db_pool_timeout_seconds,
         )
         replica = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-        auth_cache = AuthCache(settings.auth_cache_seconds)
-        sessions = session_factory(engine)
-        state = AppState(
-            settings=settings,
-            engine=engine,
-            db=sessions,
-            read_db=read_session_factory(engine),
-            write_db=write_session_factory(engine),
-            replica_id=replica,
-            secret=datadir.load_or_create_secret(settings),
-            events=EventBus(),
-            login_throttle=LoginThrottle(
-                failures_before_delay=settings.login_failures_before_delay,
-                delay_seconds=settings.login_delay_seconds,
-                max_delay_seconds=settings.login_max_delay_seconds,
-                ip_failures_per_minute=settings.login_ip_failures_per_minute,
-            ),
-            user_requests=TokenBuckets(
-                settings.user_requests_per_second, settings.user_request_burst
-            ),
-            session_creates=InFlight(settings.user_concurrent_creates),
-            auth_cache=auth_cache,
-            db_slots=asyncio.Semaphore(request_slots(settings)),
-            revocations=Revocations(auth_cache, sessions),
+        state = build_state(
+            settings, engine, replica_id=replica, secret=datadir.load_or_create_secret(settings)
         )
-        state.hub = Hub(state)
-        state.lifecycle = Lifecycle(state)
-        state.streams = StreamBroker(state)
         app.state.ss = state
         try:
             async with migrate.startup_lock(engine):
@@ -237,6 +192,7 @@ def create_app(settings: Settings) -> FastAPI:
                     await catalog.sync_files(db, settings.resolved_templates_dir())
         except (StartupRefused, migrate.MigrationRefused) as exc:
             app.state.startup_error = str(exc)
+            await state.peers.close()
             await engine.dispose()
             raise
         await asyncio.to_thread(dummy_hash)
@@ -246,14 +202,8 @@ def create_app(settings: Settings) -> FastAPI:
                 "  (shown once; set STREAMSPACE_ADMIN_PASSWORD to choose it)\n",
                 flush=True,
             )
-        router = None
-        if settings.redis_url:
-            from streamspace.controlplane.router import RedisRouter
-
-            router = RedisRouter(state, settings.redis_url)
-            state.streams.router = router
-            router.start()
-        loops = Loops(state)
+        start_peers(state)
+        loops = build_loops(state)
         app.state.loops = loops
         await loops.lease.renew()
         loops.start()
@@ -264,8 +214,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await loops.stop()
             await state.hub.close_all()
-            if router is not None:
-                await router.close()
+            await state.peers.close()
             await engine.dispose()
 
     app = FastAPI(

@@ -17,7 +17,7 @@ from streamspace.controlplane import metrics
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.security import decode_access_token
 from streamspace.controlplane.state import AppState
-from streamspace.db.engine import is_sqlite
+from streamspace.controlplane.writerturn import SLOT_KEY
 from streamspace.db.models import User
 
 
@@ -42,9 +42,6 @@ def one_statement(endpoint: Endpoint) -> Endpoint:
     its request gets a `write_db` session (no BEGIN/COMMIT round trips on PostgreSQL)."""
     setattr(endpoint, ONE_STATEMENT_MARK, True)
     return endpoint
-
-
-SLOT_KEY = "streamspace.request_slot"
 
 
 class RequestSlot:
@@ -97,27 +94,9 @@ async def get_db(conn: HTTPConnection, state: StateDep) -> AsyncIterator[AsyncSe
 
 @contextlib.asynccontextmanager
 async def writer_turn(state: AppState, db: AsyncSession) -> AsyncIterator[None]:
-    """On SQLite, this replica's turn to decide and write (`state.sqlite_lock`: SQLite has no
-    row locks), waited for without holding a pooled connection or a request slot.
-
-    A request that waited for the lock while holding its connection deadlocked against the
-    placement loop, which holds the lock and then needs a connection: 30 parallel creates
-    took every connection of the pool, and everyone's requests stalled until the pool timeout
-    (25-30 s). So the connection goes back first (the session's reads so far are committed:
-    expire_on_commit is off, loaded rows stay usable), then the slot; both are taken again once
-    the lock is held. PostgreSQL has row locks and compare-and-set writes: nothing to wait for.
-    """
-    if not is_sqlite(state.engine):
-        yield
-        return
-    if db.in_transaction():
-        await db.commit()
-    slot: RequestSlot | None = db.info.get(SLOT_KEY)
-    if slot is not None:
-        slot.release()
-    async with state.sqlite_lock:
-        if slot is not None:
-            await slot.acquire()
+    """On SQLite, this replica's turn to decide and write, waited for without holding a
+    pooled connection or a request slot (see writerturn.WriterTurn.taken_by)."""
+    async with state.writer_turn.taken_by(db):
         yield
 
 

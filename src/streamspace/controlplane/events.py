@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from streamspace.controlplane.peers import Peers
+
 
 @dataclass(eq=False)
 class Subscriber:
@@ -29,15 +31,15 @@ class EventBus:
     """In-process fan-out. A slow subscriber loses old events rather than growing memory;
     the UI re-fetches the list when it sees a `resync` event."""
 
-    def __init__(self, queue_size: int = 256) -> None:
+    def __init__(self, *, peers: Peers, queue_size: int = 256) -> None:
         self._subs: set[Subscriber] = set()
         self._queue_size = queue_size
-        self.remote_publish: Any = None
+        self.peers = peers
 
     def publish(self, event: dict[str, Any], *, owner_id: str, local_only: bool = False) -> None:
         self.deliver(event, owner_id=owner_id)
-        if self.remote_publish is not None and not local_only:
-            self.remote_publish(event, owner_id)
+        if not local_only:
+            self.peers.publish_event(event, owner_id)
 
     def deliver(self, event: dict[str, Any], *, owner_id: str) -> None:
         for sub in list(self._subs):
@@ -63,3 +65,8 @@ class EventBus:
     @property
     def subscriber_count(self) -> int:
         return len(self._subs)
+
+    @property
+    def watched(self) -> bool:
+        """Whether an event published now can reach anyone (here or on another replica)."""
+        return bool(self._subs) or self.peers.broadcasts

@@ -13,16 +13,20 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from streamspace.config import Settings
 from streamspace.controlplane import metrics
+from streamspace.controlplane.agentsocket import AgentEndpoint
+from streamspace.controlplane.placement import Placement
+from streamspace.controlplane.results import Results
+from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.timeouts import Timeouts
+from streamspace.db.engine import Database
 from streamspace.db.models import Lease
-
-if TYPE_CHECKING:
-    from streamspace.controlplane.state import AppState
 
 log = logging.getLogger("streamspace.loops")
 
@@ -31,17 +35,18 @@ LAG_PROBE_SECONDS = 0.05
 
 
 class LeaderLease:
-    def __init__(self, state: AppState, ttl_seconds: float = 15.0) -> None:
-        self.state = state
+    def __init__(self, *, db: Database, replica_id: str, ttl_seconds: float = 15.0) -> None:
+        self.db = db
+        self.replica_id = replica_id
         self.ttl = ttl_seconds
         self.is_leader = False
 
     async def renew(self) -> bool:
         at = datetime.now(UTC)
-        holder = self.state.replica_id
+        holder = self.replica_id
         expires = at + timedelta(seconds=self.ttl)
         try:
-            async with self.state.db() as db:
+            async with self.db() as db:
                 result = await db.execute(
                     update(Lease)
                     .where(Lease.name == LEASE_NAME)
@@ -72,27 +77,43 @@ class LeaderLease:
 
 
 class Loops:
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self.lease = LeaderLease(state)
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        lease: LeaderLease,
+        placement: Placement,
+        results: Results,
+        timeouts: Timeouts,
+        agents: AgentEndpoint,
+        streams: StreamBroker,
+        revocations: Revocations,
+    ) -> None:
+        self.settings = settings
+        self.lease = lease
+        self.placement = placement
+        self.results = results
+        self.timeouts = timeouts
+        self.agents = agents
+        self.streams = streams
+        self.revocations = revocations
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        s = self.state.settings
-        lc = self.state.lifecycle
+        s = self.settings
         self._spawn("lease", self.lease.renew, 5.0, leader_only=False)
-        self._spawn("heartbeats", self.state.hub.flush_heartbeats, 2.0, leader_only=False)
-        self._spawn("activity", self.state.streams.flush_activity, 5.0, leader_only=False)
+        self._spawn("heartbeats", self.agents.flush_heartbeats, 2.0, leader_only=False)
+        self._spawn("activity", self.streams.flush_activity, 5.0, leader_only=False)
         self._spawn(
             "revocation_recheck",
-            self.state.revocations.recheck,
+            self.revocations.recheck,
             s.connection_recheck_seconds,
             leader_only=False,
         )
-        self._spawn("expire", lc.expire, s.loop_interval_seconds)
-        self._spawn("cull", lc.cull, s.idle_check_interval_seconds)
+        self._spawn("expire", self.timeouts.expire, s.loop_interval_seconds)
+        self._spawn("cull", self.timeouts.cull, s.idle_check_interval_seconds)
         self._tasks.append(asyncio.create_task(self._placement_loop(), name="loop-placement"))
-        self._tasks.append(asyncio.create_task(lc.process_results(), name="loop-results"))
+        self._tasks.append(asyncio.create_task(self.results.process(), name="loop-results"))
         self._tasks.append(asyncio.create_task(probe_event_loop_lag(), name="loop-lag-probe"))
 
     def _spawn(
@@ -115,17 +136,17 @@ class Loops:
         self._tasks.append(asyncio.create_task(run(), name=f"loop-{name}"))
 
     async def _placement_loop(self) -> None:
-        lc = self.state.lifecycle
+        placement = self.placement
         while True:
-            await lc.wait_for_placement_work(self.state.settings.loop_interval_seconds)
+            await placement.wait_for_work(self.settings.loop_interval_seconds)
             if not self.lease.is_leader:
                 continue
             try:
-                placed = await lc.place_pending()
+                placed = await placement.place_pending()
                 metrics.loop_runs_total.labels("placement").inc()
                 if placed:
                     metrics.placements_total.inc(placed)
-                    lc.wake_placer()
+                    placement.wake_placer()
             except Exception as exc:
                 log.warning("loop_failed loop=placement error=%r", exc)
                 await asyncio.sleep(1)

@@ -14,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from streamspace.controlplane.statemachine import ActionContended, IllegalTransition
 from streamspace.db.engine import DatabaseUnavailable
 
 log = logging.getLogger("streamspace.api")
@@ -58,6 +59,13 @@ def conflict(detail: str, **extra: Any) -> Problem:
 
 def bad_request(detail: str, **extra: Any) -> Problem:
     return Problem(400, "Bad request", detail, kind="bad-request", **extra)
+
+
+def domain_problem(exc: IllegalTransition | ActionContended) -> Problem:
+    """The 409 a refused or contended session action answers with."""
+    if isinstance(exc, IllegalTransition):
+        return conflict(str(exc), current_state=exc.current, allowed_actions=exc.allowed_actions)
+    return conflict(str(exc))
 
 
 def problem_response(
@@ -116,6 +124,12 @@ def install(app: FastAPI) -> None:
         return problem_response(
             request, exc.status, exc.title, exc.detail, exc.kind, exc.headers, **exc.extra
         )
+
+    @app.exception_handler(IllegalTransition)
+    @app.exception_handler(ActionContended)
+    async def _domain(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, IllegalTransition | ActionContended)
+        return await _problem(request, domain_problem(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

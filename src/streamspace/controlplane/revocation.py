@@ -4,8 +4,8 @@ An access token is checked on every API request, but a viewer WebSocket or an ev
 authorised once, when it opens, and may then stay open for hours. So each change that revokes a
 user's tokens (logout, password change, disabling, deleting, a role change, an admin's "sign out
 everywhere") also closes the user's open connections: `revoke` is called after the commit that
-made the change, closes them on this replica at once and tells the other replicas through Redis
-(`RedisRouter`, channel `ss:revoke`), each of which drops the user from its auth cache and closes
+made the change, closes them on this replica at once and tells the other replicas (`Peers`; with
+Redis, channel `ss:revoke`), each of which drops the user from its auth cache and closes
 its own.
 
 Redis pub/sub is fire and forget: a replica that is resubscribing at that moment misses the
@@ -21,17 +21,15 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace.controlplane import metrics
+from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.peers import Peers
+from streamspace.db.engine import Database
 from streamspace.db.models import RefreshToken, User
-
-if TYPE_CHECKING:
-    from streamspace.controlplane.authcache import AuthCache
-    from streamspace.db.engine import Database
 
 log = logging.getLogger("streamspace.revocation")
 
@@ -71,12 +69,11 @@ class Connection:
 
 
 class Revocations:
-    def __init__(self, auth_cache: AuthCache, db: Database) -> None:
+    def __init__(self, *, auth_cache: AuthCache, db: Database, peers: Peers) -> None:
         self.auth_cache = auth_cache
         self.db = db
+        self.peers = peers
         self._open: dict[str, set[Connection]] = {}
-        self.remote_publish: Callable[[str, str], None] | None = None
-        """Set by the cross-replica router: tells the other replicas about a revocation."""
 
     @contextlib.contextmanager
     def track(
@@ -103,8 +100,7 @@ class Revocations:
         """After the commit that revoked the user's tokens: close the user's connections here
         and on every other replica. Returns how many were closed here."""
         closed = self.apply(user_id, reason)
-        if self.remote_publish is not None:
-            self.remote_publish(user_id, reason)
+        self.peers.publish_revocation(user_id, reason)
         return closed
 
     def apply(self, user_id: str, reason: str) -> int:

@@ -1,34 +1,30 @@
-"""Per-process wiring: what a request handler can reach through `request.app.state.ss`."""
+"""Per-process wiring: what a request handler can reach through `request.app.state.ss`.
+
+Built once by `wiring.build_state`. The components in it are given their collaborators as
+arguments; none of them takes this object.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from streamspace.config import Settings
+from streamspace.controlplane.agentsocket import AgentEndpoint
+from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.embedded import EmbeddedAgentSlot
+from streamspace.controlplane.events import EventBus
+from streamspace.controlplane.hub import Hub
+from streamspace.controlplane.lifecycle import Lifecycle
+from streamspace.controlplane.loginthrottle import LoginThrottle
+from streamspace.controlplane.peers import Peers
+from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
+from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db.engine import Database
-
-if TYPE_CHECKING:
-    from streamspace.controlplane.authcache import AuthCache
-    from streamspace.controlplane.events import EventBus
-    from streamspace.controlplane.hub import Hub
-    from streamspace.controlplane.lifecycle import Lifecycle
-    from streamspace.controlplane.loginthrottle import LoginThrottle
-    from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
-    from streamspace.controlplane.revocation import Revocations
-    from streamspace.controlplane.streams import StreamBroker
-
-
-class EmbeddedAgent(Protocol):
-    """The agent `streamspace up` runs in this process (agent.runtime.Agent)."""
-
-    @property
-    def agent_id(self) -> str | None: ...
-
-    async def adopt_credential(self, credential: str) -> None: ...
 
 
 @dataclass
@@ -43,6 +39,8 @@ class AppState:
     trips (see db.engine.write_session_factory)."""
     replica_id: str
     secret: str
+    peers: Peers
+    """What crosses replicas: in-process with one replica, Redis with several."""
     events: EventBus
     login_throttle: LoginThrottle
     user_requests: TokenBuckets
@@ -51,14 +49,15 @@ class AppState:
     """Each user's session creations under way (deps.create_turn)."""
     auth_cache: AuthCache
     db_slots: asyncio.Semaphore
-    """Request sessions allowed at once (see deps.get_db); sized from the pool in create_app."""
+    """Request sessions allowed at once (see deps.get_db); sized from the pool by wiring."""
     revocations: Revocations
-    hub: Hub = field(init=False)
-    lifecycle: Lifecycle = field(init=False)
-    streams: StreamBroker = field(init=False)
-    sqlite_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    writer_turn: WriterTurn
     """Serialises read-then-write requests on SQLite, which has no row locks: quota check +
     insert, and a session action's decision + write (PostgreSQL uses row locks and
     compare-and-set writes instead)."""
-    embedded_agent: EmbeddedAgent | None = None
-    """Set by `streamspace up`: a credential rotated for it is handed to it in-process."""
+    hub: Hub
+    agents: AgentEndpoint
+    lifecycle: Lifecycle
+    streams: StreamBroker
+    local_agent: EmbeddedAgentSlot
+    """Filled by `streamspace up`: a credential rotated for it is handed to it in-process."""

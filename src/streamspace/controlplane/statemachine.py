@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from streamspace.controlplane.problems import conflict
-
 
 class State(StrEnum):
     PENDING = "pending"
@@ -39,7 +37,27 @@ ON_AGENT_STATES = frozenset(
     {S.SCHEDULED, S.STARTING, S.RUNNING, S.HIBERNATING, S.HIBERNATED, S.WAKING}
 )
 TRANSITIONAL_STATES = frozenset({S.SCHEDULED, S.STARTING, S.HIBERNATING, S.WAKING, S.STOPPING})
-"""Each has a completion path (an agent result) and a timeout path (loops.expire_transitions)."""
+"""Each has a completion path (an agent result, results.py) and a timeout path (timeouts.py)."""
+
+
+class IllegalTransition(Exception):
+    """An action that needs a transition the state machine does not allow (a 409 over HTTP,
+    naming the current state and what is allowed instead)."""
+
+    def __init__(self, current: str, action: str) -> None:
+        self.current = current
+        self.action = action
+        self.allowed_actions = allowed_actions(current)
+        super().__init__(f"cannot {action} a session that is {current}")
+
+
+class ActionContended(Exception):
+    """A session action found the session changed under it on every attempt (a storm of agent
+    results, other requests): the caller may try again."""
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+        super().__init__(f"the session kept changing while {action} was applied; try again")
 
 
 def can_transition(current: str, target: State) -> bool:
@@ -47,13 +65,9 @@ def can_transition(current: str, target: State) -> bool:
 
 
 def check_transition(current: str, target: State, action: str) -> None:
-    """Raise 409 naming the current state when `action` would need an illegal transition."""
+    """Raise IllegalTransition when `action` would need an illegal transition."""
     if not can_transition(current, target):
-        raise conflict(
-            f"cannot {action} a session that is {current}",
-            current_state=current,
-            allowed_actions=allowed_actions(current),
-        )
+        raise IllegalTransition(current, action)
 
 
 def allowed_actions(current: str) -> list[str]:

@@ -13,21 +13,28 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import cast
 
 from fastapi import WebSocket, WebSocketDisconnect
 from sqlalchemy import Table, bindparam, update
 
 from streamspace import protocol
-from streamspace.controlplane.revocation import Connection
+from streamspace.config import Settings
+from streamspace.controlplane import agentauth
+from streamspace.controlplane.embedded import (
+    EmbeddedAgent,
+    EmbeddedAgentSlot,
+    SessionReader,
+    SessionWriter,
+)
+from streamspace.controlplane.hub import Hub
+from streamspace.controlplane.peers import Peers, Ticket
+from streamspace.controlplane.revocation import Connection, Revocations
 from streamspace.controlplane.security import random_secret
 from streamspace.controlplane.statemachine import State
+from streamspace.db.engine import Database
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import User
-
-if TYPE_CHECKING:
-    from streamspace.controlplane.router import RedisRouter
-    from streamspace.controlplane.state import AppState
 
 log = logging.getLogger("streamspace.streams")
 
@@ -43,46 +50,7 @@ CLOSE_SIGNED_OUT = 4401
 """Also 4401: the viewer must not reconnect with what it holds; the reason says why."""
 
 
-class SessionReader(Protocol):
-    async def read(self, n: int = -1) -> bytes: ...
-
-
-class SessionWriter(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    async def drain(self) -> None: ...
-
-    def close(self) -> None: ...
-
-    async def wait_closed(self) -> None: ...
-
-
-class LocalEndpointOpener(Protocol):
-    """An agent running inside this process (`streamspace up`).
-
-    Its viewers skip the loopback WebSocket the agent would otherwise dial back: the control
-    plane pumps the browser WebSocket straight into the connection the agent opened to the
-    session's VNC server, the same single hop websockify makes. Remote agents always use the
-    dial-back.
-    """
-
-    @property
-    def agent_id(self) -> str | None: ...
-
-    async def open_session(self, session_id: str) -> tuple[SessionReader, SessionWriter]: ...
-
-
 TCP_READ_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Ticket:
-    session_id: str
-    user_id: str
-    expires_at: datetime
-    token_version: int
-    """The user's token_version when the ticket was issued: a ticket issued before a sign-out
-    opens nothing after it."""
 
 
 @dataclass
@@ -95,13 +63,28 @@ class PendingStream:
 
 
 class StreamBroker:
-    def __init__(self, state: AppState) -> None:
-        self.state = state
-        self._tickets: dict[str, Ticket] = {}
+    def __init__(
+        self,
+        *,
+        db: Database,
+        settings: Settings,
+        hub: Hub,
+        revocations: Revocations,
+        peers: Peers,
+        local_agent: EmbeddedAgentSlot,
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        self.hub = hub
+        self.revocations = revocations
+        self.peers = peers
+        self.local_agent = local_agent
+        """`streamspace up`'s own agent, once it runs: its viewers skip the loopback WebSocket
+        the agent would otherwise dial back; the control plane pumps the browser WebSocket
+        straight into the connection the agent opened to the session's VNC server (the single
+        hop websockify makes). Remote agents always use the dial-back."""
         self._pending: dict[str, PendingStream] = {}
         self._activity: dict[str, float] = {}
-        self.router: RedisRouter | None = None
-        self.local_agent: LocalEndpointOpener | None = None
         self.active_streams = 0
         self.local_streams = 0
         self.bytes_to_browser = 0
@@ -112,59 +95,29 @@ class StreamBroker:
     async def issue_ticket(
         self, session_id: str, user_id: str, token_version: int
     ) -> tuple[str, datetime]:
-        self._drop_expired()
         ticket = random_secret(32)
-        ttl = self.state.settings.stream_ticket_ttl_seconds
+        ttl = self.settings.stream_ticket_ttl_seconds
         expires = datetime.now(UTC) + timedelta(seconds=ttl)
-        if self.router is not None:
-            await self.router.put_ticket(
-                ticket,
-                {
-                    "session_id": session_id,
-                    "user_id": user_id,
-                    "expires_at": expires.isoformat(),
-                    "token_version": str(token_version),
-                },
-                ttl,
-            )
-        else:
-            self._tickets[ticket] = Ticket(session_id, user_id, expires, token_version)
+        await self.peers.put_ticket(
+            ticket, Ticket(session_id, user_id, expires, token_version), ttl
+        )
         return ticket, expires
 
     async def consume_ticket(self, ticket: str) -> Ticket | None:
         """Single use: the ticket is gone after the first attempt, valid or not."""
         if not ticket or len(ticket) > 128:
             return None
-        found: Ticket | None
-        if self.router is not None:
-            raw = await self.router.take_ticket(ticket)
-            found = (
-                Ticket(
-                    raw["session_id"],
-                    raw["user_id"],
-                    datetime.fromisoformat(raw["expires_at"]),
-                    int(raw.get("token_version", -1)),
-                )
-                if raw
-                else None
-            )
-        else:
-            found = self._tickets.pop(ticket, None)
+        found = await self.peers.take_ticket(ticket)
         if found is None or found.expires_at <= datetime.now(UTC):
             return None
         return found
 
     def stream_base_url(self) -> str:
         """Where the agent dials back: this replica itself when several replicas run."""
-        url = self.state.settings.advertise_url.rstrip("/")
+        url = self.settings.advertise_url.rstrip("/")
         if not url:
             return ""
         return "ws" + url[4:] if url.startswith("http") else url
-
-    def _drop_expired(self) -> None:
-        at = datetime.now(UTC)
-        for key in [k for k, t in self._tickets.items() if t.expires_at <= at]:
-            del self._tickets[key]
 
     # ---- browser side ---------------------------------------------------------------------
 
@@ -186,8 +139,9 @@ class StreamBroker:
             if serving is not None:
                 serving.cancel()
 
-        revocations = self.state.revocations
-        with revocations.track(ticket.user_id, ticket.token_version, "stream", on_revoke) as conn:
+        with self.revocations.track(
+            ticket.user_id, ticket.token_version, "stream", on_revoke
+        ) as conn:
             serving = asyncio.create_task(self._serve_ticket(ws, ticket, conn))
             try:
                 await serving
@@ -205,7 +159,7 @@ class StreamBroker:
                 serving.cancel()
 
     async def _serve_ticket(self, ws: WebSocket, ticket: Ticket, conn: Connection) -> None:
-        async with self.state.db() as db:
+        async with self.db() as db:
             session = await db.get(SessionRow, ticket.session_id)
             user = await db.get(User, ticket.user_id)
         if user is not None and user.token_version != ticket.token_version:
@@ -225,8 +179,8 @@ class StreamBroker:
             return
         subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", []) else None
         await ws.accept(subprotocol=subprotocol)
-        local = self.local_agent
-        if local is not None and local.agent_id == session.agent_id:
+        local = self.local_agent.serving(session.agent_id)
+        if local is not None:
             await self._serve_local(ws, local, session, user.id if user else "", conn)
             return
         stream_id = random_secret(16)
@@ -235,7 +189,7 @@ class StreamBroker:
         )
         self._pending[stream_id] = pending
         try:
-            sent = await self.state.hub.send_to_agent(
+            sent = await self.hub.send_to_agent(
                 session.agent_id,
                 protocol.OpenStream(
                     stream_id=stream_id,
@@ -269,7 +223,7 @@ class StreamBroker:
     async def _serve_local(
         self,
         ws: WebSocket,
-        local: LocalEndpointOpener,
+        local: EmbeddedAgent,
         session: SessionRow,
         user_id: str,
         conn: Connection,
@@ -304,7 +258,7 @@ class StreamBroker:
     # ---- agent side -----------------------------------------------------------------------
 
     async def serve_agent(self, ws: WebSocket, stream_id: str) -> None:
-        agent = await self.state.hub.authenticate(ws.headers.get("authorization", ""))
+        agent = await agentauth.authenticate(self.db, ws.headers.get("authorization", ""))
         pending = self._pending.get(stream_id)
         if agent is None or pending is None or pending.agent_id != agent.id:
             await ws.close(code=1008, reason="unknown stream or wrong agent")
@@ -411,7 +365,7 @@ class StreamBroker:
             .values(last_activity=bindparam("at"))
         )
         try:
-            async with self.state.db() as db:
+            async with self.db() as db:
                 await db.execute(
                     stmt,
                     [  # sorted: concurrent writers then lock rows in one order (no deadlock)

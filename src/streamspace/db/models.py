@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -221,6 +222,27 @@ class Session(TimestampMixin, Base):
     )
 
 
+class CommandStatus(StrEnum):
+    """An agent command's `status` column. The values are what is stored: renaming one needs a
+    migration that rewrites the rows."""
+
+    PENDING = "pending"
+    """Committed, not yet delivered to the agent."""
+    SENT = "sent"
+    """Delivered to the agent (or a replica holding it); re-sent until a result or timeout."""
+    ACKED = "acked"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    """No result within command_max_attempts sends; a late start/wake success still counts."""
+
+
+OPEN_COMMAND_STATUSES: tuple[str, ...] = tuple(
+    s.value for s in (CommandStatus.PENDING, CommandStatus.SENT, CommandStatus.ACKED)
+)
+"""Not settled yet: the command may still be (re-)sent and its result is awaited."""
+
+
 class AgentCommand(TimestampMixin, Base):
     __tablename__ = "agent_commands"
 
@@ -233,7 +255,9 @@ class AgentCommand(TimestampMixin, Base):
     )
     action: Mapped[str] = mapped_column(String(16), nullable=False)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONList, default=dict, nullable=False)
-    status: Mapped[str] = mapped_column(String(16), default="pending", nullable=False)
+    status: Mapped[str] = mapped_column(
+        String(16), default=CommandStatus.PENDING.value, nullable=False
+    )
     attempts: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
     error: Mapped[str] = mapped_column(Text, default="", nullable=False)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

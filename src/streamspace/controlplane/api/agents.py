@@ -11,16 +11,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from streamspace import protocol
 from streamspace.config import Settings
 from streamspace.controlplane import audit
+from streamspace.controlplane.agentauth import authenticate, make_credential
 from streamspace.controlplane.api.schemas import AgentOut, CredentialOut, JoinTokenIn, JoinTokenOut
 from streamspace.controlplane.browser import origin_allowed
 from streamspace.controlplane.catalog import TemplateSpec
 from streamspace.controlplane.deps import AdminDep, DbDep, OperatorDep, StateDep
-from streamspace.controlplane.hub import make_credential
-from streamspace.controlplane.lifecycle import agent_status
 from streamspace.controlplane.problems import Problem, not_found
 from streamspace.controlplane.security import random_secret, sha256
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import CLOSE_DENIED
+from streamspace.controlplane.views import agent_status
 from streamspace.db.models import Agent, JoinToken, Template
 
 router = APIRouter(tags=["agents"])
@@ -150,7 +150,7 @@ async def enroll(
 
 @router.get(protocol.AGENT_CATALOG_PATH, response_model=protocol.Catalog)
 async def agent_catalog(request: Request, state: StateDep, db: DbDep) -> protocol.Catalog:
-    agent = await state.hub.authenticate(request.headers.get("authorization", ""))
+    agent = await authenticate(state.db, request.headers.get("authorization", ""))
     if agent is None:
         raise Problem(401, "Unauthorized", "agent credential rejected", kind="unauthorized")
     rows = (await db.scalars(select(Template).where(Template.enabled.is_(True)))).all()
@@ -278,8 +278,8 @@ async def rotate_credential(
     )
     await db.commit()
     credential = make_credential(agent.id, secret)
-    embedded = state.embedded_agent
-    if embedded is not None and embedded.agent_id == agent.id:
+    embedded = state.local_agent.serving(agent.id)
+    if embedded is not None:
         await embedded.adopt_credential(credential)
     await state.hub.disconnect(
         agent.id, "credential_rotated", "credential rotated; restart the agent with the new one"
@@ -289,7 +289,7 @@ async def rotate_credential(
 
 @router.websocket(protocol.AGENT_CONNECT_PATH)
 async def agent_socket(ws: WebSocket) -> None:
-    await ws.app.state.ss.hub.serve(ws)
+    await ws.app.state.ss.agents.serve(ws)
 
 
 @router.websocket(protocol.AGENT_STREAM_PATH_PREFIX + "{stream_id}")

@@ -184,38 +184,6 @@ def _clean_tags(tags: list[str]) -> list[str]:
     return out
 
 
-class SessionEventOut(Out):
-    at: datetime
-    kind: str
-    message: str
-    data: dict[str, Any]
-
-
-class SessionOut(BaseModel):
-    id: str
-    owner_id: str
-    owner: str
-    template: str
-    state: str
-    agent_id: str | None
-    cluster_id: str | None
-    requested_cluster_id: str | None
-    tags: list[str]
-    resources: dict[str, int]
-    persistent_home: bool
-    idle_timeout_seconds: int
-    max_duration_seconds: int
-    failure_reason: str
-    allowed_actions: list[str]
-    created_at: datetime
-    updated_at: datetime
-    state_changed_at: datetime
-    started_at: datetime | None
-    last_activity: datetime
-    status_message: str = ""
-    events: list[SessionEventOut] | None = None
-
-
 T = TypeVar("T")
 
 

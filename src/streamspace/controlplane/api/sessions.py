@@ -7,14 +7,12 @@ from sqlalchemy import exists, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace.controlplane import audit, quotas
 from streamspace.controlplane.api.schemas import (
     ConnectOut,
     Page,
     SessionCreateIn,
-    SessionOut,
     SessionPatchIn,
     _clean_tags,
 )
@@ -27,16 +25,14 @@ from streamspace.controlplane.deps import (
     one_statement,
     writer_turn,
 )
-from streamspace.controlplane.lifecycle import session_view
 from streamspace.controlplane.problems import Problem, bad_request, conflict, not_found
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.statemachine import ACTIVE_STATES, State
+from streamspace.controlplane.views import SessionOut, session_view
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import SessionEvent, Template, User
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"])
-ACTION_ATTEMPTS = 3
-"""How often a stop/hibernate/wake is decided again when the session changed under it."""
 
 
 async def load_owned(db: AsyncSession, session_id: str, user: User) -> SessionRow:
@@ -279,25 +275,9 @@ async def patch_session(
 async def _act(
     action: str, session_id: str, request: Request, user: User, state: AppState, db: AsyncSession
 ) -> SessionOut:
-    """stop / hibernate / wake: load with the owner check, audit, hand to the lifecycle.
+    """stop / hibernate / wake: load with the owner check, audit, hand to the lifecycle."""
 
-    No row lock is taken: the write is a compare-and-set on the session row (db.onestatement).
-    If the session changed between the read and the write (an agent's result, another
-    request), nothing was written and the action is decided again on the fresh row. SQLite
-    has no row locks; there the decision and the write take this replica's writer turn."""
-    async with writer_turn(state, db):
-        return await _decide_and_write(action, session_id, request, user, state, db)
-
-
-async def _decide_and_write(
-    action: str, session_id: str, request: Request, user: User, state: AppState, db: AsyncSession
-) -> SessionOut:
-    handler = {
-        "stop": state.lifecycle.request_stop,
-        "hibernate": state.lifecycle.request_hibernate,
-        "wake": state.lifecycle.request_wake,
-    }[action]
-    for _ in range(ACTION_ATTEMPTS):
+    async def read() -> tuple[SessionRow, str]:
         session = await load_owned(db, session_id, user)
         who = "you" if session.owner_id == user.id else f"admin {user.username}"
         audit.record(
@@ -309,14 +289,9 @@ async def _decide_and_write(
             request=request,
             status_code=202,
         )
-        try:
-            await handler(db, session, f"{action} requested by {who}")
-        except StaleDataError:
-            db.expunge_all()  # before the rollback, which would expire the caller's user too
-            await db.rollback()
-            continue
-        return await _view(db, state, session)
-    raise conflict(f"the session kept changing while {action} was applied; try again")
+        return session, f"{action} requested by {who}"
+
+    return await _view(db, state, await state.lifecycle.act(db, action, read))
 
 
 @router.delete("/{session_id}", response_model=SessionOut, status_code=202)

@@ -18,7 +18,8 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from datetime import datetime
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
@@ -26,9 +27,7 @@ from redis.exceptions import RedisError
 
 from streamspace import protocol
 from streamspace.controlplane import metrics
-
-if TYPE_CHECKING:
-    from streamspace.controlplane.state import AppState
+from streamspace.controlplane.peers import Inbox, Ticket
 
 log = logging.getLogger("streamspace.router")
 
@@ -45,9 +44,13 @@ def agent_channel(agent_id: str) -> str:
     return AGENT_PREFIX + agent_id
 
 
-class RedisRouter:
-    def __init__(self, state: AppState, url: str) -> None:
-        self.state = state
+class RedisPeers:
+    """`peers.Peers` over Redis: pub/sub channels and keys with a TTL."""
+
+    broadcasts = True
+
+    def __init__(self, *, url: str, replica_id: str) -> None:
+        self.replica_id = replica_id
         self.url = url
         pool = BlockingConnectionPool.from_url(
             url, max_connections=64, timeout=5, socket_timeout=5, socket_connect_timeout=3
@@ -61,17 +64,22 @@ class RedisRouter:
         end up unsubscribed while the agent is held here."""
         self.delivered = 0
         self.dropped = 0
+        self._inbox: Inbox | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.state.hub.remote_disconnect = self.disconnect_agent
-        self.state.hub.remote_send_many = self.send_many
-        self.state.hub.on_agent_held = self.hold_agent
-        self.state.hub.on_agent_released = self.release_agent
-        self.state.events.remote_publish = self.publish_event
-        self.state.revocations.remote_publish = self.publish_revocation
-        self.state.lifecycle.remote_wake = self.wake_placers
+    def bind(self, inbox: Inbox) -> None:
+        """Where messages from other replicas go (without listening yet)."""
+        self._inbox = inbox
+
+    @property
+    def inbox(self) -> Inbox:
+        if self._inbox is None:
+            raise RuntimeError("RedisPeers used before start(inbox)")
+        return self._inbox
+
+    def start(self, inbox: Inbox) -> None:
+        self.bind(inbox)
         self._task = asyncio.create_task(self._listen(), name="redis-router")
 
     async def close(self) -> None:
@@ -90,10 +98,10 @@ class RedisRouter:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
                 async with self._subscriptions:
-                    held = [agent_channel(a) for a in self.state.hub.connections]
+                    held = [agent_channel(a) for a in self.inbox.held_agents()]
                     await pubsub.subscribe(EVENTS_CHANNEL, PLACER_CHANNEL, REVOKE_CHANNEL, *held)
                     self._pubsub = pubsub
-                log.info("router_subscribed replica=%s agents=%d", self.state.replica_id, len(held))
+                log.info("router_subscribed replica=%s agents=%d", self.replica_id, len(held))
                 delay = 0.2
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
@@ -102,7 +110,7 @@ class RedisRouter:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.warning("router_disconnected replica=%s error=%r", self.state.replica_id, exc)
+                log.warning("router_disconnected replica=%s error=%r", self.replica_id, exc)
             finally:
                 if self._pubsub is pubsub:
                     self._pubsub = None
@@ -111,7 +119,7 @@ class RedisRouter:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    async def hold_agent(self, agent_id: str) -> None:
+    async def agent_held(self, agent_id: str) -> None:
         """This replica now holds the agent's socket: frames for it are to come here."""
         async with self._subscriptions:
             if self._pubsub is None:  # not subscribed now: _listen includes it when it is
@@ -123,9 +131,9 @@ class RedisRouter:
             except (RedisError, OSError, TimeoutError) as exc:
                 log.warning("router_subscribe_failed agent_id=%s error=%r", agent_id, exc)
 
-    async def release_agent(self, agent_id: str) -> None:
+    async def agent_released(self, agent_id: str) -> None:
         async with self._subscriptions:
-            if self._pubsub is None or agent_id in self.state.hub.connections:
+            if self._pubsub is None or agent_id in self.inbox.held_agents():
                 return
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await asyncio.wait_for(self._pubsub.unsubscribe(agent_channel(agent_id)), 2)
@@ -133,34 +141,33 @@ class RedisRouter:
     async def _handle(self, channel: bytes, data: bytes) -> None:
         name = channel.decode()
         if name == PLACER_CHANNEL:
-            if data.decode() != self.state.replica_id:
-                self.state.lifecycle.wake_placer(local_only=True)
+            if data.decode() != self.replica_id:
+                self.inbox.wake_placer()
             return
         try:
             body = json.loads(data)
         except ValueError:
             return
         if name == EVENTS_CHANNEL:
-            if body.get("origin") != self.state.replica_id:
-                self.state.events.deliver(body["event"], owner_id=body["owner_id"])
+            if body.get("origin") != self.replica_id:
+                self.inbox.deliver_event(body["event"], body["owner_id"])
             return
         if name == REVOKE_CHANNEL:
-            if body.get("origin") != self.state.replica_id:
-                self.state.revocations.apply(str(body["user_id"]), str(body["reason"]))
+            if body.get("origin") != self.replica_id:
+                self.inbox.apply_revocation(str(body["user_id"]), str(body["reason"]))
             return
         if not name.startswith(AGENT_PREFIX):
             return
         agent_id = name[len(AGENT_PREFIX) :]
         kind = body.get("kind")
-        hub = self.state.hub
         if kind == "to_agent":
-            conn = hub.connections.get(agent_id)
-            if conn is None:
-                return
             # Never wait here: this loop carries every agent's frames to this replica, and one
             # agent that stopped reading must not hold up the rest. Its command stays open in
             # the database and is sent again by the retry loop.
-            if not conn.offer_frame(body["frame"]):
+            offered = self.inbox.offer_frame(agent_id, body["frame"])
+            if offered is None:
+                return
+            if not offered:
                 self.dropped += 1
                 log.warning("router_frame_dropped agent_id=%s reason=agent_queue_full", agent_id)
                 return
@@ -168,7 +175,7 @@ class RedisRouter:
             if isinstance(published := body.get("published_at"), float):
                 metrics.forward_seconds.observe(max(0.0, time.time() - published))
         elif kind == "disconnect_agent":
-            await hub.disconnect(agent_id, body["code"], body["message"], local_only=True)
+            await self.inbox.disconnect_agent(agent_id, body["code"], body["message"])
 
     # ---- agents ---------------------------------------------------------------------------
 
@@ -194,22 +201,18 @@ class RedisRouter:
     # ---- events ---------------------------------------------------------------------------
 
     def publish_event(self, event: dict[str, Any], owner_id: str) -> None:
-        payload = json.dumps(
-            {"event": event, "owner_id": owner_id, "origin": self.state.replica_id}
-        )
+        payload = json.dumps({"event": event, "owner_id": owner_id, "origin": self.replica_id})
         task = asyncio.create_task(self._publish(payload))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     def publish_revocation(self, user_id: str, reason: str) -> None:
-        payload = json.dumps(
-            {"user_id": user_id, "reason": reason, "origin": self.state.replica_id}
-        )
+        payload = json.dumps({"user_id": user_id, "reason": reason, "origin": self.replica_id})
         task = asyncio.create_task(self._publish(payload, REVOKE_CHANNEL))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     def wake_placers(self) -> None:
         """Tell the other replicas (the lease holder among them) that placement work arrived."""
-        task = asyncio.create_task(self._publish(self.state.replica_id, PLACER_CHANNEL))
+        task = asyncio.create_task(self._publish(self.replica_id, PLACER_CHANNEL))
         task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
 
     async def _publish(self, payload: str, channel: str = EVENTS_CHANNEL) -> None:
@@ -220,15 +223,26 @@ class RedisRouter:
 
     # ---- tickets --------------------------------------------------------------------------
 
-    async def put_ticket(self, ticket: str, value: dict[str, str], ttl_seconds: int) -> None:
-        await self.redis.set(TICKET_PREFIX + ticket, json.dumps(value), ex=ttl_seconds)
+    async def put_ticket(self, ticket: str, value: Ticket, ttl_seconds: int) -> None:
+        stored = {
+            "session_id": value.session_id,
+            "user_id": value.user_id,
+            "expires_at": value.expires_at.isoformat(),
+            "token_version": str(value.token_version),
+        }
+        await self.redis.set(TICKET_PREFIX + ticket, json.dumps(stored), ex=ttl_seconds)
 
-    async def take_ticket(self, ticket: str) -> dict[str, str] | None:
+    async def take_ticket(self, ticket: str) -> Ticket | None:
         raw = await self.redis.getdel(TICKET_PREFIX + ticket)
         if raw is None:
             return None
-        value: dict[str, str] = json.loads(raw)
-        return value
+        stored: dict[str, str] = json.loads(raw)
+        return Ticket(
+            stored["session_id"],
+            stored["user_id"],
+            datetime.fromisoformat(stored["expires_at"]),
+            int(stored.get("token_version", -1)),
+        )
 
 
 def _to_agent_payload(msg: Any) -> str:
