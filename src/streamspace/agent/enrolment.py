@@ -49,10 +49,6 @@ class Enrolment:
         self._state: AgentState | None = None
 
     @property
-    def state(self) -> AgentState | None:
-        return self._state
-
-    @property
     def agent_id(self) -> str | None:
         return self._state.agent_id if self._state is not None else None
 
