@@ -1,7 +1,8 @@
 """The docker backend: sessions as containers on a Docker-API engine (see backend.py).
 
-`spec` says what a container is (pure data), `engine` talks to the engine, `homes` owns the
-persistent home volumes, `backend` runs sessions with them.
+`spec` says what a container is (pure data), `engine` talks to the engine, `containers` maps
+sessions to this agent's containers and sockets, `homes` owns the persistent home volumes,
+`monitor` reports containers that stopped on their own, `backend` runs sessions with them.
 """
 
 from streamspace.agent.backends.docker.backend import DockerBackend, ExitCallback

@@ -35,33 +35,21 @@ import asyncio
 import contextlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 from docker.models.containers import Container
 
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
-from streamspace.agent.backends.docker.engine import (
-    RUNNING,
-    Engine,
-    labels_of,
-    normalize_ref,
-    run_state,
-    state_of,
-)
+from streamspace.agent.backends.docker.containers import Containers
+from streamspace.agent.backends.docker.engine import RUNNING, Engine, normalize_ref, state_of
 from streamspace.agent.backends.docker.homes import Homes
+from streamspace.agent.backends.docker.monitor import ExitMonitor
 from streamspace.agent.backends.docker.spec import (
-    AGENT_LABEL,
     CONTAINER_UID,
     CONTAINER_USER,
-    OWNER_LABEL,
-    SESSION_ID_RE,
-    SESSION_LABEL,
-    TEMPLATE_LABEL,
     container_config,
     container_name,
     vnc_password,
@@ -109,19 +97,24 @@ class DockerBackend(Backend):
         self.agent_id = agent_id
         self.state_dir = Path(state_dir)
         self.on_exit = on_exit
-        self.poll_interval = poll_interval
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.request_timeout = request_timeout
         self._engine = Engine(base_url, request_timeout=request_timeout, stop_timeout=stop_timeout)
         self._locks: dict[str, asyncio.Lock] = {}
         self._stopped: set[str] = set()
-        self._seen_running: set[str] = set()
-        self._monitor: asyncio.Task[None] | None = None
-        self._callbacks: set[asyncio.Task[None]] = set()
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._run = self.state_dir / "docker-run"
-        self._run.mkdir(mode=0o700, exist_ok=True)
+        run_root = self.state_dir / "docker-run"
+        run_root.mkdir(mode=0o700, exist_ok=True)
+        self._containers = Containers(engine=self._engine, agent_id=agent_id, run_root=run_root)
+        self._monitor = ExitMonitor(
+            engine=self._engine,
+            containers=self._containers,
+            lock=self._lock,
+            logs_tail=self._logs_tail,
+            notify=self._notify,
+            poll_interval=poll_interval,
+        )
         self._vnc_key = self._load_key(self.state_dir / "vnc-key")
         self.usage = HomeUsage(self.state_dir / "home-usage.json")
         """Home volume sizes, measured on stop/hibernate where the volume's directory is on this
@@ -143,6 +136,15 @@ class DockerBackend(Backend):
     def engine_url(self) -> str:
         return self._engine.url
 
+    @property
+    def poll_interval(self) -> float:
+        """Seconds between the exit monitor's checks; may be changed while it runs."""
+        return self._monitor.poll_interval
+
+    @poll_interval.setter
+    def poll_interval(self, value: float) -> None:
+        self._monitor.poll_interval = value
+
     # ---- Backend API --------------------------------------------------------------------
 
     async def start(self, spec: SessionSpec) -> Endpoint:
@@ -154,21 +156,21 @@ class DockerBackend(Backend):
     async def stop(self, session_id: str) -> None:
         container_name(session_id)
         async with self._lock(session_id):
-            self._seen_running.discard(session_id)
-            for container in await self._find(session_id):
+            self._monitor.forget(session_id)
+            for container in await self._containers.find(session_id):
                 await self._engine.call(self._engine.remove, container)
                 await self._homes.measure(container.attrs)
-            await asyncio.to_thread(shutil.rmtree, self._run / session_id, True)
+            await self._containers.remove_run_dir(session_id)
             self._stopped.add(session_id)
         log.info("session_stopped session_id=%s", session_id)
 
     async def hibernate(self, session_id: str) -> None:
         container_name(session_id)
         async with self._lock(session_id):
-            found = await self._find(session_id)
+            found = await self._containers.find(session_id)
             if not found:
                 raise BackendError(f"session {session_id} is not known to this agent")
-            self._seen_running.discard(session_id)
+            self._monitor.forget(session_id)
             for container in found:
                 if state_of(container.attrs) in RUNNING:
                     await self._engine.call(self._engine.stop, container)
@@ -177,15 +179,15 @@ class DockerBackend(Backend):
 
     async def status(self, session_id: str) -> InventoryItem:
         container_name(session_id)
-        found = await self._find(session_id)
+        found = await self._containers.find(session_id)
         if not found:
             state: SessionRunState = "stopped" if session_id in self._stopped else "unknown"
             return InventoryItem(session_id=session_id, state=state)
-        return self._item(found[0].attrs, session_id)
+        return self._containers.item(found[0].attrs, session_id)
 
     async def inventory(self) -> list[InventoryItem]:
-        containers = await self._list()
-        items = [self._item(c.attrs) for c in containers]
+        containers = await self._containers.all()
+        items = [self._containers.item(c.attrs) for c in containers]
         return sorted(items, key=lambda item: item.session_id)
 
     def runnable_templates(self, catalog: Iterable[CatalogEntry]) -> list[str]:
@@ -214,7 +216,7 @@ class DockerBackend(Backend):
         if item.state != "running" or item.endpoint is None:
             raise BackendError(f"session {session_id} is not running on this agent")
         reader, writer = await vnc.open_unix(
-            self._socket(session_id), connect_timeout, _socket_owner()
+            self._containers.socket(session_id), connect_timeout, _socket_owner()
         )
         try:
             await asyncio.wait_for(
@@ -238,13 +240,7 @@ class DockerBackend(Backend):
 
     async def close(self) -> None:
         """Stop watching and drop the client; the containers keep running for the next agent."""
-        if self._monitor is not None:
-            self._monitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._monitor
-            self._monitor = None
-        if self._callbacks:
-            await asyncio.gather(*self._callbacks, return_exceptions=True)
+        await self._monitor.close()
         await self._engine.close()
 
     async def legacy_home_names(self) -> list[str]:
@@ -260,8 +256,7 @@ class DockerBackend(Backend):
         """Poll this agent's containers (every poll_interval) and report unexpected exits."""
         if on_exit is not None:
             self.on_exit = on_exit
-        if self._monitor is None or self._monitor.done():
-            self._monitor = asyncio.create_task(self._monitor_loop(), name="docker-monitor")
+        self._monitor.start()
 
     async def remove_unknown(self, keep: set[str]) -> list[str]:
         """Remove every container of this agent whose session id is not in keep."""
@@ -283,7 +278,7 @@ class DockerBackend(Backend):
             raise BackendError(f"template {spec.template!r} has no container image")
         async with self._lock(session_id):
             started = time.monotonic()
-            found = await self._find(session_id)
+            found = await self._containers.find(session_id)
             container = found[0] if found else None
             created = False
             if container is None:
@@ -311,7 +306,7 @@ class DockerBackend(Backend):
                         await self._engine.call(self._engine.stop, container)
                 raise
             self._stopped.discard(session_id)
-            self._seen_running.add(session_id)
+            self._monitor.saw_running(session_id)
         log.info(
             "session_started session_id=%s action=%s user=%s template=%s image=%s port=%s "
             "created=%s seconds=%.3f",
@@ -334,7 +329,7 @@ class DockerBackend(Backend):
             raise BackendError(
                 f"image {image} not built on agent {self.agent_id}; run `streamspace images build`"
             )
-        run_dir = await asyncio.to_thread(self._prepare_run_dir, spec.session_id)
+        run_dir = await asyncio.to_thread(self._containers.prepare_run_dir, spec.session_id)
         config = container_config(
             spec,
             agent_id=self.agent_id,
@@ -354,7 +349,7 @@ class DockerBackend(Backend):
         """Wait until the session's VNC socket answers the RFB banner."""
         deadline = time.monotonic() + self.start_timeout
         next_inspect = 0.0
-        socket_path = self._socket(session_id)
+        socket_path = self._containers.socket(session_id)
         while True:
             now = time.monotonic()
             if now >= next_inspect:
@@ -386,123 +381,15 @@ class DockerBackend(Backend):
         text = raw.decode(errors="replace").strip() if isinstance(raw, bytes) else str(raw)
         return text or "(no output)"
 
-    def _socket(self, session_id: str) -> Path:
-        return self._run / session_id / "vnc.sock"
-
-    def _prepare_run_dir(self, session_id: str) -> Path:
-        """The session's socket directory: a real directory owned by the container's uid."""
-        uid, gid = (int(x) for x in CONTAINER_USER.split(":"))
-        path = self._run / session_id
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o700)
-        if path.is_symlink() or not path.is_dir():
-            raise BackendError(f"{path} is not a directory")
-        if os.geteuid() == 0:
-            os.chown(path, uid, gid, follow_symlinks=False)
-        path.chmod(0o700)
-        return path
-
-    # ---- monitor ------------------------------------------------------------------------
-
-    async def _monitor_loop(self) -> None:
-        with contextlib.suppress(BackendError):
-            await self.refresh_images()
-        while True:
-            try:
-                await self._check_all()
-            except BackendError as exc:
-                log.warning("monitor_engine_unreachable error=%s", exc)
-            except Exception:
-                log.exception("monitor_check_failed")
-            await asyncio.sleep(self.poll_interval)
-
-    async def _check_all(self) -> None:
-        containers = {
-            self._session_of(c.attrs): c for c in await self._list() if self._session_of(c.attrs)
-        }
-        for session_id, container in containers.items():
-            if state_of(container.attrs) in RUNNING and not self._lock(session_id).locked():
-                self._seen_running.add(session_id)
-        for session_id in list(self._seen_running):
-            lock = self._lock(session_id)
-            if lock.locked():
-                continue  # start/stop/hibernate owns the session right now
-            listed = containers.get(session_id)
-            if listed is not None and state_of(listed.attrs) in RUNNING:
-                continue
-            async with lock:
-                if session_id not in self._seen_running:
-                    continue
-                found = await self._find(session_id)
-                if found and state_of(found[0].attrs) in RUNNING:
-                    continue
-                self._seen_running.discard(session_id)
-                reason = await self._exit_reason(found[0] if found else None)
-            log.warning("session_exited session_id=%s reason=%r", session_id, reason)
-            if self.on_exit is not None:
-                task = asyncio.create_task(self._notify(session_id, reason))
-                self._callbacks.add(task)
-                task.add_done_callback(self._callbacks.discard)
-
-    async def _exit_reason(self, container: Container | None) -> str:
-        if container is None:
-            return "session container was removed"
-        try:
-            if not await self._engine.call(self._engine.reload, container):
-                return "session container was removed"
-        except BackendError:
-            return "session container state unavailable (engine unreachable)"
-        state = container.attrs.get("State") or {}
-        if state.get("OOMKilled"):
-            return "app was killed: out of memory"
-        reason = f"app exited with code {state.get('ExitCode')}"
-        tail = await self._logs_tail(container, lines=3)
-        return f"{reason}: {tail}" if tail and tail != "(no output)" else reason
+    # ---- exits and locks ------------------------------------------------------------------
 
     async def _notify(self, session_id: str, reason: str) -> None:
-        assert self.on_exit is not None
+        if self.on_exit is None:
+            return
         try:
             await self.on_exit(session_id, reason)
         except Exception:
             log.exception("on_exit_callback_failed session_id=%s", session_id)
-
-    # ---- this agent's containers --------------------------------------------------------
-
-    async def _list(self) -> list[Container]:
-        labels = [f"{AGENT_LABEL}={self.agent_id}"]
-        result: list[Container] = await self._engine.call(self._engine.list_containers, labels)
-        return result
-
-    async def _find(self, session_id: str) -> list[Container]:
-        """This agent's containers for one session (normally zero or one), inspected."""
-        labels = [f"{AGENT_LABEL}={self.agent_id}", f"{SESSION_LABEL}={session_id}"]
-        listed: list[Container] = await self._engine.call(self._engine.list_containers, labels)
-        return [c for c in listed if await self._engine.call(self._engine.reload, c)]
-
-    def _session_of(self, attrs: dict[str, Any]) -> str:
-        session_id = labels_of(attrs).get(SESSION_LABEL, "")
-        if session_id:
-            return session_id
-        names = attrs.get("Names") or [attrs.get("Name") or ""]
-        name = str(names[0]).lstrip("/")
-        return name[3:] if name.startswith("ss-") else name
-
-    def _item(self, attrs: dict[str, Any], session_id: str | None = None) -> InventoryItem:
-        labels = labels_of(attrs)
-        state = run_state(state_of(attrs))
-        sid = session_id or self._session_of(attrs)
-        endpoint = (
-            Endpoint(unix_path=str(self._socket(sid)))
-            if state == "running" and SESSION_ID_RE.fullmatch(sid)
-            else None
-        )
-        return InventoryItem(
-            session_id=sid,
-            state=state,
-            endpoint=endpoint,
-            user=labels.get(OWNER_LABEL),
-            template=labels.get(TEMPLATE_LABEL),
-        )
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault(session_id, asyncio.Lock())
