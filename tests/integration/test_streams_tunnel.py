@@ -185,7 +185,7 @@ async def test_large_browser_frames_pass_through(d: Desk) -> None:
 
     Fails today: the control plane accepts browser frames up to uvicorn's 16 MiB but forwards
     each one as a single frame to the agent, whose stream WebSocket allows 4 MiB
-    (runtime.STREAM_MAX_MESSAGE_BYTES). The agent closes with 1009 and the browser only sees a
+    (agent.tunnel.STREAM_MAX_MESSAGE_BYTES). The agent closes with 1009 and the browser only sees a
     normal close (1000), with the bytes lost.
     """
     sid = d.start_session()["id"]

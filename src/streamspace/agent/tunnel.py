@@ -1,0 +1,137 @@
+"""Viewer streams: OpenStream -> the backend's connection to the session's VNC server -> a fresh
+binary WebSocket dialled back to the control plane, bytes pumped both ways."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from streamspace.agent.backends.base import Backend, BackendError, VNCStream
+from streamspace.agent.enrolment import Enrolment
+from streamspace.agent.logfmt import fmt, log
+from streamspace.agent.outbox import Outbox
+from streamspace.agent.server import Server
+from streamspace.agent.vnc import ByteStreamReader, ByteStreamWriter
+from streamspace.protocol import OpenStream, StreamFailed
+
+STREAM_CHUNK_BYTES = 1024 * 1024
+STREAM_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+class StreamTunnel:
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        server: Server,
+        identity: Enrolment,
+        outbox: Outbox,
+        connect_timeout: float,
+    ) -> None:
+        self._backend = backend
+        self._server = server
+        self._identity = identity
+        self._outbox = outbox
+        self._connect_timeout = connect_timeout
+
+    async def open_session(self, session_id: str) -> VNCStream:
+        """A connection to a session's VNC server for one viewer, through the backend (which
+        knows where the server is and holds its per-session secret)."""
+        log.info(fmt("vnc_open", agent_id=self._identity.agent_id, session_id=session_id))
+        try:
+            return await self._backend.open_vnc(session_id, connect_timeout=self._connect_timeout)
+        except BackendError as exc:
+            raise ConnectionError(str(exc)) from exc
+
+    async def run(self, msg: OpenStream) -> None:
+        """Bridge one viewer: a fresh binary WebSocket to the control plane <-> the RFB port."""
+        if not msg.path.startswith("/"):
+            self._failed(msg, f"invalid stream path {msg.path!r}")
+            return
+        url = (msg.base_url.rstrip("/") or self._server.ws_base) + msg.path
+        if not url.startswith(("ws://", "wss://")):
+            self._failed(msg, f"invalid stream base URL {msg.base_url!r}")
+            return
+        try:
+            reader, writer = await self.open_session(msg.session_id)
+        except (OSError, TimeoutError) as exc:
+            # Before dialling back, so the viewer gets the reason instead of a bare close.
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            self._failed(msg, f"cannot connect to the session: {reason}")
+            return
+        try:
+            ws = await self._server.dial(
+                url,
+                self._identity.credential,
+                compression=None,
+                max_size=STREAM_MAX_MESSAGE_BYTES,
+            )
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            writer.close()
+            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+            return
+        fields = {
+            "agent_id": self._identity.agent_id,
+            "stream_id": msg.stream_id,
+            "session_id": msg.session_id,
+        }
+        try:
+            log.info(fmt("stream_open", **fields))
+            try:
+                await _pump(ws, reader, writer)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            log.info(fmt("stream_closed", **fields))
+        finally:
+            await ws.close()
+
+    def _failed(self, msg: OpenStream, error: str) -> None:
+        log.warning(
+            fmt(
+                "stream_failed",
+                agent_id=self._identity.agent_id,
+                stream_id=msg.stream_id,
+                session_id=msg.session_id,
+                error=error,
+            )
+        )
+        self._outbox.send_if_connected(StreamFailed(stream_id=msg.stream_id, error=error))
+
+
+async def _pump(ws: ClientConnection, reader: ByteStreamReader, writer: ByteStreamWriter) -> None:
+    """Copy bytes both ways until either side closes.
+
+    Each direction awaits its sink (`drain`, `ws.send`) before reading more, so memory stays
+    bounded by one chunk plus the transports' own buffers whatever the speed mismatch.
+    """
+
+    async def ws_to_tcp() -> None:
+        async for data in ws:
+            if isinstance(data, str):
+                await ws.close(code=1003, reason="stream websockets carry binary frames only")
+                return
+            writer.write(data)
+            await writer.drain()
+
+    async def tcp_to_ws() -> None:
+        while data := await reader.read(STREAM_CHUNK_BYTES):
+            await ws.send(data)
+
+    tasks = [
+        asyncio.create_task(ws_to_tcp(), name="stream-ws-to-tcp"),
+        asyncio.create_task(tcp_to_ws(), name="stream-tcp-to-ws"),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in results:
+        if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionClosed | OSError):
+            raise outcome
