@@ -39,7 +39,7 @@ def running_xterm(c: httpx.Client) -> str:
         state = c.get(f"/api/v1/sessions/{sid}").json()["state"]
         if state == "running":
             return sid
-        assert state in ("pending", "starting"), f"session went {state}"
+        assert state in ("pending", "scheduled", "starting"), f"session went {state}"
         time.sleep(0.1)
     raise AssertionError("xterm session never ran")
 
