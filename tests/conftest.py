@@ -368,3 +368,24 @@ PODMAN_MISSING = (
     if shutil.which("podman") is None or os.geteuid() != 0
     else None
 )
+
+
+KUBE_MISSING = (
+    "Kubernetes tests need the Go toolchain to build kube-apiserver and etcd"
+    if shutil.which("go") is None
+    else None
+)
+
+
+@pytest.fixture(scope="session")
+def kube_apiserver() -> Iterator[Any]:
+    """A real kube-apiserver + etcd on loopback (RBAC on), shared by the whole run.
+
+    The first run on a machine builds the binaries (scripts/kube-test-binaries.sh); later runs
+    reuse them from the cache. Tests share the server, so each works in a namespace of its own.
+    """
+    require(KUBE_MISSING)
+    from streamspace_testing.kube import running_kube_apiserver
+
+    with running_kube_apiserver() as server:
+        yield server
