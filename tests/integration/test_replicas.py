@@ -530,7 +530,7 @@ def test_exactly_one_loop_leader_and_failover(cluster: Cluster) -> None:
     leader = c.replica(next(k for k, v in values.items() if v == 1))
     follower = c.other(leader)
     taken_before = count_lines(
-        follower.log(), "loop_leadership", f"replica={follower.id}", "leader=True"
+        follower.log(), "loop_leadership", f"replica={follower.id}", "leader=true"
     )
     expire = 'streamspace_loop_runs_total{loop="expire"}'
     idle = follower.metric(expire)
@@ -542,7 +542,7 @@ def test_exactly_one_loop_leader_and_failover(cluster: Cluster) -> None:
     wait_for(lambda: follower.metric("streamspace_loop_leader") == 1, 25, 0.2, "a new leader")
     print(f"{follower.id} took over {time.monotonic() - killed_at:.1f} s after the kill")
     assert (
-        count_lines(follower.log(), "loop_leadership", f"replica={follower.id}", "leader=True")
+        count_lines(follower.log(), "loop_leadership", f"replica={follower.id}", "leader=true")
         > taken_before
     )
     runs = follower.metric(expire) or 0

@@ -17,8 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from streamspace import logs
+from streamspace.config import Settings
+from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.events import EventBus
+from streamspace.controlplane.hub import Hub
+from streamspace.controlplane.peers import InProcessPeers
+from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.transitions import Transitions
+from streamspace.db.models import Session as SessionRow
 
 _DECODER = json.JSONDecoder()
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
@@ -222,6 +231,41 @@ def test_old_style_message_keeps_every_word_in_json(output: io.StringIO) -> None
     assert (second["session_id"], second["pids"]) == ("s-2", "[11, 12]")
     assert (third["agent_id"], third["user_id"], third["note"]) == ("a-1", "u-1", 'say "hi" = fine')
     assert (fourth["event"], fourth["message"]) == ("Started", "Started server process [4242]")
+
+
+def test_control_plane_events_carry_their_fields_in_json(output: io.StringIO) -> None:
+    """Real control-plane events, through the product's JSON formatter: each field is its own
+    typed key (`closed` a number, the message whole), with no pre-rendered `message` beside
+    them, which a %-style call could only produce by having its text re-parsed."""
+    capture(output, "json")
+    peers = InProcessPeers("r1")
+    db = async_sessionmaker()  # never used: neither event touches the database
+    hub = Hub(db=db, settings=Settings(), replica_id="r1", peers=peers)
+    transitions = Transitions(settings=Settings(), events=EventBus(peers=peers), hub=hub)
+    transitions.event(AsyncSession(), SessionRow(id="s-1"), "stuck", "stuck starting for 60 s")
+    revocations = Revocations(auth_cache=AuthCache(0), db=db, peers=peers)
+    closed: list[str] = []
+    with revocations.track("u-1", 1, "stream", closed.append):
+        revocations.apply("u-1", "signed out: password changed")
+    assert closed == ["signed out: password changed"]
+
+    def fields(line: str) -> dict[str, Any]:
+        parsed = json.loads(line)
+        return {k: v for k, v in parsed.items() if k not in ("ts", "level", "logger")}
+
+    session_event, revoked = lines(output)
+    assert fields(session_event) == {
+        "event": "session_event",
+        "session_id": "s-1",
+        "kind": "stuck",
+        "message_": "stuck starting for 60 s",
+    }
+    assert fields(revoked) == {
+        "event": "connections_revoked",
+        "user_id": "u-1",
+        "closed": 1,
+        "reason": "signed out: password changed",
+    }
 
 
 def test_old_style_message_unchanged_in_kv(output: io.StringIO) -> None:

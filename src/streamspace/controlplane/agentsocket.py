@@ -8,13 +8,12 @@ in memory and written in one batch every few seconds (`flush_heartbeats`).
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import UTC, datetime
 
 from fastapi import WebSocket, WebSocketDisconnect
 from sqlalchemy import select, update
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.config import Settings
 from streamspace.controlplane import agentauth
 from streamspace.controlplane.hub import CLOSE_PROTOCOL, AgentConnection, Hub
@@ -24,7 +23,7 @@ from streamspace.controlplane.streams import StreamBroker
 from streamspace.db.engine import Database
 from streamspace.db.models import OPEN_COMMAND_STATUSES, Agent, AgentCommand, User
 
-log = logging.getLogger("streamspace.hub")
+log = logs.get_logger("streamspace.hub")
 
 HELLO_TIMEOUT = 10.0
 ADMISSION_SLOTS = 8
@@ -126,9 +125,7 @@ class AgentEndpoint:
                     f"{msg.cluster_id!r}; enrol again to move it",
                 )
         except protocol.ProtocolError as exc:
-            log.warning(
-                "agent_hello_refused agent_id=%s code=%s reason=%s", agent.id, exc.code, exc.message
-            )
+            log.warning("agent_hello_refused", agent_id=agent.id, code=exc.code, reason=exc.message)
             await conn.error(exc.code, exc.message)
             await conn.close(CLOSE_PROTOCOL, exc.code)
             return None
@@ -179,24 +176,23 @@ class AgentEndpoint:
                 home_owners=home_owners,
             )
         )
-        log.info(
-            "agent_connected agent_id=%s cluster_id=%s templates=%d inventory=%d keep=%d "
-            "resend=%d replica=%s",
-            agent_id,
-            hello.cluster_id,
-            len(hello.templates),
-            len(hello.inventory),
-            len(keep),
-            len(open_cmds),
-            self.replica_id,
+        log.event(
+            "agent_connected",
+            agent_id=agent_id,
+            cluster_id=hello.cluster_id,
+            templates=len(hello.templates),
+            inventory=len(hello.inventory),
+            keep=len(keep),
+            resend=len(open_cmds),
+            replica=self.replica_id,
         )
         if hello.isolation.mode == "insecure-shared-user":
             log.warning(
-                "agent_insecure agent_id=%s isolation=%s detail=%r: its sessions run as the "
-                "agent's own user, unsandboxed",
-                agent_id,
-                hello.isolation.mode,
-                hello.isolation.detail,
+                "agent_insecure",
+                agent_id=agent_id,
+                isolation=hello.isolation.mode,
+                detail=hello.isolation.detail,
+                note="its sessions run as the agent's own user, unsandboxed",
             )
         for cmd_id in open_cmds:
             await self.hub.dispatch(cmd_id, retry=True)
@@ -232,10 +228,10 @@ class AgentEndpoint:
                 self.streams.agent_failed(msg.stream_id, msg.error)
             elif isinstance(msg, protocol.ErrorMessage):
                 log.warning(
-                    "agent_reported_error agent_id=%s code=%s message=%s",
-                    conn.agent_id,
-                    msg.code,
-                    msg.message,
+                    "agent_reported_error",
+                    agent_id=conn.agent_id,
+                    code=msg.code,
+                    message=msg.message,
                 )
             else:
                 await conn.error("unexpected_message", f"{msg.type} is only valid first")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import os
 import socket
 import time
@@ -20,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from streamspace import __version__
+from streamspace import __version__, logs
 from streamspace.config import Settings
 from streamspace.controlplane import catalog, datadir, metrics, problems
 from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
@@ -33,7 +32,7 @@ from streamspace.db import migrate
 from streamspace.db.engine import create_engine
 from streamspace.db.models import User
 
-log = logging.getLogger("streamspace.app")
+log = logs.get_logger("streamspace.app")
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
@@ -207,7 +206,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.loops = loops
         await loops.lease.renew()
         loops.start()
-        log.info("control_plane_started replica=%s version=%s", replica, __version__)
+        log.event("control_plane_started", replica=replica, version=__version__)
         settle_garbage_collector()
         try:
             yield

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.db.models import Template
 
-log = logging.getLogger("streamspace.catalog")
+log = logs.get_logger("streamspace.catalog")
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -136,7 +135,7 @@ async def sync_files(db: AsyncSession, directory: Path) -> list[TemplateFileErro
     """Upsert file templates; templates created or edited through the API are left alone."""
     specs, errors = load_directory(directory)
     for err in errors:
-        log.error("template_invalid file=%s field=%s reason=%s", err.path, err.field, err.reason)
+        log.error("template_invalid", file=err.path, field=err.field, reason=err.reason)
     existing = {t.name: t for t in (await db.scalars(select(Template))).all()}
     for spec in specs:
         row = existing.get(spec.name)
@@ -147,9 +146,7 @@ async def sync_files(db: AsyncSession, directory: Path) -> list[TemplateFileErro
             continue
         apply_spec(row, spec, "file")
     await db.commit()
-    log.info(
-        "templates_loaded directory=%s count=%d invalid=%d", directory, len(specs), len(errors)
-    )
+    log.event("templates_loaded", directory=directory, count=len(specs), invalid=len(errors))
     return errors
 
 

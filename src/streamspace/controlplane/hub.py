@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,13 +16,13 @@ from typing import Any
 from fastapi import WebSocket
 from sqlalchemy import case, select, update
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.config import Settings
 from streamspace.controlplane.peers import Peers
 from streamspace.db.engine import Database
 from streamspace.db.models import OPEN_COMMAND_STATUSES, Agent, AgentCommand, CommandStatus
 
-log = logging.getLogger("streamspace.hub")
+log = logs.get_logger("streamspace.hub")
 SENT = CommandStatus.SENT.value
 
 SEND_QUEUE = 1000
@@ -75,7 +74,7 @@ class AgentConnection:
                     return
                 await self.ws.send_text(frame)
         except Exception as exc:  # a dead socket ends the writer; the reader notices too
-            log.info("agent_writer_stopped agent_id=%s error=%r", self.agent_id, exc)
+            log.event("agent_writer_stopped", agent_id=self.agent_id, error=exc)
         finally:
             self.closed.set()
 
@@ -131,7 +130,7 @@ class Hub:
                     .values(connected_replica="", last_seen=datetime.now(UTC))
                 )
                 await db.commit()
-        log.info("agent_disconnected agent_id=%s", conn.agent_id)
+        log.event("agent_disconnected", agent_id=conn.agent_id)
 
     async def disconnect(
         self, agent_id: str, code: str, message: str, local_only: bool = False
@@ -170,13 +169,13 @@ class Hub:
         sent = await self.send_to_agent(agent_id, msg)
         if sent:
             await self._record_sent([command_id])
-            log.info(
-                "command_sent command_id=%s agent_id=%s session_id=%s action=%s retry=%s",
-                command_id,
-                agent_id,
-                msg.session_id,
-                msg.action,
-                retry,
+            log.event(
+                "command_sent",
+                command_id=command_id,
+                agent_id=agent_id,
+                session_id=msg.session_id,
+                action=msg.action,
+                retry=retry,
             )
         return sent
 
@@ -207,7 +206,7 @@ class Hub:
         try:
             await self._record_sent(command_ids)
         except Exception as exc:  # the result (or the timeout loop) settles the row anyway
-            log.warning("record_sent_failed count=%d error=%r", len(command_ids), exc)
+            log.warning("record_sent_failed", count=len(command_ids), error=exc)
 
     async def _record_sent(self, command_ids: list[str]) -> None:
         """Conditional on the row still being open: with several replicas the result may have

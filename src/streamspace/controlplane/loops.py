@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -17,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from streamspace import logs
 from streamspace.config import Settings
 from streamspace.controlplane import metrics
 from streamspace.controlplane.agentsocket import AgentEndpoint
@@ -28,7 +28,7 @@ from streamspace.controlplane.timeouts import Timeouts
 from streamspace.db.engine import Database
 from streamspace.db.models import Lease
 
-log = logging.getLogger("streamspace.loops")
+log = logs.get_logger("streamspace.loops")
 
 LEASE_NAME = "background-loops"
 LAG_PROBE_SECONDS = 0.05
@@ -67,10 +67,10 @@ class LeaderLease:
         except IntegrityError:
             leader = False
         except Exception as exc:
-            log.warning("lease_renew_failed replica=%s error=%r", holder, exc)
+            log.warning("lease_renew_failed", replica=holder, error=exc)
             leader = False
         if leader != self.is_leader:
-            log.info("loop_leadership replica=%s leader=%s", holder, leader)
+            log.event("loop_leadership", replica=holder, leader=leader)
         self.is_leader = leader
         metrics.loop_leader.set(1 if leader else 0)
         return leader
@@ -130,7 +130,7 @@ class Loops:
                         await fn()
                         metrics.loop_runs_total.labels(name).inc()
                     except Exception as exc:
-                        log.warning("loop_failed loop=%s error=%r", name, exc)
+                        log.warning("loop_failed", loop=name, error=exc)
                 await asyncio.sleep(interval)
 
         self._tasks.append(asyncio.create_task(run(), name=f"loop-{name}"))
@@ -148,7 +148,7 @@ class Loops:
                     metrics.placements_total.inc(placed)
                     placement.wake_placer()
             except Exception as exc:
-                log.warning("loop_failed loop=placement error=%r", exc)
+                log.warning("loop_failed", loop="placement", error=exc)
                 await asyncio.sleep(1)
 
     async def stop(self) -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
+from streamspace import logs
 from streamspace.config import Settings
 from streamspace.controlplane import scheduler
 from streamspace.controlplane.catalog import TemplateSpec
@@ -29,7 +29,7 @@ from streamspace.db.models import Agent, AgentCommand, Template
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.onestatement import ONE_STATEMENT_ONLY
 
-log = logging.getLogger("streamspace.lifecycle")
+log = logs.get_logger("streamspace.lifecycle")
 
 REMOTE_WAKE_GAP_SECONDS = 0.02
 SMALL_PLACEMENT_ROUND = 4
@@ -248,7 +248,7 @@ class Placement:
         try:
             await self.transitions.commit(db, changed, cmds)
         except StaleDataError:
-            log.info("placement_round_dropped reason=session_changed sessions=%d", len(pending))
+            log.event("placement_round_dropped", reason="session_changed", sessions=len(pending))
             self._place_wakeup.set()
             return 0
         return placed

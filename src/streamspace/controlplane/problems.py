@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,10 +13,11 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from streamspace import logs
 from streamspace.controlplane.statemachine import ActionContended, IllegalTransition
 from streamspace.db.engine import DatabaseUnavailable
 
-log = logging.getLogger("streamspace.api")
+log = logs.get_logger("streamspace.api")
 
 PROBLEM_TYPE_BASE = "https://streamspace.dev/problems/"
 MEDIA_TYPE = "application/problem+json"
@@ -193,7 +193,7 @@ def install(app: FastAPI) -> None:
             return await _bad_value(request, exc)
         if exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError):
             return await _db_down(request, exc)
-        log.exception("database_error path=%s", request.url.path)
+        log.exception("database_error", path=request.url.path)
         return problem_response(
             request,
             500,
@@ -204,7 +204,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis_unavailable path=%s error=%r", request.url.path, exc)
+        log.warning("redis_unavailable", path=request.url.path, error=exc)
         return problem_response(
             request,
             503,
@@ -216,7 +216,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(PoolTimeoutError)
     async def _db_busy(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database_pool_exhausted path=%s", request.url.path)
+        log.warning("database_pool_exhausted", path=request.url.path)
         return problem_response(
             request,
             503,
@@ -231,7 +231,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
     async def _db_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database_unavailable path=%s error=%s", request.url.path, type(exc).__name__)
+        log.warning("database_unavailable", path=request.url.path, error=type(exc).__name__)
         return problem_response(
             request,
             503,
@@ -244,7 +244,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ConnectionError)
     @app.exception_handler(OSError)
     async def _conn(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("dependency_unavailable path=%s error=%r", request.url.path, exc)
+        log.warning("dependency_unavailable", path=request.url.path, error=exc)
         return problem_response(
             request,
             503,
@@ -256,7 +256,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error path=%s", request.url.path)
+        log.exception("unhandled_error", path=request.url.path)
         return problem_response(
             request, 500, "Internal error", "an unexpected error occurred", "internal-error"
         )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import time
 from datetime import datetime
 from typing import Any
@@ -25,11 +24,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.controlplane import metrics
 from streamspace.controlplane.peers import Inbox, Ticket
 
-log = logging.getLogger("streamspace.router")
+log = logs.get_logger("streamspace.router")
 
 EVENTS_CHANNEL = "ss:events"
 PLACER_CHANNEL = "ss:placer"
@@ -101,7 +100,7 @@ class RedisPeers:
                     held = [agent_channel(a) for a in self.inbox.held_agents()]
                     await pubsub.subscribe(EVENTS_CHANNEL, PLACER_CHANNEL, REVOKE_CHANNEL, *held)
                     self._pubsub = pubsub
-                log.info("router_subscribed replica=%s agents=%d", self.replica_id, len(held))
+                log.event("router_subscribed", replica=self.replica_id, agents=len(held))
                 delay = 0.2
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
@@ -110,7 +109,7 @@ class RedisPeers:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                log.warning("router_disconnected replica=%s error=%r", self.replica_id, exc)
+                log.warning("router_disconnected", replica=self.replica_id, error=exc)
             finally:
                 if self._pubsub is pubsub:
                     self._pubsub = None
@@ -129,7 +128,7 @@ class RedisPeers:
                 # agent waits for its welcome; the listener's resubscription covers it anyway.
                 await asyncio.wait_for(self._pubsub.subscribe(agent_channel(agent_id)), 2)
             except (RedisError, OSError, TimeoutError) as exc:
-                log.warning("router_subscribe_failed agent_id=%s error=%r", agent_id, exc)
+                log.warning("router_subscribe_failed", agent_id=agent_id, error=exc)
 
     async def agent_released(self, agent_id: str) -> None:
         async with self._subscriptions:
@@ -169,7 +168,7 @@ class RedisPeers:
                 return
             if not offered:
                 self.dropped += 1
-                log.warning("router_frame_dropped agent_id=%s reason=agent_queue_full", agent_id)
+                log.warning("router_frame_dropped", agent_id=agent_id, reason="agent_queue_full")
                 return
             self.delivered += 1
             if isinstance(published := body.get("published_at"), float):
@@ -189,7 +188,7 @@ class RedisPeers:
                 pipe.publish(agent_channel(agent_id), _to_agent_payload(msg))
             counts = await pipe.execute()
         except (RedisError, OSError) as exc:
-            log.warning("router_publish_failed count=%d error=%r", len(items), exc)
+            log.warning("router_publish_failed", count=len(items), error=exc)
             return [False] * len(items)
         return [bool(receivers) for receivers in counts]
 
@@ -219,7 +218,7 @@ class RedisPeers:
         try:
             await self.redis.publish(channel, payload)
         except (RedisError, OSError) as exc:
-            log.warning("router_event_publish_failed channel=%s error=%r", channel, exc)
+            log.warning("router_event_publish_failed", channel=channel, error=exc)
 
     # ---- tickets --------------------------------------------------------------------------
 

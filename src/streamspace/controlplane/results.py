@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.controlplane.placement import Placement
 from streamspace.controlplane.statemachine import ACTIVE_STATES, ON_AGENT_STATES, State
 from streamspace.controlplane.transitions import Transitions, now
@@ -22,7 +21,7 @@ from streamspace.db.engine import Database
 from streamspace.db.models import OPEN_COMMAND_STATUSES, AgentCommand, CommandStatus
 from streamspace.db.models import Session as SessionRow
 
-log = logging.getLogger("streamspace.lifecycle")
+log = logs.get_logger("streamspace.lifecycle")
 
 
 class Results:
@@ -48,7 +47,7 @@ class Results:
             try:
                 await self.on_results(batch)
             except Exception as exc:
-                log.warning("results_batch_failed size=%d error=%r", len(batch), exc)
+                log.warning("results_batch_failed", size=len(batch), error=exc)
                 for agent_id, result in batch:
                     with contextlib.suppress(Exception):
                         await self.on_results([(agent_id, result)])
@@ -88,9 +87,7 @@ class Results:
                     continue
                 if cmd is None or cmd.agent_id != agent_id:
                     log.warning(
-                        "result_unknown_command agent_id=%s command_id=%s",
-                        agent_id,
-                        result.command_id,
+                        "result_unknown_command", agent_id=agent_id, command_id=result.command_id
                     )
                     continue
                 if cmd.status in (CommandStatus.SUCCEEDED, CommandStatus.FAILED):

@@ -17,7 +17,6 @@ rows, and closes what no longer matches (`recheck`).
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,13 +24,14 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from streamspace import logs
 from streamspace.controlplane import metrics
 from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.peers import Peers
 from streamspace.db.engine import Database
 from streamspace.db.models import RefreshToken, User
 
-log = logging.getLogger("streamspace.revocation")
+log = logs.get_logger("streamspace.revocation")
 
 RECHECK_BATCH = 500
 
@@ -108,7 +108,7 @@ class Revocations:
         self.auth_cache.forget(user_id)
         closed = sum(conn.revoke(reason) for conn in list(self._open.get(user_id, ())))
         if closed:
-            log.info("connections_revoked user_id=%s closed=%d reason=%r", user_id, closed, reason)
+            log.event("connections_revoked", user_id=user_id, closed=closed, reason=reason)
         return closed
 
     async def recheck(self) -> int:
@@ -140,5 +140,5 @@ class Revocations:
                     closed += 1
                     self.auth_cache.forget(user_id)
         if closed:
-            log.info("connections_revoked source=recheck closed=%d", closed)
+            log.event("connections_revoked", source="recheck", closed=closed)
         return closed

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,7 +17,7 @@ from typing import cast
 from fastapi import WebSocket, WebSocketDisconnect
 from sqlalchemy import Table, bindparam, update
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.config import Settings
 from streamspace.controlplane import agentauth
 from streamspace.controlplane.embedded import (
@@ -36,7 +35,7 @@ from streamspace.db.engine import Database
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import User
 
-log = logging.getLogger("streamspace.streams")
+log = logs.get_logger("streamspace.streams")
 
 SESSIONS = cast(Table, SessionRow.__table__)
 
@@ -125,7 +124,7 @@ class StreamBroker:
         try:
             ticket = await self.consume_ticket(ws.query_params.get("ticket", ""))
         except Exception as exc:  # Redis down: refuse clearly instead of failing the handshake
-            log.warning("ticket_store_unavailable error=%r", exc)
+            log.warning("ticket_store_unavailable", error=exc)
             await ws.close(code=CLOSE_UNAVAILABLE, reason="ticket store unavailable; retry")
             return
         if ticket is None:
@@ -149,11 +148,11 @@ class StreamBroker:
                 if not conn.revoked:
                     raise
                 await _close(ws, conn)
-                log.info(
-                    "stream_revoked session_id=%s user_id=%s reason=%r",
-                    ticket.session_id,
-                    ticket.user_id,
-                    conn.revoked,
+                log.event(
+                    "stream_revoked",
+                    session_id=ticket.session_id,
+                    user_id=ticket.user_id,
+                    reason=conn.revoked,
                 )
             finally:
                 serving.cancel()
@@ -207,18 +206,18 @@ class StreamBroker:
                 reason = str(exc) or "agent did not open the stream in time"
                 await ws.close(code=CLOSE_UNAVAILABLE, reason=reason[:120])
                 return
-            log.info(
-                "stream_open stream_id=%s session_id=%s agent_id=%s user_id=%s",
-                stream_id,
-                session.id,
-                session.agent_id,
-                user.id if user else "",
+            log.event(
+                "stream_open",
+                stream_id=stream_id,
+                session_id=session.id,
+                agent_id=session.agent_id,
+                user_id=user.id if user else "",
             )
             await self._pump_pair(ws, agent_ws, session.id, conn)
         finally:
             pending.done.set()
             self._pending.pop(stream_id, None)
-            log.info("stream_closed stream_id=%s session_id=%s", stream_id, ticket.session_id)
+            log.event("stream_closed", stream_id=stream_id, session_id=ticket.session_id)
 
     async def _serve_local(
         self,
@@ -235,11 +234,12 @@ class StreamBroker:
             reason = f"cannot reach the session: {reason}"
             await ws.close(code=CLOSE_UNAVAILABLE, reason=reason[:120])
             return
-        log.info(
-            "stream_open path=local session_id=%s agent_id=%s user_id=%s",
-            session.id,
-            local.agent_id,
-            user_id,
+        log.event(
+            "stream_open",
+            path="local",
+            session_id=session.id,
+            agent_id=local.agent_id,
+            user_id=user_id,
         )
         self.local_streams += 1
         try:
@@ -248,7 +248,7 @@ class StreamBroker:
             writer.close()
             with contextlib.suppress(OSError, RuntimeError):
                 await writer.wait_closed()
-            log.info("stream_closed path=local session_id=%s", session.id)
+            log.event("stream_closed", path="local", session_id=session.id)
 
     def agent_failed(self, stream_id: str, error: str) -> None:
         pending = self._pending.get(stream_id)

@@ -7,7 +7,6 @@ sessions through `Transitions`; the state machine (statemachine.py) decides what
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -16,7 +15,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session as OrmSession
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.config import Settings
 from streamspace.controlplane.catalog import TemplateSpec
 from streamspace.controlplane.events import EventBus
@@ -27,7 +26,7 @@ from streamspace.db import onestatement
 from streamspace.db.models import AgentCommand, CommandStatus, SessionEvent, Template, User
 from streamspace.db.models import Session as SessionRow
 
-log = logging.getLogger("streamspace.lifecycle")
+log = logs.get_logger("streamspace.lifecycle")
 
 EVENTS_KEY = "streamspace.session_events"
 SESSION_EVENTS = cast(Table, SessionEvent.__table__)
@@ -65,7 +64,7 @@ class Transitions:
         db.info.setdefault(EVENTS_KEY, []).append(
             {"session_id": session.id, "kind": kind, "message": message, "data": data, "at": now()}
         )
-        log.info("session_event session_id=%s kind=%s message=%r", session.id, kind, message)
+        log.event("session_event", session_id=session.id, kind=kind, message=message)
 
     def transition(
         self,
@@ -130,7 +129,7 @@ class Transitions:
             try:
                 await self.hub.dispatch_many(commands)
             except Exception as exc:  # the commands are stored; the retry loop sends them later
-                log.warning("dispatch_failed count=%d error=%r", len(commands), exc)
+                log.warning("dispatch_failed", count=len(commands), error=exc)
 
     def new_command(
         self,
