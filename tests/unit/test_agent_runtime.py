@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
 import random
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 import streamspace
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.agent.backends.base import Backend, BackendError
 from streamspace.agent.runtime import Agent, AgentConfig, AgentError
 from streamspace.protocol import (
@@ -865,3 +867,63 @@ async def test_open_stream_tcp_failure_reports_stream_failed(
         # The session port is tried first, so no stream socket is dialled back at all.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(cp.next_stream(), 0.5)
+
+
+# ---- logs -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """Everything logged during the test, as the agent writes it with ``--log-format json``."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    logs.configure("INFO", "json")
+    handler = root.handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(stream)
+    yield stream
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _events(stream: io.StringIO, name: str) -> list[dict[str, Any]]:
+    found = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [{k: v for k, v in e.items() if k != "ts"} for e in found if e["event"] == name]
+
+
+async def test_agent_events_carry_their_fields_as_fields_in_json_mode(
+    cp: ControlPlaneDouble, tmp_path: Path, json_log: io.StringIO
+) -> None:
+    """Typed fields, no `message` to re-parse, and the module's logger: the old
+    `log.info(fmt(...))` lines reached JSON mode as one string with every value a string."""
+    async with running(cp, tmp_path):
+        sock, _ = await cp.handshake(heartbeat_seconds=12.5)
+        await eventually(lambda: bool(_events(json_log, "connected")))
+        await sock.send(start("c-9", "s-9", template="broken"))
+        assert await sock.recv() == Ack(command_id="c-9")
+        assert isinstance(await sock.recv(), Result)
+    assert _events(json_log, "connected") == [
+        {
+            "level": "info",
+            "logger": "streamspace.agent.connection",
+            "event": "connected",
+            "agent_id": AGENT_ID,
+            "server": cp.url,
+            "sessions": 0,
+            "kept": 0,
+            "heartbeat_seconds": 12.5,
+        }
+    ]
+    assert _events(json_log, "command_failed") == [
+        {
+            "level": "warning",
+            "logger": "streamspace.agent.commands",
+            "event": "command_failed",
+            "agent_id": AGENT_ID,
+            "command_id": "c-9",
+            "action": "start",
+            "session_id": "s-9",
+            "error": "template 'broken' cannot start: xterm not installed",
+        }
+    ]

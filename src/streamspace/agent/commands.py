@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
+from streamspace import logs
 from streamspace.agent.backends.base import Backend, BackendError
 from streamspace.agent.enrolment import Enrolment
-from streamspace.agent.logfmt import fmt, log
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.sessions import SessionTable
 from streamspace.protocol import Command, Result
+
+log = logs.get_logger(__name__)
 
 RESULT_CACHE_SIZE = 1000
 
@@ -46,24 +48,20 @@ class CommandRunner:
         """Run an acknowledged command, unless it already ran or is running."""
         cached = self._results.get(cmd.command_id)
         if cached is not None:
-            log.info(
-                fmt(
-                    "duplicate_command_result_resent",
-                    agent_id=self._identity.agent_id,
-                    command_id=cmd.command_id,
-                    session_id=cmd.session_id,
-                )
+            log.event(
+                "duplicate_command_result_resent",
+                agent_id=self._identity.agent_id,
+                command_id=cmd.command_id,
+                session_id=cmd.session_id,
             )
             self._outbox.send(cached)
             return
         if cmd.command_id in self._inflight:
-            log.info(
-                fmt(
-                    "duplicate_command_still_running",
-                    agent_id=self._identity.agent_id,
-                    command_id=cmd.command_id,
-                    session_id=cmd.session_id,
-                )
+            log.event(
+                "duplicate_command_still_running",
+                agent_id=self._identity.agent_id,
+                command_id=cmd.command_id,
+                session_id=cmd.session_id,
             )
             return
         self._inflight[cmd.command_id] = asyncio.create_task(
@@ -88,7 +86,7 @@ class CommandRunner:
             "action": cmd.action,
             "session_id": cmd.session_id,
         }
-        log.info(fmt("command_started", **fields))
+        log.event("command_started", **fields)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -112,18 +110,16 @@ class CommandRunner:
                 self._sessions.ended(cmd.session_id)
         except BackendError as exc:
             error = str(exc) or type(exc).__name__
-            log.warning(fmt("command_failed", **fields, error=error))
+            log.warning("command_failed", **fields, error=error)
             return Result(command_id=cmd.command_id, ok=False, error=error)
         except Exception as exc:
-            log.exception(fmt("command_crashed", **fields))
+            log.exception("command_crashed", **fields)
             return Result(command_id=cmd.command_id, ok=False, error=f"{type(exc).__name__}: {exc}")
-        log.info(
-            fmt(
-                "command_succeeded",
-                **fields,
-                endpoint=endpoint.describe() if endpoint else None,
-                duration=f"{loop.time() - started:.3f}s",
-            )
+        log.event(
+            "command_succeeded",
+            **fields,
+            endpoint=endpoint.describe() if endpoint else None,
+            duration=f"{loop.time() - started:.3f}s",
         )
         return Result(command_id=cmd.command_id, ok=True, endpoint=endpoint)
 
@@ -133,22 +129,18 @@ class CommandRunner:
             if self._sessions.busy(session_id):
                 continue  # a command for it arrived meanwhile: the control plane knows it now
             async with self._sessions.turn(session_id):
-                log.info(
-                    fmt(
-                        "stopping_unknown_session",
-                        agent_id=self._identity.agent_id,
-                        session_id=session_id,
-                    )
+                log.event(
+                    "stopping_unknown_session",
+                    agent_id=self._identity.agent_id,
+                    session_id=session_id,
                 )
                 try:
                     await self._backend.stop(session_id)
                 except Exception as exc:
                     log.warning(
-                        fmt(
-                            "unknown_session_stop_failed",
-                            agent_id=self._identity.agent_id,
-                            session_id=session_id,
-                            error=f"{type(exc).__name__}: {exc}",
-                        )
+                        "unknown_session_stop_failed",
+                        agent_id=self._identity.agent_id,
+                        session_id=session_id,
+                        error=f"{type(exc).__name__}: {exc}",
                     )
                 self._sessions.ended(session_id)

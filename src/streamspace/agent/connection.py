@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import traceback
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 import streamspace
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.agent.backends.base import Backend
 from streamspace.agent.commands import CommandRunner
 from streamspace.agent.enrolment import Enrolment
@@ -25,7 +26,6 @@ from streamspace.agent.errors import (
     CredentialRejected,
     TransientError,
 )
-from streamspace.agent.logfmt import fmt, log
 from streamspace.agent.outbox import Outbox, Wire
 from streamspace.agent.server import Server
 from streamspace.agent.sessions import SessionTable
@@ -45,6 +45,8 @@ from streamspace.protocol import (
     ProtocolError,
     Welcome,
 )
+
+log = logs.get_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.01
 
@@ -140,7 +142,7 @@ class ControlConnection:
             if legacy_homes:
                 # Before any command is read: a start must find its home where it now belongs.
                 moved = await self._backend.migrate_homes(welcome.home_owners)
-                log.info(fmt("homes_migrated", agent_id=self._identity.agent_id, homes=len(moved)))
+                log.event("homes_migrated", agent_id=self._identity.agent_id, homes=len(moved))
             self._on_welcome(wire, welcome, inventory, templates)
             await self._serve(wire, writer, welcome)
         finally:
@@ -167,11 +169,9 @@ class ControlConnection:
                             f"control plane refused hello: {msg.code}: {msg.message}"
                         )
                     log.warning(
-                        fmt(
-                            "message_before_welcome_ignored",
-                            agent_id=self._identity.agent_id,
-                            type=msg.type,
-                        )
+                        "message_before_welcome_ignored",
+                        agent_id=self._identity.agent_id,
+                        type=msg.type,
                     )
         except TimeoutError as exc:
             raise TransientError("no welcome from the control plane in time") from exc
@@ -181,12 +181,10 @@ class ControlConnection:
     def _raise_if_fatal(self, msg: ErrorMessage) -> None:
         if msg.code in FATAL_ERROR_CODES:
             log.error(
-                fmt(
-                    "agent_refused",
-                    agent_id=self._identity.agent_id,
-                    code=msg.code,
-                    message=msg.message,
-                )
+                "agent_refused",
+                agent_id=self._identity.agent_id,
+                code=msg.code,
+                message=msg.message,
             )
             error = CredentialRejected if msg.code in CREDENTIAL_ERROR_CODES else AgentError
             raise error(f"control plane refused the agent ({msg.code}): {msg.message}")
@@ -201,11 +199,9 @@ class ControlConnection:
         agent_id = self._identity.agent_id
         if welcome.agent_id != agent_id:
             log.warning(
-                fmt(
-                    "welcome_agent_id_mismatch",
-                    agent_id=agent_id,
-                    welcome_agent_id=welcome.agent_id,
-                )
+                "welcome_agent_id_mismatch",
+                agent_id=agent_id,
+                welcome_agent_id=welcome.agent_id,
             )
         keep = set(welcome.keep)
         self._sessions.reconcile({i.session_id for i in inventory if i.state == "running"}, keep)
@@ -215,26 +211,22 @@ class ControlConnection:
         self._last_templates = templates
         self._backoff.reset()
         self._outbox.attach(wire)
-        log.info(
-            fmt(
-                "connected",
-                agent_id=agent_id,
-                server=self._server.url,
-                sessions=len(inventory),
-                kept=len(keep),
-                heartbeat_seconds=welcome.heartbeat_seconds,
-            )
+        log.event(
+            "connected",
+            agent_id=agent_id,
+            server=self._server.url,
+            sessions=len(inventory),
+            kept=len(keep),
+            heartbeat_seconds=welcome.heartbeat_seconds,
         )
 
     def _detach(self, wire: Wire) -> None:
         if self._outbox.detach(wire):
-            log.info(
-                fmt(
-                    "disconnected",
-                    agent_id=self._identity.agent_id,
-                    code=wire.ws.close_code,
-                    reason=wire.ws.close_reason or None,
-                )
+            log.event(
+                "disconnected",
+                agent_id=self._identity.agent_id,
+                code=wire.ws.close_code,
+                reason=wire.ws.close_reason or None,
             )
 
     async def _serve(self, wire: Wire, writer: asyncio.Task[None], welcome: Welcome) -> None:
@@ -259,8 +251,10 @@ class ControlConnection:
                 raise exc
             if exc is not None and not isinstance(exc, ConnectionClosed):
                 log.error(
-                    fmt("control_connection_failed", agent_id=self._identity.agent_id),
-                    exc_info=exc,
+                    "control_connection_failed",
+                    agent_id=self._identity.agent_id,
+                    error=exc,
+                    traceback="".join(traceback.format_exception(exc)),
                 )
 
     async def _read_loop(self, wire: Wire) -> None:
@@ -273,12 +267,10 @@ class ControlConnection:
             msg = protocol.parse_server_message(raw)
         except ProtocolError as exc:
             log.warning(
-                fmt(
-                    "malformed_frame",
-                    agent_id=self._identity.agent_id,
-                    code=exc.code,
-                    error=exc.message,
-                )
+                "malformed_frame",
+                agent_id=self._identity.agent_id,
+                code=exc.code,
+                error=exc.message,
             )
             wire.send(ErrorMessage(code=exc.code, message=exc.message))
             return
@@ -290,15 +282,13 @@ class ControlConnection:
         elif isinstance(msg, ErrorMessage):
             self._raise_if_fatal(msg)
             log.warning(
-                fmt(
-                    "server_error",
-                    agent_id=self._identity.agent_id,
-                    code=msg.code,
-                    message=msg.message,
-                )
+                "server_error",
+                agent_id=self._identity.agent_id,
+                code=msg.code,
+                message=msg.message,
             )
         else:
-            log.warning(fmt("unexpected_message", agent_id=self._identity.agent_id, type=msg.type))
+            log.warning("unexpected_message", agent_id=self._identity.agent_id, type=msg.type)
 
     async def _heartbeat_loop(self, wire: Wire, interval: float) -> None:
         while True:
@@ -311,7 +301,7 @@ class ControlConnection:
             try:
                 current = self._backend.runnable_templates(self._catalog)
             except Exception:
-                log.exception(fmt("runnable_templates_failed", agent_id=self._identity.agent_id))
+                log.exception("runnable_templates_failed", agent_id=self._identity.agent_id)
                 current = self._last_templates
             if current != self._last_templates:
                 templates = self._last_templates = current

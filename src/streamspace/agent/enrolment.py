@@ -13,12 +13,13 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from streamspace import protocol
+from streamspace import logs, protocol
 from streamspace.agent.errors import AgentError, CredentialRejected, HTTPProblem, TransientError
-from streamspace.agent.logfmt import fmt, log
 from streamspace.agent.server import Server
 from streamspace.agent.state import AgentState, StateError, load_state, save_state, state_path
 from streamspace.protocol import BackendKind, EnrollRequest, EnrollResponse
+
+log = logs.get_logger(__name__)
 
 
 class Enrolment:
@@ -71,7 +72,7 @@ class Enrolment:
         """Drop the rejected identity and take a fresh join token, so `ensure` enrols again."""
         assert self._reenrol is not None and self._state is not None
         state = self._state
-        log.warning(fmt("reenrolling", agent_id=state.agent_id, reason=str(why)))
+        log.warning("reenrolling", agent_id=state.agent_id, reason=str(why))
         self._join_token = await self._reenrol(state.agent_id)
         await asyncio.to_thread(state_path(self._state_dir).unlink, missing_ok=True)
         self._state = None
@@ -83,7 +84,7 @@ class Enrolment:
         state = self._state.model_copy(update={"credential": credential})
         await asyncio.to_thread(save_state, self._state_dir, state)
         self._state = state
-        log.info(fmt("credential_adopted", agent_id=state.agent_id))
+        log.event("credential_adopted", agent_id=state.agent_id)
 
     async def _load_or_enrol(self) -> AgentState:
         try:
@@ -92,12 +93,10 @@ class Enrolment:
             raise AgentError(str(exc)) from exc
         if state is not None:
             if self._join_token:
-                log.info(
-                    fmt(
-                        "join_token_ignored_already_enrolled",
-                        agent_id=state.agent_id,
-                        state_file=state_path(self._state_dir),
-                    )
+                log.event(
+                    "join_token_ignored_already_enrolled",
+                    agent_id=state.agent_id,
+                    state_file=state_path(self._state_dir),
                 )
             self._warn_on_drift(state)
             return state
@@ -140,9 +139,7 @@ class Enrolment:
             name=self._name,
         )
         path = await asyncio.to_thread(save_state, self._state_dir, state)
-        log.info(
-            fmt("enrolled", agent_id=state.agent_id, cluster_id=state.cluster_id, state_file=path)
-        )
+        log.event("enrolled", agent_id=state.agent_id, cluster_id=state.cluster_id, state_file=path)
         return state
 
     def _warn_on_drift(self, state: AgentState) -> None:
@@ -157,12 +154,10 @@ class Enrolment:
             stored = getattr(state, key)
             if configured and configured != stored:
                 log.warning(
-                    fmt(
-                        "config_differs_from_enrolment",
-                        agent_id=state.agent_id,
-                        setting=key,
-                        configured=configured,
-                        enrolled=stored,
-                        hint="the enrolled value is used; remove agent.json to re-enrol",
-                    )
+                    "config_differs_from_enrolment",
+                    agent_id=state.agent_id,
+                    setting=key,
+                    configured=configured,
+                    enrolled=stored,
+                    hint="the enrolled value is used; remove agent.json to re-enrol",
                 )

@@ -7,12 +7,14 @@ import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
 
+from streamspace import logs
 from streamspace.agent.backends.base import Backend
 from streamspace.agent.enrolment import Enrolment
-from streamspace.agent.logfmt import fmt, log
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.sessions import SessionTable
 from streamspace.protocol import SessionStatus
+
+log = logs.get_logger(__name__)
 
 
 class ExitWatch:
@@ -69,19 +71,17 @@ class ExitWatch:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception(fmt("exit_monitor_failed", agent_id=self._identity.agent_id))
+                log.exception("exit_monitor_failed", agent_id=self._identity.agent_id)
 
         self._task = asyncio.create_task(monitor(), name="agent-monitor")
 
     async def _on_session_exit(self, session_id: str, reason: str) -> None:
         self._sessions.ended(session_id)
-        log.info(
-            fmt(
-                "session_exited",
-                agent_id=self._identity.agent_id,
-                session_id=session_id,
-                reason=reason,
-            )
+        log.event(
+            "session_exited",
+            agent_id=self._identity.agent_id,
+            session_id=session_id,
+            reason=reason,
         )
         self._outbox.send(SessionStatus(session_id=session_id, state="exited", reason=reason))
         if self._chained_on_exit is not None:

@@ -26,19 +26,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streamspace import logs
 from streamspace.agent.backends.base import Backend, VNCStream
 from streamspace.agent.commands import CommandRunner
 from streamspace.agent.connection import Backoff, ControlConnection
 from streamspace.agent.enrolment import Enrolment
 from streamspace.agent.errors import AgentError, CredentialRejected, TransientError
 from streamspace.agent.exits import ExitWatch
-from streamspace.agent.logfmt import fmt, log
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.server import Server
 from streamspace.agent.sessions import SessionTable
 from streamspace.agent.tasks import Background
 from streamspace.agent.tunnel import StreamTunnel
 from streamspace.protocol import BackendKind, Capacity
+
+log = logs.get_logger(__name__)
 
 __all__ = ["Agent", "AgentConfig", "AgentError", "CredentialRejected"]
 
@@ -205,17 +207,17 @@ class Agent:
                 self._outbox.clear()
                 continue
             except TransientError as exc:
-                log.warning(fmt("control_plane_unavailable", agent_id=self.agent_id, error=exc))
+                log.warning("control_plane_unavailable", agent_id=self.agent_id, error=exc)
             except (AgentError, asyncio.CancelledError):
                 raise
             except Exception:
                 # A bug (ours or the backend's) must not take the agent down: its sessions keep
                 # running and still need a control connection. Log loudly and retry.
-                log.exception(fmt("connection_attempt_crashed", agent_id=self.agent_id))
+                log.exception("connection_attempt_crashed", agent_id=self.agent_id)
             if self._stopping.is_set():
                 break
             delay = self._backoff.next_delay()
-            log.info(fmt("reconnecting", agent_id=self.agent_id, delay=f"{delay:.2f}s"))
+            log.event("reconnecting", agent_id=self.agent_id, delay=f"{delay:.2f}s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
 
@@ -227,4 +229,4 @@ class Agent:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._outbox.forget_wire()
-        log.info(fmt("agent_stopped", agent_id=self.agent_id))
+        log.event("agent_stopped", agent_id=self.agent_id)

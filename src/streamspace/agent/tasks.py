@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import Coroutine
 from typing import Any
 
+from streamspace import logs
 from streamspace.agent.enrolment import Enrolment
-from streamspace.agent.logfmt import fmt, log
+
+log = logs.get_logger(__name__)
 
 
 class Background:
@@ -28,8 +31,9 @@ class Background:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error(
-                fmt(
-                    "background_task_failed", agent_id=self._identity.agent_id, task=task.get_name()
-                ),
-                exc_info=exc,
+                "background_task_failed",
+                agent_id=self._identity.agent_id,
+                task=task.get_name(),
+                error=exc,
+                traceback="".join(traceback.format_exception(exc)),
             )

@@ -9,13 +9,15 @@ import contextlib
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from streamspace import logs
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream
 from streamspace.agent.enrolment import Enrolment
-from streamspace.agent.logfmt import fmt, log
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.server import Server
 from streamspace.agent.vnc import ByteStreamReader, ByteStreamWriter
 from streamspace.protocol import OpenStream, StreamFailed
+
+log = logs.get_logger(__name__)
 
 STREAM_CHUNK_BYTES = 1024 * 1024
 STREAM_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -40,7 +42,7 @@ class StreamTunnel:
     async def open_session(self, session_id: str) -> VNCStream:
         """A connection to a session's VNC server for one viewer, through the backend (which
         knows where the server is and holds its per-session secret)."""
-        log.info(fmt("vnc_open", agent_id=self._identity.agent_id, session_id=session_id))
+        log.event("vnc_open", agent_id=self._identity.agent_id, session_id=session_id)
         try:
             return await self._backend.open_vnc(session_id, connect_timeout=self._connect_timeout)
         except BackendError as exc:
@@ -79,26 +81,24 @@ class StreamTunnel:
             "session_id": msg.session_id,
         }
         try:
-            log.info(fmt("stream_open", **fields))
+            log.event("stream_open", **fields)
             try:
                 await _pump(ws, reader, writer)
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
-            log.info(fmt("stream_closed", **fields))
+            log.event("stream_closed", **fields)
         finally:
             await ws.close()
 
     def _failed(self, msg: OpenStream, error: str) -> None:
         log.warning(
-            fmt(
-                "stream_failed",
-                agent_id=self._identity.agent_id,
-                stream_id=msg.stream_id,
-                session_id=msg.session_id,
-                error=error,
-            )
+            "stream_failed",
+            agent_id=self._identity.agent_id,
+            stream_id=msg.stream_id,
+            session_id=msg.session_id,
+            error=error,
         )
         self._outbox.send_if_connected(StreamFailed(stream_id=msg.stream_id, error=error))
 

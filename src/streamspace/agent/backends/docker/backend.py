@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -41,6 +40,7 @@ from pathlib import Path
 
 from docker.models.containers import Container
 
+from streamspace import logs
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
 from streamspace.agent.backends.docker.containers import Containers
@@ -64,7 +64,7 @@ from streamspace.protocol import (
     SessionSpec,
 )
 
-log = logging.getLogger("streamspace.agent.docker")
+log = logs.get_logger("streamspace.agent.docker")
 
 ExitCallback = Callable[[str, str], Awaitable[None]]
 """on_exit(session_id, reason): a running session's container stopped on its own."""
@@ -162,7 +162,7 @@ class DockerBackend(Backend):
                 await self._homes.measure(container.attrs)
             await self._containers.remove_run_dir(session_id)
             self._stopped.add(session_id)
-        log.info("session_stopped session_id=%s", session_id)
+        log.event("session_stopped", session_id=session_id)
 
     async def hibernate(self, session_id: str) -> None:
         container_name(session_id)
@@ -175,7 +175,7 @@ class DockerBackend(Backend):
                 if state_of(container.attrs) in RUNNING:
                     await self._engine.call(self._engine.stop, container)
                 await self._homes.measure(container.attrs)
-        log.info("session_hibernated session_id=%s", session_id)
+        log.event("session_hibernated", session_id=session_id)
 
     async def status(self, session_id: str) -> InventoryItem:
         container_name(session_id)
@@ -307,17 +307,16 @@ class DockerBackend(Backend):
                 raise
             self._stopped.discard(session_id)
             self._monitor.saw_running(session_id)
-        log.info(
-            "session_started session_id=%s action=%s user=%s template=%s image=%s port=%s "
-            "created=%s seconds=%.3f",
-            session_id,
-            action,
-            spec.user,
-            spec.template,
-            spec.image.image,
-            endpoint.port,
-            created,
-            time.monotonic() - started,
+        log.event(
+            "session_started",
+            session_id=session_id,
+            action=action,
+            user=spec.user,
+            template=spec.template,
+            image=spec.image.image,
+            port=endpoint.port,
+            created=created,
+            seconds=round(time.monotonic() - started, 3),
         )
         return endpoint
 
@@ -389,7 +388,7 @@ class DockerBackend(Backend):
         try:
             await self.on_exit(session_id, reason)
         except Exception:
-            log.exception("on_exit_callback_failed session_id=%s", session_id)
+            log.exception("on_exit_callback_failed", session_id=session_id)
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault(session_id, asyncio.Lock())

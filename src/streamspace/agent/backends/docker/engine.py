@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -16,10 +15,11 @@ import docker
 import docker.errors
 from docker.models.containers import Container
 
+from streamspace import logs
 from streamspace.agent.backends.base import BackendError
 from streamspace.protocol import SessionRunState
 
-log = logging.getLogger("streamspace.agent.docker")
+log = logs.get_logger("streamspace.agent.docker")
 
 RUNNING = frozenset({"running", "restarting"})
 _HIBERNATED = frozenset({"created", "exited", "stopped", "configured", "paused", "initialized"})
@@ -198,7 +198,7 @@ class Engine:
             try:
                 self._images, self._images_at = self.local_tags(), time.monotonic()
             except (docker.errors.DockerException, OSError, BackendError) as exc:
-                log.warning("image_list_failed url=%s error=%s", self.url, exc)
+                log.warning("image_list_failed", url=self.url, error=exc)
                 return set()
         elif time.monotonic() - self._images_at > IMAGE_CACHE_SECONDS:
             self.schedule_image_refresh()

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import docker.errors
 
+from streamspace import logs
 from streamspace.agent.backends.base import BackendError
 from streamspace.agent.backends.docker.engine import Engine
 from streamspace.agent.backends.docker.spec import (
@@ -32,7 +32,7 @@ from streamspace.agent.backends.docker.spec import (
 from streamspace.agent.homeusage import HomeUsage
 from streamspace.protocol import SessionSpec
 
-log = logging.getLogger("streamspace.agent.docker")
+log = logs.get_logger("streamspace.agent.docker")
 
 
 def _write_state(path: Path, data: object) -> None:
@@ -157,14 +157,14 @@ class Homes:
             user_id = owners.get(owner)
             if user_id is None:
                 orphaned.add(volume)
-                log.warning("home_volume_orphaned volume=%s owner=%s", volume, owner)
+                log.warning("home_volume_orphaned", volume=volume, owner=owner)
                 continue
             if not ID_RE.fullmatch(user_id):
-                log.warning("home_volume_bad_owner_id volume=%s owner=%s", volume, owner)
+                log.warning("home_volume_bad_owner_id", volume=volume, owner=owner)
                 continue
             self._legacy.setdefault(legacy_key(user_id, template), volume)
             moved[volume] = user_id
-            log.info("home_volume_migrated volume=%s owner=%s user_id=%s", volume, owner, user_id)
+            log.event("home_volume_migrated", volume=volume, owner=owner, user_id=user_id)
         if moved:
             await asyncio.to_thread(_write_state, self._legacy_path, self._legacy)
         if orphaned:

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from docker.models.containers import Container
 
+from streamspace import logs
 from streamspace.agent.backends.base import BackendError
 from streamspace.agent.backends.docker.containers import Containers, session_of
 from streamspace.agent.backends.docker.engine import RUNNING, Engine, state_of
 
-log = logging.getLogger("streamspace.agent.docker")
+log = logs.get_logger("streamspace.agent.docker")
 
 LogsTail = Callable[[Container, int], Awaitable[str]]
 
@@ -71,7 +71,7 @@ class ExitMonitor:
             try:
                 await self._check_all()
             except BackendError as exc:
-                log.warning("monitor_engine_unreachable error=%s", exc)
+                log.warning("monitor_engine_unreachable", error=exc)
             except Exception:
                 log.exception("monitor_check_failed")
             await asyncio.sleep(self.poll_interval)
@@ -98,7 +98,7 @@ class ExitMonitor:
                     continue
                 self._seen_running.discard(session_id)
                 reason = await self._exit_reason(found[0] if found else None)
-            log.warning("session_exited session_id=%s reason=%r", session_id, reason)
+            log.warning("session_exited", session_id=session_id, reason=reason)
             task = asyncio.create_task(self._notify(session_id, reason))
             self._callbacks.add(task)
             task.add_done_callback(self._callbacks.discard)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import secrets
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streamspace import logs
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
 from streamspace.agent.backends.local import display as xdisplay
@@ -78,7 +78,7 @@ from streamspace.protocol import (
 
 __all__ = ["INIT_SCRIPT", "ExitCallback", "LocalBackend"]
 
-log = logging.getLogger("streamspace.agent.local")
+log = logs.get_logger("streamspace.agent.local")
 
 ExitCallback = Callable[[str, str], Awaitable[None]]
 
@@ -242,12 +242,14 @@ class LocalBackend(Backend):
         self._callbacks: set[asyncio.Task[None]] = set()
         if not self.plan.sandboxed:
             log.warning(
-                "local_backend_insecure mode=insecure-shared-user uid=%s: sessions run as the "
-                "agent's own user without a sandbox; they can read everything this user can",
-                os.getuid(),
+                "local_backend_insecure",
+                mode="insecure-shared-user",
+                uid=os.getuid(),
+                detail="sessions run as the agent's own user without a sandbox; "
+                "they can read everything this user can",
             )
         elif self.plan.problem:
-            log.error("local_backend_sandbox_unavailable problem=%r", self.plan.problem)
+            log.error("local_backend_sandbox_unavailable", problem=self.plan.problem)
         self._load_records()
 
     # ---- Backend API --------------------------------------------------------------------
@@ -274,7 +276,7 @@ class LocalBackend(Backend):
             await asyncio.to_thread(self._store.delete, session_id)
             del self._records[session_id]
             self._stopped.add(session_id)
-        log.info("session_stopped session_id=%s", session_id)
+        log.event("session_stopped", session_id=session_id)
 
     async def hibernate(self, session_id: str) -> None:
         async with self._lock(session_id):
@@ -289,7 +291,7 @@ class LocalBackend(Backend):
             rec.clear_processes()
             await asyncio.to_thread(self._store.save, rec)
             await asyncio.to_thread(self.homes.measure, Path(rec.home))
-        log.info("session_hibernated session_id=%s home=%s", session_id, rec.home)
+        log.event("session_hibernated", session_id=session_id, home=rec.home)
 
     async def status(self, session_id: str) -> InventoryItem:
         rec = self._records.get(session_id)
@@ -426,16 +428,15 @@ class LocalBackend(Backend):
             started = time.monotonic()
             new = await self._launch(spec, home)
             self._stopped.discard(session_id)
-        log.info(
-            "session_started session_id=%s action=%s user_id=%s template=%s isolation=%s "
-            "uid=%s seconds=%.3f",
-            session_id,
-            action,
-            spec.user_id,
-            spec.template,
-            new.mode,
-            new.uid,
-            time.monotonic() - started,
+        log.event(
+            "session_started",
+            session_id=session_id,
+            action=action,
+            user_id=spec.user_id,
+            template=spec.template,
+            isolation=new.mode,
+            uid=new.uid,
+            seconds=round(time.monotonic() - started, 3),
         )
         endpoint = new.endpoint()
         assert endpoint is not None
@@ -682,7 +683,7 @@ class LocalBackend(Backend):
                 try:
                     if stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size > _LOG_LIMIT:
                         os.ftruncate(fd, 0)
-                        log.warning("session_log_truncated session_id=%s", rec.session_id)
+                        log.warning("session_log_truncated", session_id=rec.session_id)
                 finally:
                     os.close(fd)
 
@@ -707,7 +708,7 @@ class LocalBackend(Backend):
             rec.reason = reason
             rec.clear_processes()
             await asyncio.to_thread(self._store.save, rec)
-        log.warning("session_exited session_id=%s reason=%r", session_id, reason)
+        log.warning("session_exited", session_id=session_id, reason=reason)
         if self.on_exit is not None:
             task = asyncio.create_task(self._notify(session_id, reason))
             self._callbacks.add(task)
@@ -718,7 +719,7 @@ class LocalBackend(Backend):
         try:
             await self.on_exit(session_id, reason)
         except Exception:
-            log.exception("on_exit_callback_failed session_id=%s", session_id)
+            log.exception("on_exit_callback_failed", session_id=session_id)
 
     async def _monitor_loop(self) -> None:
         while True:
@@ -727,7 +728,7 @@ class LocalBackend(Backend):
                 try:
                     await self._check(session_id)
                 except Exception:
-                    log.exception("monitor_check_failed session_id=%s", session_id)
+                    log.exception("monitor_check_failed", session_id=session_id)
 
     # ---- teardown -------------------------------------------------------------------------
 
@@ -755,7 +756,7 @@ class LocalBackend(Backend):
                     spawned.proc.poll()
                 time.sleep(0.02)
             if processes.alive(rec.init_pid, rec.init_start):
-                log.warning("session_kill_escalated session_id=%s", rec.session_id)
+                log.warning("session_kill_escalated", session_id=rec.session_id)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(rec.init_pid, signal.SIGKILL)
         if spawned is not None:
@@ -769,7 +770,7 @@ class LocalBackend(Backend):
             self.limits.remove(rec.session_id)
         survivors = processes.kill_marked(rec.session_id, grace=1.0)
         if survivors:
-            log.error("session_processes_survived session_id=%s pids=%s", rec.session_id, survivors)
+            log.error("session_processes_survived", session_id=rec.session_id, pids=survivors)
 
     # ---- persistence ----------------------------------------------------------------------
 
@@ -787,9 +788,6 @@ class LocalBackend(Backend):
                 rec.clear_processes()
                 self._store.save(rec)
             self._records[rec.session_id] = rec
-            log.info(
-                "session_adopted session_id=%s state=%s isolation=%s",
-                rec.session_id,
-                rec.state,
-                rec.mode,
+            log.event(
+                "session_adopted", session_id=rec.session_id, state=rec.state, isolation=rec.mode
             )

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from streamspace import logs
 from streamspace.agent.backends.base import BackendError
 from streamspace.agent.homeusage import HomeUsage
 
@@ -32,7 +32,7 @@ __all__ = [
     "HomeStore",
 ]
 
-log = logging.getLogger("streamspace.agent.local")
+log = logs.get_logger("streamspace.agent.local")
 
 UidLookup = Callable[[str], tuple[int, int]]
 """user id -> (uid, gid) of the account its sessions run as."""
@@ -158,7 +158,7 @@ class HomeStore:
                 target = self._migrate_one(name, owners.get(name), uid_for)
             except (OSError, BackendError) as exc:
                 failed = True
-                log.error("home_migration_failed name=%s error=%s", name, exc)
+                log.error("home_migration_failed", name=name, error=exc)
                 continue
             moved[name] = str(target)
             if target.parent == self.root:
@@ -179,7 +179,7 @@ class HomeStore:
             if target.exists():
                 target = target.with_name(f"{name}.{os.getpid()}")
             os.rename(source, target)
-            log.warning("home_orphaned name=%s kept_at=%s", name, target)
+            log.warning("home_orphaned", name=name, kept_at=target)
             return target
         check_name("user id", user_id)
         uid, gid = uid_for(user_id)
@@ -197,5 +197,5 @@ class HomeStore:
         for path in (dest, *dest.iterdir()):
             if path.is_dir() and not path.is_symlink():
                 _chmod_dir(path, 0o700)
-        log.info("home_migrated name=%s user_id=%s path=%s", name, user_id, dest)
+        log.event("home_migrated", name=name, user_id=user_id, path=dest)
         return dest

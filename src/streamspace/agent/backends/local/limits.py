@@ -15,16 +15,17 @@ session can find every process through `cgroup.procs` even if it escaped its pro
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from streamspace import logs
+
 __all__ = ["CgroupLimits", "detect_limits"]
 
-log = logging.getLogger("streamspace.agent.local")
+log = logs.get_logger("streamspace.agent.local")
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 _CPU_PERIOD_US = 100_000
@@ -112,7 +113,7 @@ class CgroupLimits:
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        log.warning("cgroup_not_removed path=%s", path)
+                        log.warning("cgroup_not_removed", path=path)
                         break
                     self.kill(session_id)
                     time.sleep(0.05)
@@ -146,7 +147,7 @@ def _v2(unified: Path, own: str) -> CgroupLimits | None:
         group.mkdir(exist_ok=True)
         (group / "cgroup.subtree_control").write_text("+cpu +memory")
     except OSError as exc:
-        log.info("cgroup_v2_unusable base=%s error=%s", base, exc)
+        log.event("cgroup_v2_unusable", base=base, error=exc)
         return None
     return CgroupLimits("v2", {"unified": group})
 

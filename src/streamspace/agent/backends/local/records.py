@@ -8,19 +8,19 @@ on its next start and removes them instead of leaving a second display server be
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from streamspace import logs
 from streamspace.agent.backends.local.homes import check_name
 from streamspace.protocol import Endpoint, InventoryItem, IsolationMode
 
 __all__ = ["RecordState", "RecordStore", "SessionRecord"]
 
-log = logging.getLogger("streamspace.agent.local")
+log = logs.get_logger("streamspace.agent.local")
 
 RecordState = Literal["starting", "running", "hibernated", "exited"]
 _STATES = ("starting", "running", "hibernated", "exited")
@@ -116,7 +116,7 @@ class RecordStore:
             try:
                 found.append(SessionRecord.from_json(json.loads(path.read_text())))
             except (OSError, ValueError, TypeError) as exc:
-                log.warning("session_record_unreadable path=%s error=%s", path, exc)
+                log.warning("session_record_unreadable", path=path, error=exc)
             except Exception as exc:  # BackendError from a bad id: skip the file, keep going
-                log.warning("session_record_refused path=%s error=%s", path, exc)
+                log.warning("session_record_refused", path=path, error=exc)
         return found
