@@ -221,7 +221,9 @@ class EventLogger:
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
 
-    def _log(self, level: int, name: str, fields: Mapping[str, object], exc: bool) -> None:
+    def _log(
+        self, level: int, name: str, fields: Mapping[str, object], exc: bool | BaseException
+    ) -> None:
         if not self.logger.isEnabledFor(level):
             return
         values = _fields(fields)
@@ -242,8 +244,12 @@ class EventLogger:
     def warning(self, name: str, /, **fields: object) -> None:
         self._log(logging.WARNING, name, fields, False)
 
-    def error(self, name: str, /, **fields: object) -> None:
-        self._log(logging.ERROR, name, fields, False)
+    def error(
+        self, name: str, /, *, exc_info: BaseException | None = None, **fields: object
+    ) -> None:
+        """With `exc_info`, the traceback of that exception (caught elsewhere, e.g. a finished
+        task's) goes under `exc`, as `exception` does for the one being handled."""
+        self._log(logging.ERROR, name, fields, exc_info if exc_info is not None else False)
 
     def exception(self, name: str, /, **fields: object) -> None:
         self._log(logging.ERROR, name, fields, True)

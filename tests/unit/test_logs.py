@@ -207,6 +207,25 @@ def test_exception_traceback_is_one_field(output: io.StringIO, fmt: str) -> None
     assert parsed["exc"].endswith("ValueError: bad\nvalue")
 
 
+@pytest.mark.parametrize("fmt", ["kv", "json"])
+def test_error_carries_the_traceback_of_an_exception_caught_elsewhere(
+    output: io.StringIO, fmt: str
+) -> None:
+    """A finished task's exception is no longer being handled; its traceback still goes under
+    `exc`, like `exception`'s, not into a field of its own."""
+    capture(output, fmt)
+    try:
+        raise KeyError("gone")
+    except KeyError as caught:
+        failure = caught
+    logs.get_logger("streamspace.test").error("task_failed", task="reader", exc_info=failure)
+    [line] = lines(output)
+    parsed = json.loads(line) if fmt == "json" else parse_kv(line)
+    assert parsed["level"] == "error" and parsed["task"] == "reader"
+    assert parsed["exc"].startswith("Traceback (most recent call last):\n")
+    assert parsed["exc"].endswith("KeyError: 'gone'")
+
+
 def test_old_style_message_keeps_every_word_in_json(output: io.StringIO) -> None:
     """The JSON mode used to split on spaces: `message='stuck starting for 60 s'` came out as
     `"message": "'stuck"`. Old-style call sites keep their whole text and their ids."""

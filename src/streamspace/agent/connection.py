@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import traceback
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
@@ -254,7 +253,7 @@ class ControlConnection:
                     "control_connection_failed",
                     agent_id=self._identity.agent_id,
                     error=exc,
-                    traceback="".join(traceback.format_exception(exc)),
+                    exc_info=exc,
                 )
 
     async def _read_loop(self, wire: Wire) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import traceback
 from collections.abc import Coroutine
 from typing import Any
 
@@ -35,5 +34,5 @@ class Background:
                 agent_id=self._identity.agent_id,
                 task=task.get_name(),
                 error=exc,
-                traceback="".join(traceback.format_exception(exc)),
+                exc_info=exc,
             )
