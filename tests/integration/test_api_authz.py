@@ -131,6 +131,11 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
     for name in ("victim", "quota-target"):
         r = admin.post("/api/v1/users", json={"username": name, "password": "victim-pass-1"})
         assert r.status_code == 201, r.text
+    r = admin.post("/api/v1/users", json={"username": "robot", "service_account": True})
+    assert r.status_code == 201, r.text
+    r = alice.post("/api/v1/auth/api-keys", json={"name": "k", "scopes": ["sessions:read"]})
+    assert r.status_code == 201, r.text
+    alice_key = r.json()["id"]
     gid = {}
     for name in ("g1", "gdel"):
         r = admin.post("/api/v1/groups", json={"name": name})
@@ -258,6 +263,35 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
         ),
         Row("DELETE", "/api/v1/users/{user_id}", "/api/v1/users/victim", admin_only(204)),
         Row("GET", "/api/v1/me/quota", "/api/v1/me/quota", everyone(200)),
+        # API keys: each user's own; an admin's for service accounts
+        Row(
+            "POST",
+            "/api/v1/auth/api-keys",
+            "/api/v1/auth/api-keys",
+            everyone(201),
+            body={"name": "mine", "scopes": ["sessions:read"]},
+        ),
+        Row("GET", "/api/v1/auth/api-keys", "/api/v1/auth/api-keys", everyone(200)),
+        Row(
+            "DELETE",
+            "/api/v1/auth/api-keys/{key_id}",
+            f"/api/v1/auth/api-keys/{alice_key}",
+            {U: 404, OP: 404, A: 204},
+            note="someone else's key looks missing",
+        ),
+        Row(
+            "POST",
+            "/api/v1/users/{user_id}/api-keys",
+            "/api/v1/users/robot/api-keys",
+            admin_only(201),
+            body={"name": "ci", "scopes": ["sessions:write"]},
+        ),
+        Row(
+            "GET",
+            "/api/v1/users/{user_id}/api-keys",
+            "/api/v1/users/robot/api-keys",
+            admin_only(200),
+        ),
         # groups
         Row("GET", "/api/v1/groups", "/api/v1/groups", admin_only(200)),
         Row("POST", "/api/v1/groups", "/api/v1/groups", admin_only(201), body={"name": "gnew"}),

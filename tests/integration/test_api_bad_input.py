@@ -38,6 +38,8 @@ VALID_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/sessions"): {"template": "xterm"},
     ("PATCH", "/api/v1/sessions/{session_id}"): {"tags": ["a"]},
     ("POST", "/api/v1/agents/join-tokens"): {},
+    ("POST", "/api/v1/auth/api-keys"): {"name": "k", "scopes": ["sessions:read"]},
+    ("POST", "/api/v1/users/{user_id}/api-keys"): {"name": "k", "scopes": ["sessions:read"]},
     ("POST", "/api/v1/agents/enroll"): {
         "join_token": "ssj_xxxxxxxxxx",
         "name": "a",
@@ -134,7 +136,10 @@ def body_routes(client: httpx.Client) -> set[tuple[str, str]]:
 
 def fill(route: str, ids: dict[str, str]) -> str:
     return route.format(
-        **{k: ids.get(k, "x") for k in ("user_id", "group_id", "name", "session_id", "agent_id")}
+        **{
+            k: ids.get(k, "x")
+            for k in ("user_id", "group_id", "name", "session_id", "agent_id", "key_id")
+        }
     )
 
 

@@ -22,7 +22,16 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from streamspace import __version__, logs
 from streamspace.config import Settings
 from streamspace.controlplane import catalog, datadir, metrics, problems
-from streamspace.controlplane.api import agents, audit, auth, health, sessions, templates, users
+from streamspace.controlplane.api import (
+    agents,
+    apikeys,
+    audit,
+    auth,
+    health,
+    sessions,
+    templates,
+    users,
+)
 from streamspace.controlplane.browser import SecurityHeaders
 from streamspace.controlplane.passwords import describe, weakness
 from streamspace.controlplane.security import dummy_hash, hash_password, random_secret
@@ -227,7 +236,7 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (auth, users, templates, sessions, agents, audit, health):
+    for module in (auth, apikeys, users, templates, sessions, agents, audit, health):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

@@ -13,7 +13,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import HTTPConnection
 
-from streamspace.controlplane import metrics
+from streamspace.controlplane import apikeys, metrics
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.security import decode_access_token
 from streamspace.controlplane.state import AppState
@@ -135,7 +135,11 @@ async def token_claims(request: Request, state: StateDep) -> dict[str, Any]:
     token = bearer_token(request)
     if token is None:
         raise _unauthorized("missing bearer token (log in at POST /api/v1/auth/login)")
-    claims = decode_access_token(state.secret, token)
+    claims: dict[str, Any] | None
+    if token.startswith(apikeys.PREFIX):
+        claims = await _api_key_claims(request, state, token)
+    else:
+        claims = decode_access_token(state.secret, token)
     if claims is None:
         raise _unauthorized("invalid or expired access token")
     wait = state.user_requests.take(str(claims["sub"]))
@@ -150,6 +154,29 @@ async def token_claims(request: Request, state: StateDep) -> dict[str, Any]:
     return claims
 
 
+async def _api_key_claims(request: Request, state: AppState, token: str) -> dict[str, Any]:
+    grant = await state.api_keys.resolve(token)
+    if grant is None:
+        raise _unauthorized("invalid, expired or revoked API key")
+    needed = apikeys.required_scope(request.scope.get("method", "GET"), request.url.path)
+    if needed is None:
+        raise Problem(
+            403,
+            "Forbidden",
+            "API keys cannot do this (signing in, out and managing keys need a password sign-in)",
+            kind="forbidden",
+        )
+    if not grant.allows(needed):
+        held = ", ".join(sorted(grant.scopes))
+        raise Problem(
+            403,
+            "Forbidden",
+            f"this API key lacks the scope {needed!r} (it has: {held})",
+            kind="insufficient-scope",
+        )
+    return {"sub": grant.user_id, "key": grant.key_id, "scopes": sorted(grant.scopes)}
+
+
 ClaimsDep = Annotated[dict[str, Any], Depends(token_claims)]
 
 
@@ -157,7 +184,7 @@ async def current_user(request: Request, state: StateDep, claims: ClaimsDep, db:
     user = await state.auth_cache.load(db, claims["sub"])
     if user is None or not user.is_active:
         raise _unauthorized("user no longer exists or is disabled")
-    if user.token_version != claims.get("tv"):
+    if "key" not in claims and user.token_version != claims.get("tv"):
         raise _unauthorized("token was revoked (logged out or password changed)")
     request.state.user = user
     return user

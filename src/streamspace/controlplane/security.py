@@ -16,6 +16,11 @@ _hasher = PasswordHasher()
 JWT_ALG = "HS256"
 
 
+NO_PASSWORD = "!"
+"""The password hash of an account that has no password: no hash format matches it, so
+`verify_password` is false for every input."""
+
+
 def hash_password(password: str) -> str:
     return _hasher.hash(password)
 

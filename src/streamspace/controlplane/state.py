@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from streamspace.config import Settings
 from streamspace.controlplane.agentsocket import AgentEndpoint
+from streamspace.controlplane.apikeys import ApiKeys
 from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.embedded import EmbeddedAgentSlot
 from streamspace.controlplane.events import EventBus
@@ -48,6 +49,7 @@ class AppState:
     session_creates: InFlight
     """Each user's session creations under way (deps.create_turn)."""
     auth_cache: AuthCache
+    api_keys: ApiKeys
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool by wiring."""
     revocations: Revocations

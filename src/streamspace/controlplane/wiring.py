@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from streamspace.config import Settings
 from streamspace.controlplane.agentsocket import AgentEndpoint
+from streamspace.controlplane.apikeys import ApiKeys
 from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.embedded import EmbeddedAgentSlot
 from streamspace.controlplane.events import EventBus
@@ -114,6 +115,7 @@ def build_state(
         user_requests=TokenBuckets(settings.user_requests_per_second, settings.user_request_burst),
         session_creates=InFlight(settings.user_concurrent_creates),
         auth_cache=auth_cache,
+        api_keys=ApiKeys(db=db, ttl=settings.auth_cache_seconds),
         db_slots=asyncio.Semaphore(request_slots(settings)),
         revocations=revocations,
         writer_turn=writer_turn,

@@ -130,7 +130,8 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
             headers={"Retry-After": str(wait)},
         ) from None
     user = await db.scalar(select(User).where(func.lower(User.username) == body.username.lower()))
-    stored = user.password_hash if user is not None else security.dummy_hash()
+    has_password = user is not None and user.password_hash != security.NO_PASSWORD
+    stored = user.password_hash if user is not None and has_password else security.dummy_hash()
     # Verified whether or not the user exists (never short-circuited): the same work either way.
     matches = await asyncio.to_thread(security.verify_password, stored, body.password)
     if user is None or not matches:

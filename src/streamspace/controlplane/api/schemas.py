@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from streamspace.controlplane.catalog import NAME_PATTERN
 
@@ -66,6 +66,7 @@ class UserOut(Out):
     role: str
     is_active: bool
     idle_timeout_seconds: int | None
+    service_account: bool
     created_at: datetime
 
 
@@ -83,10 +84,28 @@ class TokenOut(BaseModel):
 
 class UserCreateIn(Strict):
     username: str = Field(pattern=USERNAME)
-    password: str = Field(min_length=PASSWORD_MIN, max_length=1024)
+    password: str | None = Field(
+        default=None,
+        min_length=PASSWORD_MIN,
+        max_length=1024,
+        description="Required, except for a service account, which has none.",
+    )
     display_name: str = Field(default="", max_length=128)
     email: str = Field(default="", max_length=254)
     role: Role = "user"
+    service_account: bool = Field(
+        default=False,
+        description="An account for automation: no password, it acts only through API keys "
+        "an admin creates for it (POST /api/v1/users/{id}/api-keys).",
+    )
+
+    @model_validator(mode="after")
+    def _password_unless_service(self) -> UserCreateIn:
+        if self.service_account and self.password is not None:
+            raise ValueError("password: a service account has none (it uses API keys)")
+        if not self.service_account and self.password is None:
+            raise ValueError("password: required (or set service_account: true)")
+        return self
 
 
 class UserPatchIn(Strict):
@@ -185,6 +204,37 @@ def _clean_tags(tags: list[str]) -> list[str]:
 
 
 T = TypeVar("T")
+
+
+ApiKeyScope = Literal["sessions:read", "sessions:write", "templates:read", "admin"]
+
+
+class ApiKeyIn(Strict):
+    name: str = Field(min_length=1, max_length=64, description="What the key is for.")
+    scopes: list[ApiKeyScope] = Field(
+        min_length=1,
+        description="What the key may do: sessions:read, sessions:write, templates:read, "
+        "admin (everything its owner's role allows).",
+    )
+    expires_at: datetime | None = Field(
+        default=None,
+        description="When the key stops working (ISO 8601 with a zone); never if omitted.",
+    )
+
+
+class ApiKeyOut(Out):
+    id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    created_by: str | None
+
+
+class ApiKeyCreatedOut(ApiKeyOut):
+    key: str = Field(description="The key itself. Shown only in this answer; store it now.")
 
 
 class Page(BaseModel, Generic[T]):

@@ -26,13 +26,13 @@ from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import bad_request, conflict, not_found
 from streamspace.controlplane.quotas import usage, user_limits
 from streamspace.controlplane.revocation import end_sign_ins
-from streamspace.controlplane.security import hash_password
+from streamspace.controlplane.security import NO_PASSWORD, hash_password
 from streamspace.db.models import Group, GroupMembership, Quota, User
 
 router = APIRouter(prefix="/api/v1", tags=["users"])
 
 
-async def _user(db: DbDep, user_id: str) -> User:
+async def find_user(db: DbDep, user_id: str) -> User:
     user = await db.get(User, user_id)
     if user is None:
         user = await db.scalar(select(User).where(func.lower(User.username) == user_id.lower()))
@@ -72,13 +72,18 @@ async def create_user(body: UserCreateIn, request: Request, admin: AdminDep, db:
     if taken is not None:
         by = "" if taken == body.username else f" by {taken!r} (case does not count)"
         raise conflict(f"username {body.username!r} is taken{by}")
-    await require_strong(body.password, (body.username, body.display_name, body.email))
+    if body.password is None:
+        password_hash = NO_PASSWORD
+    else:
+        await require_strong(body.password, (body.username, body.display_name, body.email))
+        password_hash = await asyncio.to_thread(hash_password, body.password)
     user = User(
         username=body.username,
-        password_hash=await asyncio.to_thread(hash_password, body.password),
+        password_hash=password_hash,
         display_name=body.display_name,
         email=body.email,
         role=body.role,
+        service_account=body.service_account,
     )
     db.add(user)
     try:
@@ -102,7 +107,7 @@ async def create_user(body: UserCreateIn, request: Request, admin: AdminDep, db:
 
 @router.get("/users/{user_id}", response_model=UserOut)
 async def get_user(user_id: str, _: AdminDep, db: DbDep) -> User:
-    return await _user(db, user_id)
+    return await find_user(db, user_id)
 
 
 @router.patch("/users/{user_id}", response_model=UserOut)
@@ -113,7 +118,7 @@ async def patch_user(
     password signs them out everywhere; a role change ends their access tokens (a refresh gets
     one with the new role) and closes their open viewer and event streams."""
     async with writer_turn(state, db):
-        user = await _user(db, user_id)
+        user = await find_user(db, user_id)
         changes = body.model_dump(exclude_unset=True)
         if user.id == admin.id and (
             changes.get("role", "admin") != "admin" or changes.get("is_active") is False
@@ -121,6 +126,8 @@ async def patch_user(
             raise bad_request("you cannot demote or disable yourself")
         revoked = ""
         disabling = changes.get("is_active") is False and user.is_active
+        if "password" in changes and user.service_account:
+            raise bad_request("password: a service account has none (it uses API keys)")
         if "password" in changes:
             password = changes.pop("password")
             await require_strong(
@@ -171,7 +178,7 @@ async def delete_user(
     """Stops the user's sessions (each gets an event saying why), deletes the user with
     everything they own, and closes their open viewer and event streams."""
     async with writer_turn(state, db):
-        user = await _user(db, user_id)
+        user = await find_user(db, user_id)
         if user.id == admin.id:
             raise bad_request("you cannot delete yourself")
         why = f"the owner's account was deleted by {admin.username}"
@@ -206,7 +213,7 @@ async def sign_out_user(
 ) -> Response:
     """Sign the user out everywhere: every access and refresh token they hold stops working,
     and their open viewer and event streams close, on every replica."""
-    user = await _user(db, user_id)
+    user = await find_user(db, user_id)
     await end_sign_ins(db, user)
     audit.record(
         db,
@@ -239,7 +246,7 @@ async def _set_quota(
 async def put_user_quota(
     user_id: str, body: QuotaIn, request: Request, admin: AdminDep, db: DbDep
 ) -> Quota:
-    user = await _user(db, user_id)
+    user = await find_user(db, user_id)
     quota = await _set_quota(db, user_id=user.id, group_id=None, body=body)
     audit.record(
         db,
@@ -256,7 +263,7 @@ async def put_user_quota(
 
 @router.delete("/users/{user_id}/quota", status_code=204)
 async def delete_user_quota(user_id: str, request: Request, admin: AdminDep, db: DbDep) -> Response:
-    user = await _user(db, user_id)
+    user = await find_user(db, user_id)
     await db.execute(delete(Quota).where(Quota.user_id == user.id))
     audit.record(
         db,
@@ -272,7 +279,7 @@ async def delete_user_quota(user_id: str, request: Request, admin: AdminDep, db:
 
 @router.get("/users/{user_id}/quota", response_model=QuotaUsageOut)
 async def get_user_quota(user_id: str, _: AdminDep, state: StateDep, db: DbDep) -> QuotaUsageOut:
-    return await _quota_usage(db, await _user(db, user_id), state)
+    return await _quota_usage(db, await find_user(db, user_id), state)
 
 
 @router.get("/me/quota", response_model=QuotaUsageOut)
@@ -397,7 +404,7 @@ async def add_member(
     group_id: str, user_id: str, request: Request, admin: AdminDep, db: DbDep
 ) -> GroupOut:
     group = await _group(db, group_id)
-    user = await _user(db, user_id)
+    user = await find_user(db, user_id)
     if await db.get(GroupMembership, (group.id, user.id)) is None:
         db.add(GroupMembership(group_id=group.id, user_id=user.id))
     audit.record(
@@ -418,7 +425,7 @@ async def remove_member(
     group_id: str, user_id: str, request: Request, admin: AdminDep, db: DbDep
 ) -> GroupOut:
     group = await _group(db, group_id)
-    user = await _user(db, user_id)
+    user = await find_user(db, user_id)
     await db.execute(
         delete(GroupMembership).where(
             GroupMembership.group_id == group.id, GroupMembership.user_id == user.id
