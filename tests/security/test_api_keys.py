@@ -3,10 +3,15 @@ owner, and the key is stored and logged nowhere in the clear."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -230,3 +235,40 @@ def test_service_accounts_act_only_through_keys(make_control_plane: Any) -> None
     assert admin.delete(f"/api/v1/auth/api-keys/{key.json()['id']}").status_code == 204
     with client(cp, key.json()["key"]) as c:
         assert_problem(c.get("/api/v1/sessions"), 401, "revoked")
+
+
+def test_cli_logs_in_with_a_key_from_the_environment(
+    make_control_plane: Any, tmp_path: Path
+) -> None:
+    cp = make_control_plane(**NO_LIMIT)
+    admin = login(cp)
+    add_user(admin, "alice")
+    alice = login(cp, "alice", PASSWORD)
+    key = new_key(alice, "sessions:read", "templates:read")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSPACE_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "streamspace.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, **extra},
+        )
+
+    r = cli("login", "--server", cp.url, "--api-key", STREAMSPACE_API_KEY="ssk_" + "0" * 32 + "_x")
+    assert r.returncode != 0 and "refused" in r.stdout + r.stderr
+    r = cli("login", "--server", cp.url, "--api-key", STREAMSPACE_API_KEY=key["key"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "alice" in r.stdout
+    path = tmp_path / "config" / "streamspace" / "cli.json"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert json.loads(path.read_text()) == {"server": cp.url, "api_key": key["key"]}
+    r = cli("templates", "ls")
+    assert r.returncode == 0 and "xterm" in r.stdout, r.stdout + r.stderr
+    r = cli("sessions", "create", "xterm")
+    assert r.returncode != 0 and "sessions:write" in r.stdout + r.stderr
+    assert alice.delete(f"/api/v1/auth/api-keys/{key['id']}").status_code == 204
+    r = cli("templates", "ls")
+    assert r.returncode != 0 and "API key was refused" in r.stdout + r.stderr

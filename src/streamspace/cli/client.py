@@ -46,11 +46,17 @@ async def api(method: str, path: str, **kwargs: Any) -> Any:
     cfg = load_client()
     async with httpx.AsyncClient(base_url=cfg["server"], timeout=30) as client:
         for attempt in range(2):
-            headers = {"Authorization": f"Bearer {cfg['access_token']}"}
+            credential = cfg.get("api_key") or cfg["access_token"]
+            headers = {"Authorization": f"Bearer {credential}"}
             try:
                 resp = await client.request(method, path, headers=headers, **kwargs)
             except httpx.HTTPError as exc:
                 raise CLIError(f"cannot reach {cfg['server']}: {exc}") from exc
+            if resp.status_code == 401 and "api_key" in cfg:
+                raise CLIError(
+                    f"the API key was refused ({problem_text(resp)}); "
+                    "run `streamspace login --api-key` with a valid one"
+                )
             if resp.status_code == 401 and attempt == 0:
                 refreshed = await client.post(
                     "/api/v1/auth/refresh", json={"refresh_token": cfg["refresh_token"]}
@@ -69,13 +75,52 @@ async def api(method: str, path: str, **kwargs: Any) -> Any:
     raise CLIError("unauthorized")
 
 
+API_KEY_ENV = "STREAMSPACE_API_KEY"
+
+
+def _login_with_key(server_url: str, key: str) -> None:
+    """Checks the key against the server before keeping it: a mistyped key fails here, not
+    at the next command."""
+
+    async def me() -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=server_url, timeout=30) as client:
+            try:
+                resp = await client.get(
+                    "/api/v1/auth/me", headers={"Authorization": f"Bearer {key}"}
+                )
+            except httpx.HTTPError as exc:
+                raise CLIError(f"cannot reach {server_url}: {exc}") from exc
+            if resp.status_code != 200:
+                raise CLIError(f"the API key was refused: {problem_text(resp)}")
+            body: dict[str, Any] = resp.json()
+            return body
+
+    user = run(me())
+    save_client({"server": server_url.rstrip("/"), "api_key": key})
+    console.print(f"using an API key of [bold]{user['username']}[/] ({user['role']})")
+
+
 @app.command()
 def login(
     server_url: str = typer.Option("http://127.0.0.1:8080", "--server"),
-    username: str = typer.Option(..., prompt=True),
-    password: str = typer.Option(..., prompt=True, hide_input=True),
+    username: str | None = typer.Option(None, help="Prompted for when not given."),
+    password: str | None = typer.Option(None, help="Prompted for (hidden) when not given."),
+    api_key: bool = typer.Option(
+        False,
+        "--api-key",
+        help=f"Use an API key (ssk_...) instead of a password: read from {API_KEY_ENV}, "
+        "else prompted for (hidden). Never on the command line, where `ps` shows it.",
+    ),
 ) -> None:
-    """Log in and keep the tokens for the other commands."""
+    """Log in and keep the tokens (or the API key) for the other commands, in a 0600 file."""
+    if api_key:
+        key = os.environ.get(API_KEY_ENV) or typer.prompt("API key", hide_input=True)
+        _login_with_key(server_url, key.strip())
+        return
+    if username is None:
+        username = typer.prompt("Username")
+    if password is None:
+        password = typer.prompt("Password", hide_input=True)
 
     async def main() -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=server_url, timeout=30) as client:
