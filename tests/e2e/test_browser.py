@@ -497,3 +497,38 @@ def test_an_insecure_agent_is_shown_in_red(
             assert watched.errors == [], f"console errors: {watched.errors}"
     finally:
         insecure.stop()
+
+
+def test_api_keys_page_creates_shows_once_and_revokes(product: Product, watched: Watched) -> None:
+    """A key made in the UI works on the API with its scopes, is shown only at creation, and
+    stops working when deleted from the page."""
+    import httpx
+
+    page = watched.page
+    with artifacts_on_failure(watched, product, "api_keys"):
+        log_in(page, product.url)
+        page.get_by_test_id("nav-api-keys").click()
+        page.get_by_test_id("new-key-form").wait_for()
+        page.get_by_test_id("key-name").fill("browser-made")
+        page.get_by_test_id("scope-sessions:read").check()
+        page.get_by_test_id("create-key").click()
+        key = page.get_by_test_id("new-key").inner_text().strip()
+        assert key.startswith("ssk_")
+        row = page.locator('[data-testid="key-row"]', has_text="browser-made")
+        row.wait_for()
+        assert "sessions:read" in row.inner_text() and key[:12] in row.inner_text()
+        assert key not in page.get_by_test_id("keys-table").inner_text()
+
+        with httpx.Client(base_url=product.url, headers={"Authorization": f"Bearer {key}"}) as c:
+            assert c.get("/api/v1/sessions").status_code == 200
+            assert c.post("/api/v1/sessions", json={"template": "xterm"}).status_code == 403
+            page.reload()
+            page.locator('[data-testid="key-row"]', has_text="browser-made").wait_for()
+            assert page.locator('[data-testid="new-key"]').count() == 0  # never shown again
+            row = page.locator('[data-testid="key-row"]', has_text="browser-made")
+            row.get_by_test_id("delete-key").click()
+            row.wait_for(state="detached")
+            assert c.get("/api/v1/sessions").status_code == 401
+
+        assert watched.errors == [], f"console errors: {watched.errors}"
+        assert watched.csp_violations() == []

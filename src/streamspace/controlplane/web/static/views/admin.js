@@ -17,7 +17,7 @@ import {
   toast,
 } from "../ui.js";
 
-function pageHead(title, subtitle, ...actions) {
+export function pageHead(title, subtitle, ...actions) {
   return h(
     "div",
     { class: "page-head" },
@@ -26,7 +26,7 @@ function pageHead(title, subtitle, ...actions) {
   );
 }
 
-function table(headers, rows, { caption, testid } = {}) {
+export function table(headers, rows, { caption, testid } = {}) {
   return h(
     "div",
     { class: "table-wrap" },
