@@ -16,8 +16,9 @@ Design notes (the why behind the code):
   app, then Xvnc); whatever is left after `stop_timeout` dies with SIGKILL to tini, which takes
   the whole PID namespace with it. Unsandboxed sessions have no PID namespace: leftovers are
   found by the environment marker and killed.
-* Exits are noticed by the monitor's poll loop (and by status()/inventory()), reported once
-  through `on_exit(session_id, reason)`, and the session stays "exited" until stopped.
+* Exits are noticed by the monitor's poll loop (started by `watch_exits`) and by
+  status()/inventory(), reported once through the agent's callback, and the session stays
+  "exited" until stopped.
 * Homes are measured when a session stops or hibernates; a home over its owner's limit keeps
   its session from starting (see homes.HomeStore.check_limit).
 """
@@ -35,18 +36,29 @@ import signal
 import stat
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from streamspace import logs
 from streamspace.agent import vnc
-from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
+from streamspace.agent.backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    ExitCallback,
+    VNCStream,
+    rfb_answers,
+)
 from streamspace.agent.backends.local import display as xdisplay
 from streamspace.agent.backends.local import processes
 from streamspace.agent.backends.local.homes import HomeStore, check_name
-from streamspace.agent.backends.local.identity import DEFAULT_UID_RANGE, IdentityMap
+from streamspace.agent.backends.local.identity import (
+    DEFAULT_UID_RANGE,
+    IdentityMap,
+    parse_uid_range,
+)
 from streamspace.agent.backends.local.isolation import IsolationPlan, plan_isolation
 from streamspace.agent.backends.local.limits import CgroupLimits, detect_limits
 from streamspace.agent.backends.local.records import RecordStore, SessionRecord
@@ -76,11 +88,9 @@ from streamspace.protocol import (
     SessionSpec,
 )
 
-__all__ = ["INIT_SCRIPT", "ExitCallback", "LocalBackend"]
+__all__ = ["INIT_SCRIPT", "LocalBackend"]
 
 log = logs.get_logger("streamspace.agent.local")
-
-ExitCallback = Callable[[str, str], Awaitable[None]]
 
 INIT_SCRIPT = Path(__file__).with_name("session-init.sh")
 _REASON_RE = re.compile(r"^streamspace-init: reason=(.*)$", re.MULTILINE)
@@ -208,14 +218,13 @@ class LocalBackend(Backend):
         uid_range: tuple[int, int] = DEFAULT_UID_RANGE,
         enforce_limits: bool = True,
         display_base: int = 100,
-        on_exit: ExitCallback | None = None,
         poll_interval: float = 1.0,
         start_timeout: float = 10.0,
         stop_timeout: float = 3.0,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.display_base = display_base
-        self.on_exit = on_exit
+        self._on_exit: ExitCallback | None = None
         self.poll_interval = poll_interval
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -251,6 +260,20 @@ class LocalBackend(Backend):
         elif self.plan.problem:
             log.error("local_backend_sandbox_unavailable", problem=self.plan.problem)
         self._load_records()
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Self:
+        settings = options.settings
+        try:
+            uid_range = parse_uid_range(settings.local_uid_range)
+        except ValueError as exc:
+            raise BackendError(f"STREAMSPACE_LOCAL_UID_RANGE: {exc}") from None
+        return cls(
+            state_dir=options.state_dir,
+            insecure_shared_user=settings.local_insecure_shared_user,
+            uid_range=uid_range,
+            enforce_limits=settings.local_enforce_limits,
+        )
 
     # ---- Backend API --------------------------------------------------------------------
 
@@ -368,18 +391,15 @@ class LocalBackend(Backend):
             for task in pending:
                 task.cancel()
 
-    # ---- extras used by the agent --------------------------------------------------------
-
-    async def start_monitor(self, on_exit: ExitCallback | None = None) -> None:
+    async def watch_exits(self, on_exit: ExitCallback) -> None:
         """Poll running sessions and report unexpected exits through `on_exit` (idempotent)."""
-        if on_exit is not None:
-            self.on_exit = on_exit
+        self._on_exit = on_exit
         if self._monitor is None or self._monitor.done():
             self._monitor = asyncio.create_task(self._monitor_loop(), name="local-monitor")
 
     async def remove_unknown(self, keep: set[str]) -> list[str]:
-        """Stop every session (running, hibernated or exited) whose id is not in keep."""
-        removed = [sid for sid in list(self._records) if sid not in keep]
+        """Also the sessions still starting, which the inventory leaves out."""
+        removed = sorted(sid for sid in self._records if sid not in keep)
         for session_id in removed:
             await self.stop(session_id)
         return removed
@@ -709,15 +729,15 @@ class LocalBackend(Backend):
             rec.clear_processes()
             await asyncio.to_thread(self._store.save, rec)
         log.warning("session_exited", session_id=session_id, reason=reason)
-        if self.on_exit is not None:
+        if self._on_exit is not None:
             task = asyncio.create_task(self._notify(session_id, reason))
             self._callbacks.add(task)
             task.add_done_callback(self._callbacks.discard)
 
     async def _notify(self, session_id: str, reason: str) -> None:
-        assert self.on_exit is not None
+        assert self._on_exit is not None
         try:
-            await self.on_exit(session_id, reason)
+            await self._on_exit(session_id, reason)
         except Exception:
             log.exception("on_exit_callback_failed", session_id=session_id)
 
