@@ -1,0 +1,5 @@
+"""`python -m streamspace.cli`, as the tests and benchmarks start the product."""
+
+from streamspace.cli import main
+
+main()
