@@ -91,3 +91,34 @@ def test_a_local_agent_never_imports_the_docker_sdk(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]", done.stderr
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("vmware", "unknown backend 'vmware'; use local or docker"),
+        ("kubernetes", "the kubernetes backend is not available in this version"),
+    ],
+)
+def test_the_agent_command_refuses_a_backend_it_cannot_run(
+    kind: str, message: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from streamspace.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "agent",
+            "--server",
+            "http://127.0.0.1:9",
+            "--backend",
+            kind,
+            "--state-dir",
+            str(tmp_path),
+        ],
+        env={"STREAMSPACE_JOIN_TOKEN": "unused"},
+    )
+    assert result.exit_code == 1
+    assert message in " ".join(result.output.split())
