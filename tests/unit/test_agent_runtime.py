@@ -754,6 +754,35 @@ async def test_backend_exit_is_reported(cp: ControlPlaneDouble, tmp_path: Path) 
     assert backend.watch_calls == 1
 
 
+class FlakyWatchBackend(FakeBackend):
+    """Its exit watch fails the first time it is asked for."""
+
+    async def watch_exits(self, on_exit: OnExit) -> None:
+        self.watch_calls += 1
+        if self.watch_calls == 1:
+            raise RuntimeError("exit watch not ready")
+        self.on_exit = on_exit
+
+
+async def test_a_failed_exit_watch_is_asked_for_again_on_the_next_connection(
+    cp: ControlPlaneDouble, tmp_path: Path
+) -> None:
+    backend = FlakyWatchBackend()
+    async with running(cp, tmp_path, backend) as (agent, _):
+        sock1, _ = await cp.handshake()
+        await eventually(lambda: agent.connected)  # serving sessions without the watch
+        assert (backend.watch_calls, backend.on_exit) == (1, None)
+        await sock1.close()
+        sock2, _ = await cp.handshake()
+        await eventually(lambda: backend.on_exit is not None)
+        assert backend.on_exit is not None
+        await backend.on_exit("s-3", "app exited with code 1")
+        assert await sock2.recv() == SessionStatus(
+            session_id="s-3", state="exited", reason="app exited with code 1"
+        )
+    assert backend.watch_calls == 2
+
+
 async def test_exit_during_outage_is_delivered_after_reconnect(
     cp: ControlPlaneDouble, tmp_path: Path
 ) -> None:
