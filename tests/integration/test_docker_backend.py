@@ -356,7 +356,7 @@ async def test_monitor_reports_app_exit_with_code(
         persistent_home=False,
     )
     await backend.start(spec)
-    await backend.start_monitor(on_exit)
+    await backend.watch_exits(on_exit)
     await asyncio.wait_for(done.wait(), 20)
     assert exits[0][0] == spec.session_id
     assert "code 7" in exits[0][1]

@@ -202,8 +202,8 @@ async def test_killed_xvnc_is_reported_exited(tmp_path: Path) -> None:
     async def on_exit(session_id: str, reason: str) -> None:
         await reports.put((session_id, reason))
 
-    be = LocalBackend(tmp_path / "state", on_exit=on_exit, poll_interval=0.2)
-    await be.start_monitor()
+    be = LocalBackend(tmp_path / "state", poll_interval=0.2)
+    await be.watch_exits(on_exit)
     try:
         spec = new_spec()
         await be.start(spec)
@@ -231,7 +231,7 @@ async def test_app_exit_reason_carries_stderr(tmp_path: Path) -> None:
         await reports.put((session_id, reason))
 
     be = LocalBackend(tmp_path / "state", poll_interval=0.2)
-    await be.start_monitor(on_exit)  # the agent runtime's way of passing the callback
+    await be.watch_exits(on_exit)
     try:
         spec = new_spec(["sh", "-c", "sleep 0.3; echo 'cannot open profile' >&2; exit 3"])
         await be.start(spec)
@@ -256,7 +256,7 @@ async def test_planted_symlink_never_leaks_into_the_exit_reason(tmp_path: Path) 
         await reports.put(reason)
 
     be = LocalBackend(tmp_path / "state", poll_interval=0.2)
-    await be.start_monitor(on_exit)
+    await be.watch_exits(on_exit)
     secret = tmp_path / "secret"
     secret.write_text("root-only-secret-line\n")
     secret.chmod(0o600)

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from streamspace.agent.backends.local.backend import host_system_dirs
 from streamspace.agent.backends.local.sandbox import (
     SandboxFds,
     group_text,
     passwd_text,
     userns_sandbox_argv,
 )
+from streamspace.agent.backends.local.spawn import host_system_dirs
 
 NOBODY = 65534
 

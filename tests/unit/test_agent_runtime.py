@@ -24,7 +24,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import uvicorn
@@ -36,7 +36,7 @@ from starlette.websockets import WebSocket
 
 import streamspace
 from streamspace import logs, protocol
-from streamspace.agent.backends.base import Backend, BackendError
+from streamspace.agent.backends.base import Backend, BackendError, BackendOptions
 from streamspace.agent.runtime import Agent, AgentConfig, AgentError
 from streamspace.protocol import (
     Ack,
@@ -89,7 +89,12 @@ class FakeBackend(Backend):
         self.runnable: set[str] | None = None
         self.health: tuple[bool, str] = (True, "")
         self.on_exit: OnExit | None = None
+        self.watch_calls = 0
         self.next_port = 5901
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Self:
+        return cls()
 
     def _event(self, table: dict[str, asyncio.Event], session_id: str) -> asyncio.Event:
         return table.setdefault(session_id, asyncio.Event())
@@ -159,22 +164,12 @@ class FakeBackend(Backend):
     async def healthy(self) -> tuple[bool, str]:
         return self.health
 
-    async def start_monitor(self, on_exit: OnExit) -> None:
+    async def watch_exits(self, on_exit: OnExit) -> None:
+        self.watch_calls += 1
         self.on_exit = on_exit
 
     def count(self, action: str, session_id: str) -> int:
         return self.calls.count((action, session_id))
-
-
-class AttributeMonitorBackend(FakeBackend):
-    """Test double with LocalBackend's monitor shape: `on_exit` attribute, no-arg start."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.monitor_starts = 0
-
-    async def start_monitor(self) -> None:  # type: ignore[override]
-        self.monitor_starts += 1
 
 
 # ---- control plane test double -------------------------------------------------------------
@@ -746,11 +741,8 @@ async def test_heartbeat_reports_load_health_and_template_changes(
         assert hb.templates is None  # only sent when it changes
 
 
-@pytest.mark.parametrize("backend_type", [FakeBackend, AttributeMonitorBackend])
-async def test_backend_exit_is_reported(
-    cp: ControlPlaneDouble, tmp_path: Path, backend_type: type[FakeBackend]
-) -> None:
-    backend = backend_type()
+async def test_backend_exit_is_reported(cp: ControlPlaneDouble, tmp_path: Path) -> None:
+    backend = FakeBackend()
     async with running(cp, tmp_path, backend):
         sock, _ = await cp.handshake()
         await eventually(lambda: backend.on_exit is not None)
@@ -759,8 +751,36 @@ async def test_backend_exit_is_reported(
         assert await sock.recv() == SessionStatus(
             session_id="s-9", state="exited", reason="exit code 3"
         )
-    if isinstance(backend, AttributeMonitorBackend):
-        assert backend.monitor_starts == 1
+    assert backend.watch_calls == 1
+
+
+class FlakyWatchBackend(FakeBackend):
+    """Its exit watch fails the first time it is asked for."""
+
+    async def watch_exits(self, on_exit: OnExit) -> None:
+        self.watch_calls += 1
+        if self.watch_calls == 1:
+            raise RuntimeError("exit watch not ready")
+        self.on_exit = on_exit
+
+
+async def test_a_failed_exit_watch_is_asked_for_again_on_the_next_connection(
+    cp: ControlPlaneDouble, tmp_path: Path
+) -> None:
+    backend = FlakyWatchBackend()
+    async with running(cp, tmp_path, backend) as (agent, _):
+        sock1, _ = await cp.handshake()
+        await eventually(lambda: agent.connected)  # serving sessions without the watch
+        assert (backend.watch_calls, backend.on_exit) == (1, None)
+        await sock1.close()
+        sock2, _ = await cp.handshake()
+        await eventually(lambda: backend.on_exit is not None)
+        assert backend.on_exit is not None
+        await backend.on_exit("s-3", "app exited with code 1")
+        assert await sock2.recv() == SessionStatus(
+            session_id="s-3", state="exited", reason="app exited with code 1"
+        )
+    assert backend.watch_calls == 2
 
 
 async def test_exit_during_outage_is_delivered_after_reconnect(

@@ -198,7 +198,7 @@ class Agent:
             try:
                 state = await self._enrolment.ensure()
                 if not self._exits.watching:
-                    self._exits.start()
+                    await self._exits.start()
                 await self._connection.run_once(state)
             except CredentialRejected as exc:
                 if not self._enrolment.can_reenrol:
@@ -222,9 +222,8 @@ class Agent:
                 await asyncio.wait_for(self._stopping.wait(), timeout=delay)
 
     async def _shutdown(self) -> None:
+        self._exits.reset()
         tasks = [*self._commands.tasks, *self._background.tasks]
-        if (monitor := self._exits.take_task()) is not None:
-            tasks.append(monitor)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -91,7 +91,7 @@ def agent(
         cluster_id=cluster_id,
         cluster_name=cluster_name,
         region=region,
-        backend=backend,  # type: ignore[arg-type]
+        backend=be.kind,
         capacity=Capacity(max_sessions=max_sessions, cpu_millis=cpu_millis, memory_mb=memory_mb),
         join_token=token,
     )

@@ -2,6 +2,8 @@
 
 All methods are idempotent: starting a running session returns its endpoint, stopping a stopped
 one succeeds. Methods never block the event loop; blocking work goes through asyncio.to_thread.
+The agent uses only what is declared here (no per-backend branches), and
+tests/contract/test_backend_contract.py holds every backend to it.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
 
 from streamspace.agent import vnc
+from streamspace.config import Settings
 from streamspace.protocol import (
     BackendKind,
     CatalogEntry,
@@ -23,6 +29,20 @@ from streamspace.protocol import (
 
 VNCStream = tuple[vnc.ByteStreamReader, vnc.ByteStreamWriter]
 
+ExitCallback = Callable[[str, str], Awaitable[None]]
+"""on_exit(session_id, reason): a running session ended without the agent asking."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What an agent's settings and command line say about its backend: everything a backend's
+    `from_options` may build it from, so choosing one is a registry lookup (see registry.py)."""
+
+    state_dir: Path
+    settings: Settings
+    docker_host: str | None = None
+    """The engine API URL given on the command line (docker); None: $DOCKER_HOST or default."""
+
 
 class BackendError(Exception):
     """A failure the user can act on; the message is shown to them verbatim."""
@@ -30,6 +50,11 @@ class BackendError(Exception):
 
 class Backend(abc.ABC):
     kind: BackendKind
+
+    @classmethod
+    @abc.abstractmethod
+    def from_options(cls, options: BackendOptions) -> Self:
+        """Build the backend an agent runs with (raises BackendError for bad settings)."""
 
     @abc.abstractmethod
     async def start(self, spec: SessionSpec) -> Endpoint:
@@ -54,6 +79,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def inventory(self) -> list[InventoryItem]:
         """Every session this backend holds right now (running or hibernated)."""
+
+    @abc.abstractmethod
+    async def watch_exits(self, on_exit: ExitCallback) -> None:
+        """Report every running session that ends on its own (the app exited, the container
+        died) through `on_exit`, once per exit, never for a stop or hibernate the agent asked
+        for. Returns once the watch runs; it runs inside the backend until `close()`. A second
+        call replaces the callback. A failing callback is logged, never stops the watch."""
+
+    async def remove_unknown(self, keep: set[str]) -> list[str]:
+        """Stop every session this backend holds (running, hibernated or exited) whose id is
+        not in `keep`; the sorted ids stopped.
+
+        This default stops what `inventory()` lists; a backend that also holds sessions the
+        inventory leaves out (one still starting) overrides it to include them.
+        """
+        removed = sorted({item.session_id for item in await self.inventory()} - keep)
+        for session_id in removed:
+            await self.stop(session_id)
+        return removed
 
     @abc.abstractmethod
     def runnable_templates(self, catalog: Iterable[CatalogEntry]) -> list[str]:

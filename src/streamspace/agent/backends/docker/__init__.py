@@ -5,7 +5,8 @@ sessions to this agent's containers and sockets, `homes` owns the persistent hom
 `monitor` reports containers that stopped on their own, `backend` runs sessions with them.
 """
 
-from streamspace.agent.backends.docker.backend import DockerBackend, ExitCallback
+from streamspace.agent.backends.base import ExitCallback
+from streamspace.agent.backends.docker.backend import DockerBackend, label_id
 from streamspace.agent.backends.docker.spec import (
     AGENT_LABEL,
     OWNER_ID_LABEL,
@@ -32,6 +33,7 @@ __all__ = [
     "container_config",
     "container_name",
     "home_volume_name",
+    "label_id",
     "legacy_home_volume_name",
     "vnc_password",
 ]

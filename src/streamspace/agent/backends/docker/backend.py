@@ -26,7 +26,8 @@ Design notes:
   survives hibernate (container stop) and stop (container removal), and is reused only if its
   labels name the same user id and template. v1 volumes are mapped once (`homes.py`).
 * States: a running container is "running", a created/stopped one "hibernated". The monitor
-  reports a container it saw running that stopped without our asking through `on_exit`.
+  (started by `watch_exits`) reports a container it saw running that stopped without our
+  asking through the agent's callback.
 """
 
 from __future__ import annotations
@@ -35,14 +36,23 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Self
 
 from docker.models.containers import Container
 
 from streamspace import logs
 from streamspace.agent import vnc
-from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
+from streamspace.agent.backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    ExitCallback,
+    VNCStream,
+    rfb_answers,
+)
 from streamspace.agent.backends.docker.containers import Containers
 from streamspace.agent.backends.docker.engine import RUNNING, Engine, normalize_ref, state_of
 from streamspace.agent.backends.docker.homes import Homes
@@ -55,6 +65,7 @@ from streamspace.agent.backends.docker.spec import (
     vnc_password,
 )
 from streamspace.agent.homeusage import HomeUsage
+from streamspace.private_files import create_private_file, private_dir
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -65,9 +76,6 @@ from streamspace.protocol import (
 )
 
 log = logs.get_logger("streamspace.agent.docker")
-
-ExitCallback = Callable[[str, str], Awaitable[None]]
-"""on_exit(session_id, reason): a running session's container stopped on its own."""
 
 
 class DockerBackend(Backend):
@@ -87,7 +95,6 @@ class DockerBackend(Backend):
         agent_id: str,
         state_dir: Path,
         *,
-        on_exit: ExitCallback | None = None,
         poll_interval: float = 2.0,
         start_timeout: float = 20.0,
         stop_timeout: float = 5.0,
@@ -96,7 +103,7 @@ class DockerBackend(Backend):
         self.base_url = base_url
         self.agent_id = agent_id
         self.state_dir = Path(state_dir)
-        self.on_exit = on_exit
+        self._on_exit: ExitCallback | None = None
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.request_timeout = request_timeout
@@ -120,6 +127,14 @@ class DockerBackend(Backend):
         """Home volume sizes, measured on stop/hibernate where the volume's directory is on this
         host (a local engine); a remote engine's volumes are not measured."""
         self._homes = Homes(engine=self._engine, state_dir=self.state_dir, usage=self.usage)
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Self:
+        return cls(
+            base_url=options.docker_host or os.environ.get("DOCKER_HOST"),
+            agent_id=label_id(options.state_dir),
+            state_dir=options.state_dir,
+        )
 
     @staticmethod
     def _load_key(path: Path) -> bytes:
@@ -250,20 +265,12 @@ class DockerBackend(Backend):
         """Map v1 volumes (named after user names) to the ids those names have now."""
         return await self._homes.migrate(owners)
 
-    # ---- extras used by the agent --------------------------------------------------------
-
-    async def start_monitor(self, on_exit: ExitCallback | None = None) -> None:
+    async def watch_exits(self, on_exit: ExitCallback) -> None:
         """Poll this agent's containers (every poll_interval) and report unexpected exits."""
-        if on_exit is not None:
-            self.on_exit = on_exit
+        self._on_exit = on_exit
         self._monitor.start()
 
-    async def remove_unknown(self, keep: set[str]) -> list[str]:
-        """Remove every container of this agent whose session id is not in keep."""
-        removed = sorted({item.session_id for item in await self.inventory()} - set(keep))
-        for session_id in removed:
-            await self.stop(session_id)
-        return removed
+    # ---- extras ---------------------------------------------------------------------------
 
     async def refresh_images(self) -> set[str]:
         """Re-read the engine's local image tags (used by runnable_templates)."""
@@ -383,15 +390,31 @@ class DockerBackend(Backend):
     # ---- exits and locks ------------------------------------------------------------------
 
     async def _notify(self, session_id: str, reason: str) -> None:
-        if self.on_exit is None:
+        if self._on_exit is None:
             return
         try:
-            await self.on_exit(session_id, reason)
+            await self._on_exit(session_id, reason)
         except Exception:
             log.exception("on_exit_callback_failed", session_id=session_id)
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault(session_id, asyncio.Lock())
+
+
+def label_id(state_dir: Path) -> str:
+    """A stable id for labelling this agent's containers, made once per state dir (blocking).
+
+    The agent id is only known after enrolment; containers must be findable across restarts
+    from the first start on, so the label uses an id of the state dir itself.
+    """
+    path = state_dir / "backend-id"
+    if path.exists():
+        return path.read_text().strip()
+    private_dir(state_dir)
+    value = uuid.uuid4().hex
+    create_private_file(path)
+    path.write_text(value)
+    return value
 
 
 def _socket_owner() -> int | None:
