@@ -150,6 +150,25 @@ class Settings(BaseSettings):
         "pass a client's on.",
         json_schema_extra={"shown_default": "*(none)*"},
     )
+    mfa_required_roles: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated roles (`admin`, `operator`, `user`) whose members must "
+        "sign in with a second factor (TOTP). A member without one is led through enrolment "
+        'at their next login. See `docs/security.md`, "Two-factor sign-in".',
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    mfa_required_groups: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated group names whose members must sign in with a second "
+        "factor, like `STREAMSPACE_MFA_REQUIRED_ROLES`.",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    mfa_issuer: str = Field(
+        default="StreamSpace",
+        min_length=1,
+        max_length=64,
+        description="The issuer name authenticator apps show next to a TOTP entry.",
+    )
     public_url: str = Field(
         default="",
         description="The URL users open (e.g. `https://streamspace.example.com`). Browsers may "
@@ -320,6 +339,21 @@ class Settings(BaseSettings):
         default="INFO",
         description="Lowest level logged: `DEBUG`, `INFO`, `WARNING` or `ERROR`.",
     )
+
+    @field_validator("mfa_required_roles", "mfa_required_groups", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [item for item in (part.strip() for part in value.split(",")) if item]
+        return value
+
+    @field_validator("mfa_required_roles")
+    @classmethod
+    def _known_roles(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - {"admin", "operator", "user"})
+        if unknown:
+            raise ValueError(f"unknown roles {unknown}: use admin, operator or user")
+        return value
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -532,3 +532,45 @@ def test_api_keys_page_creates_shows_once_and_revokes(product: Product, watched:
 
         assert watched.errors == [], f"console errors: {watched.errors}"
         assert watched.csp_violations() == []
+
+
+def test_two_factor_set_up_and_login_in_the_browser(product: Product, watched: Watched) -> None:
+    """Set up an authenticator app on the Security page, log in again with a code, then turn
+    it off (the module's other tests log in with the password alone)."""
+    import pyotp
+
+    page = watched.page
+    with artifacts_on_failure(watched, product, "two_factor"):
+        log_in(page, product.url)
+        page.get_by_test_id("nav-security").click()
+        page.get_by_test_id("totp-start").click()
+        page.get_by_test_id("totp-qr").wait_for()
+        secret = page.get_by_test_id("totp-secret").inner_text().strip()
+        totp = pyotp.TOTP(secret)
+        page.get_by_test_id("totp-code").fill("000000")
+        page.get_by_test_id("totp-confirm").click()
+        page.get_by_test_id("totp-error").wait_for()
+        page.get_by_test_id("totp-code").fill(totp.now())
+        page.get_by_test_id("totp-confirm").click()
+        codes = page.get_by_test_id("recovery-codes").inner_text().split()
+        assert len(codes) == 10
+        page.get_by_test_id("recovery-continue").click()
+        assert "Authenticator app on" in page.get_by_test_id("mfa-status").inner_text()
+        try:
+            page.get_by_test_id("logout").click()
+            page.wait_for_url("**/#/login")
+            page.get_by_test_id("login-username").fill("admin")
+            page.get_by_test_id("login-password").fill(ADMIN_PASSWORD)
+            page.get_by_test_id("login-submit").click()
+            page.get_by_test_id("mfa-form").wait_for()
+            page.get_by_test_id("mfa-code").fill(codes[0])
+            page.get_by_test_id("mfa-submit").click()
+            page.wait_for_url("**/#/catalog")
+            page.get_by_test_id("launch-xterm").wait_for()
+        finally:
+            page.goto(f"{product.url}/#/account/security")
+            page.get_by_test_id("mfa-off-password").fill(ADMIN_PASSWORD)
+            page.get_by_test_id("mfa-off").click()
+            page.get_by_test_id("totp-start").wait_for()
+        assert watched.errors == [], f"console errors: {watched.errors}"
+        assert watched.csp_violations() == []

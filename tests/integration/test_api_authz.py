@@ -183,6 +183,39 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
         Row("GET", "/api/v1/auth/me", "/api/v1/auth/me", everyone(200)),
         Row(
             "POST",
+            "/api/v1/auth/mfa/verify",
+            "/api/v1/auth/mfa/verify",
+            {},
+            body={"mfa_token": "not-a-token", "code": "123456"},
+            note="anonymous by design: the mfa_token is the credential -> 401",
+        ),
+        Row("GET", "/api/v1/auth/mfa", "/api/v1/auth/mfa", everyone(200)),
+        Row("POST", "/api/v1/auth/mfa/totp", "/api/v1/auth/mfa/totp", everyone(201)),
+        Row(
+            "POST",
+            "/api/v1/auth/mfa/totp/confirm",
+            "/api/v1/auth/mfa/totp/confirm",
+            everyone(401),
+            body={"code": "000000"},
+            note="a started enrolment, a wrong code",
+        ),
+        Row(
+            "POST",
+            "/api/v1/auth/mfa/totp/disable",
+            "/api/v1/auth/mfa/totp/disable",
+            everyone(403),
+            body={"password": "wrong-pass"},
+        ),
+        Row(
+            "POST",
+            "/api/v1/auth/mfa/recovery-codes",
+            "/api/v1/auth/mfa/recovery-codes",
+            everyone(409),
+            body={"code": "000000"},
+            note="no confirmed factor",
+        ),
+        Row(
+            "POST",
             "/api/v1/auth/password",
             "/api/v1/auth/password",
             everyone(403),
@@ -263,6 +296,13 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
         ),
         Row("DELETE", "/api/v1/users/{user_id}", "/api/v1/users/victim", admin_only(204)),
         Row("GET", "/api/v1/me/quota", "/api/v1/me/quota", everyone(200)),
+        Row(
+            "DELETE",
+            "/api/v1/users/{user_id}/mfa",
+            "/api/v1/users/alice/mfa",
+            admin_only(409),
+            note="alice has no factor to reset",
+        ),
         # API keys: each user's own; an admin's for service accounts
         Row(
             "POST",

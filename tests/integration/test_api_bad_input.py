@@ -38,6 +38,11 @@ VALID_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/sessions"): {"template": "xterm"},
     ("PATCH", "/api/v1/sessions/{session_id}"): {"tags": ["a"]},
     ("POST", "/api/v1/agents/join-tokens"): {},
+    ("POST", "/api/v1/auth/mfa/verify"): {"mfa_token": "t", "code": "123456"},
+    ("POST", "/api/v1/auth/mfa/totp"): {},
+    ("POST", "/api/v1/auth/mfa/totp/confirm"): {"code": "123456"},
+    ("POST", "/api/v1/auth/mfa/totp/disable"): {"password": "x"},
+    ("POST", "/api/v1/auth/mfa/recovery-codes"): {"code": "123456"},
     ("POST", "/api/v1/auth/api-keys"): {"name": "k", "scopes": ["sessions:read"]},
     ("POST", "/api/v1/users/{user_id}/api-keys"): {"name": "k", "scopes": ["sessions:read"]},
     ("POST", "/api/v1/agents/enroll"): {

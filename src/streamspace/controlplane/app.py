@@ -28,6 +28,7 @@ from streamspace.controlplane.api import (
     audit,
     auth,
     health,
+    mfa,
     sessions,
     templates,
     users,
@@ -236,7 +237,7 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (auth, apikeys, users, templates, sessions, agents, audit, health):
+    for module in (auth, mfa, apikeys, users, templates, sessions, agents, audit, health):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

@@ -151,6 +151,22 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
 
 
+class MfaTotp(Base):
+    """A user's TOTP factor: pending until its first code is confirmed."""
+
+    __tablename__ = "mfa_totp"
+
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    secret_sealed: Mapped[str] = mapped_column(Text, nullable=False)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_step: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    """The time step of the last accepted code: codes of it or earlier steps are refused."""
+    recovery_hashes: Mapped[list[str]] = mapped_column(JSONList, default=list, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
+
+
 class Template(TimestampMixin, Base):
     __tablename__ = "templates"
 

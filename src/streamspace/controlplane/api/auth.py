@@ -20,6 +20,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace.controlplane import audit, security
+from streamspace.controlplane.api.mfagate import demand_second_step
 from streamspace.controlplane.api.schemas import (
     LoginIn,
     LogoutIn,
@@ -93,6 +94,11 @@ def token_response(
         with_refresh = tokens.model_copy(update={"refresh_token": refresh})
         return JSONResponse(with_refresh.model_dump(mode="json"))
     resp = JSONResponse(tokens.model_dump(mode="json", exclude={"refresh_token"}))
+    set_refresh_cookie(request, state, resp, refresh)
+    return resp
+
+
+def set_refresh_cookie(request: Request, state: AppState, resp: Response, refresh: str) -> None:
     resp.set_cookie(
         REFRESH_COOKIE,
         refresh,
@@ -102,7 +108,6 @@ def token_response(
         httponly=True,
         samesite="strict",
     )
-    return resp
 
 
 def _forget_cookie(request: Request, resp: Response) -> Response:
@@ -151,6 +156,8 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         raise _unauthorized("this account is disabled")
     if security.needs_rehash(user.password_hash):
         user.password_hash = await asyncio.to_thread(hash_password, body.password)
+        await db.commit()
+    await demand_second_step(db, state.settings, state.secret, user, body.refresh_token_delivery)
     tokens, refresh = await issue_tokens(state, db, user)
     audit.record(
         db,

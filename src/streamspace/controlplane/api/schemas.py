@@ -237,6 +237,59 @@ class ApiKeyCreatedOut(ApiKeyOut):
     key: str = Field(description="The key itself. Shown only in this answer; store it now.")
 
 
+class MfaVerifyIn(Strict):
+    mfa_token: str = Field(max_length=4096, description="From the login's `mfa-required` answer.")
+    code: str = Field(
+        min_length=1, max_length=64, description="A TOTP code, or one of your recovery codes."
+    )
+
+
+class TotpStartIn(Strict):
+    mfa_token: str | None = Field(
+        default=None,
+        max_length=4096,
+        description="From a login's `mfa-enrolment-required` answer; omit when signed in.",
+    )
+
+
+class TotpStartOut(BaseModel):
+    secret: str = Field(description="The base32 secret, for apps that cannot scan the QR code.")
+    otpauth_uri: str
+    qr: list[str] = Field(description="The QR code of `otpauth_uri`: rows of 1 (dark) and 0.")
+
+
+class TotpConfirmIn(TotpStartIn):
+    code: str = Field(min_length=1, max_length=16, description="A code the app shows now.")
+
+
+class TotpConfirmOut(BaseModel):
+    recovery_codes: list[str] = Field(
+        description="One-time codes for when the app is lost. Shown only here; store them now."
+    )
+    login: TokenOut | None = Field(
+        default=None, description="The finished login, when enrolment was part of one."
+    )
+
+
+class PasswordConfirmIn(Strict):
+    password: str = Field(max_length=1024)
+
+
+class CodeConfirmIn(Strict):
+    code: str = Field(min_length=1, max_length=16, description="A code the app shows now.")
+
+
+class RecoveryCodesOut(BaseModel):
+    recovery_codes: list[str]
+
+
+class MfaStatusOut(BaseModel):
+    totp_enabled: bool
+    totp_confirmed_at: datetime | None
+    recovery_codes_left: int
+    required: bool = Field(description="Whether the policy requires a second factor of you.")
+
+
 class Page(BaseModel, Generic[T]):
     items: list[T]
     total: int

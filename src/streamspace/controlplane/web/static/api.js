@@ -160,7 +160,10 @@ export async function api(method, path, body, { headers = {}, signal, retry = tr
     if (err.name === "AbortError") throw err;
     throw new ApiError(0, { detail: "cannot reach the StreamSpace server; check your connection" });
   }
-  const authPath = path.startsWith("/api/v1/auth/login") || path.startsWith("/api/v1/auth/refresh");
+  const authPath =
+    path.startsWith("/api/v1/auth/login") ||
+    path.startsWith("/api/v1/auth/refresh") ||
+    (!access && path.startsWith("/api/v1/auth/mfa"));
   if (resp.status === 401 && !authPath) {
     if (retry && access && (await refreshTokens(access))) {
       return api(method, path, body, { headers, signal, retry: false });
@@ -191,11 +194,26 @@ export function qs(params) {
   return s ? `?${s}` : "";
 }
 
+/** Throws an ApiError whose `problem.mfa_token` starts a second step when one is needed
+ * (`problem.type` ends in /mfa-required or /mfa-enrolment-required). */
 export async function login(username, password) {
   const tokens = await api("POST", "/api/v1/auth/login", { username, password }, { retry: false });
+  return finishLogin(tokens);
+}
+
+export function finishLogin(tokens) {
   auth.save(tokens);
   channel?.postMessage("login");
   return tokens.user;
+}
+
+export async function verifyMfa(mfaToken, code) {
+  const tokens = await api("POST", "/api/v1/auth/mfa/verify", { mfa_token: mfaToken, code }, { retry: false });
+  return finishLogin(tokens);
+}
+
+export function problemKind(err) {
+  return String(err?.problem?.type || "").split("/").pop();
 }
 
 export async function logout() {

@@ -6,6 +6,7 @@ import { catalogView } from "./views/catalog.js";
 import { sessionsView } from "./views/sessions.js";
 import { viewerView } from "./viewer.js";
 import { agentsView, auditView, templatesAdminView, usersView } from "./views/admin.js";
+import { securityView } from "./views/security.js";
 import { apiKeysView } from "./views/apikeys.js";
 
 const ROUTES = [
@@ -14,6 +15,7 @@ const ROUTES = [
   { pattern: /^\/sessions$/, view: sessionsView, title: "My sessions", nav: "sessions" },
   { pattern: /^\/view\/([A-Za-z0-9_-]{1,64})$/, view: viewerView, title: "Viewer", bare: true },
   { pattern: /^\/account\/api-keys$/, view: apiKeysView, title: "API keys", nav: "api-keys" },
+  { pattern: /^\/account\/security$/, view: securityView, title: "Security", nav: "security" },
   { pattern: /^\/admin\/agents$/, view: agentsView, title: "Agents", nav: "agents", roles: ["admin", "operator"] },
   { pattern: /^\/admin\/users$/, view: usersView, title: "Users", nav: "users", roles: ["admin"] },
   { pattern: /^\/admin\/templates$/, view: templatesAdminView, title: "Templates", nav: "templates", roles: ["admin"] },
@@ -96,6 +98,7 @@ function buildShell() {
       "div",
       { class: "userbox" },
       liveDot,
+      h("a", { href: "#/account/security", class: "nav-link", dataset: { nav: "security", testid: "nav-security" } }, "Security"),
       h("a", { href: "#/account/api-keys", class: "nav-link", dataset: { nav: "api-keys", testid: "nav-api-keys" } }, "API keys"),
       h(
         "span",

@@ -287,3 +287,74 @@ export async function busy(button, fn) {
     }
   }
 }
+
+/** A QR code drawn from rows of "1"/"0" (the API's `qr`): no image URL or markup to allow. */
+export function qrCanvas(rows, scale = 5) {
+  const size = rows.length * scale;
+  const c = h("canvas", { width: size, height: size, class: "qr", role: "img", "aria-label": "QR code for your authenticator app", dataset: { testid: "totp-qr" } });
+  const g = c.getContext("2d");
+  g.fillStyle = "#fff";
+  g.fillRect(0, 0, size, size);
+  g.fillStyle = "#000";
+  rows.forEach((row, y) => {
+    for (let x = 0; x < row.length; x++) if (row[x] === "1") g.fillRect(x * scale, y * scale, scale, scale);
+  });
+  return c;
+}
+
+/** Start TOTP enrolment and lead the user through scanning and confirming it. `onDone`
+ * gets the confirm answer ({recovery_codes, login?}). */
+export function totpEnrolment(start, confirm, onDone) {
+  const box = h("div", { class: "totp-enrol", dataset: { testid: "totp-enrol" } }, loading("Preparing…"));
+  (async () => {
+    let s;
+    try {
+      s = await start();
+    } catch (err) {
+      box.replaceChildren(h("p", { class: "form-error", role: "alert" }, err.message));
+      return;
+    }
+    const code = h("input", { id: "totp-code", inputmode: "numeric", autocomplete: "one-time-code", maxlength: 6, required: true, dataset: { testid: "totp-code" } });
+    const err = h("p", { class: "form-error", role: "alert", hidden: true, dataset: { testid: "totp-error" } });
+    const form = h(
+      "form",
+      {},
+      h("p", {}, "Scan this with your authenticator app, then enter the code it shows."),
+      qrCanvas(s.qr),
+      h("p", { class: "small muted" }, "Cannot scan? Enter this key: ", h("code", { dataset: { testid: "totp-secret" } }, s.secret)),
+      h("label", { for: "totp-code" }, "Code"),
+      code,
+      err,
+      h("button", { type: "submit", class: "btn btn-primary", dataset: { testid: "totp-confirm" } }, "Turn on"),
+    );
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      err.hidden = true;
+      try {
+        const done = await confirm(code.value.trim());
+        box.replaceChildren(recoveryCodes(done.recovery_codes, () => onDone(done)));
+      } catch (ex) {
+        err.textContent = ex.message;
+        err.hidden = false;
+        code.select();
+      }
+    });
+    box.replaceChildren(form);
+    code.focus();
+  })();
+  return box;
+}
+
+export function recoveryCodes(codes, onContinue) {
+  const list = h("pre", { class: "command", dataset: { testid: "recovery-codes" }, tabindex: "0" }, codes.join("\n"));
+  return h(
+    "div",
+    {},
+    h("h2", {}, "Recovery codes"),
+    h("p", {}, "Each works once if you lose your device. They are shown only now: store them somewhere safe."),
+    list,
+    h("button", { type: "button", class: "btn btn-small", onclick: () => copyText(codes.join("\n"), list) }, "Copy codes"),
+    " ",
+    h("button", { type: "button", class: "btn btn-primary", dataset: { testid: "recovery-continue" }, onclick: onContinue }, "Continue"),
+  );
+}

@@ -1,5 +1,5 @@
-import { login } from "../api.js";
-import { h } from "../ui.js";
+import { api, finishLogin, login, problemKind, verifyMfa } from "../api.js";
+import { h, totpEnrolment } from "../ui.js";
 
 export function loginView(main, { params }) {
   const error = h("p", {
@@ -54,9 +54,11 @@ export function loginView(main, { params }) {
     submit.textContent = "Logging in…";
     try {
       await login(username.value.trim(), password.value);
-      const next = params.get("next");
-      location.replace(next && next.startsWith("#/") && !next.startsWith("#/login") ? next : "#/catalog");
+      done();
     } catch (err) {
+      const kind = problemKind(err);
+      if (kind === "mfa-required") return codeStep(err.problem.mfa_token);
+      if (kind === "mfa-enrolment-required") return enrolStep(err.problem.mfa_token);
       error.textContent = err.message;
       error.hidden = false;
       password.select();
@@ -66,6 +68,55 @@ export function loginView(main, { params }) {
       submit.textContent = "Log in";
     }
   });
+  function done() {
+    const next = params.get("next");
+    location.replace(next && next.startsWith("#/") && !next.startsWith("#/login") ? next : "#/catalog");
+  }
+
+  function codeStep(mfaToken) {
+    const code = h("input", { id: "mfa-code", autocomplete: "one-time-code", required: true, maxlength: 16, dataset: { testid: "mfa-code" } });
+    const err = h("p", { class: "form-error", role: "alert", hidden: true, dataset: { testid: "mfa-error" } });
+    const step = h(
+      "form",
+      { class: "login-form", dataset: { testid: "mfa-form" }, novalidate: true },
+      h("label", { for: "mfa-code" }, "Code from your authenticator app (or a recovery code)"),
+      code,
+      err,
+      h("button", { type: "submit", class: "btn btn-primary btn-block", dataset: { testid: "mfa-submit" } }, "Verify"),
+    );
+    step.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      err.hidden = true;
+      try {
+        await verifyMfa(mfaToken, code.value.trim());
+        done();
+      } catch (ex) {
+        err.textContent = problemKind(ex) === "unauthorized" ? `${ex.message} — start again` : ex.message;
+        err.hidden = false;
+        code.select();
+      }
+    });
+    form.replaceWith(step);
+    code.focus();
+  }
+
+  function enrolStep(mfaToken) {
+    const box = h(
+      "div",
+      { class: "login-form" },
+      h("p", { class: "notice", role: "status" }, "Your account must use a second factor. Set up an authenticator app to continue."),
+      totpEnrolment(
+        () => api("POST", "/api/v1/auth/mfa/totp", { mfa_token: mfaToken }, { retry: false }),
+        (code) => api("POST", "/api/v1/auth/mfa/totp/confirm", { mfa_token: mfaToken, code }, { retry: false }),
+        (answer) => {
+          finishLogin(answer.login);
+          done();
+        },
+      ),
+    );
+    form.replaceWith(box);
+  }
+
   main.append(
     h(
       "div",
