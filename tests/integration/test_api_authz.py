@@ -195,7 +195,7 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             "POST",
             "/api/v1/auth/mfa/totp/confirm",
             "/api/v1/auth/mfa/totp/confirm",
-            everyone(401),
+            everyone(400),
             body={"code": "000000"},
             note="a started enrolment, a wrong code",
         ),

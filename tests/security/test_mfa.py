@@ -45,7 +45,7 @@ def enrol(c: httpx.Client) -> tuple[str, list[str]]:
     start = r.json()
     assert start["otpauth_uri"].startswith("otpauth://totp/")
     assert len(start["qr"]) > 20 and set("".join(start["qr"])) == {"0", "1"}
-    assert_problem(c.post("/api/v1/auth/mfa/totp/confirm", json={"code": "000000"}), 401, "wrong")
+    assert_problem(c.post("/api/v1/auth/mfa/totp/confirm", json={"code": "000000"}), 400, "wrong")
     r = c.post("/api/v1/auth/mfa/totp/confirm", json={"code": code_at(start["secret"])})
     assert r.status_code == 200, r.text
     codes: list[str] = r.json()["recovery_codes"]
@@ -101,7 +101,7 @@ def test_enrolled_user_logs_in_in_two_steps_and_codes_do_not_replay(
 
     # new recovery codes need a fresh TOTP code; the old ones stop working
     r = alice.post("/api/v1/auth/mfa/recovery-codes", json={"code": code_at(secret, 1)})
-    assert_problem(r, 401, "already used")
+    assert_problem(r, 400, "already used")
     # the secret is stored sealed, not as the base32 the app was given
     (db_file,) = cp.settings.data_dir.rglob("*.db")
     with sqlite3.connect(db_file) as conn:

@@ -49,8 +49,11 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, kind="unauthorized")
 
 
-def _wrong_code() -> Problem:
-    return Problem(401, "Unauthorized", "wrong or already used code", kind="wrong-code")
+def _wrong_code(status: int = 401) -> Problem:
+    """401 only for the login step: to a signed-in caller, whose page would take a 401 for
+    an ended sign-in, a wrong code is a bad request."""
+    title = "Unauthorized" if status == 401 else "Bad request"
+    return Problem(status, title, "wrong or already used code", kind="wrong-code")
 
 
 def _admit(state: AppState, request: Request, user_id: str) -> Attempt:
@@ -199,7 +202,7 @@ async def confirm_totp(
     secret = mfa.unseal(state.secret, row.secret_sealed)
     step = None if secret is None else mfa.accepted_step(secret, body.code, 0, datetime.now(UTC))
     if step is None:
-        raise _wrong_code()
+        raise _wrong_code(400)
     state.login_throttle.succeeded(attempt)
     codes = mfa.new_recovery_codes()
     row.recovery_hashes = [mfa.recovery_hash(state.secret, c) for c in codes]
@@ -270,7 +273,7 @@ async def new_recovery_codes(
         raise conflict("no authenticator app is set up")
     attempt = _admit(state, request, user.id)
     if mfa.looks_like_recovery_code(body.code) or not await _code_ok(state, db, row, body.code):
-        raise _wrong_code()
+        raise _wrong_code(400)
     state.login_throttle.succeeded(attempt)
     codes = mfa.new_recovery_codes()
     row.recovery_hashes = [mfa.recovery_hash(state.secret, c) for c in codes]
