@@ -233,6 +233,34 @@ def test_idempotency_key(db_url: str, make_control_plane: Any) -> None:
     ivan.close()
 
 
+def test_concurrent_creates_with_one_key_make_one_session(
+    db_url: str, make_control_plane: Any
+) -> None:
+    """The second look for the key, after the quota lock or the writer turn, answers with the
+    winner's session: one row, one 201, the others 200 with its id (or 409 while the winner's
+    insert is not committed yet)."""
+    cp = make_control_plane(database_url=db_url, user_concurrent_creates=8, **NO_LIMIT)
+    with login(cp) as admin:
+        ida = add_user(cp, admin, "ida", quota=BIG_QUOTA)
+    key = {"Idempotency-Key": "create-once-race"}
+
+    def send(_: int) -> httpx.Response:
+        return ida.post("/api/v1/sessions", json={"template": "xterm"}, headers=key)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(send, range(6)))
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) <= {200, 201, 409} and codes.count(201) == 1, codes
+    ids = {r.json()["id"] for r in answers if r.status_code != 409}
+    assert len(ids) == 1, ids
+    for r in answers:
+        if r.status_code == 200:
+            assert r.json()["template"] == "xterm" and r.json()["state"] == "pending", r.json()
+            assert "location" not in r.headers
+    assert db_count(cp, "ida") == 1
+    ida.close()
+
+
 def add_agent(db: AsyncSession, name: str, **columns: Any) -> Agent:
     """An agent row with no agent process behind it."""
     agent = Agent(

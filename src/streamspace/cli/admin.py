@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -21,16 +22,20 @@ from streamspace.cli.base import (
 )
 from streamspace.config import Settings
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
-async def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
+
+@contextlib.asynccontextmanager
+async def _migrated(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    """The database engine, migrated to the latest revision; what goes wrong is a CLIError."""
     from streamspace.db import migrate
-    from streamspace.db.engine import create_engine, session_factory
+    from streamspace.db.engine import create_engine
 
     engine = create_engine(settings.resolved_database_url())
     try:
         await migrate.upgrade(engine)
-        async with session_factory(engine)() as db:
-            return await fn(db)
+        yield engine
     except OSError as exc:
         raise CLIError(f"database unreachable: {exc}") from exc
     except migrate.MigrationRefused as exc:
@@ -39,25 +44,23 @@ async def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
         await engine.dispose()
 
 
+async def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from streamspace.db.engine import session_factory
+
+    async with _migrated(settings) as engine, session_factory(engine)() as db:
+        return await fn(db)
+
+
 @db_app.command("upgrade")
 def db_upgrade(data_dir: Path | None = typer.Option(None)) -> None:
     """Apply all migrations (also done by `up` and `server` on start)."""
     from streamspace.db import migrate
-    from streamspace.db.engine import create_engine
 
     s = settings_for(data_dir)
 
     async def main() -> str | None:
-        engine = create_engine(s.resolved_database_url())
-        try:
-            await migrate.upgrade(engine)
+        async with _migrated(s) as engine:
             return await migrate.current_revision(engine)
-        except OSError as exc:
-            raise CLIError(f"database unreachable: {exc}") from exc
-        except migrate.MigrationRefused as exc:
-            raise CLIError(str(exc)) from None
-        finally:
-            await engine.dispose()
 
     console.print(f"database at revision [bold]{run(main())}[/]")
 

@@ -3,8 +3,9 @@
 The control plane owns the state machine. Each transitional state is left either by an agent
 result (completion path, results.py) or by a timeout (timeouts.py), so no session stays stuck.
 Sessions change state in transitions.py; placement.py puts queued ones onto agents.
-`Lifecycle` is what the API uses: a user's stop, hibernate or wake (`act`), an owner's
-sessions ended at once, and the few transitions helpers a handler needs.
+`Lifecycle` is what the API uses: a new session (`create_session`), a user's stop, hibernate
+or wake (`act`), an owner's sessions ended at once, and the few transitions helpers a handler
+needs.
 """
 
 from __future__ import annotations
@@ -13,15 +14,27 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
+from streamspace.config import Settings
+from streamspace.controlplane import quotas
+from streamspace.controlplane.creation import (
+    Created,
+    CreateInFlight,
+    NewSession,
+    by_idempotency_key,
+    created_message,
+    enabled_template,
+    new_session_row,
+)
 from streamspace.controlplane.placement import Placement
 from streamspace.controlplane.results import Results
 from streamspace.controlplane.statemachine import ACTIVE_STATES, ActionContended, State
 from streamspace.controlplane.transitions import Transitions
 from streamspace.controlplane.writerturn import WriterTurn
-from streamspace.db.models import AgentCommand
+from streamspace.db.models import AgentCommand, User
 from streamspace.db.models import Session as SessionRow
 
 ACTION_ATTEMPTS = 3
@@ -32,11 +45,13 @@ class Lifecycle:
     def __init__(
         self,
         *,
+        settings: Settings,
         transitions: Transitions,
         placement: Placement,
         results: Results,
         writer_turn: WriterTurn,
     ) -> None:
+        self.settings = settings
         self.transitions = transitions
         self.placement = placement
         self.results = results
@@ -62,6 +77,49 @@ class Lifecycle:
         return await self.results.fail_agent_sessions(db, agent_id, reason)
 
     # ---- user actions -------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        db: AsyncSession,
+        owner: User,
+        request: NewSession,
+        record: Callable[[SessionRow], None],
+    ) -> Created:
+        """A new pending session for `owner`, or the one an earlier request with the same
+        Idempotency-Key made. `record` adds the caller's audit entry to the insert's
+        transaction.
+
+        The quota check and the insert are one read-then-write: on PostgreSQL the owner's and
+        their groups' rows are locked first (quotas.lock_subjects), on SQLite this replica's
+        writer turn is held, so concurrent creates cannot both fit under the same quota. Raises
+        UnknownTemplate, quotas.QuotaExceeded or CreateInFlight."""
+        existing = await by_idempotency_key(db, owner, request.idempotency_key)
+        if existing is not None:
+            return Created(existing, new=False)
+        tpl = await enabled_template(db, request.template)
+        session = new_session_row(request, tpl, owner, self.settings)
+        async with self.writer_turn.taken_by(db):
+            await quotas.lock_subjects(db, owner)
+            # A concurrent create with the same key may have committed while we waited.
+            existing = await by_idempotency_key(db, owner, request.idempotency_key)
+            if existing is not None:
+                db.expunge(existing)  # before the rollback, which would expire it
+                await db.rollback()
+                return Created(existing, new=False)
+            session.home_limit_mb = await quotas.check_can_create(
+                db, owner, self.settings, session.cpu_millis, session.memory_mb
+            )
+            db.add(session)
+            try:
+                await db.flush()
+            except IntegrityError as exc:
+                await db.rollback()
+                raise CreateInFlight() from exc
+            self.transitions.event(db, session, "created", created_message(session))
+            record(session)
+            await self.transitions.commit(db, [session])
+        self.placement.wake_placer()
+        return Created(session, new=True)
 
     async def request_stop(self, db: AsyncSession, session: SessionRow, why: str) -> None:
         await self.transitions.request_stop(db, session, why)

@@ -14,6 +14,8 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamspace import logs
+from streamspace.controlplane.creation import CreateInFlight, UnknownTemplate
+from streamspace.controlplane.quotas import QuotaExceeded
 from streamspace.controlplane.statemachine import ActionContended, IllegalTransition
 from streamspace.db.engine import DatabaseUnavailable
 
@@ -61,10 +63,19 @@ def bad_request(detail: str, **extra: Any) -> Problem:
     return Problem(400, "Bad request", detail, kind="bad-request", **extra)
 
 
-def domain_problem(exc: IllegalTransition | ActionContended) -> Problem:
-    """The 409 a refused or contended session action answers with."""
+DomainError = IllegalTransition | ActionContended | QuotaExceeded | UnknownTemplate | CreateInFlight
+"""What the session machinery refuses with; each has one answer here."""
+
+
+def domain_problem(exc: DomainError) -> Problem:
+    """The answer to a refused or contended session action or create: 409 for the session's
+    state or a concurrent request, 403 for a quota, 422 for a template that is not there."""
     if isinstance(exc, IllegalTransition):
         return conflict(str(exc), current_state=exc.current, allowed_actions=exc.allowed_actions)
+    if isinstance(exc, QuotaExceeded):
+        return Problem(403, "Quota exceeded", str(exc), kind="quota-exceeded")
+    if isinstance(exc, UnknownTemplate):
+        return Problem(422, "Invalid request", str(exc), kind="invalid-request")
     return conflict(str(exc))
 
 
@@ -127,8 +138,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(IllegalTransition)
     @app.exception_handler(ActionContended)
+    @app.exception_handler(QuotaExceeded)
+    @app.exception_handler(UnknownTemplate)
+    @app.exception_handler(CreateInFlight)
     async def _domain(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, IllegalTransition | ActionContended)
+        assert isinstance(exc, DomainError)
         return await _problem(request, domain_problem(exc))
 
     @app.exception_handler(RequestValidationError)

@@ -1,5 +1,6 @@
 """Quota checks. Callers run them in the same transaction as the session insert, after
-`lock_subjects`, so concurrent creates are serialised per user and per group."""
+`lock_subjects`, so concurrent creates are serialised per user and per group
+(`Lifecycle.create_session`). A refusal is a `QuotaExceeded`; problems.py answers it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace.config import Settings
-from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.statemachine import ACTIVE_STATES
 from streamspace.db.models import Group, GroupMembership, Quota, User
 from streamspace.db.models import Session as SessionRow
@@ -22,6 +22,30 @@ class Limits:
     max_memory_mb: int
     source: str
     max_home_mb: int | None = None
+
+
+class QuotaExceeded(Exception):
+    """A session the quotas do not allow: `subject` ("your quota", "group 'x''s quota") has
+    `limit` of `resource` (sessions, cpu_millis or memory_mb), `used` of it are in use and the
+    session asks for `asked` more (a 403 over HTTP)."""
+
+    def __init__(self, subject: str, resource: str, limit: int, used: int, asked: int) -> None:
+        self.subject = subject
+        self.resource = resource
+        self.limit = limit
+        self.used = used
+        self.asked = asked
+        if resource == "sessions":
+            detail = (
+                f"{subject} allows {limit} active sessions and {used} are active; "
+                "stop or delete one first"
+            )
+        else:
+            unit = "mCPU" if resource == "cpu_millis" else "MiB of memory"
+            detail = (
+                f"{subject} allows {limit} {unit}; {used} in use, this session asks for {asked}"
+            )
+        super().__init__(detail)
 
 
 @dataclass(frozen=True)
@@ -87,34 +111,27 @@ async def lock_subjects(db: AsyncSession, user: User) -> None:
     )
 
 
-def _exceeds(limits: Limits, used: Usage, cpu: int, mem: int, subject: str) -> str | None:
+def _exceeds(limits: Limits, used: Usage, cpu: int, mem: int, subject: str) -> QuotaExceeded | None:
     if used.sessions + 1 > limits.max_sessions:
-        return (
-            f"{subject} allows {limits.max_sessions} active sessions and "
-            f"{used.sessions} are active; stop or delete one first"
-        )
+        return QuotaExceeded(subject, "sessions", limits.max_sessions, used.sessions, 1)
     if used.cpu_millis + cpu > limits.max_cpu_millis:
-        return (
-            f"{subject} allows {limits.max_cpu_millis} mCPU; {used.cpu_millis} in use, "
-            f"this session asks for {cpu}"
-        )
+        return QuotaExceeded(subject, "cpu_millis", limits.max_cpu_millis, used.cpu_millis, cpu)
     if used.memory_mb + mem > limits.max_memory_mb:
-        return (
-            f"{subject} allows {limits.max_memory_mb} MiB of memory; {used.memory_mb} in use, "
-            f"this session asks for {mem}"
-        )
+        return QuotaExceeded(subject, "memory_mb", limits.max_memory_mb, used.memory_mb, mem)
     return None
 
 
 async def check_can_create(
     db: AsyncSession, user: User, settings: Settings, cpu_millis: int, memory_mb: int
 ) -> int | None:
-    """Refuse (403) a session the quotas do not allow; otherwise the home size limit that
-    applies to it: the smallest of the user's and their groups' (None: no limit)."""
+    """Refuse (QuotaExceeded) a session the quotas do not allow; otherwise the home size limit
+    that applies to it: the smallest of the user's and their groups' (None: no limit)."""
     limits = await user_limits(db, user, settings)
     home_limits = [limits.max_home_mb] if limits.max_home_mb else []
-    reason = _exceeds(limits, await usage(db, user_id=user.id), cpu_millis, memory_mb, "your quota")
-    if reason is None:
+    refused = _exceeds(
+        limits, await usage(db, user_id=user.id), cpu_millis, memory_mb, "your quota"
+    )
+    if refused is None:
         for group, quota in await group_quotas(db, user):
             if quota.max_home_mb:
                 home_limits.append(quota.max_home_mb)
@@ -126,15 +143,15 @@ async def check_can_create(
                 ).all()
             )
             glimits = Limits(quota.max_sessions, quota.max_cpu_millis, quota.max_memory_mb, "group")
-            reason = _exceeds(
+            refused = _exceeds(
                 glimits,
                 await usage(db, members),
                 cpu_millis,
                 memory_mb,
                 f"group {group.name!r}'s quota",
             )
-            if reason:
+            if refused:
                 break
-    if reason:
-        raise Problem(403, "Quota exceeded", reason, kind="quota-exceeded")
+    if refused:
+        raise refused
     return min(home_limits, default=None)

@@ -76,7 +76,11 @@ def build_state(
     )
     results = Results(db=db, transitions=transitions, placement=placement)
     lifecycle = Lifecycle(
-        transitions=transitions, placement=placement, results=results, writer_turn=writer_turn
+        settings=settings,
+        transitions=transitions,
+        placement=placement,
+        results=results,
+        writer_turn=writer_turn,
     )
     local_agent = EmbeddedAgentSlot()
     streams = StreamBroker(

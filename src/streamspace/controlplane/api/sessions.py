@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy import exists, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streamspace.controlplane import audit, quotas
+from streamspace.controlplane import audit
 from streamspace.controlplane.api.schemas import (
     ConnectOut,
     Page,
@@ -16,21 +15,20 @@ from streamspace.controlplane.api.schemas import (
     SessionPatchIn,
     _clean_tags,
 )
-from streamspace.controlplane.catalog import TemplateSpec
+from streamspace.controlplane.creation import NewSession
 from streamspace.controlplane.deps import (
     CreateTurnDep,
     DbDep,
     StateDep,
     UserDep,
     one_statement,
-    writer_turn,
 )
 from streamspace.controlplane.problems import Problem, bad_request, conflict, not_found
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.statemachine import ACTIVE_STATES, State
 from streamspace.controlplane.views import SessionOut, session_view
 from streamspace.db.models import Session as SessionRow
-from streamspace.db.models import SessionEvent, Template, User
+from streamspace.db.models import SessionEvent, User
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"])
 
@@ -82,74 +80,19 @@ async def create_session(
     db: DbDep,
     idempotency_key: str | None = Header(None, max_length=128),
 ) -> SessionOut:
-    tags = body.clean_tags()
-    if idempotency_key:
-        existing = await db.scalar(
-            select(SessionRow).where(
-                SessionRow.owner_id == user.id, SessionRow.idempotency_key == idempotency_key
-            )
-        )
-        if existing is not None:
-            response.status_code = 200
-            return await _view(db, state, existing)
-    tpl_row = await db.scalar(select(Template).where(Template.name == body.template))
-    if tpl_row is None or not tpl_row.enabled:
-        raise Problem(
-            422,
-            "Invalid request",
-            f"template: {body.template!r} does not exist",
-            kind="invalid-request",
-        )
-    tpl = TemplateSpec.model_validate(tpl_row.spec)
     res = body.resources
-    cpu = res.cpu_millis if res and res.cpu_millis else tpl.resources.cpu_millis
-    mem = res.memory_mb if res and res.memory_mb else tpl.resources.memory_mb
-    s = state.settings
-    session = SessionRow(
-        owner_id=user.id,
-        template_name=tpl.name,
-        state=State.PENDING.value,
-        requested_cluster_id=body.cluster_id,
-        tags=tags,
-        cpu_millis=cpu,
-        memory_mb=mem,
+    wanted = NewSession(
+        template=body.template,
+        tags=body.clean_tags(),
+        cluster_id=body.cluster_id,
+        cpu_millis=res.cpu_millis if res else None,
+        memory_mb=res.memory_mb if res else None,
         persistent_home=body.persistent_home,
-        idle_timeout_seconds=body.idle_timeout_seconds
-        or user.idle_timeout_seconds
-        or tpl.idle_timeout_seconds
-        or s.default_idle_timeout_seconds,
-        max_duration_seconds=tpl.max_duration_seconds or s.default_max_duration_seconds,
+        idle_timeout_seconds=body.idle_timeout_seconds,
         idempotency_key=idempotency_key,
-        status_message="waiting for the scheduler",
     )
-    async with writer_turn(state, db):
-        await quotas.lock_subjects(db, user)
-        if idempotency_key:
-            # A concurrent create with the same key may have committed while we waited.
-            existing = await db.scalar(
-                select(SessionRow).where(
-                    SessionRow.owner_id == user.id, SessionRow.idempotency_key == idempotency_key
-                )
-            )
-            if existing is not None:
-                view = await _view(db, state, existing)
-                await db.rollback()
-                response.status_code = 200
-                return view
-        session.home_limit_mb = await quotas.check_can_create(db, user, s, cpu, mem)
-        db.add(session)
-        try:
-            await db.flush()
-        except IntegrityError as exc:
-            await db.rollback()
-            raise conflict("a session with this Idempotency-Key is being created") from exc
-        state.lifecycle.event(
-            db,
-            session,
-            "created",
-            f"requested {tpl.name} ({cpu} mCPU, {mem} MiB)"
-            + (f" in cluster {body.cluster_id}" if body.cluster_id else ""),
-        )
+
+    def record(session: SessionRow) -> None:
         audit.record(
             db,
             actor=user,
@@ -158,12 +101,15 @@ async def create_session(
             resource_id=session.id,
             request=request,
             status_code=201,
-            template=tpl.name,
+            template=session.template_name,
         )
-        await state.lifecycle.commit(db, [session])
-    state.lifecycle.wake_placer()
-    response.headers["Location"] = f"/api/v1/sessions/{session.id}"
-    return await _view(db, state, session)
+
+    created = await state.lifecycle.create_session(db, user, wanted, record)
+    if created.new:
+        response.headers["Location"] = f"/api/v1/sessions/{created.session.id}"
+    else:
+        response.status_code = 200
+    return await _view(db, state, created.session)
 
 
 @router.get("", response_model=Page[SessionOut])
