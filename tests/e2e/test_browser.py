@@ -604,3 +604,73 @@ def test_policy_leads_an_admin_through_enrolment_at_login(
     assert "Authenticator app on" in status and "10 recovery codes" in status
     assert page.get_by_test_id("mfa-off").count() == 0  # required: no way to turn it off
     assert watched.csp_violations() == []
+
+
+REPLAY_PASSKEY_LOGIN = """async () => {
+  const post = (path, body) => fetch(path, {method: "POST",
+    headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const o = await (await post("/api/v1/auth/passkey/options", {})).json();
+  const cred = await navigator.credentials.get(
+    {publicKey: PublicKeyCredential.parseRequestOptionsFromJSON(o.options)});
+  const answer = {challenge_id: o.challenge_id, credential: cred.toJSON(),
+    refresh_token_delivery: "body"};
+  const first = await post("/api/v1/auth/passkey/login", answer);
+  const second = await post("/api/v1/auth/passkey/login", answer);
+  return [first.status, second.status, (await second.json()).detail];
+}"""
+
+
+def test_passkeys_register_sign_in_and_serve_as_second_factor(
+    product: Product, watched: Watched
+) -> None:
+    """With Chromium's virtual authenticator (CDP WebAuthn): add a passkey, sign in with it
+    alone, use it as the second step after the password, replay is refused, then remove it."""
+    page = watched.page
+    base = product.url.replace("127.0.0.1", "localhost")  # an IP address cannot be an RP ID
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("WebAuthn.enable")
+    cdp.send(
+        "WebAuthn.addVirtualAuthenticator",
+        {
+            "options": {
+                "protocol": "ctap2",
+                "transport": "internal",
+                "hasResidentKey": True,
+                "hasUserVerification": True,
+                "isUserVerified": True,
+                "automaticPresenceSimulation": True,
+            }
+        },
+    )
+    with artifacts_on_failure(watched, product, "passkeys"):
+        log_in(page, base)
+        page.get_by_test_id("nav-security").click()
+        page.get_by_test_id("passkey-name").fill("laptop")
+        page.get_by_test_id("passkey-add").click()
+        page.locator('[data-testid="passkey-row"]', has_text="laptop").wait_for()
+        try:
+            # passwordless
+            page.get_by_test_id("logout").click()
+            page.wait_for_url("**/#/login")
+            page.get_by_test_id("passkey-login").click()
+            page.wait_for_url("**/#/catalog")
+            assert "Administrator" in page.get_by_test_id("current-user").inner_text()
+            # an answer serves one sign-in only
+            first, second, detail = page.evaluate(REPLAY_PASSKEY_LOGIN)
+            assert first == 200 and second == 401, (first, second, detail)
+            assert "used" in detail or "unknown" in detail
+            # the password now needs a second step, which the passkey gives
+            page.get_by_test_id("logout").click()
+            page.wait_for_url("**/#/login")
+            page.get_by_test_id("login-username").fill("admin")
+            page.get_by_test_id("login-password").fill(ADMIN_PASSWORD)
+            page.get_by_test_id("login-submit").click()
+            page.get_by_test_id("mfa-passkey").click()
+            page.wait_for_url("**/#/catalog")
+        finally:
+            page.goto(f"{base}/#/account/security")
+            page.locator('[data-testid="passkey-row"]').first.get_by_test_id(
+                "passkey-remove"
+            ).click()
+            page.get_by_text("No passkeys yet.").wait_for()
+        assert watched.csp_violations() == []

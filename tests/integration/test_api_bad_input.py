@@ -39,6 +39,13 @@ VALID_BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("PATCH", "/api/v1/sessions/{session_id}"): {"tags": ["a"]},
     ("POST", "/api/v1/agents/join-tokens"): {},
     ("POST", "/api/v1/auth/mfa/verify"): {"mfa_token": "t", "code": "123456"},
+    ("POST", "/api/v1/auth/mfa/webauthn/register"): {
+        "challenge_id": "x",
+        "name": "k",
+        "credential": {},
+    },
+    ("POST", "/api/v1/auth/mfa/webauthn/options"): {"mfa_token": "t"},
+    ("POST", "/api/v1/auth/passkey/login"): {"challenge_id": "x", "credential": {}},
     ("POST", "/api/v1/auth/mfa/totp"): {},
     ("POST", "/api/v1/auth/mfa/totp/confirm"): {"code": "123456"},
     ("POST", "/api/v1/auth/mfa/totp/disable"): {"password": "x"},
@@ -143,7 +150,15 @@ def fill(route: str, ids: dict[str, str]) -> str:
     return route.format(
         **{
             k: ids.get(k, "x")
-            for k in ("user_id", "group_id", "name", "session_id", "agent_id", "key_id")
+            for k in (
+                "user_id",
+                "group_id",
+                "name",
+                "session_id",
+                "agent_id",
+                "key_id",
+                "passkey_id",
+            )
         }
     )
 

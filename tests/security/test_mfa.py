@@ -152,6 +152,7 @@ def test_policy_leads_an_admin_through_enrolment_at_login(make_control_plane: An
         "totp_enabled": True,
         "totp_confirmed_at": None,
         "recovery_codes_left": 10,
+        "passkeys": 0,
         "required": True,
     }
     assert_problem(

@@ -29,6 +29,7 @@ from streamspace.controlplane.api import (
     auth,
     health,
     mfa,
+    passkeys,
     sessions,
     templates,
     users,
@@ -237,7 +238,7 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (auth, mfa, apikeys, users, templates, sessions, agents, audit, health):
+    for module in (auth, mfa, passkeys, apikeys, users, templates, sessions, agents, audit, health):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

@@ -167,6 +167,39 @@ class MfaTotp(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
 
 
+class Passkey(Base):
+    """A WebAuthn credential: a second factor, or a passwordless sign-in on its own."""
+
+    __tablename__ = "passkeys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    credential_id: Mapped[str] = mapped_column(String(1024), unique=True, nullable=False)
+    """base64url, as the browser names it."""
+    public_key: Mapped[str] = mapped_column(Text, nullable=False)
+    """The COSE public key, base64url."""
+    sign_count: Mapped[int] = mapped_column(BigInteger, default=0, nullable=False)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class WebAuthnChallenge(Base):
+    """A challenge handed to a browser, usable once (deleted when used, on any replica)."""
+
+    __tablename__ = "webauthn_challenges"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True
+    )
+    purpose: Mapped[str] = mapped_column(String(16), nullable=False)
+    challenge: Mapped[str] = mapped_column(String(128), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+
 class Template(TimestampMixin, Base):
     __tablename__ = "templates"
 

@@ -14,10 +14,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from streamspace.controlplane import audit, mfa, security
 from streamspace.controlplane.api.auth import issue_tokens, set_refresh_cookie, token_response
 from streamspace.controlplane.api.mfagate import confirmed_factor, required_by_policy
+from streamspace.controlplane.api.passkeys import (
+    new_challenge,
+    prove_with_passkey,
+    second_step_options,
+    user_passkeys,
+)
 from streamspace.controlplane.api.schemas import (
     CodeConfirmIn,
     MfaStatusOut,
+    MfaTokenIn,
     MfaVerifyIn,
+    PasskeyOptionsOut,
     PasswordConfirmIn,
     RecoveryCodesOut,
     RefreshDelivery,
@@ -124,8 +132,54 @@ async def verify(body: MfaVerifyIn, request: Request, state: StateDep, db: DbDep
     """The second step of a login: a TOTP code (each usable once) or a recovery code."""
     user, pending = await _pending_user(state, db, body.mfa_token, "verify")
     attempt = _admit(state, request, user.id)
+    if body.webauthn is not None:
+        await prove_with_passkey(
+            request,
+            state,
+            db,
+            body.webauthn,
+            purpose="mfa",
+            user_id=user.id,
+            require_verification=False,
+        )
+        how = "passkey"
+    else:
+        how = await _code_step(state, db, user, request, body.code or "")
+    state.login_throttle.succeeded(attempt)
+    tokens, refresh = await issue_tokens(state, db, user)
+    audit.record(
+        db,
+        actor=user,
+        action="auth.login",
+        resource_type="user",
+        resource_id=user.id,
+        request=request,
+        mfa=how,
+    )
+    await db.commit()
+    delivery: RefreshDelivery = "body" if pending.delivery == "body" else "cookie"
+    return token_response(request, state, tokens, refresh, delivery)
+
+
+@router.post(f"{PREFIX}/webauthn/options", response_model=PasskeyOptionsOut)
+async def webauthn_options(
+    body: MfaTokenIn, request: Request, state: StateDep, db: DbDep
+) -> PasskeyOptionsOut:
+    """The challenge for a login's passkey step (the user's passkeys only)."""
+    user, _ = await _pending_user(state, db, body.mfa_token, "verify")
+    keys = await user_passkeys(db, user.id)
+    if not keys:
+        raise conflict("this account has no passkey; use a code")
+    options, challenge = second_step_options(request, state, keys)
+    challenge_id = await new_challenge(db, user.id, "mfa", challenge)
+    return PasskeyOptionsOut(challenge_id=challenge_id, options=options)
+
+
+async def _code_step(
+    state: AppState, db: AsyncSession, user: User, request: Request, code: str
+) -> str:
     row = await confirmed_factor(db, user.id)
-    if row is None or not await _code_ok(state, db, row, body.code):
+    if row is None or not await _code_ok(state, db, row, code):
         audit.record(
             db,
             actor=user,
@@ -137,20 +191,7 @@ async def verify(body: MfaVerifyIn, request: Request, state: StateDep, db: DbDep
         )
         await db.commit()
         raise _wrong_code()
-    state.login_throttle.succeeded(attempt)
-    tokens, refresh = await issue_tokens(state, db, user)
-    audit.record(
-        db,
-        actor=user,
-        action="auth.login",
-        resource_type="user",
-        resource_id=user.id,
-        request=request,
-        mfa="recovery" if mfa.looks_like_recovery_code(body.code) else "totp",
-    )
-    await db.commit()
-    delivery: RefreshDelivery = "body" if pending.delivery == "body" else "cookie"
-    return token_response(request, state, tokens, refresh, delivery)
+    return "recovery" if mfa.looks_like_recovery_code(code) else "totp"
 
 
 @router.get(PREFIX, response_model=MfaStatusOut)
@@ -161,6 +202,7 @@ async def status(user: UserDep, state: StateDep, db: DbDep) -> MfaStatusOut:
         totp_enabled=confirmed,
         totp_confirmed_at=row.confirmed_at if row is not None else None,
         recovery_codes_left=len(row.recovery_hashes) if row is not None and confirmed else 0,
+        passkeys=len(await user_passkeys(db, user.id)),
         required=await required_by_policy(db, state.settings, user),
     )
 
@@ -245,7 +287,7 @@ async def disable_totp(
 ) -> Response:
     if not await asyncio.to_thread(security.verify_password, user.password_hash, body.password):
         raise Problem(403, "Forbidden", "password is wrong", kind="wrong-password")
-    if await required_by_policy(db, state.settings, user):
+    if await required_by_policy(db, state.settings, user) and not await user_passkeys(db, user.id):
         raise conflict("your account must use a second factor; it cannot be turned off")
     row = await db.get(MfaTotp, user.id)
     if row is None:

@@ -4,13 +4,13 @@ factor this user has not set up), each with a short-lived `mfa_token`."""
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace.config import Settings
 from streamspace.controlplane import mfa
 from streamspace.controlplane.problems import Problem
-from streamspace.db.models import Group, GroupMembership, MfaTotp, User
+from streamspace.db.models import Group, GroupMembership, MfaTotp, Passkey, User
 
 
 async def required_by_policy(db: AsyncSession, settings: Settings, user: User) -> bool:
@@ -31,22 +31,33 @@ async def confirmed_factor(db: AsyncSession, user_id: str) -> MfaTotp | None:
     return row if row is not None and row.confirmed_at is not None else None
 
 
+async def second_factors(db: AsyncSession, user_id: str) -> list[str]:
+    """The ways this user can give a second step: `totp` and `recovery`, `webauthn`."""
+    methods = []
+    if await confirmed_factor(db, user_id) is not None:
+        methods += ["totp", "recovery"]
+    if await db.scalar(select(func.count()).where(Passkey.user_id == user_id)):
+        methods.append("webauthn")
+    return methods
+
+
 async def demand_second_step(
     db: AsyncSession, settings: Settings, secret: str, user: User, delivery: str
 ) -> None:
     """Raises the problem that starts the second step, or returns when none is needed."""
-    if await confirmed_factor(db, user.id) is not None:
+    methods = await second_factors(db, user.id)
+    if methods:
         token = mfa.make_mfa_token(
             secret, mfa.Pending(user.id, user.token_version, "verify", delivery)
         )
         raise Problem(
             401,
             "Second factor required",
-            "enter the code from your authenticator app (or a recovery code) at "
-            "POST /api/v1/auth/mfa/verify",
+            "confirm with your second factor (a code from your authenticator app, a recovery "
+            "code, or a passkey) at POST /api/v1/auth/mfa/verify",
             kind="mfa-required",
             mfa_token=token,
-            methods=["totp", "recovery"],
+            methods=methods,
             expires_in=mfa.MFA_TOKEN_SECONDS,
         )
     if await required_by_policy(db, settings, user):

@@ -237,11 +237,56 @@ class ApiKeyCreatedOut(ApiKeyOut):
     key: str = Field(description="The key itself. Shown only in this answer; store it now.")
 
 
+class WebAuthnAnswerIn(Strict):
+    challenge_id: str = Field(max_length=64)
+    credential: dict[str, Any] = Field(
+        description="The browser's PublicKeyCredential, as its toJSON() gives it."
+    )
+
+
 class MfaVerifyIn(Strict):
     mfa_token: str = Field(max_length=4096, description="From the login's `mfa-required` answer.")
-    code: str = Field(
-        min_length=1, max_length=64, description="A TOTP code, or one of your recovery codes."
+    code: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="A TOTP code, or one of your recovery codes.",
     )
+    webauthn: WebAuthnAnswerIn | None = Field(
+        default=None, description="A passkey's answer to POST /api/v1/auth/mfa/webauthn/options."
+    )
+
+    @model_validator(mode="after")
+    def _one_proof(self) -> MfaVerifyIn:
+        if (self.code is None) == (self.webauthn is None):
+            raise ValueError("give exactly one of code and webauthn")
+        return self
+
+
+class MfaTokenIn(Strict):
+    mfa_token: str = Field(max_length=4096)
+
+
+class PasskeyOptionsOut(BaseModel):
+    challenge_id: str
+    options: dict[str, Any] = Field(
+        description="publicKey options as JSON (PublicKeyCredential.parse…OptionsFromJSON)."
+    )
+
+
+class PasskeyRegisterIn(WebAuthnAnswerIn):
+    name: str = Field(min_length=1, max_length=64, description="To tell your passkeys apart.")
+
+
+class PasskeyOut(Out):
+    id: str
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
+class PasskeyLoginIn(WebAuthnAnswerIn):
+    refresh_token_delivery: RefreshDelivery = Field(default="cookie", description=DELIVERY_DOC)
 
 
 class TotpStartIn(Strict):
@@ -287,6 +332,7 @@ class MfaStatusOut(BaseModel):
     totp_enabled: bool
     totp_confirmed_at: datetime | None
     recovery_codes_left: int
+    passkeys: int
     required: bool = Field(description="Whether the policy requires a second factor of you.")
 
 

@@ -163,6 +163,7 @@ export async function api(method, path, body, { headers = {}, signal, retry = tr
   const authPath =
     path.startsWith("/api/v1/auth/login") ||
     path.startsWith("/api/v1/auth/refresh") ||
+    path.startsWith("/api/v1/auth/passkey/") ||
     (!access && path.startsWith("/api/v1/auth/mfa"));
   if (resp.status === 401 && !authPath) {
     if (retry && access && (await refreshTokens(access))) {
@@ -209,6 +210,36 @@ export function finishLogin(tokens) {
 
 export async function verifyMfa(mfaToken, code) {
   const tokens = await api("POST", "/api/v1/auth/mfa/verify", { mfa_token: mfaToken, code }, { retry: false });
+  return finishLogin(tokens);
+}
+
+/** Ask the browser's authenticator to answer `options` (the API's publicKey JSON). */
+export async function passkeyAnswer(options, create = false) {
+  if (!window.PublicKeyCredential?.parseRequestOptionsFromJSON) {
+    throw new ApiError(0, { detail: "this browser cannot use passkeys" });
+  }
+  const cred = create
+    ? await navigator.credentials.create({ publicKey: PublicKeyCredential.parseCreationOptionsFromJSON(options) })
+    : await navigator.credentials.get({ publicKey: PublicKeyCredential.parseRequestOptionsFromJSON(options) });
+  return cred.toJSON();
+}
+
+export async function verifyMfaPasskey(mfaToken) {
+  const o = await api("POST", "/api/v1/auth/mfa/webauthn/options", { mfa_token: mfaToken }, { retry: false });
+  const credential = await passkeyAnswer(o.options);
+  const tokens = await api(
+    "POST",
+    "/api/v1/auth/mfa/verify",
+    { mfa_token: mfaToken, webauthn: { challenge_id: o.challenge_id, credential } },
+    { retry: false },
+  );
+  return finishLogin(tokens);
+}
+
+export async function passkeyLogin() {
+  const o = await api("POST", "/api/v1/auth/passkey/options", {}, { retry: false });
+  const credential = await passkeyAnswer(o.options);
+  const tokens = await api("POST", "/api/v1/auth/passkey/login", { challenge_id: o.challenge_id, credential }, { retry: false });
   return finishLogin(tokens);
 }
 

@@ -1,4 +1,4 @@
-import { api, finishLogin, login, problemKind, verifyMfa } from "../api.js";
+import { api, finishLogin, login, passkeyLogin, problemKind, verifyMfa, verifyMfaPasskey } from "../api.js";
 import { h, totpEnrolment } from "../ui.js";
 
 export function loginView(main, { params }) {
@@ -40,6 +40,21 @@ export function loginView(main, { params }) {
     password,
     error,
     submit,
+    h("button", {
+      type: "button",
+      class: "btn btn-block",
+      dataset: { testid: "passkey-login" },
+      onclick: async () => {
+        error.hidden = true;
+        try {
+          await passkeyLogin();
+          done();
+        } catch (err) {
+          error.textContent = err.message;
+          error.hidden = false;
+        }
+      },
+    }, "Sign in with a passkey"),
   );
   form.addEventListener("submit", async (e) => {
     e.preventDefault();
@@ -57,7 +72,7 @@ export function loginView(main, { params }) {
       done();
     } catch (err) {
       const kind = problemKind(err);
-      if (kind === "mfa-required") return codeStep(err.problem.mfa_token);
+      if (kind === "mfa-required") return codeStep(err.problem.mfa_token, err.problem.methods || []);
       if (kind === "mfa-enrolment-required") return enrolStep(err.problem.mfa_token);
       error.textContent = err.message;
       error.hidden = false;
@@ -73,7 +88,7 @@ export function loginView(main, { params }) {
     location.replace(next && next.startsWith("#/") && !next.startsWith("#/login") ? next : "#/catalog");
   }
 
-  function codeStep(mfaToken) {
+  function codeStep(mfaToken, methods) {
     const code = h("input", { id: "mfa-code", autocomplete: "one-time-code", required: true, maxlength: 16, dataset: { testid: "mfa-code" } });
     const err = h("p", { class: "form-error", role: "alert", hidden: true, dataset: { testid: "mfa-error" } });
     const step = h(
@@ -83,6 +98,23 @@ export function loginView(main, { params }) {
       code,
       err,
       h("button", { type: "submit", class: "btn btn-primary btn-block", dataset: { testid: "mfa-submit" } }, "Verify"),
+      methods.includes("webauthn")
+        ? h("button", {
+            type: "button",
+            class: "btn btn-block",
+            dataset: { testid: "mfa-passkey" },
+            onclick: async () => {
+              err.hidden = true;
+              try {
+                await verifyMfaPasskey(mfaToken);
+                done();
+              } catch (ex) {
+                err.textContent = ex.message;
+                err.hidden = false;
+              }
+            },
+          }, "Use a passkey")
+        : null,
     );
     step.addEventListener("submit", async (e) => {
       e.preventDefault();
