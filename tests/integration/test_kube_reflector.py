@@ -7,13 +7,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 import urllib.request
 import uuid
 from pathlib import Path
 
-from kubernetes_asyncio import client as k8s
-
+import pytest
 from kube_support import api_client, eventually, new_namespace
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.client.exceptions import ApiException
+
 from streamspace.agent.backends.kubernetes.reflector import Reflector
 from streamspace_testing.kube import KubeAPIServer, start_kube_apiserver
 
@@ -152,6 +155,11 @@ async def test_refused_list_is_retried_with_backoff(
                 await eventually(lambda: cache.last_error is not None, what="a refused list")
                 assert getattr(cache.last_error, "status", None) == 403
                 assert not cache.synced
+                # A waiter is told of the refusal at once, not after its timeout.
+                started = time.monotonic()
+                with pytest.raises(ApiException):
+                    await cache.wait_synced(10)
+                assert time.monotonic() - started < 2
                 name = f"read-{uuid.uuid4().hex[:6]}"
                 await rbac.create_namespaced_role(
                     namespace,
@@ -178,7 +186,8 @@ async def test_refused_list_is_retried_with_backoff(
                         ],
                     ),
                 )
-                await cache.wait_synced(10)  # the retry succeeds once RBAC allows it
+                # The background retry succeeds once RBAC allows it.
+                await eventually(lambda: cache.synced, what="a list once RBAC allows it")
                 assert cache.last_error is None
             finally:
                 await cache.close()

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -99,13 +100,20 @@ class Reflector:
             self._task = asyncio.create_task(self._run(), name=f"kube-reflector-{self.kind}")
 
     async def wait_synced(self, within: float) -> None:
-        """Until the first list is in; raises the list's last error if it does not come."""
-        try:
-            await asyncio.wait_for(self._synced.wait(), within)
-        except TimeoutError:
-            if self.last_error is not None:
-                raise self.last_error from None
-            raise
+        """Until the first list is in; raises the list's last error if it does not come, and
+        at once if the server refused the credentials or the permission (a retry continues
+        in the background, but the caller has an answer to give now)."""
+        deadline = time.monotonic() + within
+        while not self._synced.is_set():
+            error = self.last_error
+            if isinstance(error, ApiException) and error.status in (401, 403):
+                raise error
+            if time.monotonic() >= deadline:
+                if error is not None:
+                    raise error
+                raise TimeoutError(f"{self.kind} not listed within {within:.0f}s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._synced.wait(), 0.1)
 
     @property
     def synced(self) -> bool:
