@@ -329,8 +329,7 @@ class Settings(BaseSettings):
     )
     kube_image_pull_policy: str = Field(
         default="IfNotPresent",
-        description="`imagePullPolicy` of session containers: `Always`, `IfNotPresent` or "
-        "`Never`.",
+        description="`imagePullPolicy` of session containers: `Always`, `IfNotPresent` or `Never`.",
     )
     kube_image_pull_secrets: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
