@@ -36,6 +36,7 @@ from streamspace.agent.backends.kubernetes.objects import (
     OWNER_ANNOTATION,
     SECRET_PASSWORD_KEY,
     home_claim_name,
+    make_pod,
     network_policy_name,
     pod_name,
     secret_name,
@@ -211,6 +212,39 @@ async def test_unschedulable_fails_with_the_scheduler_message(cluster: Cluster) 
     with pytest.raises(BackendError) as failed:
         await asyncio.wait_for(starting, 5)
     assert str(failed.value) == f"the session pod cannot be scheduled: {message}"
+
+
+async def test_a_left_over_failed_pod_is_replaced_on_start(cluster: Cluster) -> None:
+    """A pod that will never come up (an agent died while starting it) does not block the
+    session forever: the next start replaces it."""
+    session = spec("s-left", persistent_home=False)
+    manifest = make_pod(
+        session,
+        agent_id="agent-1",
+        namespace=cluster.namespace,
+        settings=PodSettings(),
+        home_claim=None,
+    )
+    first = await cluster.core.create_namespaced_pod(cluster.namespace, manifest)
+    await cluster.status(
+        "s-left",
+        phase="Pending",
+        containerStatuses=[
+            container_status(IMAGE, {"waiting": {"reason": "ImagePullBackOff", "message": "x"}})
+        ],
+    )
+    backend = cluster.backend()
+    starting = asyncio.create_task(backend.start(session))
+
+    async def replaced() -> bool:
+        pod = await cluster.pod("s-left")
+        return pod is not None and pod.metadata.uid != first.metadata.uid
+
+    await eventually(replaced, what="a fresh pod")
+    assert not starting.done()
+    starting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await starting
 
 
 async def test_missing_storage_class_fails_before_creating_anything(cluster: Cluster) -> None:

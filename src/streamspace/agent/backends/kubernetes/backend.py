@@ -309,7 +309,11 @@ class KubernetesBackend(Backend):
             started = time.monotonic()
             deadline = started + self.config.start_timeout
             pod = self._pod(session_id)
-            if pod is not None and podstate.run_state(pod) == "exited":
+            if pod is not None and (
+                podstate.run_state(pod) == "exited" or podstate.failure(pod) is not None
+            ):
+                # A finished pod, or one that will never come up (left by an earlier attempt,
+                # or adopted): a fresh one may, e.g. once the image exists.
                 await self._delete_pod(session_id)
             await self._wait_gone(pods, name, deadline)
             created = self._pod(session_id) is None
