@@ -56,6 +56,13 @@ async def _checked(response: Any) -> Any:
     raise error
 
 
+def _trim(obj: Obj) -> Obj:
+    """Drop `managedFields` (server-side apply bookkeeping): about half of a pod's JSON, and
+    nothing the agent reads."""
+    (obj.get("metadata") or {}).pop("managedFields", None)
+    return obj
+
+
 def _name(obj: Obj) -> str:
     return str((obj.get("metadata") or {}).get("name") or "")
 
@@ -171,7 +178,7 @@ class Reflector:
             body = json.loads(await response.read())
         finally:
             response.release()
-        fresh = {_name(item): item for item in body.get("items") or []}
+        fresh = {_name(item): _trim(item) for item in body.get("items") or []}
         self.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
         self.lists += 1
         self.last_error = None
@@ -212,7 +219,7 @@ class Reflector:
 
     async def _handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        obj = event.get("object") or {}
+        obj = _trim(event.get("object") or {})
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise Gone(obj.get("message", ""))
