@@ -323,6 +323,62 @@ class Settings(BaseSettings):
         description="Apply each local session's CPU and memory limits through cgroups (v2 when "
         'delegated, v1 as root); the agent reports "limits not enforced" where it cannot.',
     )
+    kube_kubeconfig: str = Field(
+        default="",
+        description="Kubeconfig file of the `kubernetes` backend. Empty: the pod's "
+        "ServiceAccount when the agent runs in a cluster, else `$KUBECONFIG` or "
+        "`~/.kube/config`.",
+    )
+    kube_context: str = Field(
+        default="", description="Kubeconfig context to use (empty: its current context)."
+    )
+    kube_namespace: str = Field(
+        default="",
+        description="Namespace of the session pods (also `--namespace`). Empty: the "
+        "kubeconfig context's namespace, the agent's own namespace in a cluster, else `default`.",
+    )
+    kube_storage_class: str = Field(
+        default="",
+        description="StorageClass of the persistent homes' PVCs (empty: the cluster's default).",
+    )
+    kube_home_size: str = Field(
+        default="10Gi",
+        description="Size requested for each persistent home PVC when the user has no home "
+        "limit (a Kubernetes quantity).",
+    )
+    kube_image_pull_policy: str = Field(
+        default="IfNotPresent",
+        description="`imagePullPolicy` of session containers: `Always`, `IfNotPresent` or `Never`.",
+    )
+    kube_image_pull_secrets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Secret names given to session pods as `imagePullSecrets`.",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    kube_node_selector: str = Field(
+        default="",
+        description="`key=value,...` node selector of every session pod.",
+    )
+    kube_tolerations: str = Field(
+        default="",
+        description="JSON list of tolerations added to every session pod, as in a pod spec.",
+    )
+    kube_agent_pod_labels: str = Field(
+        default="app.kubernetes.io/name=streamspace-agent",
+        description="`key=value,...` labels of the agent's own pods: the sessions' "
+        "NetworkPolicy admits VNC connections only from pods with these labels.",
+    )
+    kube_agent_namespace: str = Field(
+        default="",
+        description="Namespace the agent's pods run in, when not the sessions' namespace "
+        "(the NetworkPolicy then admits them from there).",
+    )
+    kube_start_timeout_seconds: float = Field(
+        default=120.0,
+        description="How long a session pod may take from creation to its VNC server "
+        "answering (image pulls included); clear failures end the start sooner.",
+    )
+
     default_quota_home_mb: int = Field(
         default=0,
         ge=0,
@@ -368,6 +424,13 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"trusted_proxies: {item!r} is not an IP address or CIDR network"
                     ) from None
+        return value
+
+    @field_validator("kube_image_pull_secrets", mode="before")
+    @classmethod
+    def _split_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item for item in (part.strip() for part in value.split(",")) if item]
         return value
 
     @field_validator("public_url")

@@ -33,7 +33,7 @@ FOOTER = """\
 A separate agent (`streamspace agent`) takes its settings as flags; see `streamspace agent --help`.
 Of the variables above it reads `STREAMSPACE_LOG_FORMAT` and `STREAMSPACE_LOG_LEVEL`, and with the
 `local` backend `STREAMSPACE_LOCAL_INSECURE_SHARED_USER`, `STREAMSPACE_LOCAL_UID_RANGE` and
-`STREAMSPACE_LOCAL_ENFORCE_LIMITS`.
+`STREAMSPACE_LOCAL_ENFORCE_LIMITS`; with the `kubernetes` backend the `STREAMSPACE_KUBE_*` ones.
 Its one-time join token is the exception: give it as `STREAMSPACE_JOIN_TOKEN` or in a file
 (`--join-token-file PATH`) rather than as `--join-token`, which every local account can read
 with `ps` while the agent runs (the agent logs `join_token_on_command_line` when it is used).

@@ -77,6 +77,7 @@ class KubeAPIServer:
     admin_token: str
     ca_path: Path
     data_dir: Path
+    etcd_url: str = ""
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
     _logs: list[IO[bytes]] = field(default_factory=list, repr=False)
 
@@ -165,9 +166,14 @@ class KubeAPIServer:
         )
 
 
-def start_kube_apiserver(binaries: Path | None = None) -> KubeAPIServer:
+def start_kube_apiserver(
+    binaries: Path | None = None, extra_args: tuple[str, ...] = ()
+) -> KubeAPIServer:
     """Start etcd and kube-apiserver on free loopback ports and return once `/readyz` says so
-    (RBAC's bootstrap roles are in place by then). The caller must `stop()` it."""
+    (RBAC's bootstrap roles are in place by then). The caller must `stop()` it.
+
+    `extra_args` go to kube-apiserver (e.g. `--watch-cache=false`, so watches read etcd and a
+    compacted resourceVersion answers 410 Gone)."""
     binaries = binaries or kube_binaries()
     data_dir = Path(tempfile.mkdtemp(prefix="ss-kube-"))
     cert_dir = data_dir / "certs"
@@ -182,6 +188,7 @@ def start_kube_apiserver(binaries: Path | None = None) -> KubeAPIServer:
     )
     try:
         etcd_url = f"http://127.0.0.1:{_free_port()}"
+        server.etcd_url = etcd_url
         peer_url = f"http://127.0.0.1:{_free_port()}"
         etcd = server._spawn(
             "etcd",
@@ -224,6 +231,7 @@ def start_kube_apiserver(binaries: Path | None = None) -> KubeAPIServer:
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--allow-privileged=true",
                 "--profiling=false",
+                *extra_args,
             ],
         )
         server._wait_ready("kube-apiserver", apiserver, f"{server.url}/readyz")
