@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio.config import new_client_from_config
 
+from streamspace.agent import vnc
 from streamspace.images import image_ref
 from streamspace_testing.k8s_node import RunningNode
 from streamspace_testing.k8s_node.api import Kube, ns_path
@@ -27,7 +28,8 @@ pytestmark = pytest.mark.podman
 
 XTERM = image_ref("xterm")
 ROOTFS = image_ref("rootfs")
-VNC_PASSWD = "".join(f"\\{b:03o}" for b in b"\x10\x20\x30\x40\x50\x60\x70\x80")
+PASSWORD = b"k8s-node"
+VNC_PASSWD = "".join(f"\\{b:03o}" for b in vnc.obfuscated_password(PASSWORD))
 Obj = dict[str, Any]
 
 
@@ -43,11 +45,14 @@ async def kube(kube_apiserver: KubeAPIServer, tmp_path: Path) -> AsyncIterator[K
 
 
 @pytest.fixture
-async def namespace(kube: Kube) -> str:
+async def namespace(kube: Kube) -> AsyncIterator[str]:
+    """A namespace of the test's own; its pods are deleted afterwards (no namespace controller
+    runs, so deleting the namespace would not stop them), so none keeps crash-looping."""
     name = f"node-{uuid.uuid4().hex[:10]}"
     await kube.create("/api/v1/namespaces", {"metadata": {"name": name}})
     await kube.create(ns_path(name, "serviceaccounts"), {"metadata": {"name": "default"}})
-    return name
+    yield name
+    await kube.delete(ns_path(name, "pods"), {"gracePeriodSeconds": 0})
 
 
 def pod(name: str, image: str = ROOTFS, command: list[str] | None = None, **spec: Any) -> Obj:
@@ -146,25 +151,56 @@ async def test_session_image_pod_runs_serves_rfb_on_its_ip_and_deletion_removes_
             "valueFrom": {"secretKeyRef": {"name": "vnc", "key": "passwd"}},
         }
     ]
+    await kube.create(
+        ns_path(namespace, "persistentvolumeclaims"),
+        {
+            "metadata": {"name": "desk-home"},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    # Shaped like the kubernetes backend's session pods: non-root, hardened, limits, a memory
+    # /dev/shm, the home on a claim (group-writable through fsGroup), a fixed hostname.
+    limits = {"cpu": "500m", "memory": "384Mi"}
     desk = pod(
         "desk",
         XTERM,
         container={
             "env": env,
+            "imagePullPolicy": "IfNotPresent",
+            "ports": [{"name": "vnc", "containerPort": 5901}],
             "securityContext": {
                 "runAsNonRoot": True,
                 "runAsUser": 1000,
                 "runAsGroup": 1000,
                 "allowPrivilegeEscalation": False,
+                "privileged": False,
                 "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "resources": {"limits": {"cpu": "500m", "memory": "384Mi"}},
+            "resources": {"requests": limits, "limits": limits},
+            "volumeMounts": [
+                {"name": "dshm", "mountPath": "/dev/shm"},
+                {"name": "home", "mountPath": "/home/streamspace"},
+            ],
         },
+        restartPolicy="Never",
+        enableServiceLinks=False,
+        hostname="streamspace",
+        securityContext={"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+        volumes=[
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "96Mi"}},
+            {"name": "home", "persistentVolumeClaim": {"claimName": "desk-home"}},
+        ],
     )
+    started = time.monotonic()
     created = await kube.request("POST", ns_path(namespace, "pods"), desk)
     uid = created["metadata"]["uid"]
 
     running = await wait_pod(kube, namespace, "desk", ready, what="Ready")
+    print(f"desk pod Ready {time.monotonic() - started:.2f} s after create")
     assert running["spec"]["nodeName"] == k8s_node.info.name
     status = running["status"]
     assert status["phase"] == "Running"
@@ -177,17 +213,19 @@ async def test_session_image_pod_runs_serves_rfb_on_its_ip_and_deletion_removes_
     assert status["podIPs"] == [{"ip": status["podIP"]}]
     assert status["hostIP"] == k8s_node.info.host_ip
 
-    # Xvnc in the pod, on its IP: it offers VNC Authentication only (it got the password from
-    # the Secret, or the entrypoint would have refused to start).
+    # Xvnc in the pod, on its IP, with VNC Authentication by the password from the Secret.
     reader, writer = await asyncio.wait_for(
         _connect_when_listening(status["podIP"], 5901), timeout=20
     )
     try:
         assert await asyncio.wait_for(reader.readexactly(12), 5) == b"RFB 003.008\n"
         writer.write(b"RFB 003.008\n")
-        await writer.drain()
         count = (await asyncio.wait_for(reader.readexactly(1), 5))[0]
         assert list(await reader.readexactly(count)) == [2]
+        writer.write(b"\x02")
+        challenge = await asyncio.wait_for(reader.readexactly(16), 5)
+        writer.write(vnc.des_response(PASSWORD, challenge))
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"\0\0\0\0"
     finally:
         writer.close()
 
@@ -268,6 +306,22 @@ async def test_claim_data_survives_pod_delete_and_recreate(
     )
     assert state(done)["terminated"]["exitCode"] == 0, done["status"]
     assert done["status"]["phase"] == "Succeeded"
+
+    # Deleting the claim completes once no live pod uses it (the PVC-protection finalizer is
+    # removed for the controller-manager that does not run here).
+    holder = pod("holder", command=["sleep", "infinity"], volumes=volumes, container=mounts)
+    await kube.request("POST", ns_path(namespace, "pods"), holder)
+    await wait_pod(kube, namespace, "holder", ready, what="Ready")
+    claim_path = ns_path(namespace, "persistentvolumeclaims", "home")
+    await kube.delete(claim_path)
+    await asyncio.sleep(1.5)
+    held = await kube.get(claim_path)
+    assert held is not None and "kubernetes.io/pvc-protection" in held["metadata"]["finalizers"]
+    await delete_and_wait(kube, namespace, "holder")
+    deadline = time.monotonic() + 10
+    while await kube.get(claim_path) is not None:
+        assert time.monotonic() < deadline, "the claim was never released"
+        await asyncio.sleep(0.2)
 
 
 async def test_unschedulable_pods_get_the_schedulers_reason(
