@@ -388,10 +388,10 @@ async def test_unschedulable_pods_get_the_schedulers_reason(
 async def test_restart_policies_and_crash_loop_back_off(
     k8s_node: RunningNode, kube: Kube, namespace: str
 ) -> None:
-    failing = ["/bin/sh", "-c", "exit 3"]
-    await kube.request(
-        "POST", ns_path(namespace, "pods"), pod("once", command=failing, restartPolicy="Never")
-    )
+    failing = ["/bin/sh", "-c", "echo cannot go on >&2; exit 3"]
+    logs_on_error = {"terminationMessagePolicy": "FallbackToLogsOnError"}
+    once = pod("once", command=failing, restartPolicy="Never", container=logs_on_error)
+    await kube.request("POST", ns_path(namespace, "pods"), once)
     await kube.request(
         "POST", ns_path(namespace, "pods"), pod("fine", command=["true"], restartPolicy="OnFailure")
     )
@@ -400,6 +400,7 @@ async def test_restart_policies_and_crash_loop_back_off(
     once = await wait_pod(kube, namespace, "once", lambda p: p["status"]["phase"] == "Failed")
     terminated = state(once)["terminated"]
     assert (terminated["exitCode"], terminated["reason"]) == (3, "Error")
+    assert terminated["message"] == "cannot go on"
     fine = await wait_pod(kube, namespace, "fine", lambda p: p["status"]["phase"] == "Succeeded")
     assert state(fine)["terminated"]["reason"] == "Completed"
     loop = await wait_pod(
@@ -432,3 +433,49 @@ async def test_container_config_errors_are_reported_as_the_kubelet_does(
     assert (
         "container has runAsNonRoot and image will run as root" in state(root)["waiting"]["message"]
     )
+
+
+async def test_init_containers_run_first_and_a_failed_one_fails_the_pod(
+    k8s_node: RunningNode, kube: Kube, namespace: str
+) -> None:
+    shared = {"volumeMounts": [{"name": "work", "mountPath": "/work"}]}
+    volumes = [{"name": "work", "emptyDir": {}}]
+
+    def init(command: str) -> dict[str, Any]:
+        return {"name": "prepare", "image": ROOTFS, "command": ["/bin/sh", "-c", command], **shared}
+
+    ordered = pod(
+        "ordered",
+        command=["/bin/sh", "-c", "test -f /work/ready"],
+        initContainers=[init("sleep 1; touch /work/ready")],
+        volumes=volumes,
+        restartPolicy="Never",
+        container=shared,
+    )
+    broken = pod(
+        "broken",
+        command=["true"],
+        initContainers=[init("exit 7")],
+        volumes=volumes,
+        restartPolicy="Never",
+        container=shared,
+    )
+    for body in (ordered, broken):
+        await kube.request("POST", ns_path(namespace, "pods"), body)
+
+    initializing = await wait_pod(
+        kube, namespace, "ordered", lambda p: "initContainerStatuses" in p["status"]
+    )
+    assert waiting_reason(initializing) == "PodInitializing"
+    assert condition(initializing, "Initialized")["status"] == "False"
+    done = await wait_pod(
+        kube, namespace, "ordered", lambda p: p["status"]["phase"] in ("Succeeded", "Failed")
+    )
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    assert condition(done, "Initialized")["status"] == "True"
+    first = done["status"]["initContainerStatuses"][0]
+    assert first["state"]["terminated"]["exitCode"] == 0 and first["ready"]
+
+    failed = await wait_pod(kube, namespace, "broken", lambda p: p["status"]["phase"] == "Failed")
+    assert failed["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
+    assert waiting_reason(failed) == "PodInitializing"

@@ -21,7 +21,7 @@ from streamspace_testing.k8s_node.fit import (
     unschedulable_message,
 )
 from streamspace_testing.k8s_node.spec import ConfigError, Mount, create_args, expand
-from streamspace_testing.k8s_node.status import ContainerState, phase
+from streamspace_testing.k8s_node.status import ContainerState, phase, terminated
 
 LABELS = {"kubernetes.io/hostname": "n1", "zone": "a", "gpus": "2"}
 
@@ -215,3 +215,24 @@ def test_phase_follows_restart_policy() -> None:
         last_state={"terminated": {"exitCode": 1}},
     )
     assert phase([backing_off], "Always") == "Running"
+
+
+def test_podman_times_become_api_times() -> None:
+    info = {
+        "Id": "abc",
+        "State": {
+            "ExitCode": 3,
+            "StartedAt": "2026-12-02T04:33:09.123456789Z",
+            "FinishedAt": "2026-12-02T06:33:10.5+02:00",
+        },
+    }
+    ended = terminated(info)["terminated"]
+    assert (ended["startedAt"], ended["finishedAt"]) == (
+        "2026-12-02T04:33:09Z",
+        "2026-12-02T04:33:10Z",
+    )
+    assert (ended["exitCode"], ended["reason"]) == (3, "Error")
+    zero = terminated({"State": {"FinishedAt": "0001-01-01T00:00:00Z", "OOMKilled": True}})[
+        "terminated"
+    ]
+    assert zero["finishedAt"].startswith("20") and zero["reason"] == "OOMKilled"

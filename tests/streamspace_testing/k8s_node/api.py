@@ -24,7 +24,7 @@ log = get_logger(__name__)
 
 class KubeError(RuntimeError):
     def __init__(self, status: int, method: str, path: str, body: str) -> None:
-        super().__init__(f"{method} {path}: {status} {body[:300]}")
+        super().__init__(f"{method} {path}: {status} {body[:1000]}")
         self.status = status
 
 

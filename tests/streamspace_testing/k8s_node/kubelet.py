@@ -20,7 +20,7 @@ from typing import Any
 
 from streamspace.logs import get_logger
 
-from .api import Kube, ns_path
+from .api import Kube, KubeError, ns_path
 from .engine import (
     CONTAINER_LABEL,
     INFRA,
@@ -69,6 +69,14 @@ class PodWorker:
         self.containers = [
             ContainerState(c["name"], c["image"]) for c in pod["spec"].get("containers") or []
         ]
+        self.init_containers = [
+            ContainerState(c["name"], c["image"]) for c in pod["spec"].get("initContainers") or []
+        ]
+        if self.init_containers:
+            for state in self.containers:
+                state.state = _waiting("PodInitializing")
+        self.initialized = not self.init_containers
+        self.init_failed = False
         self.pod_ip = ""
         self.sandbox_ready = False
         self.start_time = now()
@@ -123,12 +131,21 @@ class PodWorker:
                 pod_ip=self.pod_ip,
                 start_time=self.start_time,
                 sandbox_ready=self.sandbox_ready,
+                init_containers=self.init_containers,
+                initialized=self.initialized,
+                init_failed=self.init_failed,
                 message=message,
             )
             comparable = {**status, "conditions": [_no_time(c) for c in status["conditions"]]}
             if comparable == self._last:
                 return
-            updated = await self.ctx.kube.patch(self.path + "/status", {"status": status})
+            try:
+                updated = await self.ctx.kube.patch(self.path + "/status", {"status": status})
+            except KubeError as exc:
+                log.warning(
+                    "k8s_node.status_refused", pod=f"{self.namespace}/{self.name}", error=str(exc)
+                )
+                return
             if updated is not None:
                 self.pod = updated
                 self._last = comparable
@@ -138,9 +155,16 @@ class PodWorker:
             await self.report()
             await self._sandbox()
             volumes = await self._volumes()
-            await asyncio.gather(
-                *(self._container(i, volumes) for i in range(len(self.containers)))
-            )
+            for index in range(len(self.init_containers)):
+                if not await self._init(index, volumes):
+                    self.init_failed = True
+                    await self.report()
+                    return
+            self.initialized = True
+            for state in self.containers:
+                state.state = _waiting("ContainerCreating")
+            await self.report()
+            await asyncio.gather(*(self._app(i, volumes) for i in range(len(self.containers))))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -189,10 +213,8 @@ class PodWorker:
                 await self.report()
             await asyncio.sleep(self.ctx.retry_seconds)
 
-    async def _image(self, index: int) -> Obj:
+    async def _image(self, spec: Obj, state: ContainerState) -> Obj:
         """The container's image config, once the image is in local storage."""
-        spec = self.pod["spec"]["containers"][index]
-        state = self.containers[index]
         ref = str(spec["image"])
         backoff = self.ctx.pull_backoff
         while True:
@@ -218,14 +240,50 @@ class PodWorker:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.ctx.backoff_cap)
 
-    async def _container(self, index: int, volumes: dict[str, Any]) -> None:
+    async def _app(self, index: int, volumes: dict[str, Any]) -> None:
         spec = self.pod["spec"]["containers"][index]
         state = self.containers[index]
         policy = str(self.pod["spec"].get("restartPolicy") or "Always")
+        while True:
+            code = await self._run_once(spec, state, volumes)
+            if policy == "Never" or (policy == "OnFailure" and code == 0):
+                return
+            await self._back_off(spec, state)
+
+    async def _init(self, index: int, volumes: dict[str, Any]) -> bool:
+        """Run one init container to success; False when it failed under restartPolicy Never
+        (the pod fails)."""
+        spec = self.pod["spec"]["initContainers"][index]
+        state = self.init_containers[index]
+        while True:
+            if await self._run_once(spec, state, volumes) == 0:
+                return True
+            if self.pod["spec"].get("restartPolicy") == "Never":
+                return False
+            await self._back_off(spec, state)
+
+    async def _back_off(self, spec: Obj, state: ContainerState) -> None:
+        """The kubelet's restart: at once after the first exit, then with doubling delays."""
+        state.last_state = state.state
+        state.restart_count += 1
+        if state.restart_count < 2:
+            return
+        delay = min(self.ctx.crash_backoff * 2 ** (state.restart_count - 2), self.ctx.backoff_cap)
+        state.state = _waiting(
+            "CrashLoopBackOff",
+            f"back-off {delay:g}s restarting failed container={spec['name']} "
+            f"pod={self.name}_{self.namespace}({self.uid})",
+        )
+        await self.report()
+        await asyncio.sleep(delay)
+
+    async def _run_once(self, spec: Obj, state: ContainerState, volumes: dict[str, Any]) -> int:
+        """Create, start and wait for one run of the container; its exit code. Waiting states
+        (image, config, create errors) retry until they clear."""
         podman = self.ctx.podman
         name = f"{self.prefix}_{spec['name']}"
         while True:
-            image_config = await self._image(index)
+            image_config = await self._image(spec, state)
             try:
                 env = await resolve_env(
                     self.ctx.kube, self.pod, spec, pod_ip=self.pod_ip, host_ip=self.ctx.host_ip
@@ -250,50 +308,61 @@ class PodWorker:
                 continue
             await podman.remove([name])
             created = await podman.run("create", *args)
-            if created.returncode != 0:
-                state.state = _waiting("CreateContainerError", created.stderr.strip()[-500:])
-                await self.report()
-                await asyncio.sleep(self.ctx.retry_seconds)
-                continue
-            state.container_id = created.stdout.strip()
-            exited = self.ctx.expect_exit(state.container_id)
-            started = await podman.run("start", state.container_id)
-            info = await podman.inspect(state.container_id) or {}
-            if started.returncode == 0 and (info.get("State") or {}).get("Running"):
-                started_at = terminated(info)["terminated"]["startedAt"]
-                state.state = {"running": {"startedAt": started_at}}
-                await self.report()
-                await exited
-                info = await podman.inspect(state.container_id) or {}
-            if started.returncode != 0:
-                state.state = {
-                    "terminated": {
-                        "exitCode": 128,
-                        "reason": "StartError",
-                        "message": started.stderr.strip()[-500:],
-                        "startedAt": now(),
-                        "finishedAt": now(),
-                    }
-                }
-            else:
-                state.state = terminated(info)
+            if created.returncode == 0:
+                break
+            state.state = _waiting("CreateContainerError", created.stderr.strip()[-500:])
             await self.report()
-            code = state.state["terminated"]["exitCode"]
-            if policy == "Never" or (policy == "OnFailure" and code == 0):
-                return
-            state.last_state = state.state
-            state.restart_count += 1
-            if state.restart_count > 1:
-                delay = min(
-                    self.ctx.crash_backoff * 2 ** (state.restart_count - 2), self.ctx.backoff_cap
-                )
-                state.state = _waiting(
-                    "CrashLoopBackOff",
-                    f"back-off {delay:g}s restarting failed container={spec['name']} "
-                    f"pod={self.name}_{self.namespace}({self.uid})",
-                )
-                await self.report()
-                await asyncio.sleep(delay)
+            await asyncio.sleep(self.ctx.retry_seconds)
+        state.container_id = created.stdout.strip()
+        exited = self.ctx.expect_exit(state.container_id)
+        started = await podman.run("start", state.container_id)
+        info = await podman.inspect(state.container_id) or {}
+        if started.returncode == 0 and (info.get("State") or {}).get("Running"):
+            state.state = {"running": {"startedAt": terminated(info)["terminated"]["startedAt"]}}
+            await self.report()
+            await exited
+            info = await self._finished(state.container_id)
+        if started.returncode != 0:
+            state.state = {
+                "terminated": {
+                    "exitCode": 128,
+                    "reason": "StartError",
+                    "message": started.stderr.strip()[-500:],
+                    "startedAt": now(),
+                    "finishedAt": now(),
+                }
+            }
+        else:
+            state.state = terminated(info)
+            await self._termination_message(spec, state)
+        await self.report()
+        return int(state.state["terminated"]["exitCode"])
+
+    async def _finished(self, container_id: str) -> Obj:
+        """The exited container's inspect data, once podman has recorded how it ended (its
+        `died` event can come before the exit code and time are stored)."""
+        info: Obj = {}
+        for _ in range(50):
+            info = await self.ctx.podman.inspect(container_id) or {}
+            state = info.get("State") or {}
+            if not state.get("Running") and not str(state.get("FinishedAt", "")).startswith("0001"):
+                break
+            await asyncio.sleep(0.1)
+        return info
+
+    async def _termination_message(self, spec: Obj, state: ContainerState) -> None:
+        """The kubelet's FallbackToLogsOnError: a failed container's last log lines (80 lines,
+        2048 bytes at most) become its termination message."""
+        ended = state.state["terminated"]
+        if (
+            ended["exitCode"] == 0
+            or spec.get("terminationMessagePolicy") != "FallbackToLogsOnError"
+        ):
+            return
+        logs = await self.ctx.podman.run("logs", "--tail", "80", state.container_id)
+        text = (logs.stdout + logs.stderr).strip()
+        if text:
+            ended["message"] = text.encode()[-2048:].decode(errors="replace")
 
 
 def _waiting(reason: str, message: str = "") -> Obj:

@@ -180,24 +180,23 @@ class TestNode:
     # ---- setup ------------------------------------------------------------------------------
 
     async def _create_network(self) -> None:
+        """The first /24 of the prefix no podman network uses; another test node creating one
+        at the same moment makes podman refuse the overlap, and the next one is tried."""
         used = [ipaddress.ip_network(s, strict=False) for s in await self.podman.network_subnets()]
         for third in range(256):
             candidate = ipaddress.ip_network(f"{self.config.subnet_prefix}.{third}.0/24")
-            if not any(candidate.overlaps(u) for u in used):
-                break
-        else:
-            raise RuntimeError(f"no free /24 left in {self.config.subnet_prefix}.0.0/16")
-        await self.podman.check(
-            "network",
-            "create",
-            "--subnet",
-            str(candidate),
-            "--label",
-            f"{NODE_LABEL}={self.node_id}",
-            self.network,
-        )
-        self.subnet = str(candidate)
-        self.host_ip = str(next(candidate.hosts()))
+            if any(candidate.overlaps(u) for u in used):
+                continue
+            created = await self.podman.run(
+                "network", "create", "--subnet", str(candidate),
+                "--label", f"{NODE_LABEL}={self.node_id}", self.network,
+            )  # fmt: skip
+            if created.returncode == 0:
+                self.subnet = str(candidate)
+                self.host_ip = str(next(candidate.hosts()))
+                return
+            log.event("k8s_node.subnet_taken", subnet=str(candidate), error=created.stderr[-200:])
+        raise RuntimeError(f"no free /24 left in {self.config.subnet_prefix}.0.0/16")
 
     @property
     def _lease_path(self) -> str:

@@ -106,13 +106,24 @@ def pod_status(
     pod_ip: str,
     start_time: str,
     sandbox_ready: bool,
+    init_containers: list[ContainerState] | None = None,
+    initialized: bool = True,
+    init_failed: bool = False,
     message: str = "",
 ) -> Obj:
-    """The whole status of a pod bound to this node (the node owns every field of it)."""
+    """The whole status of a pod bound to this node (the node owns every field of it). Until
+    its init containers have all succeeded, a pod is Pending (Failed if one failed for good)."""
     spec = pod.get("spec") or {}
     previous = list((pod.get("status") or {}).get("conditions") or [])
     restart_policy = str(spec.get("restartPolicy") or "Always")
-    pod_phase = phase(containers, restart_policy)
+    inits = init_containers or []
+    if init_failed:
+        pod_phase = "Failed"
+    elif not initialized:
+        pod_phase = "Pending"
+    else:
+        pod_phase = phase(containers, restart_policy)
+    incomplete = [c.name for c in inits if not _succeeded(c)]
     unready = [c.name for c in containers if not c.running]
     if pod_phase in ("Succeeded", "Failed"):
         reason, text = "PodCompleted", ""
@@ -127,7 +138,13 @@ def pod_status(
     scheduled = next((c for c in previous if c.get("type") == "PodScheduled"), None)
     conditions = [
         _condition(previous, "PodReadyToStartContainers", sandbox_ready),
-        _condition(previous, "Initialized", True),
+        _condition(
+            previous,
+            "Initialized",
+            initialized,
+            "" if initialized else "ContainersNotInitialized",
+            "" if initialized else f"containers with incomplete status: [{' '.join(incomplete)}]",
+        ),
         _condition(previous, "Ready", ready, "" if ready else reason, "" if ready else text),
         _condition(
             previous, "ContainersReady", ready, "" if ready else reason, "" if ready else text
@@ -141,6 +158,7 @@ def pod_status(
         "hostIPs": [{"ip": host_ip}],
         "startTime": start_time,
         "containerStatuses": [c.api() for c in containers],
+        **({"initContainerStatuses": [_init_api(c) for c in inits]} if inits else {}),
         "qosClass": (pod.get("status") or {}).get("qosClass"),
     }
     if pod_ip:
@@ -149,6 +167,15 @@ def pod_status(
     if message:
         status["message"] = message
     return status
+
+
+def _succeeded(container: ContainerState) -> bool:
+    return (container.state.get("terminated") or {}).get("exitCode") == 0
+
+
+def _init_api(container: ContainerState) -> Obj:
+    """An init container is ready once it has succeeded."""
+    return {**container.api(), "ready": _succeeded(container), "started": container.running}
 
 
 def terminated(info: Obj) -> Obj:
@@ -177,5 +204,7 @@ def _rfc3339(value: Any) -> str:
         zone = rest.lstrip("0123456789") if rest else text[19:]
         parsed = dt.datetime.fromisoformat(head[:19] + (zone.split(" ")[0] or "+00:00"))
     except ValueError:
+        return now()
+    if parsed.year < 2000:  # podman's zero time: not (yet) recorded
         return now()
     return parsed.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
