@@ -389,3 +389,24 @@ def kube_apiserver() -> Iterator[Any]:
 
     with running_kube_apiserver() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def k8s_node(request: pytest.FixtureRequest, kube_apiserver: Any) -> Iterator[Any]:
+    """A podman-backed test node (streamspace_testing.k8s_node) registered with the shared
+    kube-apiserver: it schedules pending pods onto itself and runs them with podman from the
+    locally built images, on a podman network of its own (pod IPs in 10.244.N.0/24).
+
+    Yields the `RunningNode` (`.info`: node name, labels, network, subnet, host IP, default
+    StorageClass; `.containers(pod_uid)`). Skips without podman/root or Go.
+    """
+    require(PODMAN_MISSING)
+    from streamspace_testing.k8s_node import RunningNode
+
+    podman_service = request.getfixturevalue("podman_service")
+    node = RunningNode(kube_apiserver, podman_service.conf_path)
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()

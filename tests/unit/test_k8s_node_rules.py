@@ -1,0 +1,238 @@
+"""The test node's decisions as data: scheduling fit and messages, container arguments, phase.
+
+These are the rules the integration tests rely on; wrong here, a pod would run where the real
+scheduler refuses it or with a different user, command or limit than a kubelet gives it.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from streamspace_testing.k8s_node.fit import (
+    Capacity,
+    check_claims,
+    matches_node,
+    quantity,
+    resource_problems,
+    unschedulable_message,
+)
+from streamspace_testing.k8s_node.spec import ConfigError, Mount, create_args, expand
+from streamspace_testing.k8s_node.status import ContainerState, phase, terminated
+
+LABELS = {"kubernetes.io/hostname": "n1", "zone": "a", "gpus": "2"}
+
+
+def pod(**spec: Any) -> dict[str, Any]:
+    containers = spec.pop("containers", [{"name": "main", "image": "img"}])
+    return {
+        "metadata": {"name": "p", "namespace": "ns", "uid": "u-1"},
+        "spec": {"containers": containers, **spec},
+    }
+
+
+def args_of(p: dict[str, Any], image_user: str = "1000:1000", **kw: Any) -> list[str]:
+    return create_args(
+        p,
+        p["spec"]["containers"][0],
+        name="c",
+        sandbox="s",
+        labels={"l": "v"},
+        env=kw.get("env", {}),
+        mounts=kw.get("mounts", []),
+        image_config={"User": image_user},
+        env_file="/e",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("500m", "0.5"),
+        ("2", "2"),
+        ("256Mi", str(256 * 2**20)),
+        ("1G", "1000000000"),
+        ("1e3", "1000"),
+    ],
+)
+def test_quantities(text: str, value: str) -> None:
+    assert quantity(text) == Decimal(value)
+
+
+def test_quantity_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        quantity("lots")
+
+
+def test_node_selector_and_required_affinity() -> None:
+    assert matches_node(pod(nodeSelector={"zone": "a"}), "n1", LABELS)
+    assert not matches_node(pod(nodeSelector={"zone": "b"}), "n1", LABELS)
+    assert not matches_node(pod(nodeSelector={"disktype": "ssd"}), "n1", LABELS)
+
+    def affinity(*expressions: dict[str, Any], fields: bool = False) -> dict[str, Any]:
+        term = {"matchFields" if fields else "matchExpressions": list(expressions)}
+        required = {"nodeSelectorTerms": [term]}
+        return pod(
+            affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
+        )
+
+    assert matches_node(
+        affinity({"key": "zone", "operator": "In", "values": ["a", "b"]}), "n1", LABELS
+    )
+    assert not matches_node(
+        affinity({"key": "zone", "operator": "NotIn", "values": ["a"]}), "n1", LABELS
+    )
+    assert matches_node(affinity({"key": "gpus", "operator": "Gt", "values": ["1"]}), "n1", LABELS)
+    assert not matches_node(
+        affinity({"key": "gpus", "operator": "Lt", "values": ["1"]}), "n1", LABELS
+    )
+    assert not matches_node(affinity({"key": "ssd", "operator": "Exists"}), "n1", LABELS)
+    assert matches_node(affinity({"key": "ssd", "operator": "DoesNotExist"}), "n1", LABELS)
+    name = {"key": "metadata.name", "operator": "In", "values": ["n2"]}
+    assert not matches_node(affinity(name, fields=True), "n1", LABELS)
+
+
+def test_requests_against_allocatable() -> None:
+    capacity = Capacity(cpu=Decimal(2), memory=quantity("1Gi"), pods=2)
+    big = pod(
+        containers=[{"name": "a", "resources": {"requests": {"cpu": "1500m", "memory": "800Mi"}}}]
+    )
+    assert resource_problems(big, [], capacity) == []
+    assert resource_problems(big, [big], capacity) == ["Insufficient cpu", "Insufficient memory"]
+    assert resource_problems(pod(), [pod(), pod()], capacity) == ["Too many pods"]
+
+
+def test_claims_and_messages() -> None:
+    bound = {"metadata": {"name": "a"}, "status": {"phase": "Bound"}}
+    unbound = {
+        "metadata": {"name": "b"},
+        "spec": {"storageClassName": "std"},
+        "status": {"phase": "Pending"},
+    }
+    assert check_claims({"a": bound}, set()).message is None
+    assert check_claims({"b": unbound}, {"std"}).to_bind == [unbound]
+    assert (
+        check_claims({"b": unbound}, set()).message
+        == "pod has unbound immediate PersistentVolumeClaims"
+    )
+    assert check_claims({"x": None}, set()).message == 'persistentvolumeclaim "x" not found'
+    assert unschedulable_message(prefilter='persistentvolumeclaim "x" not found') == (
+        '0/1 nodes are available: persistentvolumeclaim "x" not found. preemption: 0/1 nodes '
+        "are available: 1 Preemption is not helpful for scheduling."
+    )
+    assert unschedulable_message(resources=["Insufficient cpu", "Insufficient memory"]).startswith(
+        "0/1 nodes are available: 1 Insufficient cpu, 1 Insufficient memory. preemption:"
+    )
+
+
+def test_command_and_args_map_onto_entrypoint_and_cmd() -> None:
+    both = args_of(
+        pod(containers=[{"name": "m", "image": "img", "command": ["sh", "-c"], "args": ["x"]}])
+    )
+    assert both[both.index("--entrypoint") + 1] == json.dumps(["sh", "-c"])
+    assert both[-2:] == ["img", "x"]
+    only_args = args_of(
+        pod(containers=[{"name": "m", "image": "img", "args": ["$(GREETING) $$HOME"]}]),
+        env={"GREETING": "hi"},
+    )
+    assert "--entrypoint" not in only_args
+    assert only_args[-2:] == ["img", "hi $HOME"]
+    assert args_of(pod())[-1] == "img"
+
+
+def test_security_context_and_limits() -> None:
+    container = {
+        "name": "m",
+        "image": "img",
+        "securityContext": {
+            "runAsUser": 1001,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}},
+    }
+    args = args_of(
+        pod(
+            containers=[container],
+            securityContext={"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
+        )
+    )
+    assert args[args.index("--user") + 1] == "1001:1000"
+    assert args[args.index("--group-add") + 1] == "2000"
+    assert args[args.index("--cpus") + 1] == "0.500"
+    assert args[args.index("--memory") + 1] == f"{256 * 2**20}b"
+    assert "no-new-privileges" in args and args[args.index("--cap-drop") + 1] == "ALL"
+    assert "--network=container:s" in args and "--pull=never" in args
+
+
+def test_mounts() -> None:
+    mounts = [
+        Mount("/data", "/host/claim"),
+        Mount("/dev/shm", tmpfs_size=96 * 2**20),
+        Mount("/tmp/x", tmpfs_size=0),
+        Mount("/s", "/host/s", read_only=True),
+    ]
+    args = args_of(pod(), mounts=mounts)
+    assert "/host/claim:/data:rw" in args and "/host/s:/s:ro" in args
+    assert args[args.index("--shm-size") + 1] == f"{96 * 2**20}b"
+    assert "type=tmpfs,destination=/tmp/x,tmpfs-mode=1777" in args
+
+
+def test_run_as_non_root_is_verified_like_the_kubelet() -> None:
+    strict = pod(securityContext={"runAsNonRoot": True})
+    with pytest.raises(ConfigError, match="image will run as root"):
+        args_of(strict, image_user="")
+    with pytest.raises(ConfigError, match="non-numeric user"):
+        args_of(strict, image_user="streamspace")
+    assert args_of(strict, image_user="1000:1000")
+    with pytest.raises(ConfigError, match="runAsUser breaks non-root policy"):
+        args_of(pod(securityContext={"runAsNonRoot": True, "runAsUser": 0}))
+
+
+def test_expand() -> None:
+    assert expand("$(A)-$(B)-$$(A)", {"A": "1"}) == "1-$(B)-$(A)"
+
+
+def test_phase_follows_restart_policy() -> None:
+    def exited(code: int) -> ContainerState:
+        return ContainerState("c", "i", state={"terminated": {"exitCode": code}})
+
+    waiting = ContainerState("c", "i")
+    running = ContainerState("c", "i", state={"running": {}})
+    assert phase([waiting], "Always") == "Pending"
+    assert phase([running, exited(1)], "Never") == "Running"
+    assert phase([exited(0)], "Never") == "Succeeded"
+    assert phase([exited(0), exited(2)], "Never") == "Failed"
+    assert phase([exited(2)], "Always") == "Running"
+    assert phase([exited(0)], "OnFailure") == "Succeeded"
+    backing_off = ContainerState(
+        "c",
+        "i",
+        state={"waiting": {"reason": "CrashLoopBackOff"}},
+        last_state={"terminated": {"exitCode": 1}},
+    )
+    assert phase([backing_off], "Always") == "Running"
+
+
+def test_podman_times_become_api_times() -> None:
+    info = {
+        "Id": "abc",
+        "State": {
+            "ExitCode": 3,
+            "StartedAt": "2026-12-02T04:33:09.123456789Z",
+            "FinishedAt": "2026-12-02T06:33:10.5+02:00",
+        },
+    }
+    ended = terminated(info)["terminated"]
+    assert (ended["startedAt"], ended["finishedAt"]) == (
+        "2026-12-02T04:33:09Z",
+        "2026-12-02T04:33:10Z",
+    )
+    assert (ended["exitCode"], ended["reason"]) == (3, "Error")
+    zero = terminated({"State": {"FinishedAt": "0001-01-01T00:00:00Z", "OOMKilled": True}})[
+        "terminated"
+    ]
+    assert zero["finishedAt"].startswith("20") and zero["reason"] == "OOMKilled"
