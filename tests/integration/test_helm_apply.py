@@ -40,11 +40,13 @@ VERBS = ("get", "list", "watch", "create", "update", "patch", "delete", "deletec
 # What the kubernetes backend needs (the Role must grant exactly this), and around it what it
 # must not get: other resources of the same groups, subresources, cluster-scoped objects.
 EXPECTED_RULES = {
-    ("", "pods"): {"get", "list", "watch", "create", "delete"},
-    ("", "secrets"): {"get", "list", "watch", "create", "delete"},
-    ("", "persistentvolumeclaims"): {"get", "list", "create"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "create", "update", "delete"},
+    ("", "pods"): {"list", "watch", "create", "delete"},
+    ("", "secrets"): {"list", "watch", "create", "delete"},
+    ("", "persistentvolumeclaims"): {"get", "create"},
+    ("networking.k8s.io", "networkpolicies"): {"create", "update"},
 }
+# Cluster-wide, with agent.storageClassCheck (the default): reading StorageClasses only.
+EXPECTED_CLUSTER_RULES = {("storage.k8s.io", "storageclasses"): {"get"}}
 PROBED = [
     *EXPECTED_RULES,
     ("", "pods/exec"),
@@ -56,6 +58,10 @@ PROBED = [
     ("apps", "deployments"),
     ("rbac.authorization.k8s.io", "roles"),
     ("rbac.authorization.k8s.io", "rolebindings"),
+    ("storage.k8s.io", "storageclasses"),
+    ("", "nodes"),
+    ("", "namespaces"),
+    ("", "persistentvolumes"),
 ]
 
 
@@ -87,8 +93,9 @@ async def install(
     )
     objects = render(helm, release=RELEASE, namespace=namespace, sets=sets)
     for obj in objects:
-        if obj["metadata"]["namespace"] != namespace:  # the sessions namespace, when elsewhere
-            await ensure_namespace(api, obj["metadata"]["namespace"])
+        elsewhere = obj["metadata"].get("namespace", namespace)  # the sessions namespace
+        if elsewhere != namespace:
+            await ensure_namespace(api, elsewhere)
     applied = [await server_side_apply(api, obj) for obj in objects]
     return namespace, objects, applied
 
@@ -208,10 +215,9 @@ async def test_the_agent_token_can_do_exactly_what_the_role_grants(
         namespace, _, _ = await install(admin, helm)
         token = await agent_token(admin, namespace)
         async with api_client(kube_apiserver, tmp_path, token) as agent:
-            assert await granted(agent, namespace) == EXPECTED_RULES
-            assert not await may(agent, "get", "", "nodes", "")
-            assert not await may(agent, "list", "", "namespaces", "")
-            assert not await may(agent, "create", "", "pods", "default")
+            assert await granted(agent, namespace) == EXPECTED_RULES | EXPECTED_CLUSTER_RULES
+            assert await granted(agent, "") == EXPECTED_CLUSTER_RULES
+            assert await granted(agent, "default") == EXPECTED_CLUSTER_RULES
 
             core = k8s.CoreV1Api(agent)
             _, status, _ = await core.create_namespaced_pod_with_http_info(
@@ -224,8 +230,30 @@ async def test_the_agent_token_can_do_exactly_what_the_role_grants(
                 namespace,
                 k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="desk-1-vnc"), string_data={"p": "x"}),
             )
+            claim = k8s.V1PersistentVolumeClaim(
+                metadata=k8s.V1ObjectMeta(name="home-u1-xterm"),
+                spec=k8s.V1PersistentVolumeClaimSpec(
+                    access_modes=["ReadWriteOnce"],
+                    resources=k8s.V1VolumeResourceRequirements(requests={"storage": "1Gi"}),
+                ),
+            )
+            await core.create_namespaced_persistent_volume_claim(namespace, claim)
+            await core.read_namespaced_persistent_volume_claim("home-u1-xterm", namespace)
+            net = k8s.NetworkingV1Api(agent)
+            policy = k8s.V1NetworkPolicy(
+                metadata=k8s.V1ObjectMeta(name="vnc-from-agent"),
+                spec=k8s.V1NetworkPolicySpec(
+                    pod_selector=k8s.V1LabelSelector(), policy_types=["Ingress"]
+                ),
+            )
+            made = await net.create_namespaced_network_policy(namespace, policy)
+            policy.metadata.resource_version = made.metadata.resource_version
+            await net.replace_namespaced_network_policy("vnc-from-agent", namespace, policy)
             await core.delete_namespaced_pod("desk-1", namespace, grace_period_seconds=0)
 
+            with pytest.raises(ApiException) as get_pod:
+                await core.read_namespaced_pod("desk-1", namespace)
+            assert get_pod.value.status == 403
             with pytest.raises(ApiException) as deployments:
                 await k8s.AppsV1Api(agent).create_namespaced_deployment(
                     namespace,
@@ -279,6 +307,7 @@ async def test_removing_a_verb_from_the_role_makes_the_api_server_refuse_it(
             await core.delete_namespaced_pod("desk-1", namespace, grace_period_seconds=0)
             assert await granted(agent, namespace) == {
                 **EXPECTED_RULES,
+                **EXPECTED_CLUSTER_RULES,
                 ("", "pods"): EXPECTED_RULES[("", "pods")] - {"create"},
             }
 
@@ -288,7 +317,10 @@ async def test_a_separate_sessions_namespace_gets_the_role_and_nothing_else_does
 ) -> None:
     sessions = f"ss-sessions-{uuid.uuid4().hex[:8]}"
     async with api_client(kube_apiserver, tmp_path) as admin:
-        namespace, objects, _ = await install(admin, helm, f"agent.sessionsNamespace={sessions}")
+        namespace, objects, _ = await install(
+            admin, helm, f"agent.sessionsNamespace={sessions}", "agent.storageClassCheck=false"
+        )
+        assert not any(obj["kind"].startswith("Cluster") for obj in objects)
         assert find(objects, "Role")["metadata"]["namespace"] == sessions
         assert find(objects, "RoleBinding")["subjects"] == [
             {"kind": "ServiceAccount", "name": AGENT_SA, "namespace": namespace}

@@ -21,6 +21,7 @@ import yaml
 from conftest import require
 from streamspace_testing.helm import (
     CHART,
+    CLUSTER_SCOPED,
     HELM_MISSING,
     PLURALS,
     find,
@@ -67,7 +68,11 @@ def test_every_rendered_object_is_valid_kubernetes_1_36(
     assert {obj["kind"] for obj in objects} <= set(PLURALS)
     for obj in objects:
         kubernetes_validate.validate(obj, KUBE_SCHEMA_VERSION, strict=True)
-        assert obj["metadata"]["namespace"] == "streamspace", obj["metadata"]["name"]
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"]
+            assert obj["metadata"]["name"].startswith("streamspace-ss-")  # one per release
+        else:
+            assert obj["metadata"]["namespace"] == "streamspace", obj["metadata"]["name"]
 
 
 def test_strict_validation_catches_what_it_should(

@@ -27,7 +27,10 @@ HELM_MISSING = (
 )
 
 # The kinds the chart renders, as their REST resource names; a new kind fails `resource_path`.
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
 PLURALS = {
+    "ClusterRole": "clusterroles",
+    "ClusterRoleBinding": "clusterrolebindings",
     "ConfigMap": "configmaps",
     "Deployment": "deployments",
     "Ingress": "ingresses",
@@ -98,6 +101,8 @@ def resource_path(obj: dict[str, Any]) -> str:
     group_version = obj["apiVersion"]
     prefix = f"/api/{group_version}" if "/" not in group_version else f"/apis/{group_version}"
     meta = obj["metadata"]
+    if obj["kind"] in CLUSTER_SCOPED:
+        return f"{prefix}/{PLURALS[obj['kind']]}/{meta['name']}"
     return f"{prefix}/namespaces/{meta['namespace']}/{PLURALS[obj['kind']]}/{meta['name']}"
 
 

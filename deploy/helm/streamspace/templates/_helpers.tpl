@@ -60,22 +60,36 @@ the Role renders it and docs/kubernetes.md ("RBAC") explains each line. A call o
 refused by the API server with 403, which the backend reports naming the verb and resource.
 */}}
 {{- define "streamspace.agentRules" -}}
-# Session pods: the watch cache lists and watches them; start creates, stop/hibernate deletes.
+# Session pods: the watch cache lists and watches them; start creates them, stop and hibernate
+# delete them.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
-# One Secret per session holds its VNC password (watched, so the agent can authenticate).
+  verbs: [list, watch, create, delete]
+# One Secret per session holds its VNC password: watched like the pods, made at start, deleted
+# at stop.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch, create, delete]
-# The persistent homes: made once per user and template, read back when they exist already.
+  verbs: [list, watch, create, delete]
+# The persistent homes, one per user and template: created, or read back when they exist.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, list, create]
-# The sessions' NetworkPolicies (VNC only from the agent; no egress without network).
+  verbs: [get, create]
+# The agent's two NetworkPolicies (VNC only from the agent; no egress for sessions without
+# network): created once, updated when they exist already.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, update, delete]
+  verbs: [create, update]
+{{- end -}}
+
+{{/*
+Cluster-wide, and only with agent.storageClassCheck: reading the StorageClass the homes ask for,
+so a missing class fails a session at once instead of leaving its claim Pending. Without it the
+backend skips the check.
+*/}}
+{{- define "streamspace.agentClusterRules" -}}
+- apiGroups: [storage.k8s.io]
+  resources: [storageclasses]
+  verbs: [get]
 {{- end -}}
 
 {{/* Pod and container security settings shared by every workload of the chart. */}}
