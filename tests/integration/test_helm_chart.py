@@ -280,3 +280,23 @@ def test_the_schema_is_strict_everywhere(helm: Path) -> None:
     assert loose == []
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert set(values) == set(schema["properties"])
+
+
+def test_the_agent_command_uses_only_flags_the_cli_has(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    import typer.main
+
+    from streamspace.cli import app
+
+    agent = typer.main.get_command(app).commands["agent"]
+    known = {opt for param in agent.params for opt in param.opts}
+    container = find(rendered["default"], "Deployment", "-agent")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    assert container["command"][:2] == ["streamspace", "agent"]
+    flags = [arg for arg in container["command"][2:] if arg.startswith("--")]
+    assert "--backend" in flags and "--server" in flags
+    assert set(flags) <= known, set(flags) - known
+    server = container["command"][container["command"].index("--server") + 1]
+    assert server == "http://ss-streamspace-controlplane.streamspace.svc:8080"
