@@ -1,8 +1,9 @@
 """The Helm chart renders, lints, and every object it renders is valid Kubernetes.
 
-Three value sets: the defaults (bundled PostgreSQL and Redis, two replicas, the agent), external
-databases with the Ingress (ci/external-ingress-values.yaml), and bundled databases with three
-replicas and no agent (ci/bundled-ha-values.yaml). Each object is validated strictly (unknown
+Four value sets: the defaults (bundled PostgreSQL and Redis, two replicas, the agent), external
+databases with the Ingress (ci/external-ingress-values.yaml), bundled databases with three
+replicas and no agent (ci/bundled-ha-values.yaml), and only an agent dialling a control plane in
+another cluster (ci/agent-only-values.yaml). Each object is validated strictly (unknown
 fields are errors) against the OpenAPI schemas of Kubernetes 1.36, the version of the test API
 server, bundled in `kubernetes-validate`: no network is needed.
 """
@@ -36,6 +37,7 @@ VALUE_SETS = {
     "default": (),
     "external-ingress": ("ci/external-ingress-values.yaml",),
     "bundled-ha": ("ci/bundled-ha-values.yaml",),
+    "agent-only": ("ci/agent-only-values.yaml",),
 }
 
 
@@ -71,6 +73,8 @@ def test_every_rendered_object_is_valid_kubernetes_1_36(
         if obj["kind"] in CLUSTER_SCOPED:
             assert "namespace" not in obj["metadata"]
             assert obj["metadata"]["name"].startswith("streamspace-ss-")  # one per release
+        elif obj["kind"] in ("Role", "RoleBinding"):  # in the sessions namespace
+            assert obj["metadata"]["namespace"] in ("streamspace", "desktops")
         else:
             assert obj["metadata"]["namespace"] == "streamspace", obj["metadata"]["name"]
 
@@ -98,6 +102,20 @@ def test_the_value_sets_render_what_they_say(rendered: dict[str, list[dict[str, 
     external = kinds("external-ingress")
     assert "Ingress/ss-streamspace" in external
     assert not any(k.startswith("StatefulSet/") for k in external)
+
+    agent_only = kinds("agent-only")
+    assert agent_only == [
+        "Deployment/ss-streamspace-agent",
+        "NetworkPolicy/ss-streamspace-agent",
+        "PersistentVolumeClaim/ss-streamspace-agent-state",
+        "Role/ss-streamspace-agent",
+        "RoleBinding/ss-streamspace-agent",
+        "ServiceAccount/ss-streamspace-agent",
+    ]
+    agent = find(rendered["agent-only"], "Deployment", "-agent")["spec"]["template"]["spec"]
+    command = agent["containers"][0]["command"]
+    assert command[command.index("--server") + 1] == "https://desktops.example.com"
+    assert find(rendered["agent-only"], "Role")["metadata"]["namespace"] == "desktops"
 
     ha = kinds("bundled-ha")
     assert find(rendered["bundled-ha"], "Deployment", "-controlplane")["spec"]["replicas"] == 3
@@ -242,6 +260,7 @@ def test_the_agent_is_labelled_as_its_sessions_network_policy_expects(
         (("postgresql.bundled=false",), "/externalDatabase/url"),
         (("externalDatabase.url=mysql://db/x",), "/externalDatabase/url"),
         (("config.extra.NOT_OURS=x",), "'NOT_OURS' does not match pattern"),
+        (("controlPlane.enabled=false",), "/agent/serverUrl"),
     ],
 )
 def test_values_schema_refuses_bad_values(
