@@ -151,6 +151,20 @@ async def granted(api: k8s.ApiClient, namespace: str) -> dict[tuple[str, str], s
     return result
 
 
+async def settled(
+    api: k8s.ApiClient, namespace: str, expected: dict[tuple[str, str], set[str]]
+) -> dict[tuple[str, str], set[str]]:
+    """What the token may do once RBAC has caught up with the objects just applied (it
+    authorizes from an informer cache); returns the last answer, so a wrong Role still shows."""
+    answer = await granted(api, namespace)
+    for _ in range(50):
+        if answer == expected:
+            break
+        await asyncio.sleep(0.1)
+        answer = await granted(api, namespace)
+    return answer
+
+
 async def until_refused(call: Any, attempts: int = 100) -> ApiException:
     """RBAC authorizes from an informer cache: a changed Role applies a moment later."""
     for _ in range(attempts):
@@ -215,7 +229,8 @@ async def test_the_agent_token_can_do_exactly_what_the_role_grants(
         namespace, _, _ = await install(admin, helm)
         token = await agent_token(admin, namespace)
         async with api_client(kube_apiserver, tmp_path, token) as agent:
-            assert await granted(agent, namespace) == EXPECTED_RULES | EXPECTED_CLUSTER_RULES
+            everything = EXPECTED_RULES | EXPECTED_CLUSTER_RULES
+            assert await settled(agent, namespace, everything) == everything
             assert await granted(agent, "") == EXPECTED_CLUSTER_RULES
             assert await granted(agent, "default") == EXPECTED_CLUSTER_RULES
 
@@ -287,6 +302,8 @@ async def test_removing_a_verb_from_the_role_makes_the_api_server_refuse_it(
         namespace, objects, _ = await install(admin, helm)
         token = await agent_token(admin, namespace)
         async with api_client(kube_apiserver, tmp_path, token) as agent:
+            everything = EXPECTED_RULES | EXPECTED_CLUSTER_RULES
+            assert await settled(agent, namespace, everything) == everything
             core = k8s.CoreV1Api(agent)
             await core.create_namespaced_pod(namespace, session_pod("desk-1"))
 
@@ -327,5 +344,5 @@ async def test_a_separate_sessions_namespace_gets_the_role_and_nothing_else_does
         ]
         token = await agent_token(admin, namespace)
         async with api_client(kube_apiserver, tmp_path, token) as agent:
-            assert await granted(agent, sessions) == EXPECTED_RULES
+            assert await settled(agent, sessions, EXPECTED_RULES) == EXPECTED_RULES
             assert await granted(agent, namespace) == {}
