@@ -396,7 +396,9 @@ class Settings(BaseSettings):
         description="Lowest level logged: `DEBUG`, `INFO`, `WARNING` or `ERROR`.",
     )
 
-    @field_validator("mfa_required_roles", "mfa_required_groups", mode="before")
+    @field_validator(
+        "mfa_required_roles", "mfa_required_groups", "kube_image_pull_secrets", mode="before"
+    )
     @classmethod
     def _split_names(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -424,13 +426,6 @@ class Settings(BaseSettings):
                     raise ValueError(
                         f"trusted_proxies: {item!r} is not an IP address or CIDR network"
                     ) from None
-        return value
-
-    @field_validator("kube_image_pull_secrets", mode="before")
-    @classmethod
-    def _split_names(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [item for item in (part.strip() for part in value.split(",")) if item]
         return value
 
     @field_validator("public_url")
