@@ -392,6 +392,18 @@ def kube_apiserver() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def nodeless_kube_apiserver() -> Iterator[Any]:
+    """A second API server that no test node ever joins, for tests that play the kubelet
+    themselves (they write `pods/status`): on the shared server the session's `k8s_node`,
+    once some test has started it, binds and runs every pending pod."""
+    require(KUBE_MISSING)
+    from streamspace_testing.kube import running_kube_apiserver
+
+    with running_kube_apiserver() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def k8s_node(request: pytest.FixtureRequest, kube_apiserver: Any) -> Iterator[Any]:
     """A podman-backed test node (streamspace_testing.k8s_node) registered with the shared
     kube-apiserver: it schedules pending pods onto itself and runs them with podman from the

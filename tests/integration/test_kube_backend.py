@@ -108,11 +108,11 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(kube_apiserver: KubeAPIServer, tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with api_client(kube_apiserver, tmp_path) as admin:
+async def cluster(nodeless_kube_apiserver: KubeAPIServer, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with api_client(nodeless_kube_apiserver, tmp_path) as admin:
         core = k8s.CoreV1Api(admin)
         namespace = await new_namespace(core)
-        found = Cluster(kube_apiserver, core, admin, namespace, tmp_path)
+        found = Cluster(nodeless_kube_apiserver, core, admin, namespace, tmp_path)
         try:
             yield found
         finally:

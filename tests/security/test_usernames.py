@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import delete, func, insert, select
+from alembic.script import ScriptDirectory
+from sqlalchemy import column, delete, func, insert, select, table
 from sqlalchemy.exc import IntegrityError
 
 from conftest import ControlPlane
@@ -43,6 +44,27 @@ def test_case_variants_are_one_username(make_control_plane: Any) -> None:
             assert r.json()["user"]["username"] == "alice"
 
 
+USERS_AT_0002 = table(
+    "users",
+    *(
+        column(name)
+        for name in (
+            "id",
+            "username",
+            "password_hash",
+            "role",
+            "display_name",
+            "email",
+            "is_active",
+            "token_version",
+            "created_at",
+            "updated_at",
+        )
+    ),
+)
+"""The users table as revision 0002 has it: the model's table carries later columns."""
+
+
 async def _seed_at_0002(url: str, names: list[str]) -> None:
     engine = create_engine(url)
     try:
@@ -50,7 +72,7 @@ async def _seed_at_0002(url: str, names: list[str]) -> None:
         async with engine.begin() as conn:
             for name in names:
                 await conn.execute(
-                    insert(User.__table__).values(
+                    insert(USERS_AT_0002).values(
                         id=f"id-{name}",
                         username=name,
                         password_hash=hash_password(PASSWORD),
@@ -126,4 +148,4 @@ def test_migration_refuses_case_duplicates_and_keeps_them(db_url: str, tmp_path:
     asyncio.run(resolve_and_upgrade())
     names, revision = asyncio.run(_usernames(db_url))
     assert sorted(names) == ["Carol", "alice", "bob"]
-    assert revision == "0003"
+    assert revision == ScriptDirectory.from_config(migrate.alembic_config()).get_current_head()
