@@ -4,9 +4,9 @@ create ask them (`Placer.availability`)."""
 from __future__ import annotations
 
 import pytest
+from test_scheduler import agent
 
 from streamspace.controlplane.scheduler import Placer, Request, TemplateNeeds
-from test_scheduler import agent
 
 XTERM = TemplateNeeds("xterm", local_command="xterm", image="streamspace/xterm:latest")
 GIMP = TemplateNeeds("gimp", local_command="gimp", image="streamspace/gimp:latest")
