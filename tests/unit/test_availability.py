@@ -92,3 +92,18 @@ def test_availability_is_per_cluster_when_one_is_named() -> None:
     nowhere = placer.availability(XTERM, "c9")
     assert not nowhere.available
     assert nowhere.reason == "no agent online in cluster c9; agents in other clusters can run it"
+
+
+def test_a_reconnecting_agent_keeps_its_templates_available_until_it_is_offline() -> None:
+    """Stale (its socket dropped a moment ago, a replica failing over): the session queues for
+    its return, as placement would leave it waiting; offline, the template is unavailable."""
+    placer = Placer([agent("a", online=False, stale=True)])
+    assert placer.availability(XTERM).available
+    assert placer.availability(XTERM, "c1").available
+    assert not placer.availability(XTERM, "c2").available
+    assert not placer.availability(GIMP).available
+    assert placer.place(Request("s1", "xterm", 500, 512)).agent is None
+    draining = Placer([agent("a", online=False, stale=True, draining=True)])
+    assert not draining.availability(XTERM).available
+    gone = Placer([agent("a", online=False)]).availability(XTERM)
+    assert (gone.available, gone.reason) == (False, "no agent online")

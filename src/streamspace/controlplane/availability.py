@@ -66,14 +66,15 @@ async def agent_snapshots(
         memory_mb,
     ) in agents:
         holds = used.get(agent_id, (0, 0, 0))
-        online = status_of(False, last_seen, connected_replica, settings, at)
+        status = status_of(False, last_seen, connected_replica, settings, at)
         snaps.append(
             scheduler.AgentSnapshot(
                 id=agent_id,
                 name=name,
                 cluster_id=cluster_id,
                 backend=backend,
-                online=online == "online",
+                online=status == "online",
+                stale=status == "stale",
                 draining=draining,
                 healthy=healthy,
                 templates=frozenset(templates),

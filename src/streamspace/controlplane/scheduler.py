@@ -28,6 +28,9 @@ class AgentSnapshot:
     used_sessions: int = 0
     used_cpu_millis: int = 0
     used_memory_mb: int = 0
+    stale: bool = False
+    """Not online, but heard from lately (a reconnect under way, a replica failing over): it
+    gets no session now, yet the templates it reported stay available and sessions queue."""
     load: float = field(init=False, default=0.0)
     """Highest utilisation over the three dimensions, 0..1 (kept current by `reserve`)."""
 
@@ -108,11 +111,15 @@ class Placer:
         self.by_template_cluster: dict[tuple[str, str], list[AgentSnapshot]] = {}
         self.usable_agents: list[AgentSnapshot] = []
         self.unusable_agents: list[tuple[str, AgentSnapshot]] = []
+        self.reconnecting: set[tuple[str, str]] = set()
+        """(template, cluster) pairs a stale but otherwise usable agent reported."""
         for a in agents:
             why = unusable(a)
             if why:
                 self.static[why] += 1
                 self.unusable_agents.append((why, a))
+                if a.stale and not a.draining and a.healthy:
+                    self.reconnecting.update((t, a.cluster_id) for t in a.templates)
             else:
                 self.usable_agents.append(a)
                 for t in a.templates:
@@ -156,11 +163,14 @@ class Placer:
     def availability(self, needs: TemplateNeeds, cluster_id: str | None = None) -> Availability:
         """Whether an agent that takes sessions now (in `cluster_id`, if given) lists the
         template. A full agent counts: a session for it queues until capacity frees, as
-        `place` would have it wait. Only "none could ever take it now" is unavailable."""
+        `place` would have it wait; so does one reconnecting (stale), which is back within
+        seconds or offline soon. Only "none could take it now" is unavailable."""
         if cluster_id:
-            runs_it = self.by_template_cluster.get((needs.name, cluster_id), [])
+            runs_it = bool(self.by_template_cluster.get((needs.name, cluster_id)))
+            runs_it = runs_it or (needs.name, cluster_id) in self.reconnecting
         else:
-            runs_it = self.by_template.get(needs.name, [])
+            runs_it = bool(self.by_template.get(needs.name))
+            runs_it = runs_it or any(t == needs.name for t, _ in self.reconnecting)
         if runs_it:
             return Availability(True)
         return Availability(False, self._unavailable_reason(needs, cluster_id))
