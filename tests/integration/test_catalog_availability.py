@@ -80,7 +80,7 @@ def test_the_catalog_says_what_the_online_agent_can_run_and_refuses_the_rest(
 
 
 def test_with_no_agent_online_every_template_is_unavailable(fleet: Callable[..., Fleet]) -> None:
-    fl = fleet()
+    fl = fleet(agent_offline_after_seconds=3)
     view = catalog(fl.admin)
     assert view and all(not t["available"] for t in view.values()), view
     assert {t["unavailable_reason"] for t in view.values()} == {
@@ -88,12 +88,14 @@ def test_with_no_agent_online_every_template_is_unavailable(fleet: Callable[...,
     }
     assert_unavailable(fl.admin.post("/api/v1/sessions", json={"template": "xterm"}), "no agent")
 
-    # An agent that goes away takes its templates with it, from the moment its socket closes.
+    # An agent that goes away takes its templates with it once it is offline (while it is
+    # only stale, a reconnect may be under way: sessions would queue for it).
     agent = fl.agent("c1")
     fl.wait_online(agent)
     assert catalog(fl.admin)["xterm"]["available"]
     agent.terminate()
     wait_for(lambda: not catalog(fl.admin)["xterm"]["available"], 15, what="xterm gone")
+    assert fl.agent_view(fl.agent_id(agent))["status"] == "offline"
     assert catalog(fl.admin)["xterm"]["unavailable_reason"] == "no agent online"
     assert_unavailable(
         fl.admin.post("/api/v1/sessions", json={"template": "xterm"}), "no agent online"
@@ -146,8 +148,9 @@ def test_a_full_agent_keeps_its_templates_available_and_a_draining_one_does_not(
     assert catalog(fl.admin)["xterm"]["available"]
     queued = fl.create(fl.admin)
     body = wait_for(
-        lambda: (s := fl.get(queued["id"]))["status_message"].startswith("waiting for capacity")
-        and s,
+        lambda: (
+            (s := fl.get(queued["id"]))["status_message"].startswith("waiting for capacity") and s
+        ),
         10,
         what="the second session queued",
     )
