@@ -278,12 +278,15 @@ def test_the_catalog_greys_for_admins_and_hides_for_users_what_cannot_run(
         runs.wait_for()
         assert "no agent has `gimp` installed" in runs.inner_text()
 
-        with product.login() as admin:
+        admin = product.login()
+        try:
             r = admin.post(
                 "/api/v1/users",
                 json={"username": "catalog-user", "password": "user-pass-123", "role": "user"},
             )
             assert r.status_code == 201, r.text
+        finally:
+            admin.close()
         page.get_by_test_id("logout").click()
         page.get_by_test_id("login-username").fill("catalog-user")
         page.get_by_test_id("login-password").fill("user-pass-123")

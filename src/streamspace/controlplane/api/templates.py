@@ -35,8 +35,8 @@ class TemplateOut(BaseModel):
     source: str
     spec: dict[str, Any]
     available: bool = Field(
-        description="an online agent that takes sessions can run it now (it may still queue "
-        "while they are full)"
+        description="an agent that takes sessions (online, or reconnecting) reported it can run "
+        "it; a session may still queue while such agents are full"
     )
     unavailable_reason: str | None = Field(
         description="why no agent can run it now, e.g. no agent has `gimp` installed"
