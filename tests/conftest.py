@@ -124,7 +124,7 @@ class ControlPlane:
         self.server: Any = None
         self.app: Any = None
         self._thread: threading.Thread | None = None
-        self._agents: list[Any] = []
+        self._agents: list[tuple[Any, Any]] = []
 
     def start(self) -> ControlPlane:
         import uvicorn
@@ -170,9 +170,10 @@ class ControlPlane:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
-        for agent in self._agents:
+        for agent, backend in self._agents:
             if self._thread is not None and self._thread.is_alive():
                 self.run(agent.stop(), timeout=20)
+                self.run(backend.close(), timeout=20)
         if self.server is not None:
             self.server.should_exit = True
         if self._thread is not None:
@@ -191,6 +192,7 @@ class ControlPlane:
         name = f"full-{len(self._agents)}"
         state_dir = self.settings.data_dir.parent / f"{self.settings.data_dir.name}-{name}"
         state_dir.mkdir(parents=True, exist_ok=True)
+        backend = build_backend("local", self.settings, state_dir)
         agent = Agent(
             AgentConfig(
                 server=self.url,
@@ -201,14 +203,14 @@ class ControlPlane:
                 capacity=Capacity(max_sessions=0, cpu_millis=0, memory_mb=0),
                 join_token=self.join_token(),
             ),
-            build_backend("local", self.settings, state_dir),
+            backend,
         )
 
         async def start() -> None:
             asyncio.get_running_loop().create_task(agent.run())
 
         self.run(start())
-        self._agents.append(agent)
+        self._agents.append((agent, backend))
 
         def online() -> dict[str, Any] | None:
             with self.login() as admin:
