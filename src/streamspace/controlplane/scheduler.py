@@ -251,8 +251,7 @@ def _decision(
     best: AgentSnapshot | None, rejected: Counter[str], strategy: str, considered: int
 ) -> Decision:
     if best is None:
-        parts = [f"{n} {REJECT_REASONS[k]}" for k, n in sorted(rejected.items())]
-        return Decision(None, "no agent can run it: " + ", ".join(parts), dict(rejected))
+        return Decision(None, "no agent can run it: " + _counts(rejected), dict(rejected))
     eligible = considered - sum(rejected[k] for k in ("sessions", "cpu", "memory"))
     reason = (
         f"placed on agent {best.name} in cluster {best.cluster_id} because it "
@@ -262,9 +261,7 @@ def _decision(
         f"load {best.load:.0%})"
     )
     if rejected:
-        reason += "; skipped " + ", ".join(
-            f"{n} {REJECT_REASONS[k]}" for k, n in sorted(rejected.items())
-        )
+        reason += "; skipped " + _counts(rejected)
     return Decision(best, reason, dict(rejected))
 
 
