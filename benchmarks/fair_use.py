@@ -2,9 +2,10 @@
 
 Usage: python -m benchmarks.fair_use [--burst 30] [--rounds 5] [--command up|server]
 
-Runs the real product on the embedded SQLite (`streamspace server` by default: no agent, so the
-created sessions stay pending and no desktop processes compete for the CPU; `--command up` adds
-the embedded agent). One user ("abuser", roomy quota) fires `--burst` parallel
+Runs the real product on the embedded SQLite (`streamspace server` by default, plus a real
+`streamspace agent` with no capacity: xterm is available, so creates are accepted, and the
+sessions stay pending with no desktop processes competing for the CPU; `--command up` uses the
+embedded agent instead). One user ("abuser", roomy quota) fires `--burst` parallel
 `POST /api/v1/sessions`, `--rounds` times; meanwhile another user ("victim") calls
 `GET /api/v1/auth/me` back to back. Prints the victim's latency percentiles and maximum, and the
 abuser's answers by status code.
@@ -15,12 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 
 import httpx
 
-from benchmarks.common import describe_machine, login, percentile, product
+from benchmarks.common import ROOT, describe_machine, login, percentile, product
 
 PASSWORD = "fair-use-pass-123"
 
@@ -40,6 +46,38 @@ def make_users(url: str, admin: str) -> None:
         headers=headers,
     )
     r.raise_for_status()
+
+
+@contextlib.contextmanager
+def full_agent(url: str, admin: str) -> Iterator[None]:
+    """A real local agent that reports its templates but takes no session (max 0)."""
+    headers = {"Authorization": f"Bearer {admin}"}
+    r = httpx.post(f"{url}/api/v1/agents/join-tokens", json={}, headers=headers)
+    r.raise_for_status()
+    with tempfile.TemporaryDirectory(prefix="ss-bench-agent-") as state_dir:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "streamspace.cli", "agent", "--server", url),
+                *("--state-dir", state_dir, "--join-token", r.json()["token"]),
+                *("--cluster-id", "bench", "--cluster-name", "bench", "--max-sessions", "0"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                t = httpx.get(f"{url}/api/v1/templates/xterm", headers=headers).json()
+                if t.get("available"):
+                    break
+                time.sleep(0.5)
+            else:
+                raise RuntimeError("the agent did not make xterm available (Xvnc, xterm?)")
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(20)
 
 
 async def victim(url: str, token: str, stop: asyncio.Event, samples: list[float]) -> list[int]:
@@ -109,8 +147,11 @@ def main() -> None:
         ),
     }
     with product(args.command, env=env) as url:
-        make_users(url, login(url))
-        asyncio.run(measure(url, args.burst, args.rounds))
+        admin = login(url)
+        make_users(url, admin)
+        agent = full_agent(url, admin) if args.command == "server" else contextlib.nullcontext()
+        with agent:
+            asyncio.run(measure(url, args.burst, args.rounds))
 
 
 if __name__ == "__main__":

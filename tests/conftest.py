@@ -124,6 +124,7 @@ class ControlPlane:
         self.server: Any = None
         self.app: Any = None
         self._thread: threading.Thread | None = None
+        self._agents: list[tuple[Any, Any]] = []
 
     def start(self) -> ControlPlane:
         import uvicorn
@@ -169,10 +170,55 @@ class ControlPlane:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        for agent, backend in self._agents:
+            if self._thread is not None and self._thread.is_alive():
+                self.run(agent.stop(), timeout=20)
+                self.run(backend.close(), timeout=20)
         if self.server is not None:
             self.server.should_exit = True
         if self._thread is not None:
             self._thread.join(20)
+
+    def start_full_agent(self, cluster_id: str = "full") -> dict[str, Any]:
+        """A real local agent in this process (as `streamspace up` embeds one) that reports the
+        templates its host can run but offers no capacity (max_sessions 0): those templates are
+        available and a session for one stays `pending`, waiting for capacity, never started.
+        Tests of the API use it where no agent at all used to leave sessions pending (creating
+        a session no agent can run is now a 409). Returns the agent's row once it is online."""
+        from streamspace.agent.runtime import Agent, AgentConfig
+        from streamspace.cli.backends import build_backend
+        from streamspace.protocol import Capacity
+
+        name = f"full-{len(self._agents)}"
+        state_dir = self.settings.data_dir.parent / f"{self.settings.data_dir.name}-{name}"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        backend = build_backend("local", self.settings, state_dir)
+        agent = Agent(
+            AgentConfig(
+                server=self.url,
+                state_dir=state_dir,
+                name=name,
+                cluster_id=cluster_id,
+                cluster_name=f"Cluster {cluster_id}",
+                capacity=Capacity(max_sessions=0, cpu_millis=0, memory_mb=0),
+                join_token=self.join_token(),
+            ),
+            backend,
+        )
+
+        async def start() -> None:
+            asyncio.get_running_loop().create_task(agent.run())
+
+        self.run(start())
+        self._agents.append((agent, backend))
+
+        def online() -> dict[str, Any] | None:
+            with self.login() as admin:
+                rows = admin.get("/api/v1/agents").json()
+            row = next((a for a in rows if a["name"] == name), None)
+            return row if row and row["status"] == "online" and row["templates"] else None
+
+        return wait_for(online, 30, what=f"agent {name} online with templates (Xvnc, xterm?)")  # type: ignore[no-any-return]
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}

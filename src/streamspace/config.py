@@ -267,6 +267,12 @@ class Settings(BaseSettings):
     idle_check_interval_seconds: float = Field(
         default=15.0, description="Period of the idle culler."
     )
+    catalog_hide_unavailable: bool = Field(
+        default=True,
+        description="Leave templates no online agent can run now out of users' catalog "
+        "(`GET /api/v1/templates` and the web catalog); false shows them greyed with the "
+        "reason. Admins always see them, with the reason. Launching one answers 409 either way.",
+    )
     scheduler_strategy: str = Field(
         default="least_loaded",
         description="`least_loaded` spreads sessions over agents; `bin_packing` fills agents "

@@ -251,6 +251,53 @@ def test_login_and_catalog_render_cleanly(product: Product, watched: Watched) ->
         assert "wrong username or password" in error.inner_text()
 
 
+def test_the_catalog_greys_for_admins_and_hides_for_users_what_cannot_run(
+    product: Product, watched: Watched
+) -> None:
+    """gimp is in the shipped catalog but not installed: the admin sees its card greyed with
+    the reason and no way to launch it; a user does not see it (the default setting)."""
+    if shutil.which("gimp"):
+        pytest.skip("gimp is installed here; the test needs a template no agent can run")
+    page = watched.page
+    with artifacts_on_failure(watched, product, "catalog_availability"):
+        log_in(page, product.url)
+        card = page.get_by_test_id("template-gimp")
+        card.wait_for()
+        assert card.get_attribute("data-available") == "false"
+        assert "card-unavailable" in (card.get_attribute("class") or "")
+        reason = card.get_by_test_id("unavailable-gimp").inner_text()
+        assert "no agent has `gimp` installed" in reason, reason
+        assert page.get_by_test_id("launch-gimp").is_disabled()
+        xterm = page.get_by_test_id("template-xterm")
+        assert xterm.get_attribute("data-available") == "true"
+        assert not page.get_by_test_id("launch-xterm").is_disabled()
+        assert xterm.get_by_test_id("unavailable-xterm").count() == 0
+        assert "cannot run now" in page.get_by_test_id("catalog-count").inner_text()
+        page.get_by_test_id("nav-templates").click()
+        runs = page.get_by_test_id("template-runs-gimp")
+        runs.wait_for()
+        assert "no agent has `gimp` installed" in runs.inner_text()
+
+        admin = product.login()
+        try:
+            r = admin.post(
+                "/api/v1/users",
+                json={"username": "catalog-user", "password": "user-pass-123", "role": "user"},
+            )
+            assert r.status_code == 201, r.text
+        finally:
+            admin.close()
+        page.get_by_test_id("logout").click()
+        page.get_by_test_id("login-username").fill("catalog-user")
+        page.get_by_test_id("login-password").fill("user-pass-123")
+        page.get_by_test_id("login-submit").click()
+        page.wait_for_url("**/#/catalog")
+        page.get_by_test_id("launch-xterm").wait_for()
+        assert page.get_by_test_id("template-gimp").count() == 0
+        assert page.locator(".card-unavailable").count() == 0
+        assert watched.errors == [], f"console errors: {watched.errors}"
+
+
 def test_xterm_session_lifecycle_through_the_browser(product: Product, watched: Watched) -> None:
     page = watched.page
     # Keep a handle on every WebSocket the page opens, so the test can cut the stream like a

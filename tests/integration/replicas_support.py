@@ -607,6 +607,9 @@ class Cluster:
     secret: str
     nginx: Nginx | None = None
     agent: AgentProcess | None = None
+    holder: AgentProcess | None = None
+    """A real agent in cluster NOWHERE with no capacity: its templates are available there, so
+    a session asked for in NOWHERE is accepted and stays `pending`, starting nothing."""
     agent_server: str = ""
     agent_id: str = ""
     admin_token: str = ""
@@ -689,6 +692,29 @@ class Cluster:
         r = admin.post("/api/v1/templates", json=SMALL_TEMPLATE)
         assert r.status_code == 201, r.text
         self.user_token = self.login(self.b.url, USER, USER_PASSWORD)
+        self.ensure_holder()
+
+    def ensure_holder(self) -> None:
+        """Start the holder if it is not running (on replica A, reconnecting when A restarts)
+        and wait until sessions may be queued in NOWHERE."""
+        if self.holder is None or self.holder.proc is None or self.holder.proc.poll() is not None:
+            state_dir = self.root / "holder"
+            token = None
+            if not (state_dir / "agent.json").exists():
+                r = self.admin(self.a.url).post("/api/v1/agents/join-tokens", json={})
+                assert r.status_code == 201, r.text
+                token = str(r.json()["token"])
+            self.holder = AgentProcess(
+                self.a.url, state_dir, token, NOWHERE, max_sessions=0, name="holder"
+            ).start()
+
+        def available() -> bool:
+            r = self.admin(self.live_url()).get(
+                f"/api/v1/templates/{SMALL_TEMPLATE['name']}", params={"cluster_id": NOWHERE}
+            )
+            return r.status_code == 200 and bool(r.json()["available"])
+
+        wait_for(available, 40, what="the holder agent to make NOWHERE available")
 
     # ---- database (direct, not through the proxy) -----------------------------------------
 
@@ -834,6 +860,8 @@ class Cluster:
             r.wait_ready()
         if self.nginx is not None and not self.nginx.alive:
             self.nginx.start()
+        if self.admin_token:
+            self.ensure_holder()
 
     def leaders(self) -> dict[str, float | None]:
         return {r.id: r.metric("streamspace_loop_leader") for r in self.replicas if r.alive}
@@ -862,6 +890,8 @@ class Cluster:
             errors += self.stop_all_sessions()
         if self.agent is not None:
             self.agent.terminate()
+        if self.holder is not None:
+            self.holder.terminate()
         for c in self.clients:
             with contextlib.suppress(Exception):
                 c.close()

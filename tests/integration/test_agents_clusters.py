@@ -94,14 +94,20 @@ def test_cluster_placement_full_agents_and_the_queue(fleet: Callable[..., Fleet]
 
 
 def test_session_for_a_cluster_without_agents_times_out(fleet: Callable[..., Fleet]) -> None:
+    """The cluster's only agent, full, goes away once the session is queued for it (creating a
+    session for a cluster with no agent at all is refused at once: test_catalog_availability).
+    """
     fl = fleet(queue_timeout_seconds=3)
     agent = fl.agent("c1")
     fl.wait_online(agent)
+    leaving = fl.agent("nowhere", max_sessions=0)
+    fl.wait_online(leaving)
     owner = fl.admin
     s = fl.create(owner, cluster_id="nowhere")
     body = wait_for(lambda: queue_reason(fl, s["id"]), 10, what="a queue reason")
     assert body["state"] == "pending"
     assert "1 in another cluster" in body["status_message"], body
+    leaving.terminate()
 
     failed = wait_state(owner, s["id"], "failed", timeout=15)
     reason = failed["failure_reason"]

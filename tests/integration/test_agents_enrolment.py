@@ -207,8 +207,12 @@ def test_drain_keeps_new_sessions_off_the_agent(fleet: Callable[..., Fleet]) -> 
     require(XVNC_MISSING)
     fl = fleet()
     agent = fl.agent("c1")
+    # Full, not draining: xterm stays available (a create while the only agent that could run
+    # it drains is refused at once: test_catalog_availability), so the session queues.
+    full = fl.agent("c1", name="full", max_sessions=0)
     alice = fl.user()
     fl.wait_online(agent)
+    fl.wait_online(full)
     agent_id = fl.agent_id(agent)
 
     r = fl.admin.post(f"/api/v1/agents/{agent_id}/drain")

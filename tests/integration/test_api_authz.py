@@ -121,6 +121,7 @@ def openapi_routes(client: httpx.Client) -> set[tuple[str, str]]:
 
 def test_authorization_matrix(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     admin = login(cp)
     clients = {
         "user": add_user(cp, admin, "bob"),
@@ -550,6 +551,7 @@ def test_agent_credential_routes(make_control_plane: Any) -> None:
 
 def test_users_cannot_touch_each_others_sessions(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     admin = login(cp)
     alice = add_user(cp, admin, "alice")
     bob = add_user(cp, admin, "bob")

@@ -182,6 +182,7 @@ def prepare(cp: Any) -> tuple[httpx.Client, dict[str, str]]:
 
 def test_body_errors_on_every_endpoint(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     admin, ids = prepare(cp)
     routes = body_routes(admin)
     assert routes == set(VALID_BODIES), (
@@ -721,6 +722,7 @@ def bad_id_cases(admin: httpx.Client, ids: dict[str, str]) -> list[Case]:
 
 def test_bad_ids_never_5xx(db_url: str, make_control_plane: Any) -> None:
     cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     admin, ids = prepare(cp)
     cases = bad_id_cases(admin, ids)
     # strings in queries and bodies that reach the database: accepted or refused, never a 5xx

@@ -14,6 +14,8 @@ from api_support import (
     login,
 )
 
+from conftest import wait_for
+
 SPEC = {
     "name": "my-editor",
     "display_name": "My Editor",
@@ -22,8 +24,9 @@ SPEC = {
     "icon": "editor.svg",
     "tags": ["text", "edit"],
     "resources": {"cpu_millis": 250, "memory_mb": 256},
-    "launch": {"local": {"command": ["mousepad"]}, "docker": {"image": "example/editor:1"}},
+    "launch": {"local": {"command": ["xterm"]}, "docker": {"image": "example/editor:1"}},
 }
+"""Runs xterm: a template the agent of the test can run, so users see it and may launch it."""
 
 
 def test_health_ready_metrics_openapi(make_control_plane: Any) -> None:
@@ -64,6 +67,7 @@ def test_health_ready_metrics_openapi(make_control_plane: Any) -> None:
 
 def test_audit_log_records_actor(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     admin = login(cp)
     r = admin.post("/api/v1/users", json={"username": "audrey", "password": "audrey-pass-1"})
     assert r.status_code == 201, r.text
@@ -112,7 +116,8 @@ def test_audit_log_records_actor(make_control_plane: Any) -> None:
 
 
 def test_templates_crud(make_control_plane: Any) -> None:
-    cp = make_control_plane(**NO_LIMIT)
+    cp = make_control_plane(agent_heartbeat_seconds=0.5, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     admin = login(cp)
     r = admin.post("/api/v1/users", json={"username": "tess", "password": "tess-pass-12"})
     assert r.status_code == 201, r.text
@@ -132,6 +137,12 @@ def test_templates_crud(make_control_plane: Any) -> None:
     assert body["tags"] == ["text", "edit"] and body["category"] == "Office"
     assert body["spec"]["resources"] == {"cpu_millis": 250, "memory_mb": 256}
     assert_problem(admin.post("/api/v1/templates", json=SPEC), 409, "my-editor")
+    # users see it once an agent reports it runnable (agents read the catalog again on their own)
+    wait_for(
+        lambda: admin.get("/api/v1/templates/my-editor").json()["available"],
+        15,
+        what="the agent to report my-editor runnable",
+    )
     got = user.get("/api/v1/templates/my-editor")
     assert got.status_code == 200 and got.json()["display_name"] == "My Editor"
     # it can be used, with its resources
@@ -179,7 +190,11 @@ def test_templates_crud(make_control_plane: Any) -> None:
     # PUT on a new name creates
     r = admin.put("/api/v1/templates/fresh-one", json={**SPEC, "name": "fresh-one"})
     assert r.status_code in (200, 201), r.text
-    assert user.get("/api/v1/templates/fresh-one").status_code == 200
+    wait_for(
+        lambda: user.get("/api/v1/templates/fresh-one").status_code == 200,
+        15,
+        what="the agent to report fresh-one runnable",
+    )
 
     # disabled templates: only admins see them, nobody can start them
     r = admin.put("/api/v1/templates/my-editor", json={**replaced, "enabled": False})

@@ -67,6 +67,7 @@ def active_in_db(cp: Any, *usernames: str) -> int:
 
 def test_session_quota_and_usage(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "quinn", quota=quota(2))
         r = admin.get("/api/v1/users/quinn/quota")
@@ -103,6 +104,7 @@ def test_session_quota_and_usage(make_control_plane: Any) -> None:
 
 def test_cpu_and_memory_quota(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "cora", quota=quota(10, cpu=1000, mem=2048))
     assert create(user, resources={"cpu_millis": 600, "memory_mb": 256}).status_code == 201
@@ -127,6 +129,7 @@ def test_cpu_and_memory_quota(make_control_plane: Any) -> None:
 
 def test_group_quota_limits_members_total(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     admin = login(cp)
     m1 = add_user(cp, admin, "gina")
     m2 = add_user(cp, admin, "gus")
@@ -202,6 +205,7 @@ def token_of(cp: Any, name: str) -> str:
 
 
 def _race(cp: Any) -> None:
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         for name in ("racer", "ann", "ben"):
             r = admin.post("/api/v1/users", json={"username": name, "password": PASSWORD})
@@ -239,6 +243,7 @@ def test_home_size_limit_is_the_smallest_quota_and_reaches_the_agent(
     control_plane: Any,
 ) -> None:
     cp = control_plane
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         alice = add_user(cp, admin, "hanna", quota(5, home=700))
         r = admin.post("/api/v1/groups", json={"name": "small-homes"})

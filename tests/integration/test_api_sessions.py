@@ -57,6 +57,7 @@ def db_count(cp: Any, username: str, active_only: bool = False) -> int:
 
 def test_create_and_get(db_url: str, make_control_plane: Any) -> None:
     cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "ursula")
     r = user.post(
@@ -101,6 +102,7 @@ def test_create_and_get(db_url: str, make_control_plane: Any) -> None:
 
 def test_list_pagination_and_filters(db_url: str, make_control_plane: Any) -> None:
     cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "paula", quota=BIG_QUOTA)
     ids = []
@@ -168,6 +170,7 @@ def test_list_pagination_and_filters(db_url: str, make_control_plane: Any) -> No
 
 def test_patch_stop_and_state_conflicts(db_url: str, make_control_plane: Any) -> None:
     cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "stella")
     sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
@@ -207,6 +210,7 @@ def test_patch_stop_and_state_conflicts(db_url: str, make_control_plane: Any) ->
 
 def test_idempotency_key(db_url: str, make_control_plane: Any) -> None:
     cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         ida = add_user(cp, admin, "ida")
         ivan = add_user(cp, admin, "ivan")
@@ -240,6 +244,7 @@ def test_concurrent_creates_with_one_key_make_one_session(
     winner's session: one row, one 201, the others 200 with its id (or 409 while the winner's
     insert is not committed yet)."""
     cp = make_control_plane(database_url=db_url, user_concurrent_creates=8, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         ida = add_user(cp, admin, "ida", quota=BIG_QUOTA)
     key = {"Idempotency-Key": "create-once-race"}
@@ -282,6 +287,7 @@ def test_concurrent_actions_on_one_session_send_each_command_once(
     and each transition (with its command) happens once — no request decides on a state that
     another has already left."""
     cp = make_control_plane(database_url=db_url, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "rita")
     sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
@@ -336,6 +342,7 @@ def test_a_placement_round_does_not_resurrect_a_session_stopped_meanwhile(
     session stays stopped and no start command is left for the agent. (PostgreSQL: on SQLite
     the one writer at a time cannot be split between a read and a write like this.)"""
     cp = make_control_plane(database_url=pg_url, loop_interval_seconds=3600, **NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "paula")
     sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]
@@ -389,6 +396,7 @@ def test_a_session_that_keeps_changing_is_a_409_not_a_500(
     the action is decided again a bounded number of times, then answered 409; a PATCH that
     meets a changed row is a 409 problem too."""
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # templates available; sessions stay pending
     with login(cp) as admin:
         user = add_user(cp, admin, "tess")
     sid = user.post("/api/v1/sessions", json={"template": "xterm"}).json()["id"]

@@ -72,6 +72,7 @@ def setup(make_control_plane: Any, tmp_path: Any, **settings: Any) -> tuple[Cont
         login_rate_per_minute=10_000,
         **settings,
     )
+    cp.start_full_agent()  # templates available; sessions stay pending
     abuser = cp.create_user("abuser", quota=ROOMY)
     victim = cp.create_user("victim")
     return cp, (abuser, victim)

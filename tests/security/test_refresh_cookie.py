@@ -152,6 +152,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_cli_keeps_its_refresh_token_and_keeps_working(cp: ControlPlane, tmp_path: Path) -> None:
+    cp.start_full_agent()  # users see only templates an agent can run; the listing shows xterm
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMSPACE_")}
     env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
     r = cli(env, "login", "--server", cp.url, "--username", "alice", "--password", PASSWORD)

@@ -48,6 +48,10 @@ from streamspace.protocol import (
 log = logs.get_logger(__name__)
 
 MIN_HEARTBEAT_SECONDS = 0.01
+CATALOG_REFRESH_HEARTBEATS = 6
+"""Every this many heartbeats the catalog is read again: a template an admin adds or changes
+is then reported runnable (or not) within a minute at the default interval, without a
+reconnect, and the control plane's catalog says so."""
 
 
 class Backoff:
@@ -228,6 +232,16 @@ class ControlConnection:
                 reason=wire.ws.close_reason or None,
             )
 
+    async def _refresh_catalog(self) -> None:
+        """The catalog as it is now; on failure the last one stays (a revoked credential also
+        closes the socket, which ends this connection)."""
+        try:
+            catalog = await self._server.fetch_catalog(self._identity.credential)
+        except Exception as exc:
+            log.warning("catalog_refresh_failed", agent_id=self._identity.agent_id, error=exc)
+            return
+        self._catalog = list(catalog.templates)
+
     async def _serve(self, wire: Wire, writer: asyncio.Task[None], welcome: Welcome) -> None:
         reader = asyncio.create_task(self._read_loop(wire), name="agent-reader")
         heartbeat = asyncio.create_task(
@@ -290,8 +304,12 @@ class ControlConnection:
             log.warning("unexpected_message", agent_id=self._identity.agent_id, type=msg.type)
 
     async def _heartbeat_loop(self, wire: Wire, interval: float) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(interval)
+            beats += 1
+            if beats % CATALOG_REFRESH_HEARTBEATS == 0:
+                await self._refresh_catalog()
             try:
                 healthy, detail = await self._backend.healthy()
             except Exception as exc:

@@ -217,7 +217,7 @@ class AgentEndpoint:
                 await conn.error(exc.code, exc.message)
                 continue
             if isinstance(msg, protocol.Heartbeat):
-                self._beats[conn.agent_id] = (datetime.now(UTC), msg)
+                self._beats[conn.agent_id] = (datetime.now(UTC), self._merged(conn.agent_id, msg))
             elif isinstance(msg, protocol.Ack):
                 results.submit_ack(conn.agent_id, msg)
             elif isinstance(msg, protocol.Result):
@@ -235,6 +235,14 @@ class AgentEndpoint:
                 )
             else:
                 await conn.error("unexpected_message", f"{msg.type} is only valid first")
+
+    def _merged(self, agent_id: str, beat: protocol.Heartbeat) -> protocol.Heartbeat:
+        """The latest heartbeat wins, but templates are sent only when they change: one that
+        says nothing about them keeps those of the earlier beat not yet written."""
+        pending = self._beats.get(agent_id)
+        if beat.templates is None and pending is not None and pending[1].templates is not None:
+            return beat.model_copy(update={"templates": pending[1].templates})
+        return beat
 
     async def flush_heartbeats(self) -> int:
         """Write the latest heartbeat of each agent in one batch (last_seen is the one truth)."""

@@ -27,6 +27,16 @@ class UnknownTemplate(Exception):
         super().__init__(f"template: {name!r} does not exist")
 
 
+class TemplateUnavailable(Exception):
+    """No agent that takes sessions now can run the template (a 409 over HTTP): queued, the
+    session would only wait for the queue timeout. A full agent does not make it unavailable."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"template {name!r} cannot run now: {reason}")
+
+
 class CreateInFlight(Exception):
     """Another create with the same Idempotency-Key got its insert in first and has not
     committed yet (a 409 over HTTP): the caller may try again and get that session."""

@@ -19,11 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace.config import Settings
-from streamspace.controlplane import quotas
+from streamspace.controlplane import availability, quotas
 from streamspace.controlplane.creation import (
     Created,
     CreateInFlight,
     NewSession,
+    TemplateUnavailable,
     by_idempotency_key,
     created_message,
     enabled_template,
@@ -92,11 +93,20 @@ class Lifecycle:
         The quota check and the insert are one read-then-write: on PostgreSQL the owner's and
         their groups' rows are locked first (quotas.lock_subjects), on SQLite this replica's
         writer turn is held, so concurrent creates cannot both fit under the same quota. Raises
-        UnknownTemplate, quotas.QuotaExceeded or CreateInFlight."""
+        UnknownTemplate, TemplateUnavailable, quotas.QuotaExceeded or CreateInFlight.
+
+        Availability is read before the turn, from the agents' rows: an agent that goes away
+        right after leaves the session queued (as one that dies after placement would), and
+        one that arrives right after only costs the caller a retry."""
         existing = await by_idempotency_key(db, owner, request.idempotency_key)
         if existing is not None:
             return Created(existing, new=False)
         tpl = await enabled_template(db, request.template)
+        can = (await availability.availability(db, self.settings, [tpl], request.cluster_id))[
+            tpl.name
+        ]
+        if not can.available:
+            raise TemplateUnavailable(tpl.name, can.reason or "no agent can run it")
         session = new_session_row(request, tpl, owner, self.settings)
         async with self.writer_turn.taken_by(db):
             await quotas.lock_subjects(db, owner)

@@ -11,21 +11,20 @@ import asyncio
 import contextlib
 import time
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace import logs
 from streamspace.config import Settings
-from streamspace.controlplane import scheduler
+from streamspace.controlplane import availability, scheduler
 from streamspace.controlplane.catalog import TemplateSpec
 from streamspace.controlplane.peers import Peers
-from streamspace.controlplane.statemachine import ON_AGENT_STATES, State
-from streamspace.controlplane.transitions import Transitions, now
-from streamspace.controlplane.views import status_of
+from streamspace.controlplane.statemachine import State
+from streamspace.controlplane.transitions import Transitions
 from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db.engine import Database
-from streamspace.db.models import Agent, AgentCommand, Template
+from streamspace.db.models import AgentCommand, Template
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.onestatement import ONE_STATEMENT_ONLY
 
@@ -85,84 +84,7 @@ class Placement:
         self._place_wakeup.clear()
 
     async def agent_snapshots(self, db: AsyncSession) -> list[scheduler.AgentSnapshot]:
-        """Plain column rows, not ORM objects: this runs for every placement round and loading
-        a fleet of agents as tracked instances cost tens of ms of event-loop time each time."""
-        at = now()
-        agents = (
-            await db.execute(
-                select(
-                    Agent.id,
-                    Agent.name,
-                    Agent.cluster_id,
-                    Agent.backend,
-                    Agent.last_seen,
-                    Agent.connected_replica,
-                    Agent.draining,
-                    Agent.healthy,
-                    Agent.templates,
-                    Agent.capacity_sessions,
-                    Agent.capacity_cpu_millis,
-                    Agent.capacity_memory_mb,
-                ).where(Agent.revoked.is_(False))
-            )
-        ).all()
-        usage = {
-            row[0]: (int(row[1]), int(row[2]), int(row[3]))
-            for row in (
-                await db.execute(
-                    select(
-                        SessionRow.agent_id,
-                        func.count(SessionRow.id),
-                        func.coalesce(func.sum(SessionRow.cpu_millis), 0),
-                        func.coalesce(func.sum(SessionRow.memory_mb), 0),
-                    )
-                    .where(
-                        SessionRow.agent_id.is_not(None),
-                        SessionRow.state.in_(
-                            [s.value for s in ON_AGENT_STATES if s != State.HIBERNATED]
-                            + [State.STOPPING.value]
-                        ),
-                    )
-                    .group_by(SessionRow.agent_id)
-                )
-            )
-        }
-        snaps = []
-        for (
-            agent_id,
-            name,
-            cluster_id,
-            backend,
-            last_seen,
-            connected_replica,
-            draining,
-            healthy,
-            templates,
-            max_sessions,
-            cpu_millis,
-            memory_mb,
-        ) in agents:
-            used = usage.get(agent_id, (0, 0, 0))
-            online = status_of(False, last_seen, connected_replica, self.settings, at)
-            snaps.append(
-                scheduler.AgentSnapshot(
-                    id=agent_id,
-                    name=name,
-                    cluster_id=cluster_id,
-                    backend=backend,
-                    online=online == "online",
-                    draining=draining,
-                    healthy=healthy,
-                    templates=frozenset(templates),
-                    max_sessions=max_sessions,
-                    cpu_millis=cpu_millis,
-                    memory_mb=memory_mb,
-                    used_sessions=used[0],
-                    used_cpu_millis=used[1],
-                    used_memory_mb=used[2],
-                )
-            )
-        return snaps
+        return await availability.agent_snapshots(db, self.settings)
 
     async def place_pending(self, limit: int = 1000) -> int:
         """Place queued sessions in creation order; returns how many were placed.

@@ -14,7 +14,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamspace import logs
-from streamspace.controlplane.creation import CreateInFlight, UnknownTemplate
+from streamspace.controlplane.creation import CreateInFlight, TemplateUnavailable, UnknownTemplate
 from streamspace.controlplane.quotas import QuotaExceeded
 from streamspace.controlplane.statemachine import ActionContended, IllegalTransition
 from streamspace.db.engine import DatabaseUnavailable
@@ -63,19 +63,36 @@ def bad_request(detail: str, **extra: Any) -> Problem:
     return Problem(400, "Bad request", detail, kind="bad-request", **extra)
 
 
-DomainError = IllegalTransition | ActionContended | QuotaExceeded | UnknownTemplate | CreateInFlight
+DomainError = (
+    IllegalTransition
+    | ActionContended
+    | QuotaExceeded
+    | UnknownTemplate
+    | TemplateUnavailable
+    | CreateInFlight
+)
 """What the session machinery refuses with; each has one answer here."""
 
 
 def domain_problem(exc: DomainError) -> Problem:
     """The answer to a refused or contended session action or create: 409 for the session's
-    state or a concurrent request, 403 for a quota, 422 for a template that is not there."""
+    state, a concurrent request or a template no agent can run now, 403 for a quota, 422 for a
+    template that is not there."""
     if isinstance(exc, IllegalTransition):
         return conflict(str(exc), current_state=exc.current, allowed_actions=exc.allowed_actions)
     if isinstance(exc, QuotaExceeded):
         return Problem(403, "Quota exceeded", str(exc), kind="quota-exceeded")
     if isinstance(exc, UnknownTemplate):
         return Problem(422, "Invalid request", str(exc), kind="invalid-request")
+    if isinstance(exc, TemplateUnavailable):
+        return Problem(
+            409,
+            "Template unavailable",
+            str(exc),
+            kind="template-unavailable",
+            template=exc.name,
+            unavailable_reason=exc.reason,
+        )
     return conflict(str(exc))
 
 
@@ -140,6 +157,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ActionContended)
     @app.exception_handler(QuotaExceeded)
     @app.exception_handler(UnknownTemplate)
+    @app.exception_handler(TemplateUnavailable)
     @app.exception_handler(CreateInFlight)
     async def _domain(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, DomainError)

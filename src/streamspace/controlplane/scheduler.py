@@ -1,7 +1,9 @@
 """Placement: filter agents that can take a session, then score the survivors.
 
 Pure functions over snapshots so that a batch of placements costs one agents query and one
-usage query, and every decision carries a human-readable explanation for session_events.
+usage query, and every decision carries a human-readable explanation for session_events. The
+catalog asks the same filters whether a template can run at all (`Placer.availability`), so
+what it promises and what placement does cannot drift apart.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class AgentSnapshot:
     used_sessions: int = 0
     used_cpu_millis: int = 0
     used_memory_mb: int = 0
+    stale: bool = False
+    """Not online, but heard from lately (a reconnect under way, a replica failing over): it
+    gets no session now, yet the templates it reported stay available and sessions queue."""
     load: float = field(init=False, default=0.0)
     """Highest utilisation over the three dimensions, 0..1 (kept current by `reserve`)."""
 
@@ -51,6 +56,25 @@ class Request:
     cpu_millis: int
     memory_mb: int
     cluster_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TemplateNeeds:
+    """What a template asks of an agent's host, only to name what is missing when no agent
+    lists it: agents report just the names they can run (protocol.Hello.templates)."""
+
+    name: str
+    local_command: str | None = None
+    """The program a local agent must find on its PATH; None: no local launch."""
+    image: str | None = None
+    """The image a docker or kubernetes agent must have; None: no image launch."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str | None = None
+    """Why not, for admins and the 409 of a create; None when available."""
 
 
 @dataclass
@@ -85,20 +109,23 @@ class Placer:
         self.static: Counter[str] = Counter()
         self.by_template: dict[str, list[AgentSnapshot]] = {}
         self.by_template_cluster: dict[tuple[str, str], list[AgentSnapshot]] = {}
-        usable = 0
+        self.usable_agents: list[AgentSnapshot] = []
+        self.unusable_agents: list[tuple[str, AgentSnapshot]] = []
+        self.reconnecting: set[tuple[str, str]] = set()
+        """(template, cluster) pairs a stale but otherwise usable agent reported."""
         for a in agents:
-            if not a.online:
-                self.static["offline"] += 1
-            elif a.draining:
-                self.static["draining"] += 1
-            elif not a.healthy:
-                self.static["unhealthy"] += 1
+            why = unusable(a)
+            if why:
+                self.static[why] += 1
+                self.unusable_agents.append((why, a))
+                if a.stale and not a.draining and a.healthy:
+                    self.reconnecting.update((t, a.cluster_id) for t in a.templates)
             else:
-                usable += 1
+                self.usable_agents.append(a)
                 for t in a.templates:
                     self.by_template.setdefault(t, []).append(a)
                     self.by_template_cluster.setdefault((t, a.cluster_id), []).append(a)
-        self.usable = usable
+        self.usable = len(self.usable_agents)
 
     def place(self, req: Request) -> Decision:
         if self.total == 0:
@@ -133,6 +160,87 @@ class Placer:
                 rejected[reason] = n
         return _decision(best, rejected, self.strategy, len(cands))
 
+    def availability(self, needs: TemplateNeeds, cluster_id: str | None = None) -> Availability:
+        """Whether an agent that takes sessions now (in `cluster_id`, if given) lists the
+        template. A full agent counts: a session for it queues until capacity frees, as
+        `place` would have it wait; so does one reconnecting (stale), which is back within
+        seconds or offline soon. Only "none could take it now" is unavailable."""
+        if cluster_id:
+            runs_it = bool(self.by_template_cluster.get((needs.name, cluster_id)))
+            runs_it = runs_it or (needs.name, cluster_id) in self.reconnecting
+        else:
+            runs_it = bool(self.by_template.get(needs.name))
+            runs_it = runs_it or any(t == needs.name for t, _ in self.reconnecting)
+        if runs_it:
+            return Availability(True)
+        return Availability(False, self._unavailable_reason(needs, cluster_id))
+
+    def _unavailable_reason(self, needs: TemplateNeeds, cluster_id: str | None) -> str:
+        where = f" in cluster {cluster_id}" if cluster_id else ""
+        usable = [a for a in self.usable_agents if not cluster_id or a.cluster_id == cluster_id]
+        idle = Counter(
+            why for why, a in self.unusable_agents if not cluster_id or a.cluster_id == cluster_id
+        )
+        if not usable:
+            if self.total == 0:
+                return "no agent online (none is enrolled)"
+            if set(idle) <= {"offline"}:
+                reason = f"no agent online{where}"
+            else:
+                reason = f"no agent{where} takes new sessions: " + _counts(idle)
+            if cluster_id and self.by_template.get(needs.name):
+                reason += "; agents in other clusters can run it"
+            return reason
+        parts = _missing(needs, usable)
+        could = Counter(
+            why
+            for why, a in self.unusable_agents
+            if needs.name in a.templates and (not cluster_id or a.cluster_id == cluster_id)
+        )
+        if could:
+            parts.append("agents that have it take no sessions now: " + _counts(could))
+        if cluster_id and self.by_template.get(needs.name):
+            parts.append("agents in other clusters can run it")
+        return "; ".join(parts)
+
+
+def unusable(agent: AgentSnapshot) -> str | None:
+    """Why an agent takes no session at all now (a REJECT_REASONS key), or None."""
+    if not agent.online:
+        return "offline"
+    if agent.draining:
+        return "draining"
+    if not agent.healthy:
+        return "unhealthy"
+    return None
+
+
+def _counts(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {REJECT_REASONS[k]}" for k, n in sorted(counts.items()))
+
+
+def _missing(needs: TemplateNeeds, usable: list[AgentSnapshot]) -> list[str]:
+    """What each backend among `usable` (none of which lists the template) lacks for it."""
+    backends = sorted({a.backend for a in usable})
+    parts = []
+    for backend in backends:
+        agents = [a for a in usable if a.backend == backend]
+        whom = "agent" if len(backends) == 1 else f"agent with the {backend} backend"
+        if backend == "local":
+            if needs.local_command is None:
+                parts.append("agents with the local backend cannot run it (it has no local launch)")
+            elif not any(a.templates for a in agents):
+                parts.append(
+                    "agents with the local backend can run no template now (see their health)"
+                )
+            else:
+                parts.append(f"no {whom} has `{needs.local_command}` installed")
+        elif needs.image is None:
+            parts.append(f"agents with the {backend} backend cannot run it (it has no image)")
+        else:
+            parts.append(f"agents with the {backend} backend have no image `{needs.image}`")
+    return parts
+
 
 def place(agents: list[AgentSnapshot], req: Request, strategy: str = "least_loaded") -> Decision:
     """Choose an agent for `req`. `strategy` is least_loaded (spread) or bin_packing (fill)."""
@@ -143,8 +251,7 @@ def _decision(
     best: AgentSnapshot | None, rejected: Counter[str], strategy: str, considered: int
 ) -> Decision:
     if best is None:
-        parts = [f"{n} {REJECT_REASONS[k]}" for k, n in sorted(rejected.items())]
-        return Decision(None, "no agent can run it: " + ", ".join(parts), dict(rejected))
+        return Decision(None, "no agent can run it: " + _counts(rejected), dict(rejected))
     eligible = considered - sum(rejected[k] for k in ("sessions", "cpu", "memory"))
     reason = (
         f"placed on agent {best.name} in cluster {best.cluster_id} because it "
@@ -154,9 +261,7 @@ def _decision(
         f"load {best.load:.0%})"
     )
     if rejected:
-        reason += "; skipped " + ", ".join(
-            f"{n} {REJECT_REASONS[k]}" for k, n in sorted(rejected.items())
-        )
+        reason += "; skipped " + _counts(rejected)
     return Decision(best, reason, dict(rejected))
 
 

@@ -1,18 +1,25 @@
-"""Template catalog: everyone reads enabled templates; admins create, replace and delete."""
+"""Template catalog: everyone reads enabled templates; admins create, replace and delete.
+
+Each template says whether an agent can run it now (`available`, `unavailable_reason`), for the
+cluster the caller names or any. Users do not see the unavailable ones unless
+`catalog_hide_unavailable` is off; admins always do, with the reason.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
-from pydantic import BaseModel
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from streamspace.controlplane import audit
-from streamspace.controlplane.catalog import TemplateSpec, apply_spec
-from streamspace.controlplane.deps import AdminDep, DbDep, UserDep
+from streamspace.controlplane.availability import availability
+from streamspace.controlplane.catalog import TemplateSpec, apply_spec, spec_of
+from streamspace.controlplane.deps import AdminDep, DbDep, StateDep, UserDep
 from streamspace.controlplane.problems import bad_request, conflict, not_found
-from streamspace.db.models import Template
+from streamspace.controlplane.scheduler import Availability
+from streamspace.db.models import Template, User
 
 router = APIRouter(prefix="/api/v1/templates", tags=["templates"])
 
@@ -27,9 +34,21 @@ class TemplateOut(BaseModel):
     enabled: bool
     source: str
     spec: dict[str, Any]
+    available: bool = Field(
+        description="an agent that takes sessions (online, or reconnecting) reported it can run "
+        "it; a session may still queue while such agents are full"
+    )
+    unavailable_reason: str | None = Field(
+        description="why no agent can run it now, e.g. no agent has `gimp` installed"
+    )
 
 
-def _out(row: Template) -> TemplateOut:
+ClusterQuery = Query(
+    None, max_length=64, description="availability in this cluster; default: in any cluster"
+)
+
+
+def _out(row: Template, can: Availability) -> TemplateOut:
     return TemplateOut(
         name=row.name,
         display_name=row.display_name,
@@ -40,7 +59,21 @@ def _out(row: Template) -> TemplateOut:
         enabled=row.enabled,
         source=row.source,
         spec=row.spec,
+        available=can.available,
+        unavailable_reason=can.reason,
     )
+
+
+async def _availability(
+    db: DbDep, state: StateDep, rows: list[Template], cluster_id: str | None = None
+) -> dict[str, Availability]:
+    return await availability(db, state.settings, [spec_of(r) for r in rows], cluster_id)
+
+
+def _hidden(row: Template, can: Availability, user: User, state: StateDep) -> bool:
+    if user.role == "admin":
+        return False
+    return not row.enabled or (not can.available and state.settings.catalog_hide_unavailable)
 
 
 async def _get(db: DbDep, name: str) -> Template:
@@ -52,32 +85,38 @@ async def _get(db: DbDep, name: str) -> Template:
 
 @router.get("", response_model=list[TemplateOut])
 async def list_templates(
-    user: UserDep, db: DbDep, category: str | None = None, tag: str | None = None
+    user: UserDep,
+    state: StateDep,
+    db: DbDep,
+    category: str | None = None,
+    tag: str | None = None,
+    cluster_id: str | None = ClusterQuery,
 ) -> list[TemplateOut]:
-    rows = (await db.scalars(select(Template).order_by(Template.category, Template.name))).all()
-    out = []
-    for row in rows:
-        if not row.enabled and user.role != "admin":
-            continue
-        if category and row.category != category:
-            continue
-        if tag and tag not in row.tags:
-            continue
-        out.append(_out(row))
-    return out
+    rows = [
+        row
+        for row in (await db.scalars(select(Template).order_by(Template.category, Template.name)))
+        if (not category or row.category == category) and (not tag or tag in row.tags)
+    ]
+    can = await _availability(db, state, rows, cluster_id)
+    return [
+        _out(row, can[row.name]) for row in rows if not _hidden(row, can[row.name], user, state)
+    ]
 
 
 @router.get("/{name}", response_model=TemplateOut)
-async def get_template(name: str, user: UserDep, db: DbDep) -> TemplateOut:
+async def get_template(
+    name: str, user: UserDep, state: StateDep, db: DbDep, cluster_id: str | None = ClusterQuery
+) -> TemplateOut:
     row = await _get(db, name)
-    if not row.enabled and user.role != "admin":
+    can = (await _availability(db, state, [row], cluster_id))[row.name]
+    if _hidden(row, can, user, state):
         raise not_found("template", name)
-    return _out(row)
+    return _out(row, can)
 
 
 @router.post("", response_model=TemplateOut, status_code=201)
 async def create_template(
-    spec: TemplateSpec, request: Request, admin: AdminDep, db: DbDep
+    spec: TemplateSpec, request: Request, admin: AdminDep, state: StateDep, db: DbDep
 ) -> TemplateOut:
     if await db.scalar(select(Template.id).where(Template.name == spec.name)):
         raise conflict(f"template {spec.name!r} exists; use PUT to replace it")
@@ -93,12 +132,12 @@ async def create_template(
         request=request,
     )
     await db.commit()
-    return _out(row)
+    return _out(row, (await _availability(db, state, [row]))[row.name])
 
 
 @router.put("/{name}", response_model=TemplateOut)
 async def replace_template(
-    name: str, spec: TemplateSpec, request: Request, admin: AdminDep, db: DbDep
+    name: str, spec: TemplateSpec, request: Request, admin: AdminDep, state: StateDep, db: DbDep
 ) -> TemplateOut:
     if spec.name != name:
         raise bad_request(f"name in the body ({spec.name!r}) differs from the URL ({name!r})")
@@ -117,7 +156,7 @@ async def replace_template(
         request=request,
     )
     await db.commit()
-    return _out(row)
+    return _out(row, (await _availability(db, state, [row]))[row.name])
 
 
 @router.delete("/{name}", status_code=204)

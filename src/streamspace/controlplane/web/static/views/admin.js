@@ -595,6 +595,13 @@ export async function templatesAdminView(main, { ctx }) {
       h("td", { class: "small" }, Object.keys(t.spec?.launch || {}).filter((k) => t.spec.launch[k]).join(", ") || "—"),
       h("td", { class: "small" }, t.source),
       h("td", {}, t.enabled ? pill("enabled", "ok") : pill("disabled", "muted")),
+      h(
+        "td",
+        { class: "small", dataset: { testid: `template-runs-${t.name}` } },
+        t.available
+          ? h("span", { class: "pill pill-ok" }, "yes")
+          : [h("span", { class: "pill pill-muted" }, "no"), h("div", { class: "muted" }, t.unavailable_reason)],
+      ),
       h("td", { class: "actions" }, toggle, delBtn),
     );
   }
@@ -604,7 +611,7 @@ export async function templatesAdminView(main, { ctx }) {
       body.replaceChildren(emptyState("No templates", "Add YAML files to the templates directory, or POST /api/v1/templates."));
       return;
     }
-    body.replaceChildren(table(["", "Template", "Category", "Resources", "Backends", "Source", "Status", "Actions"], list.map(row), { caption: "Templates", testid: "templates-table" }));
+    body.replaceChildren(table(["", "Template", "Category", "Resources", "Backends", "Source", "Status", "Runs now", "Actions"], list.map(row), { caption: "Templates", testid: "templates-table" }));
   }
 
   await load();

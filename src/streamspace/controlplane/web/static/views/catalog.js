@@ -10,7 +10,7 @@ export async function catalogView(main, { ctx, params }) {
     value: params.get("q") || "",
     dataset: { testid: "catalog-search" },
   });
-  const count = h("p", { class: "muted", role: "status", "aria-live": "polite" });
+  const count = h("p", { class: "muted", role: "status", "aria-live": "polite", dataset: { testid: "catalog-count" } });
   const body = h("div", { class: "catalog" }, loading("Loading the catalog…"));
   main.append(
     h(
@@ -23,7 +23,10 @@ export async function catalogView(main, { ctx, params }) {
     body,
   );
 
+  // Templates no online agent can run come greyed with the reason (admins always; users when
+  // the server does not hide them): launching one would only be refused.
   const templates = [...(await ctx.templates(true)).values()].filter((t) => t.enabled);
+  const unavailable = templates.filter((t) => t.available === false).length;
 
   function render() {
     const q = search.value.trim().toLowerCase();
@@ -48,7 +51,9 @@ export async function catalogView(main, { ctx, params }) {
       count.textContent = "";
       return;
     }
-    count.textContent = q ? `${shown.length} of ${templates.length} apps match “${search.value.trim()}”` : `${templates.length} apps`;
+    count.textContent = q
+      ? `${shown.length} of ${templates.length} apps match “${search.value.trim()}”`
+      : `${templates.length} apps${unavailable ? ` (${unavailable} cannot run now)` : ""}`;
     if (!shown.length) {
       body.append(
         emptyState(
@@ -91,11 +96,16 @@ export async function catalogView(main, { ctx, params }) {
 
   function card(t) {
     const res = t.spec?.resources || {};
+    const off = t.available === false;
+    const reasonId = `why-${t.name}`;
     const launch = h(
       "button",
       {
         type: "button",
         class: "btn btn-primary",
+        disabled: off,
+        title: off ? `Cannot run now: ${t.unavailable_reason}` : null,
+        "aria-describedby": off ? reasonId : null,
         dataset: { testid: `launch-${t.name}` },
         "aria-label": `Launch ${t.display_name}`,
         onclick: () =>
@@ -117,7 +127,10 @@ export async function catalogView(main, { ctx, params }) {
     );
     return h(
       "li",
-      { class: "card", dataset: { testid: `template-${t.name}` } },
+      {
+        class: off ? "card card-unavailable" : "card",
+        dataset: { testid: `template-${t.name}`, available: String(!off) },
+      },
       h(
         "div",
         { class: "card-head" },
@@ -125,6 +138,13 @@ export async function catalogView(main, { ctx, params }) {
         h("div", {}, h("h3", {}, t.display_name), h("p", { class: "muted small" }, t.name)),
       ),
       h("p", { class: "card-desc" }, t.description || "No description."),
+      off
+        ? h(
+            "p",
+            { id: reasonId, class: "card-reason small", dataset: { testid: `unavailable-${t.name}` } },
+            `Cannot run now: ${t.unavailable_reason}`,
+          )
+        : null,
       h(
         "div",
         { class: "card-foot" },
