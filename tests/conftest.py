@@ -389,3 +389,14 @@ def kube_apiserver() -> Iterator[Any]:
 
     with running_kube_apiserver() as server:
         yield server
+
+
+@pytest.fixture
+def slapd() -> Iterator[Any]:
+    """A real OpenLDAP slapd with a seeded directory (tests/streamspace_testing/ldap.py), one
+    per test: tests change and stop it."""
+    from streamspace_testing.ldap import SLAPD_MISSING, running_slapd
+
+    require(SLAPD_MISSING)
+    with running_slapd() as server:
+        yield server
