@@ -18,6 +18,7 @@ from api_support import (
     client,
     login,
 )
+
 from streamspace_testing.ldap import PASSWORDS
 
 LOCAL_PASSWORD = "local-pass-12345"
