@@ -33,6 +33,16 @@ VALID_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 it cannot become one."""
 
 
+_NOT_IN_NAMES = re.compile(r"[^a-zA-Z0-9._-]+")
+
+
+def group_name(directory_name: str) -> str | None:
+    """The StreamSpace name of a directory group: what a group name may not hold becomes `-`
+    (Active Directory's "Domain Users" is `Domain-Users`); None when nothing usable is left."""
+    name = _NOT_IN_NAMES.sub("-", directory_name).lstrip("._-")[:64]
+    return name if VALID_NAME.match(name) else None
+
+
 class NotProvisioned(Exception):
     """The directory vouched for the user, but they cannot have an account here; the reason
     is for the log (the client is told only that the login failed)."""
@@ -89,11 +99,14 @@ async def _sync_groups(
     db: AsyncSession, user: User, names: tuple[str, ...], done: Provisioned
 ) -> None:
     wanted: dict[str, str] = {}
-    for name in names:
-        if VALID_NAME.match(name):
+    for directory_name in names:
+        name = group_name(directory_name)
+        if name is not None:
             wanted.setdefault(name.casefold(), name)
         else:
-            log.warning("ldap_group_skipped", user_id=user.id, group=name[:100], why="bad name")
+            log.warning(
+                "ldap_group_skipped", user_id=user.id, group=directory_name[:100], why="bad name"
+            )
     existing = {
         g.name.casefold(): g
         for g in (
