@@ -8,6 +8,7 @@ log in or refresh; an unreachable directory is a 503 for directory users only.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -49,8 +50,10 @@ def user_row(admin: httpx.Client, name: str) -> dict[str, Any]:
     return body
 
 
-def test_directory_users_get_accounts_roles_and_groups(make_control_plane: Any, slapd: Any) -> None:
-    cp = ldap_cp(make_control_plane, slapd)
+def test_directory_users_get_accounts_roles_and_groups(
+    make_control_plane: Any, slapd: Any, db_url: str
+) -> None:
+    cp = ldap_cp(make_control_plane, slapd, database_url=db_url)
     admin = login(cp)
 
     r = directory_login(cp, "alice")
@@ -87,6 +90,22 @@ def test_directory_users_get_accounts_roles_and_groups(make_control_plane: Any, 
     assert first["method"] == "ldap" and first["created"] is True
     assert first["groups_joined"] == ["admins", "engineers"]
     assert audit["items"][0]["detail"]["created"] is False
+
+
+def test_parallel_first_logins_make_one_account(
+    make_control_plane: Any, slapd: Any, db_url: str
+) -> None:
+    cp = ldap_cp(make_control_plane, slapd, database_url=db_url)
+    names = ["alice", "bob"] * 4
+    with ThreadPoolExecutor(len(names)) as pool:
+        answers = list(pool.map(lambda name: directory_login(cp, name), names))
+    assert [r.status_code for r in answers] == [200] * len(names), [r.text for r in answers]
+    admin = login(cp)
+    users = [u["username"] for u in admin.get("/api/v1/users").json()["items"]]
+    assert users == ["admin", "alice", "bob"]
+    found = groups(admin)
+    assert found["engineers"]["members"] == ["alice", "bob"]
+    assert found["designers"]["members"] == ["bob"]
 
 
 def test_wrong_password_answers_like_a_local_one(make_control_plane: Any, slapd: Any) -> None:

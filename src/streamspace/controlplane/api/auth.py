@@ -12,6 +12,7 @@ body token, and the other ways to get one need the password.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,7 +23,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace.controlplane import audit, security
 from streamspace.controlplane.api.auth_directory import (
-    directory_login,
+    ask_directory,
+    provision_login,
     still_in_directory,
     uses_directory,
 )
@@ -36,7 +38,7 @@ from streamspace.controlplane.api.schemas import (
     UserOut,
 )
 from streamspace.controlplane.browser import is_tls, origin_allowed
-from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
+from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip, writer_turn
 from streamspace.controlplane.loginthrottle import TooManyFailures
 from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import Problem, problem_response
@@ -139,40 +141,45 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
     user = await db.scalar(select(User).where(func.lower(User.username) == body.username.lower()))
     directory: Provisioned | None = None
     via_directory = uses_directory(state, user)
-    if via_directory:
-        directory = await directory_login(request, state, db, body.username, body.password)
-        user = directory.user if directory is not None else None
-    elif not await _password_matches(user, body.password):
-        user = None
-    if user is None:
+    async with contextlib.AsyncExitStack() as held:
+        if via_directory:
+            entry = await ask_directory(request, state, db, body.username, body.password)
+            if entry is not None:
+                # The account's read-then-write: on SQLite, which has no row locks, in the turn.
+                await held.enter_async_context(writer_turn(state, db))
+                directory = await provision_login(db, entry, state.settings)
+            user = directory.user if directory is not None else None
+        elif not await _password_matches(user, body.password):
+            user = None
+        if user is None:
+            audit.record(
+                db,
+                actor=None,
+                action="auth.login_failed",
+                resource_type="user",
+                resource_id=body.username,
+                request=request,
+                status_code=401,
+                **({"method": "ldap"} if via_directory else {}),
+            )
+            await db.commit()
+            raise _unauthorized("wrong username or password")
+        state.login_throttle.succeeded(attempt)
+        if not user.is_active:
+            raise _unauthorized("this account is disabled")
+        if directory is None and security.needs_rehash(user.password_hash):
+            user.password_hash = await asyncio.to_thread(hash_password, body.password)
+        tokens, refresh = await issue_tokens(state, db, user)
         audit.record(
             db,
-            actor=None,
-            action="auth.login_failed",
+            actor=user,
+            action="auth.login",
             resource_type="user",
-            resource_id=body.username,
+            resource_id=user.id,
             request=request,
-            status_code=401,
-            **({"method": "ldap"} if via_directory else {}),
+            **_directory_detail(directory),
         )
         await db.commit()
-        raise _unauthorized("wrong username or password")
-    state.login_throttle.succeeded(attempt)
-    if not user.is_active:
-        raise _unauthorized("this account is disabled")
-    if directory is None and security.needs_rehash(user.password_hash):
-        user.password_hash = await asyncio.to_thread(hash_password, body.password)
-    tokens, refresh = await issue_tokens(state, db, user)
-    audit.record(
-        db,
-        actor=user,
-        action="auth.login",
-        resource_type="user",
-        resource_id=user.id,
-        request=request,
-        **_directory_detail(directory),
-    )
-    await db.commit()
     if directory is not None and directory.role_changed:
         state.revocations.revoke(
             user.id, f"signed out: the directory groups changed the role to {user.role}"

@@ -17,8 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace import logs
+from streamspace.config import Settings
 from streamspace.controlplane import audit, security
-from streamspace.controlplane.directory import DirectoryUnavailable
+from streamspace.controlplane.directory import DirectoryUnavailable, DirectoryUser
 from streamspace.controlplane.problems import Problem
 from streamspace.controlplane.provisioning import (
     LDAP,
@@ -46,15 +47,14 @@ def unavailable() -> Problem:
     )
 
 
-async def directory_login(
+async def ask_directory(
     request: Request, state: AppState, db: AsyncSession, username: str, password: str
-) -> Provisioned | None:
-    """The user's account, created or brought up to date from the directory, in the caller's
-    transaction; None when the directory does not vouch for (`username`, `password`)."""
+) -> DirectoryUser | None:
+    """The user's entry and groups when the directory vouches for (`username`, `password`)."""
     assert state.directory is not None
     await asyncio.to_thread(security.verify_password, security.dummy_hash(), password)
     try:
-        entry = await state.directory.authenticate(username, password)
+        return await state.directory.authenticate(username, password)
     except DirectoryUnavailable as exc:
         log.warning("directory_unavailable", url=state.directory.url, reason=str(exc))
         audit.record(
@@ -69,11 +69,16 @@ async def directory_login(
         )
         await db.commit()
         raise unavailable() from None
-    if entry is None:
-        return None
+
+
+async def provision_login(
+    db: AsyncSession, entry: DirectoryUser, settings: Settings
+) -> Provisioned | None:
+    """The entry's account, created or brought up to date, in the caller's transaction; None
+    when it cannot have one (the reason is logged)."""
     for attempt in range(2):
         try:
-            return await provision(db, entry, state.settings)
+            return await provision(db, entry, settings)
         except NotProvisioned as exc:
             log.warning("ldap_login_refused", username=entry.username, reason=str(exc))
             return None
