@@ -8,6 +8,8 @@ log in or refresh; an unreachable directory is a 503 for directory users only.
 
 from __future__ import annotations
 
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -225,6 +227,37 @@ def test_unreachable_directory_is_a_503_for_directory_users_only(
         renewed = anon.post("/api/v1/auth/refresh", json={"refresh_token": refresh})
     assert renewed.status_code == 200, renewed.text
     assert directory_login(cp, "alice").status_code == 200
+
+
+def test_a_directory_that_does_not_answer_is_a_503_within_the_timeout(
+    make_control_plane: Any, slapd: Any
+) -> None:
+    """A directory that accepts connections and then says nothing: each directory login ends
+    after the timeout, and meanwhile a local login is not held up by them."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        port = hole.getsockname()[1]
+        cp = ldap_cp(
+            make_control_plane,
+            slapd,
+            ldap_url=f"ldap://localhost:{port}",
+            ldap_timeout_seconds=2.0,
+        )
+        with ThreadPoolExecutor(12) as pool:
+            started = time.monotonic()
+            hung = [pool.submit(directory_login, cp, "alice") for _ in range(12)]
+            time.sleep(0.3)
+            local_started = time.monotonic()
+            admin = login(cp)
+            local_took = time.monotonic() - local_started
+            answers = [f.result() for f in hung]
+        took = time.monotonic() - started
+    for r in answers:
+        assert_problem(r, 503, "directory cannot be reached")
+    assert took < 10.0, took  # 12 logins, 8 at once, each ends at the 2 s timeout
+    assert local_took < 0.8, local_took
+    assert admin.get("/api/v1/auth/me").status_code == 200
 
 
 def test_a_local_account_wins_over_a_directory_entry(make_control_plane: Any, slapd: Any) -> None:

@@ -7,7 +7,7 @@ only ever sent in that one bind, over TLS when StartTLS or `ldaps://` is configu
 empty one is never sent at all: LDAP treats a bind with a DN and no password as an
 unauthenticated bind that succeeds (RFC 4513 5.1.2).
 
-ldap3 is synchronous, so every call runs in a worker thread (`asyncio.to_thread`); each
+ldap3 is synchronous, so every call runs in a worker thread (a pool of `MAX_CALLS`); each
 connection is bounded by `ldap_timeout_seconds` for the connect and for every answer. Anything
 that keeps the directory from answering (network, TLS, a refused service bind, a missing search
 base) is `DirectoryUnavailable`; the login route answers it with a 503, not a 401, so an outage
@@ -22,6 +22,8 @@ import math
 import secrets
 import socket
 import ssl
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +39,10 @@ log = logs.get_logger("streamspace.directory")
 _ABSENT_DN_RDN = "cn=streamspace-absent-user"
 """The bind made for a name the directory does not have, so that answering it takes the same
 round trips as a wrong password for a name it has."""
+
+
+MAX_CALLS = 8
+"""Directory calls one replica makes at once; more logins wait for a free one."""
 
 
 class DirectoryUnavailable(Exception):
@@ -78,6 +84,7 @@ class Directory:
         self.timeout = settings.ldap_timeout_seconds
         ca = str(settings.ldap_ca_file) if settings.ldap_ca_file is not None else None
         self._tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=ca)
+        self._pool = ThreadPoolExecutor(max_workers=MAX_CALLS, thread_name_prefix="ldap")
         self.tls = settings.ldap_start_tls or self._server().ssl
 
     @classmethod
@@ -107,12 +114,19 @@ class Directory:
     async def authenticate(self, username: str, password: str) -> DirectoryUser | None:
         """The user's entry and groups when `password` is theirs; None for a wrong password,
         a name the directory does not have (or the filter excludes), or an ambiguous one."""
-        return await asyncio.to_thread(self._authenticate, username, password)
+        return await self._run(self._authenticate, username, password)
 
     async def lookup(self, username: str) -> DirectoryUser | None:
         """Whether the filter still finds the user (a refresh asks this): their entry, without
         groups, or None."""
-        return await asyncio.to_thread(self._lookup, username)
+        return await self._run(self._lookup, username)
+
+    async def _run(
+        self, call: Callable[..., DirectoryUser | None], *args: str
+    ) -> DirectoryUser | None:
+        # Threads of their own, not asyncio's default pool: a directory that hangs until the
+        # timeout must not hold the threads local logins hash their passwords in.
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
 
     def _server(self) -> ldap3.Server:
         """A new one for each connection: an ldap3 Server remembers an address that failed
