@@ -185,6 +185,10 @@ def test_removed_directory_user_cannot_log_in_or_refresh(
     assert_problem(gone, 401, "no longer exists")
     with client(cp, access) as c:
         assert_problem(c.get("/api/v1/auth/me"), 401)  # her sign-ins ended with it
+    admin = login(cp)
+    refused = admin.get("/api/v1/audit", params={"action": "auth.refresh_refused"}).json()
+    assert refused["total"] == 1
+    assert refused["items"][0]["resource_id"] == user_row(admin, "carol")["id"]
 
 
 def test_a_filter_excludes_disabled_accounts(make_control_plane: Any, slapd: Any) -> None:

@@ -277,6 +277,17 @@ async def _rotate(
     # Asked before the claim below writes: no write lock is held while the directory answers.
     if user.auth_source == LDAP and not await still_in_directory(state, user):
         await end_sign_ins(db, user)
+        audit.record(
+            db,
+            actor=None,
+            action="auth.refresh_refused",
+            resource_type="user",
+            resource_id=user.id,
+            request=request,
+            status_code=401,
+            method="ldap",
+            reason="the directory no longer has the account",
+        )
         await db.commit()
         state.revocations.revoke(user.id, "signed out: the directory no longer has the account")
         raise _unauthorized("user no longer exists or is disabled")
