@@ -32,6 +32,10 @@ from streamspace.db.models import User
 
 log = logs.get_logger("streamspace.auth")
 
+PROVISION_ATTEMPTS = 5
+"""Each failed attempt means another login committed a row this one wanted, so a few are
+enough even for a burst of first logins sharing groups."""
+
 
 def uses_directory(state: AppState, user: User | None) -> bool:
     return state.directory is not None and (user is None or user.auth_source == LDAP)
@@ -76,16 +80,17 @@ async def provision_login(
 ) -> Provisioned | None:
     """The entry's account, created or brought up to date, in the caller's transaction; None
     when it cannot have one (the reason is logged)."""
-    for attempt in range(2):
+    for attempt in range(PROVISION_ATTEMPTS):
         try:
             return await provision(db, entry, settings)
         except NotProvisioned as exc:
             log.warning("ldap_login_refused", username=entry.username, reason=str(exc))
             return None
         except IntegrityError:
-            # Another login created the same user or group meanwhile: once more sees it.
+            # Another login committed the same user, group or membership meanwhile (PostgreSQL;
+            # SQLite's writer turn orders them): the next attempt sees and keeps it.
             await db.rollback()
-            if attempt:
+            if attempt == PROVISION_ATTEMPTS - 1:
                 raise
     return None
 
