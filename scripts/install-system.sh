@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages StreamSpace needs, only those missing (idempotent, fast when done).
 #   product: what `make run` needs (VNC server, apps, noVNC files, sandbox)
-#   test:    additionally what `make test` needs (browser for UI tests, podman, databases)
+#   test:    additionally what `make test` needs (browser for UI tests, podman, databases, slapd)
 set -euo pipefail
 what="${1:-product}"
 product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap tini novnc x11-utils)
 test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
-           postgresql redis-server iproute2 procps nginx)
+           postgresql redis-server iproute2 procps nginx slapd ldap-utils)
 pkgs=("${product[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 missing=()
@@ -20,3 +20,7 @@ echo "installing system packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# The LDAP tests run their own slapd on a free port; Debian's package starts a system one.
+if [[ " ${missing[*]} " == *" slapd "* ]]; then
+  $SUDO systemctl disable --now slapd >/dev/null 2>&1 || $SUDO service slapd stop >/dev/null 2>&1 || true
+fi

@@ -468,3 +468,14 @@ def k8s_node(request: pytest.FixtureRequest, kube_apiserver: Any) -> Iterator[An
         yield node
     finally:
         node.stop()
+
+
+@pytest.fixture
+def slapd() -> Iterator[Any]:
+    """A real OpenLDAP slapd with a seeded directory (tests/streamspace_testing/ldap.py), one
+    per test: tests change and stop it."""
+    from streamspace_testing.ldap import SLAPD_MISSING, running_slapd
+
+    require(SLAPD_MISSING)
+    with running_slapd() as server:
+        yield server

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -195,6 +195,102 @@ class Settings(BaseSettings):
         ge=0,
         description="Session creations one user may have under way at once on each replica "
         "(`0`: no limit); more get 429 `rate-limited` with `Retry-After: 1`.",
+    )
+
+    ldap_url: str = Field(
+        default="",
+        description="Directory login: `ldap://host[:port]` or `ldaps://host[:port]` of an LDAP "
+        "server or Active Directory domain controller. Usernames that have no local account "
+        "are then checked against the directory, and a directory user gets a StreamSpace "
+        "account at first login. Empty: directory login is off. See `docs/identity.md`.",
+        json_schema_extra={"shown_default": "*(off)*"},
+    )
+    ldap_start_tls: bool = Field(
+        default=False,
+        description="Upgrade an `ldap://` connection with StartTLS before anything is sent. "
+        "Without it (or `ldaps://`) passwords cross the network in the clear; the control "
+        "plane logs `ldap_cleartext` at start.",
+    )
+    ldap_ca_file: Path | None = Field(
+        default=None,
+        description="PEM file of the CA(s) that signed the directory's certificate, for "
+        "StartTLS and `ldaps://`. Unset: the system's trusted CAs. The certificate and its "
+        "host name are always verified.",
+        json_schema_extra={"shown_default": "*(system CAs)*"},
+    )
+    ldap_bind_dn: str = Field(
+        default="",
+        description="DN of the service account that searches the directory for users and their "
+        "groups (e.g. `cn=streamspace,ou=services,dc=example,dc=org`). It needs read access "
+        "only. Empty: the searches are anonymous, where the directory allows that.",
+        json_schema_extra={"shown_default": "*(anonymous search)*"},
+    )
+    ldap_bind_password: str = Field(
+        default="",
+        repr=False,
+        description="Password of `STREAMSPACE_LDAP_BIND_DN`. Never logged or shown by the API.",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    ldap_user_base_dn: str = Field(
+        default="",
+        description="Where users are searched (whole subtree), e.g. `ou=people,dc=example,dc=org`.",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    ldap_user_filter: str = Field(
+        default="(uid={username})",
+        description="Finds the one entry of the user logging in; `{username}` is replaced by the "
+        "typed name, escaped (RFC 4515). It must find the user by the value of "
+        "`STREAMSPACE_LDAP_USERNAME_ATTRIBUTE`: a refresh looks the user up by that value. Add "
+        "conditions here to refuse disabled accounts, e.g. for Active Directory "
+        "`(&(sAMAccountName={username})(!(userAccountControl:1.2.840.113556.1.4.803:=2)))`.",
+    )
+    ldap_group_base_dn: str = Field(
+        default="",
+        description="Where groups are searched (whole subtree). Empty: groups are not read, and "
+        "directory users get no groups and the `user` role.",
+        json_schema_extra={"shown_default": "*(no group lookup)*"},
+    )
+    ldap_group_filter: str = Field(
+        default="(|(member={dn})(uniqueMember={dn})(memberUid={username}))",
+        description="Finds the groups of a user; `{dn}` is replaced by the user's DN and "
+        "`{username}` by their username, both escaped. For nested Active Directory groups: "
+        "`(member:1.2.840.113556.1.4.1941:={dn})`.",
+    )
+    ldap_group_name_attribute: str = Field(
+        default="cn",
+        description="Attribute of a group entry that names the StreamSpace group it becomes.",
+    )
+    ldap_admin_group: str = Field(
+        default="",
+        description="Members of the directory group of this name get the `admin` role (checked "
+        "at each login; a change signs the user out of their other sign-ins).",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    ldap_operator_group: str = Field(
+        default="",
+        description="Members of the directory group of this name get the `operator` role, "
+        "unless they are admins. Everyone else from the directory gets `user`.",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    ldap_username_attribute: str = Field(
+        default="uid",
+        description="Attribute whose value becomes the StreamSpace username (`sAMAccountName` "
+        "for Active Directory).",
+    )
+    ldap_display_name_attribute: str = Field(
+        default="cn",
+        description="Attribute copied into the user's display name at each login "
+        "(`displayName` for Active Directory).",
+    )
+    ldap_email_attribute: str = Field(
+        default="mail", description="Attribute copied into the user's email at each login."
+    )
+    ldap_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Limit for connecting to the directory and for each answer. A directory "
+        "that does not answer in time makes directory logins fail with 503 "
+        "`directory-unavailable`; local users still log in.",
     )
 
     metrics_token: str = Field(
@@ -443,6 +539,29 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"public_url: {value!r} is not an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("ldap_url")
+    @classmethod
+    def _check_ldap_url(cls, value: str) -> str:
+        if value and (
+            urlsplit(value).scheme not in ("ldap", "ldaps") or not urlsplit(value).hostname
+        ):
+            raise ValueError(f"ldap_url: {value!r} is not an ldap:// or ldaps:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _check_ldap(self) -> Settings:
+        if not self.ldap_url:
+            return self
+        if self.ldap_start_tls and self.ldap_url.startswith("ldaps:"):
+            raise ValueError("ldap_start_tls: an ldaps:// URL is TLS already; use one or the other")
+        if not self.ldap_user_base_dn:
+            raise ValueError("ldap_user_base_dn: needed when ldap_url is set")
+        if "{username}" not in self.ldap_user_filter:
+            raise ValueError("ldap_user_filter: must contain {username}")
+        if self.ldap_bind_dn and not self.ldap_bind_password:
+            raise ValueError("ldap_bind_password: needed with ldap_bind_dn")
+        return self
 
     def resolved_database_url(self) -> str:
         if self.database_url:

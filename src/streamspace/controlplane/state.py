@@ -15,6 +15,7 @@ from streamspace.config import Settings
 from streamspace.controlplane.agentsocket import AgentEndpoint
 from streamspace.controlplane.apikeys import ApiKeys
 from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.directory import Directory
 from streamspace.controlplane.embedded import EmbeddedAgentSlot
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
@@ -50,6 +51,8 @@ class AppState:
     """Each user's session creations under way (deps.create_turn)."""
     auth_cache: AuthCache
     api_keys: ApiKeys
+    directory: Directory | None
+    """LDAP / Active Directory login; None when `STREAMSPACE_LDAP_URL` is not set."""
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool by wiring."""
     revocations: Revocations

@@ -16,6 +16,7 @@ from streamspace.config import Settings
 from streamspace.controlplane.agentsocket import AgentEndpoint
 from streamspace.controlplane.apikeys import ApiKeys
 from streamspace.controlplane.authcache import AuthCache
+from streamspace.controlplane.directory import Directory
 from streamspace.controlplane.embedded import EmbeddedAgentSlot
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
@@ -120,6 +121,7 @@ def build_state(
         session_creates=InFlight(settings.user_concurrent_creates),
         auth_cache=auth_cache,
         api_keys=ApiKeys(db=db, ttl=settings.auth_cache_seconds),
+        directory=Directory.from_settings(settings),
         db_slots=asyncio.Semaphore(request_slots(settings)),
         revocations=revocations,
         writer_turn=writer_turn,

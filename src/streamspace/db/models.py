@@ -62,6 +62,11 @@ class User(TimestampMixin, Base):
     )
     """An account for automation: it has no usable password and acts only through API keys
     an admin creates for it."""
+    auth_source: Mapped[str] = mapped_column(
+        String(16), default="local", server_default="local", nullable=False
+    )
+    """`local`: a StreamSpace password (or none); `ldap`: created at a directory login, which
+    alone authenticates it (its password hash is NO_PASSWORD)."""
 
     __table_args__ = (CheckConstraint("role IN ('admin', 'operator', 'user')", name="role"),)
 
@@ -77,6 +82,11 @@ class Group(TimestampMixin, Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     description: Mapped[str] = mapped_column(String(512), default="", nullable=False)
+    source: Mapped[str] = mapped_column(
+        String(16), default="local", server_default="local", nullable=False
+    )
+    """`local`: managed by admins; `ldap`: a directory group, whose memberships each member's
+    directory login sets (admins' changes to them last until that member's next login)."""
 
 
 class GroupMembership(Base):

@@ -12,7 +12,9 @@ body token, and the other ways to get one need the password.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -20,6 +22,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace.controlplane import audit, security
+from streamspace.controlplane.api.auth_directory import (
+    ask_directory,
+    provision_login,
+    still_in_directory,
+    uses_directory,
+)
 from streamspace.controlplane.api.mfagate import demand_second_step
 from streamspace.controlplane.api.schemas import (
     LoginIn,
@@ -31,10 +39,11 @@ from streamspace.controlplane.api.schemas import (
     UserOut,
 )
 from streamspace.controlplane.browser import is_tls, origin_allowed
-from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip
+from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip, writer_turn
 from streamspace.controlplane.loginthrottle import TooManyFailures
 from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import Problem, problem_response
+from streamspace.controlplane.provisioning import LDAP, Provisioned
 from streamspace.controlplane.revocation import end_sign_ins
 from streamspace.controlplane.security import (
     hash_password,
@@ -135,40 +144,78 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
             headers={"Retry-After": str(wait)},
         ) from None
     user = await db.scalar(select(User).where(func.lower(User.username) == body.username.lower()))
+    directory: Provisioned | None = None
+    via_directory = uses_directory(state, user)
+    async with contextlib.AsyncExitStack() as held:
+        if via_directory:
+            entry = await ask_directory(request, state, db, body.username, body.password)
+            if entry is not None:
+                # The account's read-then-write: on SQLite, which has no row locks, in the turn.
+                await held.enter_async_context(writer_turn(state, db))
+                directory = await provision_login(db, entry, state.settings)
+            user = directory.user if directory is not None else None
+        elif not await _password_matches(user, body.password):
+            user = None
+        if user is None:
+            audit.record(
+                db,
+                actor=None,
+                action="auth.login_failed",
+                resource_type="user",
+                resource_id=body.username,
+                request=request,
+                status_code=401,
+                **({"method": "ldap"} if via_directory else {}),
+            )
+            await db.commit()
+            raise _unauthorized("wrong username or password")
+        state.login_throttle.succeeded(attempt)
+        if not user.is_active:
+            raise _unauthorized("this account is disabled")
+        if directory is None and security.needs_rehash(user.password_hash):
+            user.password_hash = await asyncio.to_thread(hash_password, body.password)
+        # What the password step settled (a rehash, a directory account and its groups) is
+        # kept whether or not a second step follows.
+        await db.commit()
+        if directory is not None and directory.role_changed:
+            state.revocations.revoke(
+                user.id, f"signed out: the directory groups changed the role to {user.role}"
+            )
+        await demand_second_step(
+            db, state.settings, state.secret, user, body.refresh_token_delivery
+        )
+        tokens, refresh = await issue_tokens(state, db, user)
+        audit.record(
+            db,
+            actor=user,
+            action="auth.login",
+            resource_type="user",
+            resource_id=user.id,
+            request=request,
+            **_directory_detail(directory),
+        )
+        await db.commit()
+    return token_response(request, state, tokens, refresh, body.refresh_token_delivery)
+
+
+async def _password_matches(user: User | None, password: str) -> bool:
     has_password = user is not None and user.password_hash != security.NO_PASSWORD
     stored = user.password_hash if user is not None and has_password else security.dummy_hash()
     # Verified whether or not the user exists (never short-circuited): the same work either way.
-    matches = await asyncio.to_thread(security.verify_password, stored, body.password)
-    if user is None or not matches:
-        audit.record(
-            db,
-            actor=None,
-            action="auth.login_failed",
-            resource_type="user",
-            resource_id=body.username,
-            request=request,
-            status_code=401,
-        )
-        await db.commit()
-        raise _unauthorized("wrong username or password")
-    state.login_throttle.succeeded(attempt)
-    if not user.is_active:
-        raise _unauthorized("this account is disabled")
-    if security.needs_rehash(user.password_hash):
-        user.password_hash = await asyncio.to_thread(hash_password, body.password)
-        await db.commit()
-    await demand_second_step(db, state.settings, state.secret, user, body.refresh_token_delivery)
-    tokens, refresh = await issue_tokens(state, db, user)
-    audit.record(
-        db,
-        actor=user,
-        action="auth.login",
-        resource_type="user",
-        resource_id=user.id,
-        request=request,
-    )
-    await db.commit()
-    return token_response(request, state, tokens, refresh, body.refresh_token_delivery)
+    matches = await asyncio.to_thread(security.verify_password, stored, password)
+    return user is not None and matches
+
+
+def _directory_detail(directory: Provisioned | None) -> dict[str, Any]:
+    if directory is None:
+        return {}
+    return {
+        "method": "ldap",
+        "created": directory.created,
+        "role": directory.user.role,
+        "groups_joined": directory.groups_joined,
+        "groups_left": directory.groups_left,
+    }
 
 
 def _cookie_refresh_token(request: Request, state: AppState) -> str:
@@ -235,6 +282,26 @@ async def _rotate(
         )
         await db.commit()
         raise _unauthorized("refresh token was already used; all its sessions are revoked")
+    user = await db.get(User, row.user_id)
+    if user is None or not user.is_active:
+        raise _unauthorized("user no longer exists or is disabled")
+    # Asked before the claim below writes: no write lock is held while the directory answers.
+    if user.auth_source == LDAP and not await still_in_directory(state, user):
+        await end_sign_ins(db, user)
+        audit.record(
+            db,
+            actor=None,
+            action="auth.refresh_refused",
+            resource_type="user",
+            resource_id=user.id,
+            request=request,
+            status_code=401,
+            method="ldap",
+            reason="the directory no longer has the account",
+        )
+        await db.commit()
+        state.revocations.revoke(user.id, "signed out: the directory no longer has the account")
+        raise _unauthorized("user no longer exists or is disabled")
     claimed = await db.execute(
         update(RefreshToken)
         .where(RefreshToken.id == row.id, RefreshToken.used_at.is_(None))
@@ -243,9 +310,6 @@ async def _rotate(
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         await db.rollback()
         raise _unauthorized("refresh token was already used")
-    user = await db.get(User, row.user_id)
-    if user is None or not user.is_active:
-        raise _unauthorized("user no longer exists or is disabled")
     tokens, refresh_token = await issue_tokens(state, db, user, family_id=row.family_id)
     await db.commit()
     return token_response(request, state, tokens, refresh_token, delivery)
@@ -281,6 +345,13 @@ async def me(user: UserDep) -> User:
 async def change_password(
     body: PasswordChangeIn, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> Response:
+    if user.auth_source == LDAP:
+        raise Problem(
+            400,
+            "Bad request",
+            "your password is the directory's: change it there",
+            kind="bad-request",
+        )
     if not await asyncio.to_thread(
         security.verify_password, user.password_hash, body.current_password
     ):

@@ -67,6 +67,10 @@ class UserOut(Out):
     is_active: bool
     idle_timeout_seconds: int | None
     service_account: bool
+    auth_source: str = Field(
+        description="`local` (a StreamSpace password, or none) or `ldap` (created at a "
+        "directory login; the directory checks the password)"
+    )
     created_at: datetime
 
 
@@ -157,6 +161,11 @@ class GroupOut(Out):
     id: str
     name: str
     description: str
+    source: str = Field(
+        default="local",
+        description="`local` (managed by admins) or `ldap` (a directory group: each member's "
+        "login sets their membership)",
+    )
     members: list[str] = Field(default_factory=list)
     quota: QuotaOut | None = None
 

@@ -337,7 +337,7 @@ export async function usersView(main, { ctx }) {
       h(
         "tr",
         { dataset: { testid: `user-${u.username}` } },
-        h("td", {}, h("strong", {}, u.username), self ? h("span", { class: "muted small" }, " (you)") : null, u.email ? h("div", { class: "muted small" }, u.email) : null),
+        h("td", {}, h("strong", {}, u.username), self ? h("span", { class: "muted small" }, " (you)") : null, u.auth_source === "ldap" ? h("span", { class: "muted small", dataset: { testid: "from-directory" } }, " (directory)") : null, u.email ? h("div", { class: "muted small" }, u.email) : null),
         h("td", {}, u.display_name || h("span", { class: "muted" }, "—")),
         h("td", {}, roleSel),
         h("td", {}, u.is_active ? pill("active", "ok") : pill("disabled", "muted")),
@@ -346,7 +346,7 @@ export async function usersView(main, { ctx }) {
           "td",
           { class: "actions" },
           h("button", { type: "button", class: "btn btn-small", "aria-expanded": String(open.get(u.id) === "quota"), dataset: { testid: "edit-quota" }, onclick: () => toggle(u, "quota") }, "Quota"),
-          h("button", { type: "button", class: "btn btn-small", "aria-expanded": String(open.get(u.id) === "password"), dataset: { testid: "edit-password" }, onclick: () => toggle(u, "password") }, "Password"),
+          h("button", { type: "button", class: "btn btn-small", "aria-expanded": String(open.get(u.id) === "password"), dataset: { testid: "edit-password" }, disabled: u.auth_source === "ldap", title: u.auth_source === "ldap" ? "The directory holds this user's password" : undefined, onclick: () => toggle(u, "password") }, "Password"),
           h(
             "button",
             {
