@@ -42,6 +42,7 @@ def new_key(c: httpx.Client, *scopes: str, **extra: Any) -> dict[str, Any]:
 
 def test_scopes_limit_what_a_key_may_do(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # xterm is runnable: creates are accepted and stay pending
     admin = login(cp)
     add_user(admin, "alice")
     alice = login(cp, "alice", PASSWORD)
@@ -189,6 +190,7 @@ def test_revoked_expired_forged_and_orphaned_keys_fail(
 
 def test_service_accounts_act_only_through_keys(make_control_plane: Any) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()
     admin = login(cp)
     r = admin.post("/api/v1/users", json={"username": "robot", "service_account": True})
     assert r.status_code == 201, r.text
