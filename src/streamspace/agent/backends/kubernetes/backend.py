@@ -376,8 +376,9 @@ class KubernetesBackend(Backend):
     async def _wait_gone(self, pods: Reflector, name: str, deadline: float) -> None:
         """A pod still terminating (from a hibernate or stop just before) must be gone before
         one of the same name can be created."""
-        if name not in pods.items:
-            return
+        pod = pods.items.get(name)
+        if pod is None or not podstate.terminating(pod):
+            return  # a live pod is the session's own (start is idempotent)
         if not await pods.wait_for(lambda: name not in pods.items, deadline - time.monotonic()):
             raise BackendError(f"the session's previous pod {name} is still being deleted")
 
