@@ -1,5 +1,6 @@
 """One contract, every backend: what `agent/backends/base.py` promises, run against each real
-backend (local: Xvnc + xterm in the sandbox; docker: podman's Docker API with the xterm image).
+backend (local: Xvnc + xterm in the sandbox; docker: podman's Docker API with the xterm image;
+kubernetes: the real kube-apiserver with the podman test node running the xterm image's pods).
 
 Each test gets `harness`, parametrized over `HARNESSES`; a backend whose machinery this host
 lacks is skipped, saying why. To join, a backend provides a `Harness` subclass and one entry in
@@ -156,7 +157,81 @@ class DockerHarness(Harness):
             self.engine.close()
 
 
-HARNESSES: dict[str, type[Harness]] = {"local": LocalHarness, "docker": DockerHarness}
+class KubernetesHarness(Harness):
+    """A namespace of its own on the shared API server; the test node runs the pods, and the
+    home is read from the node's directory of the session's claim."""
+
+    kind = "kubernetes"
+
+    def __init__(self, tmp_path: Path, server: Any, node: Any, admin: Any, namespace: str) -> None:
+        super().__init__(tmp_path)
+        self.node = node
+        self.admin = admin
+        self.namespace = namespace
+        self.agent_id = f"contract-{uuid.uuid4().hex[:8]}"
+        self.kubeconfig = server.write_kubeconfig(tmp_path / "kubeconfig", None, namespace)
+
+    @classmethod
+    async def open(cls, request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+        if PODMAN_MISSING:
+            pytest.skip(PODMAN_MISSING)
+        from kube_support import new_namespace
+        from kubernetes_asyncio import client as k8s
+        from kubernetes_asyncio.config import new_client_from_config
+
+        server = request.getfixturevalue("kube_apiserver")
+        node = request.getfixturevalue("k8s_node")
+        admin = await new_client_from_config(
+            config_file=str(server.write_kubeconfig(tmp_path / "admin-kubeconfig"))
+        )
+        namespace = await new_namespace(k8s.CoreV1Api(admin))
+        return cls(tmp_path, server, node, admin, namespace)
+
+    def new_backend(self) -> Backend:
+        from streamspace.agent.backends.kubernetes import KubeConfig, KubernetesBackend
+
+        config = KubeConfig(kubeconfig=str(self.kubeconfig), start_timeout=60.0)
+        return KubernetesBackend(self.agent_id, self.state_dir, config=config)
+
+    def spec(self, command: list[str] | None = None) -> SessionSpec:
+        from docker_support import XTERM, new_spec
+
+        return new_spec(
+            self.user,
+            self.user_id,
+            session_id=self.session_id(),
+            image=ImageLaunch(image=XTERM, command=command),
+        )
+
+    async def read_home(self, backend: Backend, spec: SessionSpec, name: str) -> str:
+        from kubernetes_asyncio import client as k8s
+
+        from streamspace.agent.backends.kubernetes.objects import home_claim_name
+
+        claim = await k8s.CoreV1Api(self.admin).read_namespaced_persistent_volume_claim(
+            home_claim_name(spec.user_id, spec.template), self.namespace
+        )
+        path = self.node.node.state_dir / "claims" / claim.metadata.uid / name
+        return await asyncio.to_thread(path.read_text)
+
+    async def cleanup(self, backend: Backend) -> None:
+        from kubernetes_asyncio import client as k8s
+
+        core = k8s.CoreV1Api(self.admin)
+        try:
+            await super().cleanup(backend)
+        finally:
+            await core.delete_collection_namespaced_pod(self.namespace, grace_period_seconds=0)
+            await core.delete_collection_namespaced_secret(self.namespace)
+            await core.delete_collection_namespaced_persistent_volume_claim(self.namespace)
+            await self.admin.close()
+
+
+HARNESSES: dict[str, type[Harness]] = {
+    "local": LocalHarness,
+    "docker": DockerHarness,
+    "kubernetes": KubernetesHarness,
+}
 
 
 @pytest.fixture(params=sorted(HARNESSES))

@@ -386,7 +386,7 @@ async def test_running_session_serves_vnc_then_hibernates_wakes_stops_and_is_ado
     async def on_exit(session_id: str, reason: str) -> None:
         exits.append((session_id, reason))
 
-    await adopted.start_monitor(on_exit)
+    await adopted.watch_exits(on_exit)
     assert [(i.session_id, i.state) for i in await adopted.inventory()] == [("s-run", "running")]
     assert (await adopted.status("s-run")).endpoint == endpoint
     reader, writer = await adopted.open_vnc("s-run")  # its password comes from the Secret

@@ -81,6 +81,25 @@ def test_docker_backend_from_options_keeps_its_label_id(tmp_path: Path) -> None:
     assert again.agent_id == label  # type: ignore[attr-defined]
 
 
+def test_kubernetes_backend_from_options(tmp_path: Path) -> None:
+    settings = Settings(kube_namespace="sessions", kube_home_size="2Gi")
+    options = BackendOptions(state_dir=tmp_path / "s", settings=settings)
+    first = create_backend("kubernetes", options)
+    assert first.kind == "kubernetes"
+    assert first.namespace == "sessions"  # type: ignore[attr-defined]
+    assert first.config.home_size == "2Gi"  # type: ignore[attr-defined]
+    label = (tmp_path / "s" / "backend-id").read_text()
+    assert first.agent_id == label  # type: ignore[attr-defined]
+    assert os.stat(tmp_path / "s" / "backend-id").st_mode & 0o077 == 0
+    assert create_backend("kubernetes", options).agent_id == label  # type: ignore[attr-defined]
+
+
+def test_bad_kubernetes_settings_are_a_backend_error(tmp_path: Path) -> None:
+    settings = Settings(kube_node_selector="disk")
+    with pytest.raises(BackendError, match="kube_node_selector: 'disk' is not key=value"):
+        create_backend("kubernetes", BackendOptions(state_dir=tmp_path, settings=settings))
+
+
 def test_a_local_agent_never_imports_the_docker_sdk(tmp_path: Path) -> None:
     code = (
         "import sys\n"
@@ -89,7 +108,8 @@ def test_a_local_agent_never_imports_the_docker_sdk(tmp_path: Path) -> None:
         "from streamspace.agent.backends.registry import create_backend\n"
         "from streamspace.config import Settings\n"
         f"create_backend('local', BackendOptions(Path({str(tmp_path)!r}), Settings()))\n"
-        "print(sorted(m for m in sys.modules if m == 'docker' or m.startswith('docker.')))\n"
+        "sdks = ('docker', 'kubernetes_asyncio')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in sdks))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

@@ -58,9 +58,14 @@ def agent(
     cluster_name: str = typer.Option("Default cluster"),
     region: str = typer.Option(""),
     name: str | None = typer.Option(None, help="Agent name (default: host name)."),
-    backend: str = typer.Option("local", help="local or docker"),
+    backend: str = typer.Option("local", help="local, docker or kubernetes"),
     state_dir: Path | None = typer.Option(None, help="Credential and session state."),
     docker_host: str | None = typer.Option(None, help="Docker Engine API URL (docker backend)."),
+    namespace: str | None = typer.Option(
+        None,
+        help="Namespace the sessions' pods go to (kubernetes backend; default: "
+        "STREAMSPACE_KUBE_NAMESPACE, the kubeconfig context's, or the agent's own in a cluster).",
+    ),
     max_sessions: int = typer.Option(10),
     cpu_millis: int = typer.Option(8000),
     memory_mb: int = typer.Option(16384),
@@ -83,6 +88,8 @@ def agent(
     agent_name = name or socket.gethostname()
     if insecure_shared_user:
         s.local_insecure_shared_user = True
+    if namespace is not None:
+        s.kube_namespace = namespace
     be = build_backend(backend, s, sdir, docker_host)
     config = AgentConfig(
         server=server_url.rstrip("/"),

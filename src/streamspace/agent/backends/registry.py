@@ -38,9 +38,10 @@ class Registered:
 BACKENDS: Final[Mapping[BackendKind, Registered]] = {
     "local": Registered("streamspace.agent.backends.local", "LocalBackend"),
     "docker": Registered("streamspace.agent.backends.docker", "DockerBackend"),
+    "kubernetes": Registered("streamspace.agent.backends.kubernetes", "KubernetesBackend"),
 }
 
-NOT_YET_REGISTERED: Final[frozenset[BackendKind]] = frozenset({"kubernetes"})
+NOT_YET_REGISTERED: Final[frozenset[BackendKind]] = frozenset()
 """Kinds the protocol knows that this agent cannot run yet: choosing one is a clear error."""
 
 

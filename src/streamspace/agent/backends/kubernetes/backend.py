@@ -31,20 +31,29 @@ import base64
 import functools
 import os
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from streamspace import logs
 from streamspace.agent import vnc
-from streamspace.agent.backends.base import Backend, BackendError, VNCStream, rfb_answers
+from streamspace.agent.backends.base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    ExitCallback,
+    VNCStream,
+    rfb_answers,
+)
 from streamspace.agent.backends.kubernetes import api, objects, podstate, resources
 from streamspace.agent.backends.kubernetes.monitor import PodExits, session_of
 from streamspace.agent.backends.kubernetes.reflector import Reflector
 from streamspace.agent.backends.kubernetes.settings import KubeConfig
+from streamspace.private_files import create_private_file, private_dir
 from streamspace.protocol import (
     CatalogEntry,
     Endpoint,
@@ -56,8 +65,6 @@ from streamspace.protocol import (
 
 log = logs.get_logger("streamspace.agent.kubernetes")
 
-ExitCallback = Callable[[str, str], Awaitable[None]]
-"""on_exit(session_id, reason): a running session's pod ended on its own."""
 ProgressCallback = Callable[[str, str], Awaitable[None]]
 """on_progress(session_id, message): a start milestone the session's pod just passed."""
 SYNC_TIMEOUT = resources.SYNC_TIMEOUT
@@ -98,6 +105,16 @@ class KubernetesBackend(Backend):
         self._exits = PodExits(lock=self._lock, notify=self._notify)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._vnc_key = _load_key(self.state_dir / "vnc-key")
+
+    @classmethod
+    def from_options(cls, options: BackendOptions) -> Self:
+        """Pods are labelled with an id of the state dir, not the enrolled agent id: they must
+        be findable across restarts from the first start on, before enrolment (as docker's)."""
+        return cls(
+            label_id(options.state_dir),
+            options.state_dir,
+            config=KubeConfig.from_settings(options.settings),
+        )
 
     # ---- connection and caches ---------------------------------------------------------
 
@@ -280,22 +297,14 @@ class KubernetesBackend(Backend):
             await self._client.close()
             self._client = None
 
-    # ---- hooks used by the agent (the docker backend's names) ---------------------------
+    # ---- hooks the agent calls -------------------------------------------------------------
 
-    async def start_monitor(self, on_exit: ExitCallback | None = None) -> None:
+    async def watch_exits(self, on_exit: ExitCallback) -> None:
         """Report pods that end on their own through `on_exit`, from the pod cache's events."""
-        if on_exit is not None:
-            self.on_exit = on_exit
+        self.on_exit = on_exit
         pods, _ = await self._ready()
         self._exits.adopt(list(pods.items.values()))
         self._exits.enabled = True
-
-    async def remove_unknown(self, keep: set[str]) -> list[str]:
-        """Stop every session of this agent whose id is not in keep (its home stays)."""
-        removed = sorted({item.session_id for item in await self.inventory()} - set(keep))
-        for session_id in removed:
-            await self.stop(session_id)
-        return removed
 
     # ---- start / wake -------------------------------------------------------------------
 
@@ -367,8 +376,9 @@ class KubernetesBackend(Backend):
     async def _wait_gone(self, pods: Reflector, name: str, deadline: float) -> None:
         """A pod still terminating (from a hibernate or stop just before) must be gone before
         one of the same name can be created."""
-        if name not in pods.items:
-            return
+        pod = pods.items.get(name)
+        if pod is None or not podstate.terminating(pod):
+            return  # a live pod is the session's own (start is idempotent)
         if not await pods.wait_for(lambda: name not in pods.items, deadline - time.monotonic()):
             raise BackendError(f"the session's previous pod {name} is still being deleted")
 
@@ -477,6 +487,19 @@ def _version(obj: dict[str, Any] | None) -> str:
 
 def _changed(pods: Reflector, name: str, version: str) -> bool:
     return _version(pods.items.get(name)) != version
+
+
+def label_id(state_dir: Path) -> str:
+    """A stable id for labelling this agent's pods and secrets, made once per state dir
+    (blocking; a label value: 32 hex digits)."""
+    path = state_dir / "backend-id"
+    if path.exists():
+        return path.read_text().strip()
+    private_dir(state_dir)
+    value = uuid.uuid4().hex
+    create_private_file(path)
+    path.write_text(value)
+    return value
 
 
 def _load_key(path: Path) -> bytes:
