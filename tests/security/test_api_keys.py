@@ -243,6 +243,7 @@ def test_cli_logs_in_with_a_key_from_the_environment(
     make_control_plane: Any, tmp_path: Path
 ) -> None:
     cp = make_control_plane(**NO_LIMIT)
+    cp.start_full_agent()  # users see only templates an agent can run
     admin = login(cp)
     add_user(admin, "alice")
     alice = login(cp, "alice", PASSWORD)
