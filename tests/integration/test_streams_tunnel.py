@@ -262,58 +262,62 @@ async def test_stalled_reader_does_not_grow_control_plane_memory(d: Desk) -> Non
         rss_before = rss_bytes()
         base = streams.bytes_to_browser
         ws = await d.open_ws(sid)
-        await wait_until(lambda: streams.bytes_to_browser > base, 10, "data to flow")
+        try:
+            await wait_until(lambda: streams.bytes_to_browser > base, 10, "data to flow")
 
-        samples: list[tuple[float, int, int, int]] = []
-        started = time.monotonic()
-        while (t := time.monotonic() - started) < 5:
-            samples.append((t, streams.bytes_to_browser - base, rss_bytes(), flood.sent))
-            await asyncio.sleep(0.25)
-        _, stalled_bytes, _, stalled_sent = samples[-1]
-        at_2s = next(s for s in samples if s[0] >= 2.0)
-        peak_rss = max(s[2] for s in samples)
-        print(
-            f"\nstall: to_browser={stalled_bytes / MiB:.2f} MiB "
-            f"(at 2s {at_2s[1] / MiB:.2f} MiB), flood sent={stalled_sent / MiB:.2f} MiB, "
-            f"rss before={rss_before / MiB:.1f} MiB peak={peak_rss / MiB:.1f} MiB "
-            f"(+{(peak_rss - rss_before) / MiB:.1f} MiB)"
-        )
-        assert stalled_bytes < 20 * MiB, f"control plane kept sending: {stalled_bytes}"
-        assert stalled_bytes - at_2s[1] < 2 * MiB, "bytes_to_browser kept growing"
-        assert stalled_sent < 64 * MiB, "the flood was never pushed back"
-        assert not flood.finished.is_set()
-        assert peak_rss - rss_before < 64 * MiB, f"RSS grew by {peak_rss - rss_before}"
+            samples: list[tuple[float, int, int, int]] = []
+            started = time.monotonic()
+            while (t := time.monotonic() - started) < 5:
+                samples.append((t, streams.bytes_to_browser - base, rss_bytes(), flood.sent))
+                await asyncio.sleep(0.25)
+            _, stalled_bytes, _, stalled_sent = samples[-1]
+            at_2s = next(s for s in samples if s[0] >= 2.0)
+            peak_rss = max(s[2] for s in samples)
+            print(
+                f"\nstall: to_browser={stalled_bytes / MiB:.2f} MiB "
+                f"(at 2s {at_2s[1] / MiB:.2f} MiB), flood sent={stalled_sent / MiB:.2f} MiB, "
+                f"rss before={rss_before / MiB:.1f} MiB peak={peak_rss / MiB:.1f} MiB "
+                f"(+{(peak_rss - rss_before) / MiB:.1f} MiB)"
+            )
+            assert stalled_bytes < 20 * MiB, f"control plane kept sending: {stalled_bytes}"
+            assert stalled_bytes - at_2s[1] < 2 * MiB, "bytes_to_browser kept growing"
+            assert stalled_sent < 64 * MiB, "the flood was never pushed back"
+            assert not flood.finished.is_set()
+            assert peak_rss - rss_before < 64 * MiB, f"RSS grew by {peak_rss - rss_before}"
 
-        # Resume: everything arrives, in order, with nothing lost during the stall.
-        received = 0
-        block, size = flood.block, len(flood.block)
-        resumed = time.monotonic()
-        with contextlib.suppress(ConnectionClosed):
-            while received < flood.total:
-                frame = await asyncio.wait_for(ws.recv(), 15)
-                assert isinstance(frame, bytes)
-                pos = 0
-                while pos < len(frame):
-                    at = (received + pos) % size
-                    n = min(size - at, len(frame) - pos)
-                    if frame[pos : pos + n] != block[at : at + n]:
-                        raise AssertionError(f"stream corrupted near byte {received + pos}")
-                    pos += n
-                received += len(frame)
-        print(
-            f"resume: {received / MiB:.0f} MiB in {time.monotonic() - resumed:.2f}s, "
-            f"rss after={rss_bytes() / MiB:.1f} MiB"
-        )
-        assert received == flood.total
-        # Counted once a send returns, which can be after the browser has the bytes.
-        await wait_until(
-            lambda: streams.bytes_to_browser - base == flood.total, 5, "the byte counter"
-        )
-        # The flood server closing its socket ends the stream all the way to the browser.
-        with contextlib.suppress(ConnectionClosed):
-            extra = await asyncio.wait_for(ws.recv(), 10)
-            raise AssertionError(f"unexpected bytes after the end: {len(extra)}")
-        await wait_until(lambda: streams.active_streams == 0, 10, "the stream to close")
+            # Resume: everything arrives, in order, with nothing lost during the stall.
+            received = 0
+            block, size = flood.block, len(flood.block)
+            resumed = time.monotonic()
+            with contextlib.suppress(ConnectionClosed):
+                while received < flood.total:
+                    frame = await asyncio.wait_for(ws.recv(), 15)
+                    assert isinstance(frame, bytes)
+                    pos = 0
+                    while pos < len(frame):
+                        at = (received + pos) % size
+                        n = min(size - at, len(frame) - pos)
+                        if frame[pos : pos + n] != block[at : at + n]:
+                            raise AssertionError(f"stream corrupted near byte {received + pos}")
+                        pos += n
+                    received += len(frame)
+            print(
+                f"resume: {received / MiB:.0f} MiB in {time.monotonic() - resumed:.2f}s, "
+                f"rss after={rss_bytes() / MiB:.1f} MiB"
+            )
+            assert received == flood.total
+            # Counted once a send returns, which can be after the browser has the bytes.
+            await wait_until(
+                lambda: streams.bytes_to_browser - base == flood.total, 5, "the byte counter"
+            )
+            # The flood server closing its socket ends the stream all the way to the browser.
+            with contextlib.suppress(ConnectionClosed):
+                extra = await asyncio.wait_for(ws.recv(), 10)
+                raise AssertionError(f"unexpected bytes after the end: {len(extra)}")
+            await wait_until(lambda: streams.active_streams == 0, 10, "the stream to close")
+        finally:
+            # A failed bound must not leave its stream to the tests after it.
+            await ws.close()
     d.stop_session(sid)
 
 
