@@ -320,6 +320,13 @@ class Settings(BaseSettings):
     stream_ticket_ttl_seconds: int = Field(
         default=30, description="Lifetime of a single-use stream ticket."
     )
+    thumbnail_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="How long a replica reuses a session's live thumbnail before asking its "
+        "agent for a new one (all Sessions lists open share it).",
+    )
     agent_heartbeat_seconds: float = Field(
         default=10.0, description="Heartbeat interval the control plane asks agents for."
     )

@@ -238,6 +238,15 @@ class Command(_Msg):
     spec: SessionSpec | None = None
 
 
+StreamPurpose = Literal["vnc", "thumbnail"]
+"""What a dialled-back stream carries: `vnc` the session's RFB bytes both ways; `thumbnail` one
+binary frame, a JPEG of the session's screen at most THUMBNAIL_WIDTH wide, then the close."""
+
+THUMBNAIL_WIDTH = 320
+THUMBNAIL_MAX_BYTES = 512 * 1024
+"""A thumbnail larger than this is refused by the control plane (a JPEG of 320 px is ~20 KiB)."""
+
+
 class OpenStream(_Msg):
     """Ask the agent to dial back a binary WebSocket for one viewer of one session.
 
@@ -247,6 +256,7 @@ class OpenStream(_Msg):
     stream_id: str
     session_id: str
     path: str
+    purpose: StreamPurpose = "vnc"
     base_url: str = Field(
         default="",
         description="ws(s) base of the replica holding the viewer; empty = the agent's server",

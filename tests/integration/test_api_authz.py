@@ -297,6 +297,12 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             f"{s}/connect",
             {U: 404, OP: 404, A: 409},
         ),
+        Row(
+            "GET",
+            "/api/v1/sessions/{session_id}/thumbnail",
+            f"{s}/thumbnail",
+            {U: 404, OP: 404, A: 409},
+        ),
         Row("DELETE", "/api/v1/sessions/{session_id}", s, {U: 404, OP: 404, A: 202}),
         # users and quotas
         Row("GET", "/api/v1/users", "/api/v1/users", admin_only(200)),
@@ -583,6 +589,7 @@ def test_users_cannot_touch_each_others_sessions(make_control_plane: Any) -> Non
         ("POST", "/hibernate", None),
         ("POST", "/wake", None),
         ("POST", "/connect", None),
+        ("GET", "/thumbnail", None),
         ("DELETE", "", None),
     ]
     failures = []

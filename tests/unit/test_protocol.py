@@ -123,6 +123,12 @@ SERVER_MESSAGES: list[protocol.ServerMessage] = [
         session_id="s-1",
         path=protocol.AGENT_STREAM_PATH_PREFIX + "st-1",
     ),
+    OpenStream(
+        stream_id="st-2",
+        session_id="s-1",
+        path=protocol.AGENT_STREAM_PATH_PREFIX + "st-2",
+        purpose="thumbnail",
+    ),
     ErrorMessage(code="revoked", message="agent revoked by an administrator"),
 ]
 

@@ -190,6 +190,11 @@ class Agent:
         """
         return await self._tunnel.open_session(session_id)
 
+    async def thumbnail(self, session_id: str) -> bytes:
+        """A small JPEG of the session's screen; called like `open_session` by an embedding
+        control plane (remote agents send it over a dialled-back stream instead)."""
+        return await self._tunnel.thumbnail(session_id)
+
     # ---- main loop -----------------------------------------------------------------------
 
     async def _main(self) -> None:

@@ -25,6 +25,7 @@ from streamspace.controlplane.peers import Peers
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.revocation import Revocations
 from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.thumbnails import Thumbnails
 from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db.engine import Database
 
@@ -66,3 +67,4 @@ class AppState:
     streams: StreamBroker
     local_agent: EmbeddedAgentSlot
     """Filled by `streamspace up`: a credential rotated for it is handed to it in-process."""
+    thumbnails: Thumbnails

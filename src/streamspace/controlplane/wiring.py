@@ -31,6 +31,7 @@ from streamspace.controlplane.results import Results
 from streamspace.controlplane.revocation import Revocations
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.thumbnails import Thumbnails
 from streamspace.controlplane.timeouts import Timeouts
 from streamspace.controlplane.transitions import Transitions
 from streamspace.controlplane.writerturn import WriterTurn
@@ -130,6 +131,7 @@ def build_state(
         lifecycle=lifecycle,
         streams=streams,
         local_agent=local_agent,
+        thumbnails=Thumbnails(streams=streams, ttl_seconds=settings.thumbnail_cache_seconds),
     )
 
 

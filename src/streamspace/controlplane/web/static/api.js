@@ -141,7 +141,7 @@ async function parseError(resp) {
  * Call the API. `body` is sent as JSON. Returns the parsed JSON (or null for 204).
  * On 401 one token refresh is tried; if that fails the user is sent to the login page.
  */
-export async function api(method, path, body, { headers = {}, signal, retry = true } = {}) {
+export async function api(method, path, body, { headers = {}, signal, retry = true, as = "json" } = {}) {
   const access = session?.access_token;
   const init = {
     method,
@@ -167,7 +167,7 @@ export async function api(method, path, body, { headers = {}, signal, retry = tr
     (!access && path.startsWith("/api/v1/auth/mfa"));
   if (resp.status === 401 && !authPath) {
     if (retry && access && (await refreshTokens(access))) {
-      return api(method, path, body, { headers, signal, retry: false });
+      return api(method, path, body, { headers, signal, retry: false, as });
     }
     const problem = (await parseError(resp)).problem;
     authLost();
@@ -175,11 +175,14 @@ export async function api(method, path, body, { headers = {}, signal, retry = tr
   }
   if (!resp.ok) throw await parseError(resp);
   if (resp.status === 204) return null;
+  if (as === "blob") return resp.blob();
   const text = await resp.text();
   return text ? JSON.parse(text) : null;
 }
 
 export const get = (path, opts) => api("GET", path, undefined, opts);
+/** GET an image or file with the bearer token (an <img src> could not send it) as a Blob. */
+export const getBlob = (path, opts) => api("GET", path, undefined, { ...opts, as: "blob", headers: { Accept: "*/*" } });
 export const post = (path, body, opts) => api("POST", path, body === undefined ? {} : body, opts);
 export const patch = (path, body, opts) => api("PATCH", path, body, opts);
 export const put = (path, body, opts) => api("PUT", path, body, opts);
