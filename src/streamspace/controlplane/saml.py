@@ -132,11 +132,9 @@ class ServiceProvider:
 
     def _request_data(self, url: str, post: dict[str, str]) -> dict[str, Any]:
         parts = urlsplit(url)
-        https = parts.scheme == "https"
         return {
-            "https": "on" if https else "off",
-            "http_host": parts.hostname or "",
-            "server_port": str(parts.port or (443 if https else 80)),
+            "https": "on" if parts.scheme == "https" else "off",
+            "http_host": parts.netloc,
             "script_name": parts.path,
             "get_data": {},
             "post_data": post,
