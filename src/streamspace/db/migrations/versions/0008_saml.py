@@ -1,6 +1,6 @@
 """SAML sign-ins under way
 
-Revision ID: 0012
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-02 12:45:00
 
@@ -14,7 +14,7 @@ from alembic import op
 
 from streamspace.db.types import JSONList, UTCDateTime
 
-revision: str = "0012"
+revision: str = "0008"
 down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
