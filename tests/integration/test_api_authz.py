@@ -236,6 +236,30 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             body={"challenge_id": "x", "credential": {}},
             note="anonymous by design: an unknown challenge -> 401",
         ),
+        Row(
+            "GET",
+            "/api/v1/auth/saml",
+            "/api/v1/auth/saml",
+            {},
+            anon=200,
+            note="anonymous by design: the login page's identity providers",
+        ),
+        *(
+            Row(
+                method,
+                f"/api/v1/auth/saml/{{provider_id}}/{step}",
+                f"/api/v1/auth/saml/none/{step}",
+                {},
+                anon=anon,
+                note=f"anonymous by design: SAML {step}; unknown IdP -> 404, no form -> 422",
+            )
+            for method, step, anon in (
+                ("GET", "metadata", 404),
+                ("GET", "login", 404),
+                ("POST", "acs", 422),
+                ("GET", "complete", 422),
+            )
+        ),
         Row("POST", "/api/v1/auth/mfa/totp", "/api/v1/auth/mfa/totp", everyone(201)),
         Row(
             "POST",

@@ -27,6 +27,7 @@ from streamspace.controlplane.api import (
     apikeys,
     audit,
     auth,
+    auth_saml,
     health,
     mfa,
     passkeys,
@@ -203,6 +204,7 @@ def create_app(settings: Settings) -> FastAPI:
         except (StartupRefused, migrate.MigrationRefused) as exc:
             app.state.startup_error = str(exc)
             await state.peers.close()
+            await state.saml.aclose()
             await engine.dispose()
             raise
         await asyncio.to_thread(dummy_hash)
@@ -225,6 +227,7 @@ def create_app(settings: Settings) -> FastAPI:
             await loops.stop()
             await state.hub.close_all()
             await state.peers.close()
+            await state.saml.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -238,7 +241,8 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (auth, mfa, passkeys, apikeys, users, templates, sessions, agents, audit, health):
+    routers = (auth, auth_saml, mfa, passkeys, apikeys, users, templates, sessions, agents, audit)
+    for module in (*routers, health):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

@@ -1,9 +1,11 @@
-"""Just-in-time accounts for directory users: what a successful directory login writes.
+"""Just-in-time accounts for directory and single sign-on users: what a successful login writes.
 
-The first login creates the user (`auth_source = 'ldap'`, no usable password); every login
+An `Origin` says where an account comes from: the LDAP directory (`auth_source = 'ldap'`,
+groups with `source = 'ldap'`) or a SAML identity provider (`saml:<id>`, groups `saml`). The
+first login creates the user (no usable password); every login
 then copies the display name and email, sets the role from the configured admin and operator
-groups, and makes the user's memberships of directory-managed groups (`groups.source = 'ldap'`)
-match their directory groups, creating the groups that do not exist yet. Groups admins made
+groups, and makes the user's memberships of groups managed by that kind of origin match the
+groups it vouches for, creating the groups that do not exist yet. Groups admins made
 here (`source = 'local'`) are never joined, left or changed by a login, even when a directory
 group has the same name: that name is skipped and logged.
 
@@ -28,6 +30,7 @@ from streamspace.db.models import Group, GroupMembership, User
 log = logs.get_logger("streamspace.provisioning")
 
 LDAP = "ldap"
+SAML = "saml"
 VALID_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 """What the API accepts for a username or a group name (api.schemas); a directory name outside
 it cannot become one."""
@@ -61,27 +64,46 @@ class Provisioned:
         return not self.created and self.old_role != self.user.role
 
 
-def role_for(groups: tuple[str, ...], settings: Settings) -> str:
+@dataclass(frozen=True)
+class Origin:
+    """Who vouches for an account: its `auth_source`, the `source` of the groups its logins
+    sync, and the groups whose members get a role above `user`."""
+
+    account_source: str
+    group_source: str
+    admin_group: str = ""
+    operator_group: str = ""
+
+
+def ldap_origin(settings: Settings) -> Origin:
+    return Origin(LDAP, LDAP, settings.ldap_admin_group, settings.ldap_operator_group)
+
+
+def role_for(groups: tuple[str, ...], origin: Origin) -> str:
     names = {g.casefold() for g in groups}
-    if settings.ldap_admin_group and settings.ldap_admin_group.casefold() in names:
+    if origin.admin_group and origin.admin_group.casefold() in names:
         return "admin"
-    if settings.ldap_operator_group and settings.ldap_operator_group.casefold() in names:
+    if origin.operator_group and origin.operator_group.casefold() in names:
         return "operator"
     return "user"
 
 
-async def provision(db: AsyncSession, entry: DirectoryUser, settings: Settings) -> Provisioned:
-    """In the caller's transaction: the user's account, made to match the directory."""
+async def provision(db: AsyncSession, entry: DirectoryUser, origin: Origin) -> Provisioned:
+    """In the caller's transaction: the user's account, made to match what the origin says."""
     if not VALID_NAME.match(entry.username):
-        raise NotProvisioned(f"directory username {entry.username!r} is not a valid username")
+        raise NotProvisioned(
+            f"username {entry.username!r} from {origin.account_source} is not valid"
+        )
     user = await db.scalar(select(User).where(func.lower(User.username) == entry.username.lower()))
-    role = role_for(entry.groups, settings)
+    role = role_for(entry.groups, origin)
     if user is None:
-        user = User(username=entry.username, password_hash=NO_PASSWORD, auth_source=LDAP)
+        user = User(
+            username=entry.username, password_hash=NO_PASSWORD, auth_source=origin.account_source
+        )
         db.add(user)
         created, old_role = True, role
-    elif user.auth_source != LDAP:
-        raise NotProvisioned(f"a local account is named {user.username!r}")
+    elif user.auth_source != origin.account_source:
+        raise NotProvisioned(f"an account of {user.auth_source} is named {user.username!r}")
     else:
         created, old_role = False, user.role
     user.display_name = entry.display_name[:128]
@@ -91,12 +113,12 @@ async def provision(db: AsyncSession, entry: DirectoryUser, settings: Settings) 
     user.role = role
     await db.flush()
     done = Provisioned(user=user, created=created, old_role=old_role)
-    await _sync_groups(db, user, entry.groups, done)
+    await _sync_groups(db, user, entry.groups, origin.group_source, done)
     return done
 
 
 async def _sync_groups(
-    db: AsyncSession, user: User, names: tuple[str, ...], done: Provisioned
+    db: AsyncSession, user: User, names: tuple[str, ...], source: str, done: Provisioned
 ) -> None:
     wanted: dict[str, str] = {}
     for directory_name in names:
@@ -105,7 +127,7 @@ async def _sync_groups(
             wanted.setdefault(name.casefold(), name)
         else:
             log.warning(
-                "ldap_group_skipped", user_id=user.id, group=directory_name[:100], why="bad name"
+                "synced_group_skipped", user_id=user.id, group=directory_name[:100], why="bad name"
             )
     existing = {
         g.name.casefold(): g
@@ -119,10 +141,12 @@ async def _sync_groups(
     for key, name in wanted.items():
         group = existing.get(key)
         if group is None:
-            group = Group(name=name, description="from the directory", source=LDAP)
+            group = Group(name=name, description=f"from {source}", source=source)
             db.add(group)
-        elif group.source != LDAP:
-            log.warning("ldap_group_skipped", user_id=user.id, group=name, why="a local group")
+        elif group.source != source:
+            log.warning(
+                "synced_group_skipped", user_id=user.id, group=name, why=f"a {group.source} group"
+            )
             continue
         groups[group.name] = group
     await db.flush()
@@ -132,7 +156,7 @@ async def _sync_groups(
             await db.scalars(
                 select(Group)
                 .join(GroupMembership, GroupMembership.group_id == Group.id)
-                .where(GroupMembership.user_id == user.id, Group.source == LDAP)
+                .where(GroupMembership.user_id == user.id, Group.source == source)
             )
         ).all()
     }

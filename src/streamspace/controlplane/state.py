@@ -24,6 +24,7 @@ from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.peers import Peers
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.saml import SamlProviders
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.controlplane.thumbnails import Thumbnails
 from streamspace.controlplane.writerturn import WriterTurn
@@ -54,6 +55,8 @@ class AppState:
     api_keys: ApiKeys
     directory: Directory | None
     """LDAP / Active Directory login; None when `STREAMSPACE_LDAP_URL` is not set."""
+    saml: SamlProviders
+    """The SAML identity providers of `STREAMSPACE_SAML_PROVIDERS` (none: an empty registry)."""
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool by wiring."""
     revocations: Revocations

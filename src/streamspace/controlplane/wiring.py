@@ -29,6 +29,7 @@ from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.redis_peers import RedisPeers
 from streamspace.controlplane.results import Results
 from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.saml import SamlProviders
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
 from streamspace.controlplane.thumbnails import Thumbnails
@@ -123,6 +124,7 @@ def build_state(
         auth_cache=auth_cache,
         api_keys=ApiKeys(db=db, ttl=settings.auth_cache_seconds),
         directory=Directory.from_settings(settings),
+        saml=SamlProviders(settings),
         db_slots=asyncio.Semaphore(request_slots(settings)),
         revocations=revocations,
         writer_turn=writer_turn,

@@ -25,6 +25,7 @@ from streamspace.controlplane.provisioning import (
     LDAP,
     NotProvisioned,
     Provisioned,
+    ldap_origin,
     provision,
 )
 from streamspace.controlplane.state import AppState
@@ -82,7 +83,7 @@ async def provision_login(
     when it cannot have one (the reason is logged)."""
     for attempt in range(PROVISION_ATTEMPTS):
         try:
-            return await provision(db, entry, settings)
+            return await provision(db, entry, ldap_origin(settings))
         except NotProvisioned as exc:
             log.warning("ldap_login_refused", username=entry.username, reason=str(exc))
             return None

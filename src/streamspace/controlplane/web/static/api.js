@@ -104,6 +104,23 @@ export async function restoreSession() {
   return refreshTokens(null);
 }
 
+/** After a single sign-on: the server set the refresh cookie on the redirect back here. */
+export async function adoptSignOn() {
+  localStorage.setItem(HAS_SESSION_KEY, "1");
+  const ok = await refreshTokens(null);
+  if (ok) channel?.postMessage("login");
+  return ok;
+}
+
+/** The identity providers the login page offers ("Sign in with …"). */
+export async function signOnProviders() {
+  try {
+    return await api("GET", "/api/v1/auth/saml", undefined, { retry: false });
+  } catch {
+    return [];
+  }
+}
+
 let onAuthLost = () => {};
 export function setAuthLostHandler(fn) {
   onAuthLost = fn;

@@ -1,4 +1,14 @@
-import { api, finishLogin, login, passkeyLogin, problemKind, verifyMfa, verifyMfaPasskey } from "../api.js";
+import {
+  adoptSignOn,
+  api,
+  finishLogin,
+  login,
+  passkeyLogin,
+  problemKind,
+  signOnProviders,
+  verifyMfa,
+  verifyMfaPasskey,
+} from "../api.js";
 import { h, totpEnrolment } from "../ui.js";
 
 export function loginView(main, { params }) {
@@ -149,6 +159,7 @@ export function loginView(main, { params }) {
     form.replaceWith(box);
   }
 
+  const signOn = h("div", { class: "login-sso", dataset: { testid: "sso-buttons" }, hidden: true });
   main.append(
     h(
       "div",
@@ -167,8 +178,31 @@ export function loginView(main, { params }) {
           ? h("p", { class: "notice", role: "status" }, "Your session expired — please log in again.")
           : null,
         form,
+        signOn,
       ),
     ),
   );
   username.focus();
+  showSignOn(signOn);
+  if (params.get("sso")) finishSignOn();
+
+  async function finishSignOn() {
+    if (await adoptSignOn()) {
+      done();
+    } else {
+      error.textContent = "The single sign-on did not complete; please try again.";
+      error.hidden = false;
+    }
+  }
+}
+
+// "Sign in with …": plain links, since the identity provider's pages are a full navigation.
+async function showSignOn(box) {
+  const providers = await signOnProviders();
+  for (const p of providers) {
+    box.append(
+      h("a", { class: "btn btn-block", href: p.login_url, dataset: { testid: `sso-${p.id}` } }, `Sign in with ${p.name}`),
+    );
+  }
+  box.hidden = providers.length === 0;
 }
