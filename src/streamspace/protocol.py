@@ -29,6 +29,7 @@ namespace under the agent's own uid; `container` one non-root container per sess
 NAME_MAX = 128
 """Bound of every name and id in agent frames: a hello can no longer carry megabytes."""
 DETAIL_MAX = 512
+PROGRESS_MAX = 512
 MAX_TEMPLATES = 1000
 MAX_INVENTORY = 10_000
 
@@ -207,6 +208,16 @@ class SessionStatus(_Msg):
     reason: str = Field(default="", max_length=4096)
 
 
+class SessionProgress(_Msg):
+    """A start milestone a backend just passed ("scheduled on node n1", "pulling image …",
+    "VNC ready"), sent as it happens so a slow start says where it is. Best effort: only
+    on the live connection, recorded as a session event while the session is starting."""
+
+    type: Literal["session_progress"] = "session_progress"
+    session_id: str = Field(max_length=NAME_MAX)
+    message: str = Field(min_length=1, max_length=PROGRESS_MAX)
+
+
 class StreamFailed(_Msg):
     type: Literal["stream_failed"] = "stream_failed"
     stream_id: str = Field(max_length=NAME_MAX)
@@ -262,7 +273,14 @@ class ErrorMessage(_Msg):
 
 
 AgentMessage = Annotated[
-    Hello | Heartbeat | Ack | Result | SessionStatus | StreamFailed | ErrorMessage,
+    Hello
+    | Heartbeat
+    | Ack
+    | Result
+    | SessionStatus
+    | SessionProgress
+    | StreamFailed
+    | ErrorMessage,
     Field(discriminator="type"),
 ]
 ServerMessage = Annotated[
