@@ -82,6 +82,26 @@ class ImageLaunch(_Msg):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class Toleration(_Msg):
+    """A Kubernetes toleration, in the API's terms (kubernetes backend only)."""
+
+    key: str = Field(default="", max_length=316)
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str = Field(default="", max_length=63)
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+    def manifest(self) -> dict[str, str | int]:
+        """As it goes into a pod spec: camelCase, empty fields left out."""
+        out: dict[str, str | int] = {"operator": self.operator}
+        for name, value in (("key", self.key), ("value", self.value), ("effect", self.effect)):
+            if value:
+                out[name] = value
+        if self.toleration_seconds is not None:
+            out["tolerationSeconds"] = self.toleration_seconds
+        return out
+
+
 class Display(_Msg):
     width: int = Field(default=1280, ge=320, le=7680)
     height: int = Field(default=800, ge=200, le=4320)
@@ -110,6 +130,16 @@ class SessionSpec(_Msg):
     )
     home_limit_mb: int | None = Field(
         default=None, ge=1, description="size limit of the persistent home; None: no limit"
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="the template's node labels its pods need (kubernetes backend only)",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        description="the template's taints its pods tolerate (kubernetes backend only)",
     )
 
 
