@@ -222,6 +222,7 @@ def main() -> None:
             cpu = (_cpu_seconds(child.pid) - cpu0) / (time.perf_counter() - wall0)
             print(
                 f"idle CPU over {args.idle:.0f} s: {cpu * 100:.2f} % of one core "
+                f"({cpu * args.idle:.3f} CPU s) "
                 f"(target < 5 %); RSS now {_rss_kib(child.pid) / 1024:.1f} MiB"
             )
             if child.poll() is not None:
