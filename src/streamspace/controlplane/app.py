@@ -31,6 +31,7 @@ from streamspace.controlplane.api import (
     mfa,
     passkeys,
     sessions,
+    signins,
     templates,
     users,
 )
@@ -238,7 +239,19 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (auth, mfa, passkeys, apikeys, users, templates, sessions, agents, audit, health):
+    for module in (
+        auth,
+        signins,
+        mfa,
+        passkeys,
+        apikeys,
+        users,
+        templates,
+        sessions,
+        agents,
+        audit,
+        health,
+    ):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

@@ -255,7 +255,7 @@ async def passwordless_login(
     if user is None or not user.is_active:
         raise _refused("this account is disabled")
     state.login_throttle.succeeded(attempt)
-    tokens, refresh = await issue_tokens(state, db, user)
+    tokens, refresh = await issue_tokens(state, db, user, request=request, method="passkey")
     audit.record(
         db,
         actor=user,
@@ -263,6 +263,7 @@ async def passwordless_login(
         resource_type="user",
         resource_id=user.id,
         request=request,
+        method="passkey",
         mfa="passkey",
     )
     await db.commit()
