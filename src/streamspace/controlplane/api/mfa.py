@@ -195,6 +195,7 @@ async def _code_step(
             resource_id=user.id,
             request=request,
             status_code=401,
+            method="recovery" if mfa.looks_like_recovery_code(code) else "totp",
         )
         await db.commit()
         raise _wrong_code()
