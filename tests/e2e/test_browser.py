@@ -753,6 +753,15 @@ def test_account_security_lists_sign_ins_and_signs_them_out(
     page.get_by_test_id("login-password").fill(ADMIN_PASSWORD)
     page.get_by_test_id("login-submit").click()
     page.wait_for_url("**/#/catalog")
+    with httpx.Client(base_url=cp.url) as c:
+        r = c.post("/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD})
+        c.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        spec = c.get("/api/v1/templates/xterm").json()["spec"]
+        r = c.put("/api/v1/templates/xterm", json={**spec, "allowed_groups": ["designers"]})
+        assert r.status_code == 200, r.text
+    page.reload()
+    limited = page.get_by_test_id("allowed-xterm")
+    assert limited.inner_text() == "Only for members of: designers"  # admins see who may
     page.get_by_test_id("nav-security").click()
 
     # change the password: this browser stays signed in with new tokens
@@ -766,7 +775,7 @@ def test_account_security_lists_sign_ins_and_signs_them_out(
     page.reload()
     rows = page.get_by_test_id("sign-in-row")
     rows.nth(1).wait_for()
-    assert rows.count() == 2
+    assert rows.count() == 2  # the admin API login above ended with the password change
     mine = page.locator('[data-testid="sign-in-row"][data-current="true"]')
     assert "Chrome" in mine.inner_text() and "127.0.0.1" in mine.inner_text()
     other = page.locator('[data-testid="sign-in-row"]', has_text="streamspace-cli")
