@@ -757,3 +757,78 @@ def test_passkeys_register_sign_in_and_serve_as_second_factor(
             ).click()
             page.get_by_text("No passkeys yet.").wait_for()
         assert watched.csp_violations() == []
+
+
+def test_account_security_lists_sign_ins_and_signs_them_out(
+    make_control_plane: Any, watched: Watched
+) -> None:
+    """The Security page: change the password, see where the account is signed in (this
+    browser and a script), sign the script out, then sign out everywhere."""
+    import httpx
+
+    cp = make_control_plane()
+    new_password = "a-much-better-pass-42"
+    script_ua = {"User-Agent": "streamspace-cli/2.0"}
+
+    def script_sign_in(password: str) -> dict[str, Any]:
+        with httpx.Client(base_url=cp.url, headers=script_ua) as c:
+            body = {"username": "admin", "password": password, "refresh_token_delivery": "body"}
+            r = c.post("/api/v1/auth/login", json=body)
+        assert r.status_code == 200, r.text
+        tokens: dict[str, Any] = r.json()
+        return tokens
+
+    def refreshes(tokens: dict[str, Any]) -> int:
+        with httpx.Client(base_url=cp.url) as c:
+            body = {"refresh_token": tokens["refresh_token"]}
+            return c.post("/api/v1/auth/refresh", json=body).status_code
+
+    page = watched.page
+    page.goto(f"{cp.url}/#/login")
+    page.get_by_test_id("login-username").fill("admin")
+    page.get_by_test_id("login-password").fill(ADMIN_PASSWORD)
+    page.get_by_test_id("login-submit").click()
+    page.wait_for_url("**/#/catalog")
+    with httpx.Client(base_url=cp.url) as c:
+        r = c.post("/api/v1/auth/login", json={"username": "admin", "password": ADMIN_PASSWORD})
+        c.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+        spec = c.get("/api/v1/templates/xterm").json()["spec"]
+        r = c.put("/api/v1/templates/xterm", json={**spec, "allowed_groups": ["designers"]})
+        assert r.status_code == 200, r.text
+    page.reload()
+    limited = page.get_by_test_id("allowed-xterm")
+    assert limited.inner_text() == "Only for members of: designers"  # admins see who may
+    page.get_by_test_id("nav-security").click()
+
+    # change the password: this browser stays signed in with new tokens
+    page.get_by_test_id("pw-current").fill(ADMIN_PASSWORD)
+    page.get_by_test_id("pw-new").fill(new_password)
+    page.get_by_test_id("pw-change").click()
+    page.get_by_text("Password changed").wait_for()
+    assert page.get_by_test_id("security-api-keys").get_attribute("href") == "#/account/api-keys"
+
+    script = script_sign_in(new_password)
+    page.reload()
+    rows = page.get_by_test_id("sign-in-row")
+    rows.nth(1).wait_for()
+    assert rows.count() == 2  # the admin API login above ended with the password change
+    mine = page.locator('[data-testid="sign-in-row"][data-current="true"]')
+    assert "Chrome" in mine.inner_text() and "127.0.0.1" in mine.inner_text()
+    other = page.locator('[data-testid="sign-in-row"]', has_text="streamspace-cli")
+    other.get_by_test_id("sign-in-end").click()
+    other.wait_for(state="detached")
+    assert refreshes(script) == 401
+    page.reload()  # this browser renewed its tokens and stays signed in
+    page.get_by_test_id("sign-in-row").first.wait_for()
+    assert page.get_by_test_id("sign-in-row").count() == 1
+
+    again = script_sign_in(new_password)
+    page.get_by_test_id("sign-out-everywhere").click()
+    page.wait_for_url("**/#/login*")
+    assert refreshes(again) == 401
+    page.reload()
+    page.get_by_test_id("login-username").wait_for()  # the refresh cookie ended too
+    # the ended access tokens (401) are renewed or lead back to the login page
+    unexpected = [e for e in watched.errors if "401 (Unauthorized)" not in e]
+    assert unexpected == [], f"console errors: {unexpected}"
+    assert watched.csp_violations() == []

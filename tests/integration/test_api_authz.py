@@ -150,6 +150,7 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
     r = alice.post("/api/v1/sessions", json={"template": "xterm", "tags": ["mine"]})
     assert r.status_code == 201, r.text
     sid = r.json()["id"]
+    alice_sign_in = alice.get("/api/v1/auth/sessions").json()[0]["id"]
 
     U, OP, A = "user", "operator", "admin"
 
@@ -493,6 +494,21 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
         # audit and the event stream
         Row("GET", "/api/v1/audit", "/api/v1/audit", admin_only(200)),
         Row("GET", "/api/v1/events", "/api/v1/events", everyone(200), stream=True),
+        # sign-ins: each caller's own; another user's is a 404, whatever the role
+        Row("GET", "/api/v1/auth/sessions", "/api/v1/auth/sessions", everyone(200)),
+        Row(
+            "DELETE",
+            "/api/v1/auth/sessions/{sign_in_id}",
+            f"/api/v1/auth/sessions/{alice_sign_in}",
+            everyone(404),
+        ),
+        Row(
+            "POST",
+            "/api/v1/auth/sessions/revoke-all",
+            "/api/v1/auth/sessions/revoke-all",
+            {},
+            note="each role's own sign-ins (test_signins); here: anonymous is refused",
+        ),
         # last: logging out kills each role's tokens
         Row("POST", "/api/v1/auth/logout", "/api/v1/auth/logout", everyone(204), body={}),
     ]

@@ -123,7 +123,7 @@ def test_wrong_password_answers_like_a_local_one(make_control_plane: Any, slapd:
     assert [u["username"] for u in admin.get("/api/v1/users").json()["items"]] == ["admin"]
     failed = admin.get("/api/v1/audit", params={"action": "auth.login_failed"}).json()["items"]
     assert {(a["resource_id"], a["detail"].get("method")) for a in failed} == {
-        ("admin", None),
+        ("admin", "password"),
         ("alice", "ldap"),
         ("zed", "ldap"),
     }

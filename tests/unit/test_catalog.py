@@ -68,3 +68,27 @@ def test_name_must_match_file(tmp_path: Path) -> None:
     with pytest.raises(TemplateFileError) as info:
         parse_template_file(path)
     assert info.value.field == "name"
+
+
+def test_allowed_groups_limit_who_may_launch(tmp_path: Path) -> None:
+    from streamspace.controlplane.entitlements import entitled
+    from streamspace.db.models import User
+
+    path = tmp_path / "demo.yaml"
+    path.write_text(VALID + "allowed_groups: [designers, Domain-Users]\n")
+    spec = parse_template_file(path)
+    assert spec.allowed_groups == ["designers", "Domain-Users"]
+    user, admin = User(role="user"), User(role="admin")
+    assert entitled(spec, user, {"designers"})
+    assert not entitled(spec, user, {"engineers", "domain-users"})  # names match exactly
+    assert entitled(spec, admin, set())
+    path.write_text(VALID)
+    assert entitled(parse_template_file(path), user, set())  # no list: everyone
+
+
+def test_bad_allowed_groups_name_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "demo.yaml"
+    path.write_text(VALID + 'allowed_groups: ["has space"]\n')
+    with pytest.raises(TemplateFileError) as err:
+        parse_template_file(path)
+    assert err.value.field.startswith("allowed_groups")

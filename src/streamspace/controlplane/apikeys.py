@@ -9,6 +9,11 @@ applies, and `admin` can only be granted by an admin. It dies with its owner (ro
 a disabled owner is refused by the same check as a token). Keys cannot manage keys, sign out,
 refresh or change a password: those need a real sign-in.
 
+Use is audited as a sign-in (`auth.login`, method `api-key`, the key's id) when `last_used_at`
+is written, so at most once a minute per key, and a refused use of an existing key (wrong
+secret, expired) as `auth.login_failed` as often; every audit row of a request made with a
+key names it too (`detail.api_key`).
+
 Checked without a database read while fresh: resolved keys are kept for `ttl` seconds (the
 auth cache's setting). Deleting a key forgets it at once on the replica that deleted it; the
 others stop accepting it within `ttl` (5 s by default).
@@ -24,7 +29,7 @@ from sqlalchemy import update
 
 from streamspace.controlplane.security import constant_eq, random_secret, sha256
 from streamspace.db.engine import Database
-from streamspace.db.models import ApiKey
+from streamspace.db.models import ApiKey, AuditLog, User
 from streamspace.db.types import new_id
 
 PREFIX = "ssk_"
@@ -106,9 +111,10 @@ class ApiKeys:
         self.max_entries = max_entries
         self._grants: dict[str, tuple[float, Grant, str]] = {}
         self._touched: dict[str, float] = {}
+        self._refused: dict[str, float] = {}
         self._forgets = 0
 
-    async def resolve(self, token: str) -> Grant | None:
+    async def resolve(self, token: str, ip: str = "") -> Grant | None:
         """The grant of a valid, unexpired key, else None.
 
         A cache miss reads the row with a session of its own: this runs before the request is
@@ -127,8 +133,10 @@ class ApiKeys:
             grant, secret_hash = found
         now = datetime.now(UTC)
         if not constant_eq(secret_hash, sha256(secret)) or grant.expired(now):
+            reason = "expired" if grant.expired(now) else "wrong secret"
+            await self._audit(self._refused, grant, now, ip, "auth.login_failed", reason)
             return None
-        await self._touch(key_id, now)
+        await self._audit(self._touched, grant, now, ip, "auth.login", "")
         return grant
 
     async def _load(self, key_id: str) -> tuple[Grant, str] | None:
@@ -146,18 +154,46 @@ class ApiKeys:
             self._grants[key_id] = (time.monotonic() + self.ttl, grant, secret_hash)
         return grant, secret_hash
 
-    async def _touch(self, key_id: str, now: datetime) -> None:
-        last = self._touched.get(key_id)
+    async def _audit(
+        self,
+        seen: dict[str, float],
+        grant: Grant,
+        now: datetime,
+        ip: str,
+        action: str,
+        reason: str,
+    ) -> None:
+        """At most once per LAST_USED_PRECISION per key and outcome: the audit row, and on a
+        use the key's `last_used_at`."""
+        last = seen.get(grant.key_id)
         if last is not None and time.monotonic() - last < LAST_USED_PRECISION.total_seconds():
             return
-        if len(self._touched) >= self.max_entries:
-            self._touched.clear()
-        self._touched[key_id] = time.monotonic()
+        if len(seen) >= self.max_entries:
+            seen.clear()
+        seen[grant.key_id] = time.monotonic()
         async with self.db() as db:
-            await db.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
+            if not reason:
+                await db.execute(
+                    update(ApiKey).where(ApiKey.id == grant.key_id).values(last_used_at=now)
+                )
+            owner = await db.get(User, grant.user_id)
+            db.add(
+                AuditLog(
+                    actor_id=grant.user_id if not reason else None,
+                    actor=owner.username if owner is not None and not reason else "",
+                    action=action,
+                    resource_type="user",
+                    resource_id=grant.user_id,
+                    detail={"method": "api-key", "api_key": grant.key_id}
+                    | ({"reason": reason} if reason else {}),
+                    ip=ip[:64],
+                    status_code=401 if reason else 200,
+                )
+            )
             await db.commit()
 
     def forget(self, key_id: str) -> None:
         self._forgets += 1
         self._grants.pop(key_id, None)
         self._touched.pop(key_id, None)
+        self._refused.pop(key_id, None)

@@ -32,6 +32,7 @@ from streamspace.controlplane.api import (
     mfa,
     passkeys,
     sessions,
+    signins,
     templates,
     users,
 )
@@ -241,8 +242,20 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    routers = (auth, auth_saml, mfa, passkeys, apikeys, users, templates, sessions, agents, audit)
-    for module in (*routers, health):
+    for module in (
+        auth,
+        auth_saml,
+        signins,
+        mfa,
+        passkeys,
+        apikeys,
+        users,
+        templates,
+        sessions,
+        agents,
+        audit,
+        health,
+    ):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

@@ -1,4 +1,5 @@
-"""Audit trail: every mutating call adds a row in the same transaction as its change."""
+"""Audit trail: every mutating call adds a row in the same transaction as its change. A
+request made with an API key names the key (`detail.api_key`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def record(
     status_code: int = 200,
     **detail: Any,
 ) -> None:
+    key = getattr(request.state, "api_key", None) if request is not None else None
+    if key is not None:
+        detail = {**detail, "api_key": key}
     db.add(
         AuditLog(
             actor_id=actor.id if actor else None,

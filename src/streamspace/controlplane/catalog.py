@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,6 +16,8 @@ from streamspace.db.models import Template
 log = logs.get_logger("streamspace.catalog")
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+GROUP_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$"
+"""A group name, as the groups API accepts it."""
 
 
 class _Strict(BaseModel):
@@ -73,6 +75,12 @@ class TemplateSpec(_Strict):
     )
     launch: LaunchSpec
     enabled: bool = True
+    allowed_groups: list[Annotated[str, Field(pattern=GROUP_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=50,
+        description="only members of these StreamSpace groups (local or directory groups, by "
+        "name) may launch it; empty: everyone. Admins may launch every template.",
+    )
 
     def catalog_entry(self) -> protocol.CatalogEntry:
         image = self.launch.docker or self.launch.kubernetes

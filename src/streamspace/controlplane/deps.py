@@ -155,7 +155,7 @@ async def token_claims(request: Request, state: StateDep) -> dict[str, Any]:
 
 
 async def _api_key_claims(request: Request, state: AppState, token: str) -> dict[str, Any]:
-    grant = await state.api_keys.resolve(token)
+    grant = await state.api_keys.resolve(token, client_ip(request))
     if grant is None:
         raise _unauthorized("invalid, expired or revoked API key")
     needed = apikeys.required_scope(request.scope.get("method", "GET"), request.url.path)
@@ -174,6 +174,7 @@ async def _api_key_claims(request: Request, state: AppState, token: str) -> dict
             f"this API key lacks the scope {needed!r} (it has: {held})",
             kind="insufficient-scope",
         )
+    request.state.api_key = grant.key_id
     return {"sub": grant.user_id, "key": grant.key_id, "scopes": sorted(grant.scopes)}
 
 

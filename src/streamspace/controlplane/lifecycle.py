@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.exc import StaleDataError
 
 from streamspace.config import Settings
-from streamspace.controlplane import availability, quotas
+from streamspace.controlplane import availability, entitlements, quotas
 from streamspace.controlplane.creation import (
     Created,
     CreateInFlight,
@@ -93,7 +93,8 @@ class Lifecycle:
         The quota check and the insert are one read-then-write: on PostgreSQL the owner's and
         their groups' rows are locked first (quotas.lock_subjects), on SQLite this replica's
         writer turn is held, so concurrent creates cannot both fit under the same quota. Raises
-        UnknownTemplate, TemplateUnavailable, quotas.QuotaExceeded or CreateInFlight.
+        UnknownTemplate, entitlements.NotEntitled, TemplateUnavailable, quotas.QuotaExceeded or
+        CreateInFlight.
 
         Availability is read before the turn, from the agents' rows: an agent that goes away
         right after leaves the session queued (as one that dies after placement would), and
@@ -102,6 +103,7 @@ class Lifecycle:
         if existing is not None:
             return Created(existing, new=False)
         tpl = await enabled_template(db, request.template)
+        await entitlements.require(db, owner, tpl)
         can = (await availability.availability(db, self.settings, [tpl], request.cluster_id))[
             tpl.name
         ]

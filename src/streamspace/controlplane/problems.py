@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from streamspace import logs
 from streamspace.controlplane.creation import CreateInFlight, TemplateUnavailable, UnknownTemplate
+from streamspace.controlplane.entitlements import NotEntitled
 from streamspace.controlplane.quotas import QuotaExceeded
 from streamspace.controlplane.statemachine import ActionContended, IllegalTransition
 from streamspace.db.engine import DatabaseUnavailable
@@ -68,6 +69,7 @@ DomainError = (
     | ActionContended
     | QuotaExceeded
     | UnknownTemplate
+    | NotEntitled
     | TemplateUnavailable
     | CreateInFlight
 )
@@ -76,7 +78,8 @@ DomainError = (
 
 def domain_problem(exc: DomainError) -> Problem:
     """The answer to a refused or contended session action or create: 409 for the session's
-    state, a concurrent request or a template no agent can run now, 403 for a quota, 422 for a
+    state, a concurrent request or a template no agent can run now, 403 for a quota or a
+    template the user may not launch, 422 for a
     template that is not there."""
     if isinstance(exc, IllegalTransition):
         return conflict(str(exc), current_state=exc.current, allowed_actions=exc.allowed_actions)
@@ -84,6 +87,15 @@ def domain_problem(exc: DomainError) -> Problem:
         return Problem(403, "Quota exceeded", str(exc), kind="quota-exceeded")
     if isinstance(exc, UnknownTemplate):
         return Problem(422, "Invalid request", str(exc), kind="invalid-request")
+    if isinstance(exc, NotEntitled):
+        return Problem(
+            403,
+            "Not entitled",
+            str(exc),
+            kind="template-not-entitled",
+            template=exc.template,
+            allowed_groups=exc.groups,
+        )
     if isinstance(exc, TemplateUnavailable):
         return Problem(
             409,
@@ -157,6 +169,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ActionContended)
     @app.exception_handler(QuotaExceeded)
     @app.exception_handler(UnknownTemplate)
+    @app.exception_handler(NotEntitled)
     @app.exception_handler(TemplateUnavailable)
     @app.exception_handler(CreateInFlight)
     async def _domain(request: Request, exc: Exception) -> JSONResponse:

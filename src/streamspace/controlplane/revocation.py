@@ -29,7 +29,7 @@ from streamspace.controlplane import metrics
 from streamspace.controlplane.authcache import AuthCache
 from streamspace.controlplane.peers import Peers
 from streamspace.db.engine import Database
-from streamspace.db.models import RefreshToken, User
+from streamspace.db.models import RefreshToken, SignIn, User
 
 log = logs.get_logger("streamspace.revocation")
 
@@ -41,10 +41,36 @@ async def end_sign_ins(db: AsyncSession, user: User) -> None:
     (`token_version`) and so does every refresh token. Call `Revocations.revoke` after the
     commit to close the connections those tokens opened."""
     user.token_version += 1
+    now = datetime.now(UTC)
     await db.execute(
         update(RefreshToken)
         .where(RefreshToken.user_id == user.id, RefreshToken.revoked_at.is_(None))
-        .values(revoked_at=datetime.now(UTC))
+        .values(revoked_at=now)
+    )
+    await db.execute(
+        update(SignIn)
+        .where(SignIn.user_id == user.id, SignIn.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+
+
+async def end_sign_in(db: AsyncSession, user: User, sign_in_id: str) -> None:
+    """In the caller's transaction: one sign-in ends (its refresh tokens stop working) and so
+    does every access token issued to `user` so far, whichever sign-in it came from: access
+    tokens are checked against `token_version` alone, with no read per request. The user's
+    other sign-ins renew theirs from their refresh tokens (the web UI does so on its next 401,
+    without asking for the password). Call `Revocations.revoke` after the commit."""
+    user.token_version += 1
+    now = datetime.now(UTC)
+    await db.execute(
+        update(RefreshToken)
+        .where(RefreshToken.family_id == sign_in_id, RefreshToken.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+    await db.execute(
+        update(SignIn)
+        .where(SignIn.id == sign_in_id, SignIn.user_id == user.id)
+        .values(revoked_at=now)
     )
 
 

@@ -68,7 +68,13 @@ def constant_eq(a: str, b: str) -> bool:
 
 
 def make_access_token(
-    secret: str, *, user_id: str, role: str, token_version: int, ttl_seconds: int
+    secret: str,
+    *,
+    user_id: str,
+    role: str,
+    token_version: int,
+    ttl_seconds: int,
+    sign_in: str = "",
 ) -> tuple[str, datetime]:
     now = datetime.now(UTC)
     exp = now + timedelta(seconds=ttl_seconds)
@@ -80,6 +86,8 @@ def make_access_token(
         "exp": int(exp.timestamp()),
         "typ": "access",
     }
+    if sign_in:
+        claims["sid"] = sign_in
     return jwt.encode(claims, secret, algorithm=JWT_ALG), exp
 
 

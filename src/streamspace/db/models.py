@@ -142,6 +142,29 @@ class RefreshToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
 
 
+class SignIn(Base):
+    """One sign-in: a login and the refresh-token family it started (`RefreshToken.family_id`
+    is its id), with what the account security page shows of it. Ended at once by
+    `revoked_at`, or when its refresh tokens expire (`expires_at`, moved on by each refresh)."""
+
+    __tablename__ = "sign_ins"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    user_id: Mapped[str] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    method: Mapped[str] = mapped_column(String(32), default="", nullable=False)
+    """How it was made: password, ldap, passkey (passwordless); `+totp`/`+passkey`/`+recovery`
+    when a second factor was given."""
+    user_agent: Mapped[str] = mapped_column(String(512), default="", nullable=False)
+    ip: Mapped[str] = mapped_column(String(64), default="", nullable=False)
+    """Where it was last used from (the login, then each refresh)."""
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
+    last_used_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class ApiKey(Base):
     """A long-lived credential for scripts: `ssk_<id>_<secret>`; only the secret's SHA-256 is
     kept (the secret is 32 random bytes, so a slow hash would add nothing)."""

@@ -52,7 +52,7 @@ from streamspace.controlplane.security import (
     sha256,
 )
 from streamspace.controlplane.state import AppState
-from streamspace.db.models import RefreshToken, User
+from streamspace.db.models import RefreshToken, SignIn, User
 from streamspace.db.types import new_id
 
 router = APIRouter(prefix="/api/v1/auth", tags=["auth"])
@@ -66,11 +66,36 @@ def _unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, kind="unauthorized")
 
 
+USER_AGENT_KEPT = 512
+
+
 async def issue_tokens(
-    state: AppState, db: AsyncSession, user: User, family_id: str | None = None
+    state: AppState,
+    db: AsyncSession,
+    user: User,
+    *,
+    request: Request,
+    method: str,
+    family_id: str | None = None,
 ) -> tuple[TokenOut, str]:
     """A new access token, and a new refresh token (returned apart: where it goes depends on
-    the client, see `token_response`)."""
+    the client, see `token_response`). Without `family_id` this is a new sign-in (a `SignIn`
+    row, `method` saying how it was made); with one, that sign-in is renewed."""
+    now = datetime.now(UTC)
+    expires = now + timedelta(seconds=state.settings.refresh_token_ttl_seconds)
+    sign_in = await db.get(SignIn, family_id) if family_id is not None else None
+    if sign_in is None:
+        sign_in = SignIn(
+            id=family_id or new_id(),
+            user_id=user.id,
+            method=method[:32],
+            user_agent=request.headers.get("user-agent", "")[:USER_AGENT_KEPT],
+            created_at=now,
+        )
+        db.add(sign_in)
+    sign_in.ip = client_ip(request)[:64]
+    sign_in.last_used_at = now
+    sign_in.expires_at = expires
     ttl = state.settings.access_token_ttl_seconds
     access, _ = make_access_token(
         state.secret,
@@ -78,18 +103,24 @@ async def issue_tokens(
         role=user.role,
         token_version=user.token_version,
         ttl_seconds=ttl,
+        sign_in=sign_in.id,
     )
     refresh = random_secret(32)
     db.add(
         RefreshToken(
             user_id=user.id,
-            family_id=family_id or new_id(),
+            family_id=sign_in.id,
             token_hash=sha256(refresh),
-            expires_at=datetime.now(UTC)
-            + timedelta(seconds=state.settings.refresh_token_ttl_seconds),
+            expires_at=expires,
         )
     )
     return TokenOut(access_token=access, expires_in=ttl, user=UserOut.model_validate(user)), refresh
+
+
+def first_factor(user: User) -> str:
+    """How a user who reached the second step gave the first: their directory's password or
+    ours."""
+    return "ldap" if user.auth_source == LDAP else "password"
 
 
 def token_response(
@@ -119,7 +150,7 @@ def set_refresh_cookie(request: Request, state: AppState, resp: Response, refres
     )
 
 
-def _forget_cookie(request: Request, resp: Response) -> Response:
+def forget_refresh_cookie(request: Request, resp: Response) -> Response:
     resp.delete_cookie(
         REFRESH_COOKIE,
         path=REFRESH_PATH,
@@ -165,7 +196,7 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
                 resource_id=body.username,
                 request=request,
                 status_code=401,
-                **({"method": "ldap"} if via_directory else {}),
+                method="ldap" if via_directory else "password",
             )
             await db.commit()
             raise _unauthorized("wrong username or password")
@@ -184,7 +215,8 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
         await demand_second_step(
             db, state.settings, state.secret, user, body.refresh_token_delivery
         )
-        tokens, refresh = await issue_tokens(state, db, user)
+        method = "ldap" if directory is not None else "password"
+        tokens, refresh = await issue_tokens(state, db, user, request=request, method=method)
         audit.record(
             db,
             actor=user,
@@ -192,7 +224,7 @@ async def login(body: LoginIn, request: Request, state: StateDep, db: DbDep) -> 
             resource_type="user",
             resource_id=user.id,
             request=request,
-            **_directory_detail(directory),
+            **({"method": method} | _directory_detail(directory)),
         )
         await db.commit()
     return token_response(request, state, tokens, refresh, body.refresh_token_delivery)
@@ -253,7 +285,7 @@ async def refresh(
         if exc.status != 401:
             raise
         # A dead cookie is of no further use: let the browser drop it.
-        return _forget_cookie(
+        return forget_refresh_cookie(
             request, problem_response(request, 401, exc.title, exc.detail, exc.kind)
         )
 
@@ -269,6 +301,11 @@ async def _rotate(
         await db.execute(
             update(RefreshToken)
             .where(RefreshToken.family_id == row.family_id)
+            .values(revoked_at=now)
+        )
+        await db.execute(
+            update(SignIn)
+            .where(SignIn.id == row.family_id, SignIn.revoked_at.is_(None))
             .values(revoked_at=now)
         )
         audit.record(
@@ -310,7 +347,9 @@ async def _rotate(
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         await db.rollback()
         raise _unauthorized("refresh token was already used")
-    tokens, refresh_token = await issue_tokens(state, db, user, family_id=row.family_id)
+    tokens, refresh_token = await issue_tokens(
+        state, db, user, request=request, method="", family_id=row.family_id
+    )
     await db.commit()
     return token_response(request, state, tokens, refresh_token, delivery)
 
@@ -333,7 +372,7 @@ async def logout(
     )
     await db.commit()
     state.revocations.revoke(user.id, "signed out (logged out)")
-    return _forget_cookie(request, Response(status_code=204))
+    return forget_refresh_cookie(request, Response(status_code=204))
 
 
 @router.get("/me", response_model=UserOut)
@@ -368,7 +407,7 @@ async def change_password(
     )
     user.password_hash = await asyncio.to_thread(hash_password, body.new_password)
     await end_sign_ins(db, user)
-    tokens, refresh_token = await issue_tokens(state, db, user)
+    tokens, refresh_token = await issue_tokens(state, db, user, request=request, method="password")
     audit.record(
         db,
         actor=user,

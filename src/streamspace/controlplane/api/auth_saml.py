@@ -297,7 +297,7 @@ async def complete(
             state.revocations.revoke(
                 user.id, f"signed out: the identity provider's groups made the role {user.role}"
             )
-        _tokens, refresh = await issue_tokens(state, db, user)
+        _tokens, refresh = await issue_tokens(state, db, user, request=request, method="saml")
         audit.record(
             db,
             actor=user,

@@ -12,7 +12,12 @@ from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from streamspace.controlplane import audit, mfa, security
-from streamspace.controlplane.api.auth import issue_tokens, set_refresh_cookie, token_response
+from streamspace.controlplane.api.auth import (
+    first_factor,
+    issue_tokens,
+    set_refresh_cookie,
+    token_response,
+)
 from streamspace.controlplane.api.mfagate import confirmed_factor, required_by_policy
 from streamspace.controlplane.api.passkeys import (
     new_challenge,
@@ -146,7 +151,8 @@ async def verify(body: MfaVerifyIn, request: Request, state: StateDep, db: DbDep
     else:
         how = await _code_step(state, db, user, request, body.code or "")
     state.login_throttle.succeeded(attempt)
-    tokens, refresh = await issue_tokens(state, db, user)
+    method = first_factor(user)
+    tokens, refresh = await issue_tokens(state, db, user, request=request, method=f"{method}+{how}")
     audit.record(
         db,
         actor=user,
@@ -154,6 +160,7 @@ async def verify(body: MfaVerifyIn, request: Request, state: StateDep, db: DbDep
         resource_type="user",
         resource_id=user.id,
         request=request,
+        method=method,
         mfa=how,
     )
     await db.commit()
@@ -188,6 +195,7 @@ async def _code_step(
             resource_id=user.id,
             request=request,
             status_code=401,
+            method="recovery" if mfa.looks_like_recovery_code(code) else "totp",
         )
         await db.commit()
         raise _wrong_code()
@@ -261,7 +269,8 @@ async def confirm_totp(
     if pending is None:
         await db.commit()
         return JSONResponse(TotpConfirmOut(recovery_codes=codes).model_dump(mode="json"))
-    tokens, refresh = await issue_tokens(state, db, user)
+    method = first_factor(user)
+    tokens, refresh = await issue_tokens(state, db, user, request=request, method=f"{method}+totp")
     audit.record(
         db,
         actor=user,
@@ -269,6 +278,7 @@ async def confirm_totp(
         resource_type="user",
         resource_id=user.id,
         request=request,
+        method=method,
         mfa="enrolled",
     )
     await db.commit()

@@ -89,6 +89,25 @@ async def user_passkeys(db: AsyncSession, user_id: str) -> list[Passkey]:
     return list(await db.scalars(select(Passkey).where(Passkey.user_id == user_id)))
 
 
+async def _refusal(
+    request: Request, db: AsyncSession, purpose: str, user_id: str | None, reason: str
+) -> Problem:
+    user = await db.get(User, user_id) if user_id is not None else None
+    audit.record(
+        db,
+        actor=user,
+        action="auth.mfa_failed" if purpose == "mfa" else "auth.login_failed",
+        resource_type="user",
+        resource_id=user_id or "",
+        request=request,
+        status_code=401,
+        method="passkey",
+        reason=reason,
+    )
+    await db.commit()
+    return _refused(reason)
+
+
 async def prove_with_passkey(
     request: Request,
     state: AppState,
@@ -99,15 +118,17 @@ async def prove_with_passkey(
     user_id: str | None,
     require_verification: bool,
 ) -> Passkey:
-    """The passkey that signed `answer`, its counter and last use updated (not committed)."""
+    """The passkey that signed `answer`, its counter and last use updated (not committed). A
+    refusal is audited (`auth.login_failed` for a passwordless sign-in, `auth.mfa_failed` for
+    a second step) and committed with the challenge's use."""
     challenge = await take_challenge(db, answer.challenge_id, purpose, user_id)
     try:
         cred_id = passkeys.credential_id_of(answer.credential)
     except passkeys.PasskeyRefused as exc:
-        raise _refused(str(exc)) from None
+        raise await _refusal(request, db, purpose, user_id, str(exc)) from None
     key = await db.scalar(select(Passkey).where(Passkey.credential_id == cred_id))
     if key is None or (user_id is not None and key.user_id != user_id):
-        raise _refused("this passkey is not registered here")
+        raise await _refusal(request, db, purpose, user_id, "this passkey is not registered here")
     try:
         key.sign_count = passkeys.check_assertion(
             relying_party(request, state),
@@ -118,7 +139,7 @@ async def prove_with_passkey(
             require_verification=require_verification,
         )
     except passkeys.PasskeyRefused as exc:
-        raise _refused(str(exc)) from None
+        raise await _refusal(request, db, purpose, user_id or key.user_id, str(exc)) from None
     key.last_used_at = datetime.now(UTC)
     return key
 
@@ -255,7 +276,7 @@ async def passwordless_login(
     if user is None or not user.is_active:
         raise _refused("this account is disabled")
     state.login_throttle.succeeded(attempt)
-    tokens, refresh = await issue_tokens(state, db, user)
+    tokens, refresh = await issue_tokens(state, db, user, request=request, method="passkey")
     audit.record(
         db,
         actor=user,
@@ -263,6 +284,7 @@ async def passwordless_login(
         resource_type="user",
         resource_id=user.id,
         request=request,
+        method="passkey",
         mfa="passkey",
     )
     await db.commit()

@@ -7,7 +7,7 @@ from sqlalchemy import exists, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streamspace.controlplane import audit
+from streamspace.controlplane import audit, entitlements
 from streamspace.controlplane.api.schemas import (
     ConnectOut,
     Page,
@@ -15,6 +15,7 @@ from streamspace.controlplane.api.schemas import (
     SessionPatchIn,
     _clean_tags,
 )
+from streamspace.controlplane.catalog import spec_of
 from streamspace.controlplane.creation import NewSession
 from streamspace.controlplane.deps import (
     CreateTurnDep,
@@ -29,7 +30,7 @@ from streamspace.controlplane.statemachine import ACTIVE_STATES, State
 from streamspace.controlplane.views import SessionOut, session_view
 from streamspace.controlplane.writerturn import SLOT_KEY
 from streamspace.db.models import Session as SessionRow
-from streamspace.db.models import SessionEvent, User
+from streamspace.db.models import SessionEvent, Template, User
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"])
 
@@ -219,6 +220,18 @@ async def patch_session(
     return await _view(db, state, session)
 
 
+async def _owner_entitled(db: AsyncSession, session: SessionRow, caller: User) -> None:
+    """A wake starts the app again, so its owner must still be entitled to the template: a
+    session hibernated before the owner left the template's groups stays asleep (it can still
+    be stopped). Running sessions are left running."""
+    row = await db.scalar(select(Template).where(Template.name == session.template_name))
+    if row is None:
+        return
+    owner = caller if caller.id == session.owner_id else await db.get(User, session.owner_id)
+    if owner is not None:
+        await entitlements.require(db, owner, spec_of(row))
+
+
 async def _act(
     action: str, session_id: str, request: Request, user: User, state: AppState, db: AsyncSession
 ) -> SessionOut:
@@ -226,6 +239,8 @@ async def _act(
 
     async def read() -> tuple[SessionRow, str]:
         session = await load_owned(db, session_id, user)
+        if action == "wake":
+            await _owner_entitled(db, session, user)
         who = "you" if session.owner_id == user.id else f"admin {user.username}"
         audit.record(
             db,

@@ -1,4 +1,6 @@
-"""Template catalog: everyone reads enabled templates; admins create, replace and delete.
+"""Template catalog: everyone reads the enabled templates they may launch; admins create,
+replace and delete, and see every template with the groups it is limited to
+(`allowed_groups`, controlplane.entitlements).
 
 Each template says whether an agent can run it now (`available`, `unavailable_reason`), for the
 cluster the caller names or any. Users do not see the unavailable ones unless
@@ -17,6 +19,7 @@ from streamspace.controlplane import audit
 from streamspace.controlplane.availability import availability
 from streamspace.controlplane.catalog import TemplateSpec, apply_spec, spec_of
 from streamspace.controlplane.deps import AdminDep, DbDep, StateDep, UserDep
+from streamspace.controlplane.entitlements import entitled, group_names
 from streamspace.controlplane.problems import bad_request, conflict, not_found
 from streamspace.controlplane.scheduler import Availability
 from streamspace.db.models import Template, User
@@ -34,6 +37,9 @@ class TemplateOut(BaseModel):
     enabled: bool
     source: str
     spec: dict[str, Any]
+    allowed_groups: list[str] = Field(
+        description="who may launch it: members of these groups (and admins); empty: everyone"
+    )
     available: bool = Field(
         description="an agent that takes sessions (online, or reconnecting) reported it can run "
         "it; a session may still queue while such agents are full"
@@ -59,6 +65,7 @@ def _out(row: Template, can: Availability) -> TemplateOut:
         enabled=row.enabled,
         source=row.source,
         spec=row.spec,
+        allowed_groups=list(row.spec.get("allowed_groups") or []),
         available=can.available,
         unavailable_reason=can.reason,
     )
@@ -70,10 +77,14 @@ async def _availability(
     return await availability(db, state.settings, [spec_of(r) for r in rows], cluster_id)
 
 
-def _hidden(row: Template, can: Availability, user: User, state: StateDep) -> bool:
+def _hidden(
+    row: Template, can: Availability, user: User, groups: set[str], state: StateDep
+) -> bool:
     if user.role == "admin":
         return False
-    return not row.enabled or (not can.available and state.settings.catalog_hide_unavailable)
+    if not row.enabled or not entitled(spec_of(row), user, groups):
+        return True
+    return not can.available and state.settings.catalog_hide_unavailable
 
 
 async def _get(db: DbDep, name: str) -> Template:
@@ -98,8 +109,11 @@ async def list_templates(
         if (not category or row.category == category) and (not tag or tag in row.tags)
     ]
     can = await _availability(db, state, rows, cluster_id)
+    groups = await group_names(db, user.id)
     return [
-        _out(row, can[row.name]) for row in rows if not _hidden(row, can[row.name], user, state)
+        _out(row, can[row.name])
+        for row in rows
+        if not _hidden(row, can[row.name], user, groups, state)
     ]
 
 
@@ -109,7 +123,7 @@ async def get_template(
 ) -> TemplateOut:
     row = await _get(db, name)
     can = (await _availability(db, state, [row], cluster_id))[row.name]
-    if _hidden(row, can, user, state):
+    if _hidden(row, can, user, await group_names(db, user.id), state):
         raise not_found("template", name)
     return _out(row, can)
 

@@ -145,6 +145,13 @@ export async function catalogView(main, { ctx, params }) {
             `Cannot run now: ${t.unavailable_reason}`,
           )
         : null,
+      t.allowed_groups?.length
+        ? h(
+            "p",
+            { class: "muted small", dataset: { testid: `allowed-${t.name}` } },
+            `Only for members of: ${t.allowed_groups.join(", ")}`,
+          )
+        : null,
       h(
         "div",
         { class: "card-foot" },
