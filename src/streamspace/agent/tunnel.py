@@ -12,6 +12,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from streamspace import logs
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream
 from streamspace.agent.enrolment import Enrolment
+from streamspace.agent.files import FileStreams
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.server import Server
 from streamspace.agent.vnc import ByteStreamReader, ByteStreamWriter
@@ -38,6 +39,7 @@ class StreamTunnel:
         self._identity = identity
         self._outbox = outbox
         self._connect_timeout = connect_timeout
+        self._files = FileStreams(backend=backend, identity=identity)
 
     async def open_session(self, session_id: str) -> VNCStream:
         """A connection to a session's VNC server for one viewer, through the backend (which
@@ -56,6 +58,9 @@ class StreamTunnel:
         url = (msg.base_url.rstrip("/") or self._server.ws_base) + msg.path
         if not url.startswith(("ws://", "wss://")):
             self._failed(msg, f"invalid stream base URL {msg.base_url!r}")
+            return
+        if msg.purpose != "vnc":
+            await self._run_files(msg, url)
             return
         try:
             reader, writer = await self.open_session(msg.session_id)
@@ -89,6 +94,25 @@ class StreamTunnel:
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
             log.event("stream_closed", **fields)
+        finally:
+            await ws.close()
+
+    async def _run_files(self, msg: OpenStream, url: str) -> None:
+        """A file operation on the session's home (agent/files.py); refusals travel on the
+        stream itself, so only a failed dial is a StreamFailed."""
+        try:
+            ws = await self._server.dial(
+                url,
+                self._identity.credential,
+                compression=None,
+                max_size=STREAM_MAX_MESSAGE_BYTES,
+                max_queue=4,
+            )
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+            return
+        try:
+            await self._files.serve(msg, ws)
         finally:
             await ws.close()
 

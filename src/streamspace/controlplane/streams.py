@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from fastapi import WebSocket, WebSocketDisconnect
 from sqlalchemy import Table, bindparam, update
@@ -249,6 +250,48 @@ class StreamBroker:
             with contextlib.suppress(OSError, RuntimeError):
                 await writer.wait_closed()
             log.event("stream_closed", path="local", session_id=session.id)
+
+    @contextlib.asynccontextmanager
+    async def agent_stream(
+        self,
+        agent_id: str,
+        session_id: str,
+        purpose: protocol.StreamPurpose,
+        **fields: Any,
+    ) -> AsyncIterator[WebSocket]:
+        """A dialled-back agent WebSocket for one non-viewer stream (file transfer...): the
+        same OpenStream and pending-stream machinery as a viewer's, held for the block.
+        Raises ConnectionError if the agent is offline or does not dial back in time."""
+        stream_id = random_secret(16)
+        pending = PendingStream(
+            stream_id, agent_id, session_id, asyncio.get_running_loop().create_future()
+        )
+        self._pending[stream_id] = pending
+        try:
+            sent = await self.hub.send_to_agent(
+                agent_id,
+                protocol.OpenStream(
+                    stream_id=stream_id,
+                    session_id=session_id,
+                    path=protocol.AGENT_STREAM_PATH_PREFIX + stream_id,
+                    base_url=self.stream_base_url(),
+                    purpose=purpose,
+                    **fields,
+                ),
+            )
+            if not sent:
+                raise ConnectionError("the session's agent is offline")
+            try:
+                agent_ws = await asyncio.wait_for(pending.agent_ws, AGENT_DIAL_TIMEOUT)
+            except TimeoutError:
+                raise ConnectionError("the agent did not open the stream in time") from None
+            yield agent_ws
+        finally:
+            pending.done.set()
+            self._pending.pop(stream_id, None)
+            if pending.agent_ws.done() and not pending.agent_ws.exception():
+                with contextlib.suppress(Exception):
+                    await pending.agent_ws.result().close()
 
     def agent_failed(self, stream_id: str, error: str) -> None:
         pending = self._pending.get(stream_id)
