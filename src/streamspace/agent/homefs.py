@@ -57,6 +57,13 @@ def _os_error(exc: OSError, name: str) -> FileOpError:
     return FileOpError("failed", f"{shown}: {exc.strerror or exc}")
 
 
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
 def _type_of(mode: int) -> FileType:
     if stat.S_ISREG(mode):
         return "file"
@@ -110,6 +117,12 @@ class Home:
                 walked = f"{walked}/{part}" if walked else part
                 try:
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except NotADirectoryError:
+                    if _is_link(part, fd):
+                        raise FileOpError(
+                            "forbidden", f"{walked} is a symbolic link; links are not followed"
+                        ) from None
+                    raise
                 except FileNotFoundError:
                     if not create:
                         raise
