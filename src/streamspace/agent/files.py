@@ -76,8 +76,17 @@ class FileStreams:
                 await _send_zip(ws, home, fd)
             else:
                 await _reply(ws, FileReply(ok=True, kind="file", size=st.st_size))
-                while data := await asyncio.to_thread(home.read_chunk, fd):
-                    await ws.send(data)
+                # One chunk read ahead while the last one is sent: disk and socket overlap,
+                # and at most two chunks are held.
+                ahead = asyncio.ensure_future(asyncio.to_thread(home.read_chunk, fd))
+                try:
+                    while data := await ahead:
+                        ahead = asyncio.ensure_future(asyncio.to_thread(home.read_chunk, fd))
+                        await ws.send(data)
+                finally:
+                    if not ahead.done():
+                        with contextlib.suppress(Exception):
+                            await ahead
             await _reply(ws, FileReply(ok=True, done=True))
         finally:
             os.close(fd)
