@@ -279,6 +279,8 @@ async def upload_file(
         raise Problem(
             400, "Bad request", "name the file to upload: path=Uploads/NAME", kind="invalid-path"
         )
+    session = await _session_for_files(db, session_id, user)
+    await _check_policy(db, state, user, request, "upload", session_id, path)
     limit = state.settings.files_max_upload_mb * 2**20
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -288,8 +290,6 @@ async def upload_file(
             f"uploads are limited to {state.settings.files_max_upload_mb} MiB",
             kind="payload-too-large",
         )
-    session = await _session_for_files(db, session_id, user)
-    await _check_policy(db, state, user, request, "upload", session_id, path)
     agent_id, home_limit = session.agent_id or "", session.home_limit_mb
     await _release(db)
     try:
