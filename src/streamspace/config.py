@@ -361,6 +361,22 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=1_048_576, description="Larger request bodies get 413.")
 
+    files_max_upload_mb: int = Field(
+        default=1024,
+        ge=1,
+        description="Largest file one upload to a session's home may be (MiB); larger get 413.",
+    )
+    files_allow_upload: bool = Field(
+        default=True,
+        description="Whether users may upload files into their sessions when none of their "
+        "groups says (a group's allow_upload overrides it; any group's False denies).",
+    )
+    files_allow_download: bool = Field(
+        default=True,
+        description="Whether users may download files from their sessions when none of their "
+        "groups says (a group's allow_download overrides it; any group's False denies).",
+    )
+
     stream_ticket_ttl_seconds: int = Field(
         default=30, description="Lifetime of a single-use stream ticket."
     )

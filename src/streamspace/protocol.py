@@ -279,13 +279,18 @@ class Command(_Msg):
     spec: SessionSpec | None = None
 
 
-StreamPurpose = Literal["vnc", "thumbnail"]
-"""What a dialled-back stream carries: `vnc` the session's RFB bytes both ways; `thumbnail` one
-binary frame, a JPEG of the session's screen at most THUMBNAIL_WIDTH wide, then the close."""
+StreamPurpose = Literal["vnc", "thumbnail", "files_list", "files_read", "files_write"]
+"""What a dialled-back stream carries: `vnc` the viewer's RFB bytes; `thumbnail` one binary
+frame, a JPEG of the session's screen at most THUMBNAIL_WIDTH wide, then the close; `files_*`
+one file operation on the session's home (see FileReply and docs/files.md). Add a purpose here
+and a handler on the agent's side for each new kind of stream."""
 
 THUMBNAIL_WIDTH = 320
 THUMBNAIL_MAX_BYTES = 512 * 1024
 """A thumbnail larger than this is refused by the control plane (a JPEG of 320 px is ~20 KiB)."""
+
+HOME_PATH_MAX = 4096
+HOME_NAME_MAX = 255
 
 
 class OpenStream(_Msg):
@@ -302,6 +307,77 @@ class OpenStream(_Msg):
         default="",
         description="ws(s) base of the replica holding the viewer; empty = the agent's server",
     )
+    purpose: StreamPurpose = "vnc"
+    file_path: str = Field(
+        default="",
+        max_length=HOME_PATH_MAX,
+        description="files_*: the path relative to the session's home ('' = the home)",
+    )
+    max_bytes: int | None = Field(
+        default=None, ge=0, description="files_write: the most bytes the upload may have"
+    )
+    home_limit_mb: int | None = Field(
+        default=None, ge=1, description="files_write: the home's size limit; None: no limit"
+    )
+
+
+FileErrorCode = Literal[
+    "invalid_path", "not_found", "not_a_directory", "is_a_directory", "forbidden",
+    "too_large", "quota", "unsupported", "failed",
+]  # fmt: skip
+FileType = Literal["file", "dir", "symlink", "other"]
+MAX_LISTING = 10_000
+
+
+class FileEntry(_Msg):
+    name: str = Field(max_length=HOME_NAME_MAX * 4)
+    type: FileType
+    size: int = Field(ge=0)
+    mtime: datetime
+
+
+class FileReply(_Msg):
+    """The agent's text frames on a files_* stream.
+
+    files_list: one reply with `entries`. files_read: a reply with `kind` (a folder comes as a
+    zip) and `size` (files), then binary frames, then a reply with `done`. files_write: a reply
+    (ready, or the refusal), then the control plane's binary frames ended by an empty one, then
+    a reply with `done` and `size`. A stream that closes without `done` was cut short."""
+
+    type: Literal["file_reply"] = "file_reply"
+    ok: bool
+    error: FileErrorCode | None = None
+    message: str = Field(default="", max_length=DETAIL_MAX)
+    kind: Literal["file", "dir"] | None = None
+    size: int | None = Field(default=None, ge=0)
+    entries: list[FileEntry] | None = Field(default=None, max_length=MAX_LISTING)
+    truncated: bool = False
+    done: bool = False
+
+
+class HomePathError(ValueError):
+    """A path that does not name something inside the home."""
+
+
+def home_path_parts(path: str) -> list[str]:
+    """The components of a path relative to a session's home; '' or '.' is the home itself.
+
+    Both sides check: the control plane to answer 400 early, the agent because it trusts no
+    path it is given. Absolute paths, `..`, NUL bytes and over-long names are refused; the
+    agent still opens every component without following symlinks."""
+    if len(path) > HOME_PATH_MAX:
+        raise HomePathError(f"path is longer than {HOME_PATH_MAX} characters")
+    if "\x00" in path:
+        raise HomePathError("path contains a NUL byte")
+    if path.startswith("/") or path.startswith("~"):
+        raise HomePathError("paths are relative to the session's home; absolute paths are refused")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    for part in parts:
+        if part == "..":
+            raise HomePathError("'..' is not allowed in a path")
+        if len(part.encode()) > HOME_NAME_MAX:
+            raise HomePathError(f"a path component is longer than {HOME_NAME_MAX} bytes")
+    return parts
 
 
 class ErrorMessage(_Msg):
@@ -363,6 +439,13 @@ def parse_agent_message(raw: str | bytes) -> AgentMessage:
 
 def parse_server_message(raw: str | bytes) -> ServerMessage:
     return _parse(_server_adapter, raw)
+
+
+def parse_file_reply(raw: str | bytes) -> FileReply:
+    try:
+        return FileReply.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ProtocolError("invalid_message", str(exc.errors()[:1])) from exc
 
 
 def encode(msg: _Msg) -> str:

@@ -328,6 +328,26 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             f"{s}/thumbnail",
             {U: 404, OP: 404, A: 409},
         ),
+        Row(
+            "GET",
+            "/api/v1/sessions/{session_id}/files",
+            f"{s}/files",
+            {U: 404, OP: 404, A: 409},
+            note="the session is pending: its files cannot be reached yet",
+        ),
+        Row(
+            "GET",
+            "/api/v1/sessions/{session_id}/files/content",
+            f"{s}/files/content?path=Uploads/x",
+            {U: 404, OP: 404, A: 409},
+        ),
+        Row(
+            "PUT",
+            "/api/v1/sessions/{session_id}/files/content",
+            f"{s}/files/content?path=Uploads/x",
+            {U: 404, OP: 404, A: 409},
+            body={"raw": "bytes"},
+        ),
         Row("DELETE", "/api/v1/sessions/{session_id}", s, {U: 404, OP: 404, A: 202}),
         # users and quotas
         Row("GET", "/api/v1/users", "/api/v1/users", admin_only(200)),
@@ -630,6 +650,9 @@ def test_users_cannot_touch_each_others_sessions(make_control_plane: Any) -> Non
         ("POST", "/wake", None),
         ("POST", "/connect", None),
         ("GET", "/thumbnail", None),
+        ("GET", "/files", None),
+        ("GET", "/files/content?path=Uploads/x", None),
+        ("PUT", "/files/content?path=Uploads/x", {"raw": "bytes"}),
         ("DELETE", "", None),
     ]
     failures = []

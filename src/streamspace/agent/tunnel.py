@@ -13,6 +13,7 @@ from streamspace import logs
 from streamspace.agent import snapshot
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream
 from streamspace.agent.enrolment import Enrolment
+from streamspace.agent.files import FileStreams
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.server import Server
 from streamspace.agent.vnc import ByteStreamReader, ByteStreamWriter
@@ -39,6 +40,7 @@ class StreamTunnel:
         self._identity = identity
         self._outbox = outbox
         self._connect_timeout = connect_timeout
+        self._files = FileStreams(backend=backend, identity=identity)
 
     async def open_session(self, session_id: str) -> VNCStream:
         """A connection to a session's VNC server for one viewer, through the backend (which
@@ -68,7 +70,7 @@ class StreamTunnel:
         return url
 
     async def run(self, msg: OpenStream) -> None:
-        """Serve one dialled-back stream: a viewer's tunnel, or one thumbnail."""
+        """Serve one dialled-back stream: a viewer's tunnel, one thumbnail, or a file operation."""
         if msg.purpose == "thumbnail":
             await self._send_thumbnail(msg)
         else:
@@ -111,6 +113,9 @@ class StreamTunnel:
         url = self._url(msg)
         if url is None:
             return
+        if msg.purpose != "vnc":
+            await self._run_files(msg, url)
+            return
         try:
             reader, writer = await self.open_session(msg.session_id)
         except (OSError, TimeoutError) as exc:
@@ -143,6 +148,25 @@ class StreamTunnel:
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
             log.event("stream_closed", **fields)
+        finally:
+            await ws.close()
+
+    async def _run_files(self, msg: OpenStream, url: str) -> None:
+        """A file operation on the session's home (agent/files.py); refusals travel on the
+        stream itself, so only a failed dial is a StreamFailed."""
+        try:
+            ws = await self._server.dial(
+                url,
+                self._identity.credential,
+                compression=None,
+                max_size=STREAM_MAX_MESSAGE_BYTES,
+                max_queue=4,
+            )
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+            return
+        try:
+            await self._files.serve(msg, ws)
         finally:
             await ws.close()
 

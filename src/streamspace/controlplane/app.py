@@ -28,6 +28,7 @@ from streamspace.controlplane.api import (
     audit,
     auth,
     auth_saml,
+    files,
     health,
     mfa,
     passkeys,
@@ -50,6 +51,17 @@ log = logs.get_logger("streamspace.app")
 WEB_DIR = Path(__file__).resolve().parent / "web"
 
 
+def _streams_own_body(scope: Scope) -> bool:
+    """File uploads are streamed to the agent and limited by their own setting
+    (files_max_upload_mb, controlplane/api/files.py), never buffered here."""
+    path = str(scope.get("path", ""))
+    return (
+        scope.get("method") == "PUT"
+        and path.startswith("/api/v1/sessions/")
+        and path.endswith("/files/content")
+    )
+
+
 class BodyLimit:
     """Refuse bodies over the limit with 413 before the handler buffers them."""
 
@@ -59,6 +71,9 @@ class BodyLimit:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if _streams_own_body(scope):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
@@ -252,6 +267,7 @@ def create_app(settings: Settings) -> FastAPI:
         users,
         templates,
         sessions,
+        files,
         agents,
         audit,
         health,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Any, cast
 
 from fastapi import WebSocket, WebSocketDisconnect
 from sqlalchemy import Table, bindparam, update
@@ -263,6 +264,29 @@ class StreamBroker:
                 return await local.thumbnail(session_id)
             except (OSError, TimeoutError) as exc:
                 raise ConnectionError(str(exc) or type(exc).__name__) from exc
+        async with self.agent_stream(agent_id, session_id, "thumbnail") as agent_ws:
+            try:
+                async with asyncio.timeout(AGENT_DIAL_TIMEOUT):
+                    image = await _receive_bytes(agent_ws)
+            except TimeoutError:
+                raise ConnectionError("the agent sent no thumbnail in time") from None
+        if not image:
+            raise ConnectionError("the agent closed the thumbnail stream without an image")
+        if len(image) > protocol.THUMBNAIL_MAX_BYTES:
+            raise ConnectionError(f"the agent sent a thumbnail of {len(image)} bytes")
+        return image
+
+    @contextlib.asynccontextmanager
+    async def agent_stream(
+        self,
+        agent_id: str,
+        session_id: str,
+        purpose: protocol.StreamPurpose,
+        **fields: Any,
+    ) -> AsyncIterator[WebSocket]:
+        """A dialled-back agent WebSocket for one non-viewer stream (file transfer...): the
+        same OpenStream and pending-stream machinery as a viewer's, held for the block.
+        Raises ConnectionError if the agent is offline or does not dial back in time."""
         stream_id = random_secret(16)
         pending = PendingStream(
             stream_id, agent_id, session_id, asyncio.get_running_loop().create_future()
@@ -276,25 +300,23 @@ class StreamBroker:
                     session_id=session_id,
                     path=protocol.AGENT_STREAM_PATH_PREFIX + stream_id,
                     base_url=self.stream_base_url(),
-                    purpose="thumbnail",
+                    purpose=purpose,
+                    **fields,
                 ),
             )
             if not sent:
                 raise ConnectionError("the session's agent is offline")
             try:
-                async with asyncio.timeout(AGENT_DIAL_TIMEOUT):
-                    agent_ws = await pending.agent_ws
-                    image = await _receive_bytes(agent_ws)
+                agent_ws = await asyncio.wait_for(pending.agent_ws, AGENT_DIAL_TIMEOUT)
             except TimeoutError:
-                raise ConnectionError("the agent sent no thumbnail in time") from None
-            if not image:
-                raise ConnectionError("the agent closed the thumbnail stream without an image")
-            if len(image) > protocol.THUMBNAIL_MAX_BYTES:
-                raise ConnectionError(f"the agent sent a thumbnail of {len(image)} bytes")
-            return image
+                raise ConnectionError("the agent did not open the stream in time") from None
+            yield agent_ws
         finally:
             pending.done.set()
             self._pending.pop(stream_id, None)
+            if pending.agent_ws.done() and not pending.agent_ws.exception():
+                with contextlib.suppress(Exception):
+                    await pending.agent_ws.result().close()
 
     def agent_failed(self, stream_id: str, error: str) -> None:
         pending = self._pending.get(stream_id)

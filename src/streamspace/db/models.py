@@ -88,6 +88,11 @@ class Group(TimestampMixin, Base):
     )
     """`local`: managed by admins; `ldap`: a directory group, whose memberships each member's
     directory login sets (admins' changes to them last until that member's next login)."""
+    allow_upload: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """Members may upload files into sessions; NULL: no say (the setting decides), and any
+    of a user's groups saying False denies."""
+    allow_download: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """Members may download files from sessions; same rules as allow_upload."""
 
 
 class GroupMembership(Base):

@@ -51,6 +51,20 @@ class BackendError(Exception):
     """A failure the user can act on; the message is shown to them verbatim."""
 
 
+class NotSupportedByBackend(BackendError):
+    """This backend cannot do what was asked at all (not a passing failure)."""
+
+
+@dataclass(frozen=True)
+class HomeAccess:
+    """Where a session's home is on the agent's host and whose files it holds: file transfer
+    opens paths under `root` only, acting as `uid`/`gid` (see agent/files.py)."""
+
+    root: Path
+    uid: int
+    gid: int
+
+
 class Backend(abc.ABC):
     kind: BackendKind
 
@@ -129,6 +143,12 @@ class Backend(abc.ABC):
         if item.state != "running" or item.endpoint is None:
             raise BackendError(f"session {session_id} is not running on this agent")
         return await vnc.open_endpoint(item.endpoint, connect_timeout)
+
+    async def home_access(self, session_id: str) -> HomeAccess:
+        """The session's home as a directory on this host, for file transfer. Raises
+        BackendError if the session is not here, NotSupportedByBackend if this backend cannot
+        reach homes from the agent's host at all (this default)."""
+        raise NotSupportedByBackend(f"file transfer is not supported by the {self.kind} backend")
 
     async def healthy(self) -> tuple[bool, str]:
         """Whether the backend can take new sessions (e.g. engine reachable), and why not."""

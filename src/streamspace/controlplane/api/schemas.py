@@ -154,13 +154,23 @@ class QuotaUsageOut(BaseModel):
     used_memory_mb: int
 
 
+_ALLOW_UPLOAD = "members may upload files into sessions; null: no say (the setting decides)"
+_ALLOW_DOWNLOAD = "members may download files from sessions; null: no say"
+
+
 class GroupIn(Strict):
     name: str = Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
     description: str = Field(default="", max_length=512)
+    allow_upload: bool | None = Field(default=None, description=_ALLOW_UPLOAD)
+    allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
 
 
 class GroupPatchIn(Strict):
+    """Fields left out stay; `allow_upload: null` clears the group's say."""
+
     description: str | None = Field(default=None, max_length=512)
+    allow_upload: bool | None = Field(default=None, description=_ALLOW_UPLOAD)
+    allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
 
 
 class GroupOut(Out):
@@ -174,6 +184,8 @@ class GroupOut(Out):
     )
     members: list[str] = Field(default_factory=list)
     quota: QuotaOut | None = None
+    allow_upload: bool | None = Field(default=None, description=_ALLOW_UPLOAD)
+    allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
 
 
 class ResourcesIn(Strict):

@@ -333,6 +333,8 @@ async def _group_out(db: DbDep, group: Group) -> GroupOut:
         source=group.source,
         members=list(members),
         quota=QuotaOut.model_validate(quota) if quota else None,
+        allow_upload=group.allow_upload,
+        allow_download=group.allow_download,
     )
 
 
@@ -346,7 +348,12 @@ async def list_groups(_: AdminDep, db: DbDep) -> list[GroupOut]:
 async def create_group(body: GroupIn, request: Request, admin: AdminDep, db: DbDep) -> GroupOut:
     if await db.scalar(select(Group.id).where(Group.name == body.name)):
         raise conflict(f"group {body.name!r} exists")
-    group = Group(name=body.name, description=body.description)
+    group = Group(
+        name=body.name,
+        description=body.description,
+        allow_upload=body.allow_upload,
+        allow_download=body.allow_download,
+    )
     db.add(group)
     await db.flush()
     audit.record(
@@ -374,6 +381,10 @@ async def patch_group(
     group = await _group(db, group_id)
     if body.description is not None:
         group.description = body.description
+    policy = {k: getattr(body, k) for k in ("allow_upload", "allow_download")}
+    policy = {k: v for k, v in policy.items() if k in body.model_fields_set}
+    for key, value in policy.items():
+        setattr(group, key, value)
     audit.record(
         db,
         actor=admin,
@@ -381,6 +392,7 @@ async def patch_group(
         resource_type="group",
         resource_id=group.id,
         request=request,
+        **policy,
     )
     await db.commit()
     return await _group_out(db, group)

@@ -50,6 +50,7 @@ from streamspace.agent.backends.base import (
     BackendError,
     BackendOptions,
     ExitCallback,
+    HomeAccess,
     VNCStream,
     rfb_answers,
 )
@@ -243,6 +244,20 @@ class DockerBackend(Backend):
             raise
         front = vnc.NoneSecurityFront(reader, writer)
         return front, front
+
+    async def home_access(self, session_id: str) -> HomeAccess:
+        """The home volume's directory on this host (`volume inspect`'s Mountpoint), as the
+        container's uid. Needs the engine on this host and a persistent home."""
+        for container in await self._containers.find(session_id):
+            where = await self._homes.home_dir(container.attrs)
+            if where is None:
+                raise BackendError(
+                    f"session {session_id} has no home volume this agent can reach (no "
+                    "persistent home, or the engine runs on another host)"
+                )
+            uid, gid = (int(x) for x in CONTAINER_USER.split(":"))
+            return HomeAccess(root=where, uid=uid, gid=gid)
+        raise BackendError(f"session {session_id} is not on this agent")
 
     async def healthy(self) -> tuple[bool, str]:
         try:

@@ -89,6 +89,14 @@ class Homes:
                 if where is not None:
                     await asyncio.to_thread(self._usage.measure, mount["Name"], where)
 
+    async def home_dir(self, attrs: dict[str, Any]) -> Path | None:
+        """The host directory of the home volume a container mounts, if on this host."""
+        for mount in (attrs or {}).get("Mounts") or []:
+            if mount.get("Destination") == CONTAINER_HOME and mount.get("Name"):
+                where: Path | None = await self._engine.call(self._volume_path, mount["Name"])
+                return where
+        return None
+
     def _volume_path(self, name: str) -> Path | None:
         """The volume's directory if the agent can read it (the engine runs on this host)."""
         try:

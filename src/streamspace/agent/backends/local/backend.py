@@ -44,6 +44,7 @@ from streamspace.agent.backends.base import (
     BackendError,
     BackendOptions,
     ExitCallback,
+    HomeAccess,
     VNCStream,
 )
 from streamspace.agent.backends.local import processes
@@ -273,6 +274,14 @@ class LocalBackend(Backend):
         if rec is None or rec.state != "running":
             raise BackendError(f"session {session_id} is not running on this agent")
         return await vnc.open_unix(rec.rfb_socket, connect_timeout, owner=rec.uid)
+
+    async def home_access(self, session_id: str) -> HomeAccess:
+        """The home directory on this host, as the uid the session runs as (running or
+        hibernated: the home outlives the processes)."""
+        rec = self._sessions.records.get(session_id)
+        if rec is None or rec.state not in ("running", "hibernated"):
+            raise BackendError(f"session {session_id} is not on this agent")
+        return HomeAccess(root=Path(rec.home), uid=rec.uid, gid=rec.gid)
 
     async def close(self) -> None:
         """Stop watching; the sessions themselves keep running for the next agent."""

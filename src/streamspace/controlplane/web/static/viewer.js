@@ -1,6 +1,7 @@
 // The session viewer: noVNC over the control plane's stream tunnel, one fresh ticket per connect.
 import { ApiError, get, post } from "./api.js";
 import { appIcon, busy, copyText, h, shortId, showError, stateBadge, toast } from "./ui.js";
+import { filesPanel } from "./files.js";
 
 const SCALE_KEY = "streamspace.viewer.scale";
 let RFBClass = null;
@@ -142,6 +143,8 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     ),
   );
 
+  const files = filesPanel(id, screen);
+
   const backLinkBar = h("a", { class: "btn btn-bar", href: "#/sessions", dataset: { testid: "back" } }, "← Sessions");
   const bar = h(
     "header",
@@ -150,13 +153,13 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     backLinkBar,
     h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
     connStatus,
-    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, fsBtn),
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, files.button, fsBtn),
   );
   const root = h(
     "div",
     { class: "viewer", dataset: { testid: "viewer" } },
     bar,
-    h("div", { class: "viewer-body" }, screen, overlay, clipPanel),
+    h("div", { class: "viewer-body" }, screen, overlay, clipPanel, files.panel),
   );
   main.append(root);
   setConn("connecting", "Connecting…");
@@ -408,6 +411,10 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       e.preventDefault();
       e.stopPropagation();
       backLinkBar.focus();
+    } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyF") {
+      e.preventDefault();
+      e.stopPropagation();
+      files.toggle();
     }
   };
   window.addEventListener("keydown", onKey, true);
@@ -445,6 +452,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       unsubscribe();
       document.removeEventListener("fullscreenchange", onFullscreen);
       window.removeEventListener("keydown", onKey, true);
+      files.dispose();
     };
   }
   try {
@@ -466,6 +474,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     dropRfb();
     document.removeEventListener("fullscreenchange", onFullscreen);
     window.removeEventListener("keydown", onKey, true);
+    files.dispose();
     if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
   };
 }
