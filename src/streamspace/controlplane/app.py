@@ -27,6 +27,7 @@ from streamspace.controlplane.api import (
     apikeys,
     audit,
     auth,
+    auth_oidc,
     health,
     mfa,
     passkeys,
@@ -225,6 +226,7 @@ def create_app(settings: Settings) -> FastAPI:
             await loops.stop()
             await state.hub.close_all()
             await state.peers.close()
+            await state.oidc.close()
             await engine.dispose()
 
     app = FastAPI(
@@ -238,7 +240,19 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (auth, mfa, passkeys, apikeys, users, templates, sessions, agents, audit, health):
+    for module in (
+        auth,
+        auth_oidc,
+        mfa,
+        passkeys,
+        apikeys,
+        users,
+        templates,
+        sessions,
+        agents,
+        audit,
+        health,
+    ):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

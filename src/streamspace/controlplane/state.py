@@ -21,6 +21,7 @@ from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loginthrottle import LoginThrottle
+from streamspace.controlplane.oidc import OpenIdProviders
 from streamspace.controlplane.peers import Peers
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.revocation import Revocations
@@ -53,6 +54,8 @@ class AppState:
     api_keys: ApiKeys
     directory: Directory | None
     """LDAP / Active Directory login; None when `STREAMSPACE_LDAP_URL` is not set."""
+    oidc: OpenIdProviders
+    """The OpenID Providers users may sign in with (`STREAMSPACE_OIDC_PROVIDERS`)."""
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool by wiring."""
     revocations: Revocations
