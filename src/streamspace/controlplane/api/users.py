@@ -130,10 +130,8 @@ async def patch_user(
         if "password" in changes and user.service_account:
             raise bad_request("password: a service account has none (it uses API keys)")
         if "password" in changes and uses_outside_password(user.auth_source):
-            raise bad_request(
-                "password: this user logs in with an outside identity source "
-                f"({user.auth_source}), which holds the password"
-            )
+            where = "the directory's" if user.auth_source == "ldap" else "an identity provider's"
+            raise bad_request(f"password: this user logs in with {where} password")
         if "password" in changes:
             password = changes.pop("password")
             await require_strong(
