@@ -42,7 +42,11 @@ def provider() -> Iterator[OpenIdProviderServer]:
 
 
 def start_cp(
-    make_control_plane: Any, op: OpenIdProviderServer, db_url: str = "", **extra: Any
+    make_control_plane: Any,
+    op: OpenIdProviderServer,
+    db_url: str = "",
+    cp_settings: dict[str, Any] | None = None,
+    **extra: Any,
 ) -> Any:
     ours = Client("streamspace", "streamspace-client-secret", [])
     other = Client("other-app", "other-client-secret", [])
@@ -52,7 +56,9 @@ def start_cp(
         admin_group="sso-admins",
         **extra,
     )
-    cp = make_control_plane(database_url=db_url, oidc_providers=[settings], **NO_LIMIT)
+    cp = make_control_plane(
+        database_url=db_url, oidc_providers=[settings], **NO_LIMIT, **(cp_settings or {})
+    )
     ours.redirect_uris = [f"{cp.url}{CALLBACK}"]
     other.redirect_uris = ["http://127.0.0.1:9/callback"]
     op.clients = [ours, other]
@@ -297,3 +303,28 @@ def test_id_token_checks(make_control_plane: Any, provider: OpenIdProviderServer
     assert "nonce" in asyncio.run(check("other-app", token, nonce="another-login"))
     unsigned = jwt.encode(claims, "", algorithm="none")
     assert "algorithm" in asyncio.run(check("other-app", unsigned))
+
+
+def test_policy_second_step_and_allowed_domains_apply(
+    make_control_plane: Any, provider: OpenIdProviderServer
+) -> None:
+    cp = start_cp(
+        make_control_plane,
+        provider,
+        cp_settings={"mfa_required_roles": ["admin"]},
+        allowed_email_domains=["example.com"],
+    )
+    # olivia is an admin through her provider group: the MFA policy asks her to enrol first,
+    # and no refresh cookie is set until she has
+    rp, r, _ = oidc_login(cp, provider, "olivia")
+    assert r.status_code == 303, r.text
+    target = urlsplit(r.headers["location"])
+    step = parse_qs(target.fragment.partition("?")[2])
+    assert step["mfa"] == ["mfa-enrolment-required"] and step["mfa_token"][0]
+    assert rp.cookies.get("streamspace_refresh") is None
+    r = rp.post("/api/v1/auth/mfa/totp", json={"mfa_token": step["mfa_token"][0]})
+    assert r.status_code == 201, r.text  # the token starts the product's own enrolment
+
+    # mallory's address is outside the allowed domains
+    _, r, _ = oidc_login(cp, provider, "mallory")
+    assert_problem(r, 401, "email domain")
