@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
 import annotated_types
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -60,7 +61,10 @@ def type_text(info: FieldInfo) -> str:
         annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
     if get_origin(annotation) is list:
         (item,) = get_args(annotation)
-        text = f"comma-separated list of {_TYPE_NAMES[item]}s"
+        if isinstance(item, type) and issubclass(item, BaseModel):
+            text = "JSON list of objects"
+        else:
+            text = f"comma-separated list of {_TYPE_NAMES[item]}s"
     else:
         text = _TYPE_NAMES[annotation]
     for rule in info.metadata:
