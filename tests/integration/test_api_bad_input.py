@@ -158,6 +158,7 @@ def fill(route: str, ids: dict[str, str]) -> str:
                 "agent_id",
                 "key_id",
                 "passkey_id",
+                "provider_id",
             )
         }
     )
