@@ -191,7 +191,7 @@ async def callback(
     except Problem as exc:
         if exc.kind in ("mfa-required", "mfa-enrolment-required"):
             raise
-        if exc.status in (400, 401, 403):
+        if exc.status in (400, 401, 403, 503):
             await _failed(request, db, provider_id, exc.status, exc.detail)
         raise
 
