@@ -25,6 +25,7 @@ from api_support import (
     login,
 )
 
+from conftest import require
 from streamspace.config import OidcProvider
 from streamspace.controlplane.oidc import OpenIdProvider, TokenRejected, pkce_pair
 from streamspace_testing.oidc import MISSING, Client, OpenIdProviderServer, new_key, sign_in
@@ -34,8 +35,7 @@ CALLBACK = "/api/v1/auth/oidc/testop/callback"
 
 @pytest.fixture
 def provider() -> Iterator[OpenIdProviderServer]:
-    if MISSING:
-        pytest.skip(MISSING)
+    require(MISSING)
     server = OpenIdProviderServer()
     yield server
     server.stop()
