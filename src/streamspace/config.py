@@ -362,6 +362,13 @@ class Settings(BaseSettings):
         description="How far the provider's clock may be off when an ID token's `iat`, `nbf` "
         "and `exp` are checked.",
     )
+    oidc_keys_refetch_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="An ID token signed with a key id the provider's cached keys lack fetches "
+        "its `jwks_uri` again (a key rotation), at most once in this many seconds; until then "
+        "such a token is refused.",
+    )
     oidc_timeout_seconds: float = Field(
         default=10.0,
         gt=0,

@@ -215,14 +215,29 @@ def test_logout_goes_to_the_providers_end_session(
 def test_rotated_provider_keys_are_followed(
     make_control_plane: Any, provider: OpenIdProviderServer
 ) -> None:
-    cp = start_cp(make_control_plane, provider)
+    cp = start_cp(make_control_plane, provider, cp_settings={"oidc_keys_refetch_seconds": 0})
     rp, r, _ = oidc_login(cp, provider, "oscar")
     assert r.status_code == 303
     provider.restart([new_key("key-2")[1]])
-    time.sleep(5.1)  # the product refetches keys at most every 5 s
     rp, r, _ = oidc_login(cp, provider, "oscar")
     assert r.status_code == 303, r.text
     assert finish(rp)["user"]["username"] == "oscar"
+
+
+def test_a_key_the_product_has_not_fetched_is_refused(
+    make_control_plane: Any, provider: OpenIdProviderServer
+) -> None:
+    """Keys are fetched again at most every `oidc_keys_refetch_seconds`: within that, a token
+    signed with a key id the product never saw is refused through the product."""
+    cp = start_cp(make_control_plane, provider, cp_settings={"oidc_keys_refetch_seconds": 3600})
+    _, r, _ = oidc_login(cp, provider, "oscar")
+    assert r.status_code == 303
+    provider.restart([new_key("key-2")[1]])
+    _, r, _ = oidc_login(cp, provider, "oscar")
+    assert_problem(r, 401, "unknown key id 'key-2'")
+    admin = login(cp)
+    failed = admin.get("/api/v1/audit", params={"action": "auth.login_failed"}).json()
+    assert "unknown key id" in failed["items"][0]["detail"]["reason"]
 
 
 def _other_clients_id_token(op: OpenIdProviderServer, nonce: str) -> str:

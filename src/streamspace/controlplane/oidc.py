@@ -3,7 +3,7 @@ code exchange and the ID token check, one `OpenIdProvider` per configured provid
 
 The ID token is checked here, not trusted because it came over TLS from the token endpoint:
 signature against the provider's published keys (`jwks_uri`; an unknown `kid` fetches the keys
-again, at most once per `JWKS_REFETCH_SECONDS`, so a rotation is followed and a flood of forged
+again, at most once per `oidc_keys_refetch_seconds`, so a rotation is followed and a flood of forged
 key ids cannot turn into a flood of fetches), only asymmetric algorithms, `iss` exactly the
 configured issuer, `aud` holding the client id (and `azp` naming it when there are several),
 `exp`/`iat`/`nbf` against `clock` with the configured skew, and the login's `nonce`.
@@ -295,7 +295,12 @@ class OpenIdProviders:
     def __init__(self, *, settings: Settings, http: httpx.AsyncClient) -> None:
         self.http = http
         self.by_id = {
-            p.id: OpenIdProvider(config=p, http=http, skew_seconds=settings.oidc_clock_skew_seconds)
+            p.id: OpenIdProvider(
+                config=p,
+                http=http,
+                skew_seconds=settings.oidc_clock_skew_seconds,
+                refetch_seconds=settings.oidc_keys_refetch_seconds,
+            )
             for p in settings.oidc_providers
         }
 
