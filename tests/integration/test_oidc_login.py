@@ -1,7 +1,8 @@
 """OpenID Connect login through the product against a real OpenID Provider (npm
 `oidc-provider`, tests/streamspace_testing/oidc.py): the code flow with PKCE, just-in-time
 accounts with mapped groups and a role from a group, and the refusals: a wrong `state`, a
-replayed code, a token for another client, an expired token, a key the provider never
+replayed code, a token for another client, an expired token (a provider whose clock is
+behind), a key the product has not fetched and one the provider never
 published; the provider's key rotation is followed.
 """
 
@@ -238,6 +239,18 @@ def test_a_key_the_product_has_not_fetched_is_refused(
     admin = login(cp)
     failed = admin.get("/api/v1/audit", params={"action": "auth.login_failed"}).json()
     assert "unknown key id" in failed["items"][0]["detail"]["reason"]
+
+
+def test_an_expired_id_token_is_refused(
+    make_control_plane: Any, provider: OpenIdProviderServer
+) -> None:
+    """A provider whose clock runs 3 minutes behind issues ID tokens valid for one minute:
+    they expired two minutes ago by our clock, beyond the 30 s of skew allowed."""
+    provider.id_token_ttl = 60
+    provider.clock_behind = 180
+    cp = start_cp(make_control_plane, provider, cp_settings={"oidc_clock_skew_seconds": 30})
+    _, r, _ = oidc_login(cp, provider, "oscar")
+    assert_problem(r, 401, "expired")
 
 
 def _other_clients_id_token(op: OpenIdProviderServer, nonce: str) -> str:

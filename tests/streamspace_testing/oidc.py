@@ -90,6 +90,7 @@ class OpenIdProviderServer:
     port: int = field(default_factory=free_port)
     clients: list[Client] = field(default_factory=list)
     id_token_ttl: int = 3600
+    clock_behind: int = 0
     keys: list[dict[str, Any]] = field(default_factory=list)
     _proc: subprocess.Popen[bytes] | None = None
     _dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ss-oidc-")))
@@ -122,6 +123,7 @@ class OpenIdProviderServer:
             "OIDC_CLIENTS": json.dumps([c.registration() for c in self.clients]),
             "OIDC_ACCOUNTS": json.dumps(ACCOUNTS),
             "OIDC_ID_TOKEN_TTL": str(self.id_token_ttl),
+            "OIDC_CLOCK_BEHIND": str(self.clock_behind),
         }
         log = (self._dir / "provider.log").open("ab")
         self._proc = subprocess.Popen(

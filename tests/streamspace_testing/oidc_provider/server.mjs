@@ -6,10 +6,18 @@
 //   OIDC_CLIENTS          JSON list of clients (client_id, client_secret, redirect_uris, ...)
 //   OIDC_ACCOUNTS         JSON object: account id -> {name, email, groups}
 //   OIDC_ID_TOKEN_TTL     seconds an ID token is valid (default 3600)
+//   OIDC_CLOCK_BEHIND     seconds the provider's clock runs behind (default 0): its tokens
+//                         are then issued, and expire, that much in the past
 // The login page is the package's own development interaction (any password): the accounts
 // it accepts are only the ones listed, and consent is granted without a page.
 import { readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
+
+const behind = Number(process.env.OIDC_CLOCK_BEHIND || 0) * 1000;
+if (behind) {
+  const realNow = Date.now;
+  Date.now = () => realNow() - behind;
+}
 
 const { default: Provider } = await import(pathToFileURL(process.env.OIDC_PROVIDER_MODULE).href);
 const port = Number(process.env.OIDC_PORT);
