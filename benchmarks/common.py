@@ -129,7 +129,12 @@ def login(url: str, username: str = "admin", password: str = ADMIN_PASSWORD) -> 
 
 @contextmanager
 def agent_process(
-    url: str, token: str, cluster_id: str, state_dir: Path, extra: list[str] | None = None
+    url: str,
+    token: str,
+    cluster_id: str,
+    state_dir: Path,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A `streamspace agent` process enrolled with a fresh join token; yields once it is online
     (and, for backends that need to look, reports runnable templates)."""
@@ -151,7 +156,7 @@ def agent_process(
             str(state_dir),
             *(extra or []),
         ],
-        env={**os.environ, "STREAMSPACE_LOG_LEVEL": "WARNING"},
+        env={**os.environ, "STREAMSPACE_LOG_LEVEL": "WARNING", **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         cwd=ROOT,

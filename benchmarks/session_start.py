@@ -3,9 +3,13 @@
 The app counts as shown when the frame has at least 3 colours (a bare root window has 1-2).
 
 Usage: python benchmarks/session_start.py [--runs 20] [--templates xterm,firefox]
-                                          [--backend local|docker|both] [--unsandboxed]
+                                          [--backend local|docker|both|kubernetes]
+                                          [--unsandboxed]
 Prints p50/p95 per template and backend. --unsandboxed also runs the local backend with
 --insecure-shared-user, in the same run, as the anchor that shows what the sandbox costs.
+--backend kubernetes runs the docker backend and then the kubernetes one (pods on a real
+kube-apiserver, run by the podman test node: see benchmarks/kube_env.py) in the same run, on
+the same podman, and prints the ratio of their p50s.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 
 import httpx
 
-from benchmarks.common import describe_machine, login, product, summary
+from benchmarks.common import describe_machine, login, percentile, product, summary
 from streamspace_testing.rfb import RFBClient, WebSocketTransport
 
 
@@ -73,8 +77,9 @@ async def first_frame(url: str, token: str, template: str, timeout: float = 60) 
                 await asyncio.sleep(0.05)
 
 
-async def measure(url: str, templates: list[str], runs: int, label: str) -> None:
+async def measure(url: str, templates: list[str], runs: int, label: str) -> dict[str, list[float]]:
     token = login(url)
+    results: dict[str, list[float]] = {}
     for template in templates:
         times: list[float] = []
         errors = 0
@@ -89,13 +94,15 @@ async def measure(url: str, templates: list[str], runs: int, label: str) -> None
             summary(f"{label:<7} {template:<8} create->first frame", times) + f" errors={errors}",
             flush=True,
         )
+        results[template] = times
+    return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--templates", default="xterm,firefox")
-    ap.add_argument("--backend", default="local", choices=["local", "docker", "both"])
+    ap.add_argument("--backend", default="local", choices=["local", "docker", "both", "kubernetes"])
     ap.add_argument(
         "--unsandboxed", action="store_true", help="also time unsandboxed local sessions"
     )
@@ -109,11 +116,21 @@ def main() -> None:
         if args.unsandboxed:
             with product("up", args=["--insecure-shared-user"]) as url:
                 asyncio.run(measure(url, templates, args.runs, "nosbx"))
-    if args.backend in ("docker", "both"):
+    docker: dict[str, list[float]] = {}
+    if args.backend in ("docker", "both", "kubernetes"):
         from benchmarks.docker_env import docker_product
 
         with docker_product() as url:
-            asyncio.run(measure(url, templates, args.runs, "docker"))
+            docker = asyncio.run(measure(url, templates, args.runs, "docker"))
+    if args.backend == "kubernetes":
+        from benchmarks.kube_env import kube_product
+
+        with kube_product(templates) as url:
+            kube = asyncio.run(measure(url, templates, args.runs, "kube"))
+        for template, times in kube.items():
+            if times and docker.get(template):
+                ratio = percentile(times, 50) / percentile(docker[template], 50)
+                print(f"kube/docker p50 {template}: {ratio:.2f}x (target <= 1.5x)")
 
 
 if __name__ == "__main__":

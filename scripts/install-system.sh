@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages StreamSpace needs, only those missing (idempotent, fast when done).
 #   product: what `make run` needs (VNC server, apps, noVNC files, sandbox)
-#   test:    additionally what `make test` needs (browser for UI tests, podman, databases, slapd)
+#   test:    additionally what `make test` needs (browser for UI tests, podman, databases, slapd, xmlsec1 for the test SAML IdP)
 set -euo pipefail
 what="${1:-product}"
 product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap tini novnc x11-utils)
 test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
-           postgresql redis-server iproute2 procps nginx slapd ldap-utils nodejs)
+           postgresql redis-server iproute2 procps nginx slapd ldap-utils xmlsec1 nodejs)
 pkgs=("${product[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 # The OIDC tests' provider is an npm package: Debian's nodejs comes without npm (a NodeSource

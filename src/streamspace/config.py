@@ -15,6 +15,39 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
+class SamlProvider(BaseModel):
+    """One SAML 2.0 identity provider users may sign in with (`STREAMSPACE_SAML_PROVIDERS`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,10}$",
+        description="Short name in the SP's URLs and in accounts' `auth_source` (`saml:<id>`).",
+    )
+    name: str = Field(min_length=1, max_length=64, description='Shown as "Sign in with <name>".')
+    idp_metadata_url: str = Field(
+        pattern=r"^https?://",
+        description="The IdP's metadata (entity id, SSO URL, signing certificates); read at the "
+        "first login and again every 10 minutes, so a rotated IdP key is picked up.",
+    )
+    sp_entity_id: str = Field(
+        default="",
+        description="This SP's entity id; empty: `<public_url>/api/v1/auth/saml/<id>/metadata`.",
+    )
+    username_attribute: str = Field(
+        default="uid", description="Attribute (name or friendly name) that is the username."
+    )
+    email_attribute: str = Field(default="mail", description="Attribute copied into the email.")
+    display_name_attribute: str = Field(
+        default="displayName", description="Attribute copied into the display name."
+    )
+    groups_attribute: str = Field(
+        default="memberOf", description="Attribute whose values become StreamSpace groups."
+    )
+    admin_group: str = Field(default="", description="Members of this IdP group are admins.")
+    operator_group: str = Field(default="", description="Members of this IdP group are operators.")
+
+
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "streamspace"
 
@@ -375,6 +408,16 @@ class Settings(BaseSettings):
         description="Limit for each call to a provider (discovery, keys, token). A provider "
         "that does not answer makes its sign-in fail with 503 `identity-provider-unavailable`.",
     )
+    saml_providers: list[SamlProvider] = Field(
+        default_factory=list,
+        description="SAML 2.0 identity providers, as a JSON list of objects: `id`, `name`, "
+        "`idp_metadata_url`, and optionally `sp_entity_id`, `username_attribute` (`uid`), "
+        "`email_attribute` (`mail`), `display_name_attribute` (`displayName`), "
+        "`groups_attribute` (`memberOf`), `admin_group`, `operator_group`. Each is a "
+        '"Sign in with <name>" button on the login page; needs `STREAMSPACE_PUBLIC_URL`. '
+        'See `docs/identity.md`, "SAML".',
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
 
     metrics_token: str = Field(
         default="",
@@ -402,6 +445,13 @@ class Settings(BaseSettings):
 
     stream_ticket_ttl_seconds: int = Field(
         default=30, description="Lifetime of a single-use stream ticket."
+    )
+    thumbnail_cache_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="How long a replica reuses a session's live thumbnail before asking its "
+        "agent for a new one (all Sessions lists open share it).",
     )
     agent_heartbeat_seconds: float = Field(
         default=10.0, description="Heartbeat interval the control plane asks agents for."
@@ -631,6 +681,17 @@ class Settings(BaseSettings):
         ):
             raise ValueError(f"ldap_url: {value!r} is not an ldap:// or ldaps:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _check_saml(self) -> Settings:
+        ids = [p.id for p in self.saml_providers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"saml_providers: provider ids must be unique, got {ids}")
+        if self.saml_providers and not self.public_url:
+            raise ValueError(
+                "saml_providers: needs public_url, the address the IdP sends users back to"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_ldap(self) -> Settings:

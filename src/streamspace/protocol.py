@@ -29,6 +29,7 @@ namespace under the agent's own uid; `container` one non-root container per sess
 NAME_MAX = 128
 """Bound of every name and id in agent frames: a hello can no longer carry megabytes."""
 DETAIL_MAX = 512
+PROGRESS_MAX = 512
 MAX_TEMPLATES = 1000
 MAX_INVENTORY = 10_000
 
@@ -81,6 +82,26 @@ class ImageLaunch(_Msg):
     env: dict[str, str] = Field(default_factory=dict)
 
 
+class Toleration(_Msg):
+    """A Kubernetes toleration, in the API's terms (kubernetes backend only)."""
+
+    key: str = Field(default="", max_length=316)
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str = Field(default="", max_length=63)
+    effect: Literal["", "NoSchedule", "PreferNoSchedule", "NoExecute"] = ""
+    toleration_seconds: int | None = Field(default=None, ge=0)
+
+    def manifest(self) -> dict[str, str | int]:
+        """As it goes into a pod spec: camelCase, empty fields left out."""
+        out: dict[str, str | int] = {"operator": self.operator}
+        for name, value in (("key", self.key), ("value", self.value), ("effect", self.effect)):
+            if value:
+                out[name] = value
+        if self.toleration_seconds is not None:
+            out["tolerationSeconds"] = self.toleration_seconds
+        return out
+
+
 class Display(_Msg):
     width: int = Field(default=1280, ge=320, le=7680)
     height: int = Field(default=800, ge=200, le=4320)
@@ -109,6 +130,16 @@ class SessionSpec(_Msg):
     )
     home_limit_mb: int | None = Field(
         default=None, ge=1, description="size limit of the persistent home; None: no limit"
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="the template's node labels its pods need (kubernetes backend only)",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list,
+        max_length=32,
+        description="the template's taints its pods tolerate (kubernetes backend only)",
     )
 
 
@@ -207,6 +238,16 @@ class SessionStatus(_Msg):
     reason: str = Field(default="", max_length=4096)
 
 
+class SessionProgress(_Msg):
+    """A start milestone a backend just passed ("scheduled on node n1", "pulling image …",
+    "VNC ready"), sent as it happens so a slow start says where it is. Best effort: only
+    on the live connection, recorded as a session event while the session is starting."""
+
+    type: Literal["session_progress"] = "session_progress"
+    session_id: str = Field(max_length=NAME_MAX)
+    message: str = Field(min_length=1, max_length=PROGRESS_MAX)
+
+
 class StreamFailed(_Msg):
     type: Literal["stream_failed"] = "stream_failed"
     stream_id: str = Field(max_length=NAME_MAX)
@@ -238,6 +279,15 @@ class Command(_Msg):
     spec: SessionSpec | None = None
 
 
+StreamPurpose = Literal["vnc", "thumbnail"]
+"""What a dialled-back stream carries: `vnc` the session's RFB bytes both ways; `thumbnail` one
+binary frame, a JPEG of the session's screen at most THUMBNAIL_WIDTH wide, then the close."""
+
+THUMBNAIL_WIDTH = 320
+THUMBNAIL_MAX_BYTES = 512 * 1024
+"""A thumbnail larger than this is refused by the control plane (a JPEG of 320 px is ~20 KiB)."""
+
+
 class OpenStream(_Msg):
     """Ask the agent to dial back a binary WebSocket for one viewer of one session.
 
@@ -247,6 +297,7 @@ class OpenStream(_Msg):
     stream_id: str
     session_id: str
     path: str
+    purpose: StreamPurpose = "vnc"
     base_url: str = Field(
         default="",
         description="ws(s) base of the replica holding the viewer; empty = the agent's server",
@@ -262,7 +313,14 @@ class ErrorMessage(_Msg):
 
 
 AgentMessage = Annotated[
-    Hello | Heartbeat | Ack | Result | SessionStatus | StreamFailed | ErrorMessage,
+    Hello
+    | Heartbeat
+    | Ack
+    | Result
+    | SessionStatus
+    | SessionProgress
+    | StreamFailed
+    | ErrorMessage,
     Field(discriminator="type"),
 ]
 ServerMessage = Annotated[

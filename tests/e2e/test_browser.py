@@ -420,6 +420,42 @@ def test_session_rows_settle_without_live_events(product: Product, watched: Watc
         wait_state(row, "stopped", 20)
 
 
+def test_running_sessions_show_a_live_thumbnail(product: Product, watched: Watched) -> None:
+    """The Sessions list shows each running session's screen, fetched with the bearer token,
+    and renews it every few seconds while the list is open."""
+    page = watched.page
+    with artifacts_on_failure(watched, product, "thumbnail"):
+        log_in(page, product.url)
+        page.get_by_test_id("launch-xterm").click()
+        page.wait_for_url("**/#/sessions?highlight=*")
+        session_id = page.url.split("highlight=")[1].split("&")[0]
+        row = page.get_by_test_id(f"session-{session_id}")
+        wait_state(row, "running")
+        thumb = row.get_by_test_id("thumbnail")
+        thumb.wait_for()
+        first = poll(
+            lambda: thumb.evaluate(
+                "i => i.complete && i.naturalWidth > 0 && [i.src, i.naturalWidth]"
+            ),
+            20,
+            "the thumbnail to load",
+        )
+        assert first[0].startswith("blob:")
+        assert first[1] == 320
+        poll(
+            lambda: thumb.evaluate(
+                "(i, old) => i.complete && i.naturalWidth > 0 && i.src !== old", first[0]
+            ),
+            15,
+            "the thumbnail to be renewed",
+        )
+        assert watched.csp_violations() == [], watched.csp_violations()
+        row.get_by_test_id("action-stop").click()
+        row.get_by_test_id("action-confirm-stop").click()
+        wait_state(row, "stopped")
+        poll(lambda: thumb.count() == 0, 10, "the stopped session's thumbnail to go")
+
+
 def test_admin_pages_render(product: Product, watched: Watched) -> None:
     page = watched.page
     with artifacts_on_failure(watched, product, "admin_pages"):

@@ -61,7 +61,7 @@ def test_sign_in_with_a_provider_lands_on_the_catalog(
     page = watched.page
     with artifacts_on_failure(watched, product, "oidc_sign_in"):
         page.goto(f"{product.url}/#/login")
-        button = page.get_by_test_id("oidc-testop")
+        button = page.get_by_test_id("sso-testop")
         button.wait_for()
         assert button.inner_text() == "Sign in with Example SSO"
         button.click()

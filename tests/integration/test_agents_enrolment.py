@@ -443,3 +443,44 @@ def test_an_oversized_hello_is_refused_and_nothing_is_stored(
     assert (msg["type"], msg["code"]) == ("error", code)
     view = fl.agent_view(enrolled.agent_id)
     assert view["templates"] == [] and view["status"] == "offline"
+
+
+def test_progress_for_another_agents_session_is_not_recorded(
+    fleet: Callable[..., Fleet],
+) -> None:
+    """An enrolled agent cannot write events into sessions it does not run: a SessionProgress
+    naming another agent's session is dropped (and so is one for a session already running)."""
+    require(XVNC_MISSING)
+    fl = fleet()
+    fl.wait_online(fl.agent("real"))
+    alice = fl.user()
+    session = fl.create(alice, cluster_id="real")
+    wait_state(alice, session["id"], "running", timeout=60)
+    enrolled = enroll(fl)
+    url = f"ws://127.0.0.1:{fl.cp.port}{protocol.AGENT_CONNECT_PATH}"
+    auth = {"Authorization": f"Bearer {enrolled.credential}"}
+    forged = protocol.encode(
+        protocol.SessionProgress(session_id=session["id"], message="forged: open this link")
+    )
+    heartbeat = protocol.encode(
+        protocol.Heartbeat(load=protocol.Load(sessions=0, cpu_millis=0, memory_mb=0))
+    )
+
+    def last_seen() -> datetime:
+        return datetime.fromisoformat(fl.agent_view(enrolled.agent_id)["last_seen"])
+
+    async def run() -> None:
+        async with connect(url, additional_headers=auth) as ws:
+            await ws.send(hello(enrolled.agent_id))
+            assert (await recv_json(ws))["type"] == "welcome"
+            await ws.send(forged)
+            before = await asyncio.to_thread(last_seen)
+            await asyncio.sleep(0.1)
+            await ws.send(heartbeat)  # frames are handled in order: once this lands, so has that
+            await asyncio.to_thread(
+                wait_for, lambda: last_seen() > before, 8, 0.2, "heartbeat after the progress"
+            )
+
+    asyncio.run(run())
+    events = alice.get(f"/api/v1/sessions/{session['id']}").json()["events"]
+    assert not [e for e in events if "forged" in e["message"]], events

@@ -268,6 +268,30 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             body={"challenge_id": "x", "credential": {}},
             note="anonymous by design: an unknown challenge -> 401",
         ),
+        Row(
+            "GET",
+            "/api/v1/auth/saml",
+            "/api/v1/auth/saml",
+            {},
+            anon=200,
+            note="anonymous by design: the login page's identity providers",
+        ),
+        *(
+            Row(
+                method,
+                f"/api/v1/auth/saml/{{provider_id}}/{step}",
+                f"/api/v1/auth/saml/none/{step}",
+                {},
+                anon=anon,
+                note=f"anonymous by design: SAML {step}; unknown IdP -> 404, no form -> 422",
+            )
+            for method, step, anon in (
+                ("GET", "metadata", 404),
+                ("GET", "login", 404),
+                ("POST", "acs", 422),
+                ("GET", "complete", 422),
+            )
+        ),
         Row("POST", "/api/v1/auth/mfa/totp", "/api/v1/auth/mfa/totp", everyone(201)),
         Row(
             "POST",
@@ -327,6 +351,12 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             "POST",
             "/api/v1/sessions/{session_id}/connect",
             f"{s}/connect",
+            {U: 404, OP: 404, A: 409},
+        ),
+        Row(
+            "GET",
+            "/api/v1/sessions/{session_id}/thumbnail",
+            f"{s}/thumbnail",
             {U: 404, OP: 404, A: 409},
         ),
         Row("DELETE", "/api/v1/sessions/{session_id}", s, {U: 404, OP: 404, A: 202}),
@@ -615,6 +645,7 @@ def test_users_cannot_touch_each_others_sessions(make_control_plane: Any) -> Non
         ("POST", "/hibernate", None),
         ("POST", "/wake", None),
         ("POST", "/connect", None),
+        ("GET", "/thumbnail", None),
         ("DELETE", "", None),
     ]
     failures = []

@@ -158,6 +158,7 @@ def fill(route: str, ids: dict[str, str]) -> str:
                 "agent_id",
                 "key_id",
                 "passkey_id",
+                "sign_in_id",
                 "provider_id",
             )
         }
@@ -422,6 +423,22 @@ def test_body_errors_on_every_endpoint(make_control_plane: Any) -> None:
             422,
             ("launch",),
             json={**TEMPLATE, "launch": {}},
+        ),
+        Case(
+            "template toleration effect",
+            "POST",
+            "/api/v1/templates",
+            422,
+            ("launch.kubernetes.tolerations.0.effect",),
+            json={
+                **TEMPLATE,
+                "launch": {
+                    "kubernetes": {
+                        "image": "localhost/streamspace/xterm:latest",
+                        "tolerations": [{"key": "gpu", "effect": "Sometimes"}],
+                    }
+                },
+            },
         ),
         Case(
             "template resources",

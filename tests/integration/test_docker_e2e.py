@@ -120,6 +120,11 @@ def test_container_session_lifecycle_through_the_control_plane(setup: Any) -> No
     assert s["state"] == "running", s
     assert s["cluster_id"] == "containers"
     assert _stream_nonblank(cp, admin, sid)
+    # The agent's snapshot client goes through the same password-protected VNC connection.
+    thumb = admin.get(f"/api/v1/sessions/{sid}/thumbnail")
+    assert thumb.status_code == 200, thumb.text
+    assert thumb.headers["content-type"] == "image/jpeg"
+    assert thumb.content[:3] == b"\xff\xd8\xff"
 
     container = _container(engine, sid)
     host = container.attrs["HostConfig"]

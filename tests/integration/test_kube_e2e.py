@@ -124,6 +124,11 @@ def _pod(setup: Setup, session_id: str) -> Any:
         raise
 
 
+def _progress(session: dict[str, Any]) -> list[str]:
+    """The start milestones the agent reported, as recorded in the session's events."""
+    return [e["message"] for e in session["events"] if e["kind"] == "progress"]
+
+
 def _exec(setup: Setup, session_id: str, command: list[str]) -> subprocess.CompletedProcess[str]:
     """Run a command in the session's container, found behind the API server on the node."""
     pod = _pod(setup, session_id)
@@ -157,6 +162,16 @@ def test_pod_session_lifecycle_through_the_control_plane(setup: Setup) -> None:
     s = wait_state(admin, sid, {"running", "failed"}, 120)
     assert s["state"] == "running", s
     assert s["cluster_id"] == "pods"
+    progress = _progress(s)
+    node = setup.node.info.name
+    assert progress[0].startswith("pod ss-") and progress[0].endswith(" created"), progress
+    assert [p.split(" ", 2)[:2] == ["pulling", "image"] or p for p in progress[1:]] == [
+        f"scheduled on node {node}",
+        True,
+        "container started",
+        "VNC ready",
+    ], progress
+    assert "xterm" in progress[2]
     assert _stream_nonblank(setup.cp, admin, sid)
 
     pod = _pod(setup, sid)
@@ -181,7 +196,8 @@ def test_pod_session_lifecycle_through_the_control_plane(setup: Setup) -> None:
     )
 
     assert admin.post(f"/api/v1/sessions/{sid}/wake").status_code == 202
-    wait_state(admin, sid, "running", 120)
+    woken = wait_state(admin, sid, "running", 120)
+    assert _progress(woken)[len(progress) :][-1] == "VNC ready"  # the wake's own milestones
     assert _pod(setup, sid).metadata.uid != pod.metadata.uid
     done = _exec(setup, sid, ["cat", "/home/streamspace/note.txt"])
     assert (done.returncode, done.stdout.strip()) == (0, "kept"), done.stderr

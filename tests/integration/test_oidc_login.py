@@ -113,7 +113,7 @@ def test_first_login_creates_the_account_with_groups_and_role(
     admin = login(cp)
     found = {g["name"]: g for g in admin.get("/api/v1/groups").json()}
     assert found["engineers"]["members"] == ["olivia"]
-    assert found["engineers"]["source"] == "oidc:testop"
+    assert found["engineers"]["source"] == "oidc"
     assert "sso-admins" not in found  # only mapped groups become StreamSpace groups
 
     rp2, r, _ = oidc_login(cp, provider, "oscar")

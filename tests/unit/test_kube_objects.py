@@ -40,7 +40,8 @@ from streamspace.agent.backends.kubernetes.settings import (
     parse_tolerations,
 )
 from streamspace.config import Settings
-from streamspace.protocol import Display, ImageLaunch, Resources, SessionSpec
+from streamspace.controlplane.catalog import TemplateSpec
+from streamspace.protocol import Display, ImageLaunch, Resources, SessionSpec, Toleration
 
 USER_ID = "0f3c9a1b2d4e5f60718293a4b5c6d7e8"
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -156,6 +157,48 @@ def test_pull_policy_secrets_node_selector_and_tolerations_from_settings() -> No
     assert pod["spec"]["tolerations"] == [toleration]
     plain = _pod()["spec"]
     assert "imagePullSecrets" not in plain and "nodeSelector" not in plain
+
+
+def test_the_templates_node_selector_and_tolerations_reach_the_pod() -> None:
+    template = TemplateSpec.model_validate(
+        {
+            "name": "gpu-desk",
+            "display_name": "GPU desk",
+            "category": "Development",
+            "launch": {
+                "kubernetes": {
+                    "image": "localhost/streamspace/xterm:abc",
+                    "node_selector": {"gpu": "true", "pool": "template-pool"},
+                    "tolerations": [
+                        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
+                        {"key": "spot", "value": "yes", "toleration_seconds": 30},
+                    ],
+                }
+            },
+        }
+    )
+    kube = template.launch.kubernetes
+    assert kube is not None
+    spec = _spec(node_selector=kube.node_selector, tolerations=kube.tolerations)
+    operator = {"key": "desks", "operator": "Exists", "effect": "NoSchedule"}
+    pod = _pod(spec, node_selector={"pool": "desks"}, tolerations=(operator,))["spec"]
+    # The agent's operator wins on a label both set; its tolerations come first.
+    assert pod["nodeSelector"] == {"gpu": "true", "pool": "desks"}
+    assert pod["tolerations"] == [
+        operator,
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "spot", "operator": "Equal", "value": "yes", "tolerationSeconds": 30},
+    ]
+    alone = _pod(spec)["spec"]
+    assert alone["nodeSelector"] == {"gpu": "true", "pool": "template-pool"}
+    assert len(alone["tolerations"]) == 2
+
+
+def test_a_toleration_the_api_would_refuse_is_refused_in_the_template() -> None:
+    with pytest.raises(ValueError, match="effect"):
+        Toleration.model_validate({"key": "gpu", "effect": "Sometimes"})
+    with pytest.raises(ValueError, match="extra"):
+        Toleration.model_validate({"key": "gpu", "tolerationSeconds": 3})
 
 
 def test_no_image_is_refused() -> None:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from streamspace.config import Settings
 from streamspace.controlplane.directory import Directory
-from streamspace.controlplane.provisioning import VALID_NAME, group_name, role_for
+from streamspace.controlplane.provisioning import VALID_NAME, group_name, ldap_origin, role_for
 
 BASE = {"ldap_url": "ldap://dc.example.org", "ldap_user_base_dn": "ou=people,dc=example,dc=org"}
 
@@ -49,11 +49,15 @@ def test_tls_is_known_from_the_url_or_starttls() -> None:
 
 def test_role_from_directory_groups() -> None:
     settings = Settings(**BASE, ldap_admin_group="Admins", ldap_operator_group="ops")
-    assert role_for(("engineers", "admins"), settings) == "admin"  # names compare caseless
-    assert role_for(("OPS", "admins"), settings) == "admin"
-    assert role_for(("ops",), settings) == "operator"
-    assert role_for(("engineers",), settings) == "user"
-    assert role_for(("admins",), Settings(**BASE)) == "user"  # no admin group configured
+    assert (
+        role_for(("engineers", "admins"), ldap_origin(settings)) == "admin"
+    )  # names compare caseless
+    assert role_for(("OPS", "admins"), ldap_origin(settings)) == "admin"
+    assert role_for(("ops",), ldap_origin(settings)) == "operator"
+    assert role_for(("engineers",), ldap_origin(settings)) == "user"
+    assert (
+        role_for(("admins",), ldap_origin(Settings(**BASE))) == "user"
+    )  # no admin group configured
 
 
 def test_directory_names_that_cannot_be_usernames_or_groups() -> None:

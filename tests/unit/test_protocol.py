@@ -30,6 +30,7 @@ from streamspace.protocol import (
     ProtocolError,
     Resources,
     Result,
+    SessionProgress,
     SessionSpec,
     SessionStatus,
     StreamFailed,
@@ -101,6 +102,7 @@ AGENT_MESSAGES: list[protocol.AgentMessage] = [
     Result(command_id="c-1", ok=True, endpoint=Endpoint(port=5901)),
     Result(command_id="c-2", ok=False, error="image not found"),
     SessionStatus(session_id="s-1", state="exited", reason="exit code 1"),
+    SessionProgress(session_id="s-1", message="pulling image localhost/streamspace/xterm"),
     StreamFailed(stream_id="st-1", error="connection refused"),
     ErrorMessage(code="invalid_json", message="bad frame"),
 ]
@@ -122,6 +124,12 @@ SERVER_MESSAGES: list[protocol.ServerMessage] = [
         stream_id="st-1",
         session_id="s-1",
         path=protocol.AGENT_STREAM_PATH_PREFIX + "st-1",
+    ),
+    OpenStream(
+        stream_id="st-2",
+        session_id="s-1",
+        path=protocol.AGENT_STREAM_PATH_PREFIX + "st-2",
+        purpose="thumbnail",
     ),
     ErrorMessage(code="revoked", message="agent revoked by an administrator"),
 ]
@@ -153,6 +161,7 @@ def test_every_message_type_is_covered() -> None:
         "ack",
         "result",
         "session_status",
+        "session_progress",
         "stream_failed",
         "error",
     }
@@ -323,3 +332,10 @@ def test_user_ids_cannot_carry_the_volume_separator_or_a_path() -> None:
     for bad in ("a_b", "../x", "a/b", ""):
         with pytest.raises(ValueError):
             SessionSpec(session_id="s", user_id=bad, user="u", template="t")
+
+
+def test_a_progress_message_is_bounded_and_not_empty() -> None:
+    for message in ("", "x" * (protocol.PROGRESS_MAX + 1)):
+        raw = SessionProgress.model_construct(session_id="s-1", message=message)
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse_agent_message(protocol.encode(raw))

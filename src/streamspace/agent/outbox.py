@@ -16,11 +16,14 @@ from streamspace.protocol import (
     Heartbeat,
     Hello,
     Result,
+    SessionProgress,
     SessionStatus,
     StreamFailed,
 )
 
-Outgoing = Hello | Heartbeat | Ack | Result | SessionStatus | StreamFailed | ErrorMessage
+Outgoing = (
+    Hello | Heartbeat | Ack | Result | SessionStatus | SessionProgress | StreamFailed | ErrorMessage
+)
 Reliable = Result | SessionStatus
 
 

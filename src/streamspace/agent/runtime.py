@@ -15,7 +15,8 @@ meant for humans.
 `Agent` only coordinates; each part lives in its own module and is handed what it uses:
 `enrolment` (who we are), `connection` (the control connection and its backoff), `commands`
 (commands -> backend calls -> Results), `tunnel` (viewer streams), `exits` (sessions that end
-on their own), `outbox` (what survives a disconnect), `sessions` (what runs here).
+on their own), `progress` (start milestones as they happen), `outbox` (what survives a
+disconnect), `sessions` (what runs here).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from streamspace.agent.enrolment import Enrolment
 from streamspace.agent.errors import AgentError, CredentialRejected, TransientError
 from streamspace.agent.exits import ExitWatch
 from streamspace.agent.outbox import Outbox
+from streamspace.agent.progress import ProgressRelay
 from streamspace.agent.server import Server
 from streamspace.agent.sessions import SessionTable
 from streamspace.agent.tasks import Background
@@ -116,6 +118,7 @@ class Agent:
         self._exits = ExitWatch(
             backend=backend, sessions=sessions, outbox=outbox, identity=enrolment
         )
+        backend.report_progress(ProgressRelay(outbox=outbox, identity=enrolment).on_progress)
         self._tunnel = tunnel = StreamTunnel(
             backend=backend,
             server=server,
@@ -189,6 +192,11 @@ class Agent:
         (`streamspace up`), whose viewers then need no loopback WebSocket hop.
         """
         return await self._tunnel.open_session(session_id)
+
+    async def thumbnail(self, session_id: str) -> bytes:
+        """A small JPEG of the session's screen; called like `open_session` by an embedding
+        control plane (remote agents send it over a dialled-back stream instead)."""
+        return await self._tunnel.thumbnail(session_id)
 
     # ---- main loop -----------------------------------------------------------------------
 

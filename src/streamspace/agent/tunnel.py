@@ -10,12 +10,13 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streamspace import logs
+from streamspace.agent import snapshot
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream
 from streamspace.agent.enrolment import Enrolment
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.server import Server
 from streamspace.agent.vnc import ByteStreamReader, ByteStreamWriter
-from streamspace.protocol import OpenStream, StreamFailed
+from streamspace.protocol import THUMBNAIL_WIDTH, OpenStream, StreamFailed
 
 log = logs.get_logger(__name__)
 
@@ -48,14 +49,67 @@ class StreamTunnel:
         except BackendError as exc:
             raise ConnectionError(str(exc)) from exc
 
-    async def run(self, msg: OpenStream) -> None:
-        """Bridge one viewer: a fresh binary WebSocket to the control plane <-> the RFB port."""
+    async def thumbnail(self, session_id: str) -> bytes:
+        """A small JPEG of the session's screen (see snapshot), taken over a connection of its
+        own to the session's VNC server."""
+        reader, writer = await self.open_session(session_id)
+        return await snapshot.thumbnail(
+            reader, writer, max_width=THUMBNAIL_WIDTH, within=self._connect_timeout
+        )
+
+    def _url(self, msg: OpenStream) -> str | None:
         if not msg.path.startswith("/"):
             self._failed(msg, f"invalid stream path {msg.path!r}")
-            return
+            return None
         url = (msg.base_url.rstrip("/") or self._server.ws_base) + msg.path
         if not url.startswith(("ws://", "wss://")):
             self._failed(msg, f"invalid stream base URL {msg.base_url!r}")
+            return None
+        return url
+
+    async def run(self, msg: OpenStream) -> None:
+        """Serve one dialled-back stream: a viewer's tunnel, or one thumbnail."""
+        if msg.purpose == "thumbnail":
+            await self._send_thumbnail(msg)
+        else:
+            await self._tunnel(msg)
+
+    async def _send_thumbnail(self, msg: OpenStream) -> None:
+        """Take the picture first (a failure reaches the control plane as stream_failed, with
+        the reason), then dial back and send it as one binary frame."""
+        url = self._url(msg)
+        if url is None:
+            return
+        try:
+            image = await self.thumbnail(msg.session_id)
+        except (OSError, TimeoutError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            self._failed(msg, f"cannot take a thumbnail: {reason}")
+            return
+        try:
+            ws = await self._server.dial(
+                url, self._identity.credential, compression=None, max_size=STREAM_MAX_MESSAGE_BYTES
+            )
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+            return
+        try:
+            await ws.send(image)
+        except ConnectionClosed:
+            pass
+        finally:
+            await ws.close()
+        log.event(
+            "thumbnail_sent",
+            agent_id=self._identity.agent_id,
+            session_id=msg.session_id,
+            bytes=len(image),
+        )
+
+    async def _tunnel(self, msg: OpenStream) -> None:
+        """Bridge one viewer: a fresh binary WebSocket to the control plane <-> the RFB port."""
+        url = self._url(msg)
+        if url is None:
             return
         try:
             reader, writer = await self.open_session(msg.session_id)

@@ -224,6 +224,8 @@ class AgentEndpoint:
                 results.submit_result(conn.agent_id, msg)
             elif isinstance(msg, protocol.SessionStatus):
                 await results.on_session_status(conn.agent_id, msg)
+            elif isinstance(msg, protocol.SessionProgress):
+                await results.on_session_progress(conn.agent_id, msg)
             elif isinstance(msg, protocol.StreamFailed):
                 self.streams.agent_failed(msg.stream_id, msg.error)
             elif isinstance(msg, protocol.ErrorMessage):

@@ -28,6 +28,7 @@ from streamspace.controlplane.api import (
     audit,
     auth,
     auth_oidc,
+    auth_saml,
     health,
     mfa,
     passkeys,
@@ -204,6 +205,7 @@ def create_app(settings: Settings) -> FastAPI:
         except (StartupRefused, migrate.MigrationRefused) as exc:
             app.state.startup_error = str(exc)
             await state.peers.close()
+            await state.saml.aclose()
             await engine.dispose()
             raise
         await asyncio.to_thread(dummy_hash)
@@ -227,6 +229,7 @@ def create_app(settings: Settings) -> FastAPI:
             await state.hub.close_all()
             await state.peers.close()
             await state.oidc.close()
+            await state.saml.aclose()
             await engine.dispose()
 
     app = FastAPI(
@@ -240,9 +243,10 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (
+    routers = (
         auth,
         auth_oidc,
+        auth_saml,
         mfa,
         passkeys,
         apikeys,
@@ -251,8 +255,8 @@ def create_app(settings: Settings) -> FastAPI:
         sessions,
         agents,
         audit,
-        health,
-    ):
+    )
+    for module in (*routers, health):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

@@ -21,8 +21,9 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "default-src 'self'",
         "script-src 'self'",
         "style-src 'self'",
-        # noVNC draws the remote cursor as a data: URL image (core/util/cursor.js).
-        "img-src 'self' data:",
+        # noVNC draws the remote cursor as a data: URL image (core/util/cursor.js); session
+        # thumbnails are fetched with the bearer token and shown as blob: URLs the page made.
+        "img-src 'self' data: blob:",
         # 'self' covers ws:/wss: to the same host (CSP 3): the viewer's stream WebSocket.
         "connect-src 'self'",
         "object-src 'none'",

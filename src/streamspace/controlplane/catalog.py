@@ -32,11 +32,22 @@ class ImageLaunchSpec(_Strict):
     command: list[str] | None = None
     env: dict[str, str] = Field(default_factory=dict)
 
+    def image_launch(self) -> protocol.ImageLaunch:
+        return protocol.ImageLaunch(image=self.image, command=self.command, env=self.env)
+
+
+class KubernetesLaunchSpec(ImageLaunchSpec):
+    """An image plus where its pods may run: node labels they need, taints they tolerate (the
+    agent's own `kube_node_selector` wins on a key both set; its tolerations are added)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=32)
+    tolerations: list[protocol.Toleration] = Field(default_factory=list, max_length=32)
+
 
 class LaunchSpec(_Strict):
     local: LocalLaunchSpec | None = None
     docker: ImageLaunchSpec | None = None
-    kubernetes: ImageLaunchSpec | None = None
+    kubernetes: KubernetesLaunchSpec | None = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> LaunchSpec:
@@ -70,7 +81,7 @@ class TemplateSpec(_Strict):
             local=protocol.LocalLaunch(**self.launch.local.model_dump())
             if self.launch.local
             else None,
-            image=protocol.ImageLaunch(**image.model_dump()) if image else None,
+            image=image.image_launch() if image else None,
         )
 
 

@@ -35,6 +35,8 @@ class EmbeddedAgent(Protocol):
 
     async def open_session(self, session_id: str) -> tuple[SessionReader, SessionWriter]: ...
 
+    async def thumbnail(self, session_id: str) -> bytes: ...
+
 
 class EmbeddedAgentSlot:
     """Empty until `streamspace up` attaches its agent; stays empty for `streamspace server`."""

@@ -1,11 +1,11 @@
-"""Just-in-time accounts for users an outside source vouches for: what a successful directory
-(LDAP) or OpenID Connect login writes.
+"""Just-in-time accounts for directory and single sign-on users: what a successful login writes.
 
-The first login creates the user (`auth_source = 'ldap'` or `'oidc:<provider>'`, no usable
-password); every login
+An `Origin` says where an account comes from: the LDAP directory (`auth_source = 'ldap'`,
+groups with `source = 'ldap'`) or a SAML identity provider (`saml:<id>`, groups `saml`). The
+first login creates the user (no usable password); every login
 then copies the display name and email, sets the role from the configured admin and operator
-groups, and makes the user's memberships of directory-managed groups (`groups.source = 'ldap'`)
-match their directory groups, creating the groups that do not exist yet. Groups admins made
+groups, and makes the user's memberships of groups managed by that kind of origin match the
+groups it vouches for, creating the groups that do not exist yet. Groups admins made
 here (`source = 'local'`) are never joined, left or changed by a login, even when a directory
 group has the same name: that name is skipped and logged.
 
@@ -30,8 +30,18 @@ from streamspace.db.models import Group, GroupMembership, User
 log = logs.get_logger("streamspace.provisioning")
 
 LDAP = "ldap"
-LOCAL = "local"
+SAML = "saml"
+OIDC = "oidc"
 OIDC_PREFIX = "oidc:"
+LOCAL = "local"
+
+
+def uses_outside_password(auth_source: str) -> bool:
+    """Whether the account's credentials live elsewhere (a directory, an identity provider):
+    it has no password here to log in with or to change."""
+    return auth_source != LOCAL
+
+
 VALID_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 """What the API accepts for a username or a group name (api.schemas); a directory name outside
 it cannot become one."""
@@ -65,89 +75,59 @@ class Provisioned:
         return not self.created and self.old_role != self.user.role
 
 
-def role_from_groups(groups: tuple[str, ...], admin_group: str, operator_group: str) -> str:
+@dataclass(frozen=True)
+class Origin:
+    """Who vouches for an account: its `auth_source`, the `source` of the groups its logins
+    sync, and the groups whose members get a role above `user`."""
+
+    account_source: str
+    group_source: str
+    admin_group: str = ""
+    operator_group: str = ""
+
+
+def ldap_origin(settings: Settings) -> Origin:
+    return Origin(LDAP, LDAP, settings.ldap_admin_group, settings.ldap_operator_group)
+
+
+def role_for(groups: tuple[str, ...], origin: Origin) -> str:
     names = {g.casefold() for g in groups}
-    if admin_group and admin_group.casefold() in names:
+    if origin.admin_group and origin.admin_group.casefold() in names:
         return "admin"
-    if operator_group and operator_group.casefold() in names:
+    if origin.operator_group and origin.operator_group.casefold() in names:
         return "operator"
     return "user"
 
 
-def role_for(groups: tuple[str, ...], settings: Settings) -> str:
-    return role_from_groups(groups, settings.ldap_admin_group, settings.ldap_operator_group)
-
-
-def uses_outside_password(auth_source: str) -> bool:
-    """Whether the account's credentials live elsewhere (a directory, an OpenID Provider): it
-    has no password here to log in with or to change."""
-    return auth_source != LOCAL
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What an outside source says about a user, already in StreamSpace terms: `groups` are
-    StreamSpace group names (valid ones), `source` the `auth_source` the account carries and
-    the `source` of the groups a login manages."""
-
-    username: str
-    display_name: str
-    email: str
-    role: str
-    groups: tuple[str, ...]
-    source: str
-
-
-async def provision(db: AsyncSession, entry: DirectoryUser, settings: Settings) -> Provisioned:
-    """In the caller's transaction: the user's account, made to match the directory."""
-    groups: list[str] = []
-    for directory_name in entry.groups:
-        name = group_name(directory_name)
-        if name is not None:
-            groups.append(name)
-        else:
-            log.warning("ldap_group_skipped", group=directory_name[:100], why="bad name")
-    return await provision_identity(
-        db,
-        Identity(
-            username=entry.username,
-            display_name=entry.display_name,
-            email=entry.email,
-            role=role_for(entry.groups, settings),
-            groups=tuple(groups),
-            source=LDAP,
-        ),
-    )
-
-
-async def provision_identity(db: AsyncSession, identity: Identity) -> Provisioned:
-    """In the caller's transaction: the user's account, made to match what the source says."""
-    if not VALID_NAME.match(identity.username):
-        raise NotProvisioned(f"username {identity.username!r} is not a valid username")
-    user = await db.scalar(
-        select(User).where(func.lower(User.username) == identity.username.lower())
-    )
-    role = identity.role
+async def provision(
+    db: AsyncSession, entry: DirectoryUser, origin: Origin, role: str | None = None
+) -> Provisioned:
+    """In the caller's transaction: the user's account, made to match what the origin says."""
+    if not VALID_NAME.match(entry.username):
+        raise NotProvisioned(
+            f"username {entry.username!r} from {origin.account_source} is not valid"
+        )
+    user = await db.scalar(select(User).where(func.lower(User.username) == entry.username.lower()))
+    if role is None:  # OIDC settles it from the provider's groups before they are mapped
+        role = role_for(entry.groups, origin)
     if user is None:
         user = User(
-            username=identity.username, password_hash=NO_PASSWORD, auth_source=identity.source
+            username=entry.username, password_hash=NO_PASSWORD, auth_source=origin.account_source
         )
         db.add(user)
         created, old_role = True, role
-    elif user.auth_source != identity.source:
-        raise NotProvisioned(
-            f"an account named {user.username!r} exists with auth_source {user.auth_source!r}"
-        )
+    elif user.auth_source != origin.account_source:
+        raise NotProvisioned(f"an account of {user.auth_source} is named {user.username!r}")
     else:
         created, old_role = False, user.role
-    user.display_name = identity.display_name[:128]
-    user.email = identity.email[:254]
+    user.display_name = entry.display_name[:128]
+    user.email = entry.email[:254]
     if not created and role != user.role:
         user.token_version += 1  # as an admin's role change: access tokens end, a refresh renews
     user.role = role
     await db.flush()
     done = Provisioned(user=user, created=created, old_role=old_role)
-    await _sync_groups(db, user, identity.groups, identity.source, done)
+    await _sync_groups(db, user, entry.groups, origin.group_source, done)
     return done
 
 
@@ -155,8 +135,14 @@ async def _sync_groups(
     db: AsyncSession, user: User, names: tuple[str, ...], source: str, done: Provisioned
 ) -> None:
     wanted: dict[str, str] = {}
-    for name in names:
-        wanted.setdefault(name.casefold(), name)
+    for directory_name in names:
+        name = group_name(directory_name)
+        if name is not None:
+            wanted.setdefault(name.casefold(), name)
+        else:
+            log.warning(
+                "synced_group_skipped", user_id=user.id, group=directory_name[:100], why="bad name"
+            )
     existing = {
         g.name.casefold(): g
         for g in (
@@ -169,11 +155,12 @@ async def _sync_groups(
     for key, name in wanted.items():
         group = existing.get(key)
         if group is None:
-            description = "from the directory" if source == LDAP else f"from {source}"
-            group = Group(name=name, description=description, source=source)
+            group = Group(name=name, description=f"from {source}", source=source)
             db.add(group)
         elif group.source != source:
-            log.warning("group_skipped", user_id=user.id, group=name, why=f"a {group.source} group")
+            log.warning(
+                "synced_group_skipped", user_id=user.id, group=name, why=f"a {group.source} group"
+            )
             continue
         groups[group.name] = group
     await db.flush()

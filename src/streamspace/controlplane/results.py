@@ -23,6 +23,8 @@ from streamspace.db.models import Session as SessionRow
 
 log = logs.get_logger("streamspace.lifecycle")
 
+PROGRESS_STATES = frozenset({State.SCHEDULED.value, State.STARTING.value, State.WAKING.value})
+
 
 class Results:
     def __init__(self, *, db: Database, transitions: Transitions, placement: Placement) -> None:
@@ -179,6 +181,19 @@ class Results:
                 cmd = self.transitions.new_command(db, session, "stop")
                 await self.transitions.commit(db, [session], [cmd])
                 self.placement.wake_placer()
+
+    async def on_session_progress(self, agent_id: str, msg: protocol.SessionProgress) -> None:
+        """A start milestone, recorded as a `progress` session event while the session is
+        being started or woken on that agent; for any other session (another agent's, one
+        already running or stopped) it is stale or false and dropped."""
+        async with self.db() as db:
+            session = await db.get(SessionRow, msg.session_id)
+            if session is None or session.agent_id != agent_id:
+                return
+            if session.state not in PROGRESS_STATES:
+                return
+            self.transitions.event(db, session, "progress", msg.message, agent_id=agent_id)
+            await self.transitions.commit(db, [])
 
     async def reconcile(
         self, db: AsyncSession, agent_id: str, inventory: list[protocol.InventoryItem]

@@ -25,7 +25,9 @@ from streamspace.controlplane.oidc import OpenIdProviders
 from streamspace.controlplane.peers import Peers
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.saml import SamlProviders
 from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.thumbnails import Thumbnails
 from streamspace.controlplane.writerturn import WriterTurn
 from streamspace.db.engine import Database
 
@@ -56,6 +58,8 @@ class AppState:
     """LDAP / Active Directory login; None when `STREAMSPACE_LDAP_URL` is not set."""
     oidc: OpenIdProviders
     """The OpenID Providers users may sign in with (`STREAMSPACE_OIDC_PROVIDERS`)."""
+    saml: SamlProviders
+    """The SAML identity providers of `STREAMSPACE_SAML_PROVIDERS` (none: an empty registry)."""
     db_slots: asyncio.Semaphore
     """Request sessions allowed at once (see deps.get_db); sized from the pool by wiring."""
     revocations: Revocations
@@ -69,3 +73,4 @@ class AppState:
     streams: StreamBroker
     local_agent: EmbeddedAgentSlot
     """Filled by `streamspace up`: a credential rotated for it is handed to it in-process."""
+    thumbnails: Thumbnails

@@ -250,6 +250,52 @@ class StreamBroker:
                 await writer.wait_closed()
             log.event("stream_closed", path="local", session_id=session.id)
 
+    async def fetch_thumbnail(self, session_id: str, agent_id: str) -> bytes:
+        """A JPEG of the session's screen taken by its agent (see controlplane.thumbnails).
+
+        The embedded agent is asked in-process; a remote one gets an OpenStream with purpose
+        `thumbnail`, dials back to this replica (like a viewer's stream, so it works whichever
+        replica holds the agent's control socket) and sends the image as one binary frame.
+        Raises ConnectionError with the reason when no image comes."""
+        local = self.local_agent.serving(agent_id)
+        if local is not None:
+            try:
+                return await local.thumbnail(session_id)
+            except (OSError, TimeoutError) as exc:
+                raise ConnectionError(str(exc) or type(exc).__name__) from exc
+        stream_id = random_secret(16)
+        pending = PendingStream(
+            stream_id, agent_id, session_id, asyncio.get_running_loop().create_future()
+        )
+        self._pending[stream_id] = pending
+        try:
+            sent = await self.hub.send_to_agent(
+                agent_id,
+                protocol.OpenStream(
+                    stream_id=stream_id,
+                    session_id=session_id,
+                    path=protocol.AGENT_STREAM_PATH_PREFIX + stream_id,
+                    base_url=self.stream_base_url(),
+                    purpose="thumbnail",
+                ),
+            )
+            if not sent:
+                raise ConnectionError("the session's agent is offline")
+            try:
+                async with asyncio.timeout(AGENT_DIAL_TIMEOUT):
+                    agent_ws = await pending.agent_ws
+                    image = await _receive_bytes(agent_ws)
+            except TimeoutError:
+                raise ConnectionError("the agent sent no thumbnail in time") from None
+            if not image:
+                raise ConnectionError("the agent closed the thumbnail stream without an image")
+            if len(image) > protocol.THUMBNAIL_MAX_BYTES:
+                raise ConnectionError(f"the agent sent a thumbnail of {len(image)} bytes")
+            return image
+        finally:
+            pending.done.set()
+            self._pending.pop(stream_id, None)
+
     def agent_failed(self, stream_id: str, error: str) -> None:
         pending = self._pending.get(stream_id)
         if pending is not None and not pending.agent_ws.done():

@@ -172,7 +172,7 @@ class Transitions:
             local=protocol.LocalLaunch(**tpl.launch.local.model_dump())
             if tpl.launch.local
             else None,
-            image=protocol.ImageLaunch(**image.model_dump()) if image else None,
+            image=image.image_launch() if image else None,
             display=tpl.display,
             resources=protocol.Resources(
                 cpu_millis=session.cpu_millis, memory_mb=session.memory_mb
@@ -180,6 +180,8 @@ class Transitions:
             persistent_home=session.persistent_home,
             network=tpl.network,
             home_limit_mb=session.home_limit_mb,
+            node_selector=tpl.launch.kubernetes.node_selector if tpl.launch.kubernetes else {},
+            tolerations=tpl.launch.kubernetes.tolerations if tpl.launch.kubernetes else [],
         )
 
     # ---- requested transitions ----------------------------------------------------------

@@ -30,8 +30,10 @@ from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.redis_peers import RedisPeers
 from streamspace.controlplane.results import Results
 from streamspace.controlplane.revocation import Revocations
+from streamspace.controlplane.saml import SamlProviders
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.streams import StreamBroker
+from streamspace.controlplane.thumbnails import Thumbnails
 from streamspace.controlplane.timeouts import Timeouts
 from streamspace.controlplane.transitions import Transitions
 from streamspace.controlplane.writerturn import WriterTurn
@@ -124,6 +126,7 @@ def build_state(
         api_keys=ApiKeys(db=db, ttl=settings.auth_cache_seconds),
         directory=Directory.from_settings(settings),
         oidc=OpenIdProviders.from_settings(settings),
+        saml=SamlProviders(settings),
         db_slots=asyncio.Semaphore(request_slots(settings)),
         revocations=revocations,
         writer_turn=writer_turn,
@@ -132,6 +135,7 @@ def build_state(
         lifecycle=lifecycle,
         streams=streams,
         local_agent=local_agent,
+        thumbnails=Thumbnails(streams=streams, ttl_seconds=settings.thumbnail_cache_seconds),
     )
 
 

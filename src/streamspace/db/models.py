@@ -66,7 +66,8 @@ class User(TimestampMixin, Base):
         String(16), default="local", server_default="local", nullable=False
     )
     """`local`: a StreamSpace password (or none); `ldap`: created at a directory login, which
-    alone authenticates it (its password hash is NO_PASSWORD)."""
+    alone authenticates it (its password hash is NO_PASSWORD); `saml:<provider>`: likewise, by
+    that SAML identity provider."""
 
     __table_args__ = (CheckConstraint("role IN ('admin', 'operator', 'user')", name="role"),)
 
@@ -208,6 +209,27 @@ class WebAuthnChallenge(Base):
     purpose: Mapped[str] = mapped_column(String(16), nullable=False)
     challenge: Mapped[str] = mapped_column(String(128), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+
+
+class SamlLogin(Base):
+    """One SAML sign-in under way, from the AuthnRequest to the tokens, usable once.
+
+    The IdP posts the Response cross-site, where the browser sends no SameSite cookie; so the
+    Response is checked and kept here (its assertion id unique: a replayed one is refused), and
+    the tokens are given on the redirect that follows, to the browser holding the cookie set
+    when this sign-in began (`browser_hash`)."""
+
+    __tablename__ = "saml_logins"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The AuthnRequest's ID: the Response must say InResponseTo it."""
+    provider: Mapped[str] = mapped_column(String(16), nullable=False)
+    browser_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, index=True)
+    assertion_id: Mapped[str | None] = mapped_column(String(128), unique=True, nullable=True)
+    grant_hash: Mapped[str | None] = mapped_column(String(64), unique=True, nullable=True)
+    identity: Mapped[dict[str, Any] | None] = mapped_column(JSONList, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class Template(TimestampMixin, Base):

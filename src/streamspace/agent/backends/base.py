@@ -32,6 +32,9 @@ VNCStream = tuple[vnc.ByteStreamReader, vnc.ByteStreamWriter]
 ExitCallback = Callable[[str, str], Awaitable[None]]
 """on_exit(session_id, reason): a running session ended without the agent asking."""
 
+ProgressCallback = Callable[[str, str], Awaitable[None]]
+"""on_progress(session_id, message): a start milestone the session just passed."""
+
 
 @dataclass(frozen=True)
 class BackendOptions:
@@ -86,6 +89,13 @@ class Backend(abc.ABC):
         died) through `on_exit`, once per exit, never for a stop or hibernate the agent asked
         for. Returns once the watch runs; it runs inside the backend until `close()`. A second
         call replaces the callback. A failing callback is logged, never stops the watch."""
+
+    def report_progress(self, on_progress: ProgressCallback) -> None:
+        """Report start milestones ("scheduled on node n1", "pulling image …", "VNC ready")
+        through `on_progress` as they happen. Optional: a backend whose starts take no steps
+        worth naming keeps this default and reports nothing. A failing callback is logged,
+        never fails the start."""
+        return None
 
     async def remove_unknown(self, keep: set[str]) -> list[str]:
         """Stop every session this backend holds (running, hibernated or exited) whose id is

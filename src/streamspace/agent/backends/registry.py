@@ -3,7 +3,7 @@
 `BackendKind` lives in the protocol because the control plane reads it too, and the protocol
 imports nothing of the agent; so the kinds are declared there and this registry is keyed by
 them (mypy checks every key is a kind; tests/unit/test_backend_registry.py fails when a kind is
-neither registered nor listed in `NOT_YET_REGISTERED`).
+not registered).
 
 Classes are named, not imported, like JupyterHub's `spawner_class`: an agent loads only the
 backend it runs, so a local agent never imports the docker SDK (or a Kubernetes client).
@@ -41,9 +41,6 @@ BACKENDS: Final[Mapping[BackendKind, Registered]] = {
     "kubernetes": Registered("streamspace.agent.backends.kubernetes", "KubernetesBackend"),
 }
 
-NOT_YET_REGISTERED: Final[frozenset[BackendKind]] = frozenset()
-"""Kinds the protocol knows that this agent cannot run yet: choosing one is a clear error."""
-
 
 class UnknownBackend(BackendError):
     """The agent was asked for a backend it does not have."""
@@ -61,10 +58,7 @@ def backend_class(kind: str) -> type[Backend]:
     choices = " or ".join(available())
     if not is_kind(kind):
         raise UnknownBackend(f"unknown backend {kind!r}; use {choices}")
-    registered = BACKENDS.get(kind)
-    if registered is None:
-        raise UnknownBackend(f"the {kind} backend is not available in this version; use {choices}")
-    return registered.load()
+    return BACKENDS[kind].load()
 
 
 def create_backend(kind: str, options: BackendOptions) -> Backend:

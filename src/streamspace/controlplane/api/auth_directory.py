@@ -26,6 +26,7 @@ from streamspace.controlplane.provisioning import (
     LDAP,
     NotProvisioned,
     Provisioned,
+    ldap_origin,
     provision,
 )
 from streamspace.controlplane.state import AppState
@@ -82,7 +83,10 @@ async def provision_login(
     """The entry's account, created or brought up to date, in the caller's transaction; None
     when it cannot have one (the reason is logged)."""
     return await provision_retrying(
-        db, lambda: provision(db, entry, settings), "ldap_login_refused", entry.username
+        db,
+        lambda: provision(db, entry, ldap_origin(settings)),
+        "ldap_login_refused",
+        entry.username,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -37,6 +38,7 @@ from streamspace.controlplane.api.auth_directory import provision_retrying
 from streamspace.controlplane.api.mfagate import demand_second_step
 from streamspace.controlplane.browser import is_tls
 from streamspace.controlplane.deps import DbDep, StateDep, writer_turn
+from streamspace.controlplane.directory import DirectoryUser
 from streamspace.controlplane.oidc import (
     OpenIdProvider,
     ProviderUnavailable,
@@ -48,12 +50,13 @@ from streamspace.controlplane.oidc import (
 )
 from streamspace.controlplane.problems import Problem, not_found
 from streamspace.controlplane.provisioning import (
+    OIDC,
     OIDC_PREFIX,
-    Identity,
+    Origin,
     Provisioned,
     group_name,
-    provision_identity,
-    role_from_groups,
+    provision,
+    role_for,
 )
 from streamspace.controlplane.state import AppState
 
@@ -251,14 +254,36 @@ async def _complete(
     except TokenRejected as exc:
         raise _refused(f"sign-in with {cfg.name} refused: {exc}") from None
     identity = _identity(cfg, claims)
+    origin = Origin(f"{OIDC_PREFIX}{cfg.id}", OIDC)
     async with contextlib.AsyncExitStack() as held:
         await held.enter_async_context(writer_turn(state, db))
         done = await provision_retrying(
-            db, lambda: provision_identity(db, identity), "oidc_login_refused", identity.username
+            db,
+            lambda: provision(db, identity.entry, origin, role=identity.role),
+            "oidc_login_refused",
+            identity.username,
         )
     if done is None:
         raise _refused(f"sign-in with {cfg.name} refused: this account cannot be used here")
     return await _signed_in(request, state, db, provider, done, id_token, flow)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the claims say, in StreamSpace terms: the account (its `groups` already mapped)
+    and the role the provider's own groups give."""
+
+    entry: DirectoryUser
+    role: str
+    source: str
+
+    @property
+    def username(self) -> str:
+        return self.entry.username
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return self.entry.groups
 
 
 def _identity(cfg: OidcProvider, claims: dict[str, Any]) -> Identity:
@@ -279,13 +304,16 @@ def _identity(cfg: OidcProvider, claims: dict[str, Any]) -> Identity:
     groups = tuple(
         sorted({name for g in provider_groups if (name := mapped.get(g.casefold())) is not None})
     )
-    return Identity(
+    entry = DirectoryUser(
+        dn=claim_text(claims, "sub"),
         username=username,
         display_name=claim_text(claims, "name"),
         email=email,
-        role=role_from_groups(provider_groups, cfg.admin_group, cfg.operator_group),
         groups=groups,
-        source=f"{OIDC_PREFIX}{cfg.id}",
+    )
+    origin = Origin(f"{OIDC_PREFIX}{cfg.id}", OIDC, cfg.admin_group, cfg.operator_group)
+    return Identity(
+        entry=entry, role=role_for(provider_groups, origin), source=origin.account_source
     )
 
 

@@ -74,6 +74,12 @@ class UserOut(Out):
     created_at: datetime
 
 
+class SamlProviderOut(BaseModel):
+    id: str
+    name: str
+    login_url: str
+
+
 class TokenOut(BaseModel):
     access_token: str
     token_type: str = "bearer"

@@ -27,6 +27,7 @@ from streamspace.controlplane.problems import Problem, bad_request, conflict, no
 from streamspace.controlplane.state import AppState
 from streamspace.controlplane.statemachine import ACTIVE_STATES, State
 from streamspace.controlplane.views import SessionOut, session_view
+from streamspace.controlplane.writerturn import SLOT_KEY
 from streamspace.db.models import Session as SessionRow
 from streamspace.db.models import SessionEvent, User
 
@@ -289,3 +290,36 @@ async def connect_session(
         expires_at=expires,
         viewer_url=f"/#/view/{session.id}",
     )
+
+
+@router.get(
+    "/{session_id}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "the session's screen"}},
+)
+async def session_thumbnail(session_id: str, user: UserDep, state: StateDep, db: DbDep) -> Response:
+    """A small JPEG of a running session's screen, for the Sessions list (see
+    controlplane.thumbnails); read-only, so not audited, and never cached by the browser or a
+    proxy: it is a picture of someone's desktop."""
+    session = await load_owned(db, session_id, user)
+    if session.state != State.RUNNING or session.agent_id is None:
+        raise conflict(
+            f"a session that is {session.state} has no thumbnail", current_state=session.state
+        )
+    agent_id = session.agent_id
+    # The capture can take a second: wait for it without holding a connection or a slot.
+    await db.close()
+    slot = db.info.get(SLOT_KEY)
+    if slot is not None:
+        slot.release()
+    try:
+        image = await state.thumbnails.get(session.id, agent_id)
+    except ConnectionError as exc:
+        raise Problem(
+            503,
+            "Service unavailable",
+            f"no thumbnail now: {exc}",
+            kind="thumbnail-unavailable",
+            headers={"Retry-After": "5"},
+        ) from exc
+    return Response(image, media_type="image/jpeg", headers={"Cache-Control": "private, no-store"})

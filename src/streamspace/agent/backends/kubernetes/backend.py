@@ -32,7 +32,7 @@ import functools
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from pathlib import Path
 from typing import Any, Self
 
@@ -46,6 +46,7 @@ from streamspace.agent.backends.base import (
     BackendError,
     BackendOptions,
     ExitCallback,
+    ProgressCallback,
     VNCStream,
     rfb_answers,
 )
@@ -65,8 +66,6 @@ from streamspace.protocol import (
 
 log = logs.get_logger("streamspace.agent.kubernetes")
 
-ProgressCallback = Callable[[str, str], Awaitable[None]]
-"""on_progress(session_id, message): a start milestone the session's pod just passed."""
 SYNC_TIMEOUT = resources.SYNC_TIMEOUT
 
 
@@ -305,6 +304,9 @@ class KubernetesBackend(Backend):
         pods, _ = await self._ready()
         self._exits.adopt(list(pods.items.values()))
         self._exits.enabled = True
+
+    def report_progress(self, on_progress: ProgressCallback) -> None:
+        self.on_progress = on_progress
 
     # ---- start / wake -------------------------------------------------------------------
 

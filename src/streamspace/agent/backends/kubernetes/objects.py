@@ -299,10 +299,14 @@ def make_pod(
         pod_spec["serviceAccountName"] = settings.service_account
     if settings.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": name} for name in settings.image_pull_secrets]
-    if settings.node_selector:
-        pod_spec["nodeSelector"] = dict(settings.node_selector)
-    if settings.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
+    # The template says where its pods need to run; the agent's operator has the last word on
+    # a label both set, and the taints the operator tolerates apply to every session.
+    node_selector = {**spec.node_selector, **settings.node_selector}
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    tolerations = [dict(t) for t in settings.tolerations] + [t.manifest() for t in spec.tolerations]
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
     return {
         "apiVersion": "v1",
         "kind": "Pod",

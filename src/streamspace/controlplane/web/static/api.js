@@ -104,6 +104,25 @@ export async function restoreSession() {
   return refreshTokens(null);
 }
 
+/** After a single sign-on: the server set the refresh cookie on the redirect back here. */
+export async function adoptSignOn() {
+  localStorage.setItem(HAS_SESSION_KEY, "1");
+  const ok = await refreshTokens(null);
+  if (ok) channel?.postMessage("login");
+  return ok;
+}
+
+/** The identity providers the login page offers ("Sign in with …"). */
+export async function signOnProviders() {
+  const saml = api("GET", "/api/v1/auth/saml", undefined, { retry: false }).catch(() => []);
+  const oidc = api("GET", "/api/v1/auth/oidc/providers", undefined, { retry: false })
+    .then(({ providers }) =>
+      providers.map((p) => ({ ...p, login_url: `/api/v1/auth/oidc/${encodeURIComponent(p.id)}/login` })),
+    )
+    .catch(() => []);
+  return [...(await oidc), ...(await saml)];
+}
+
 let onAuthLost = () => {};
 export function setAuthLostHandler(fn) {
   onAuthLost = fn;
@@ -141,7 +160,7 @@ async function parseError(resp) {
  * Call the API. `body` is sent as JSON. Returns the parsed JSON (or null for 204).
  * On 401 one token refresh is tried; if that fails the user is sent to the login page.
  */
-export async function api(method, path, body, { headers = {}, signal, retry = true } = {}) {
+export async function api(method, path, body, { headers = {}, signal, retry = true, as = "json" } = {}) {
   const access = session?.access_token;
   const init = {
     method,
@@ -167,7 +186,7 @@ export async function api(method, path, body, { headers = {}, signal, retry = tr
     (!access && path.startsWith("/api/v1/auth/mfa"));
   if (resp.status === 401 && !authPath) {
     if (retry && access && (await refreshTokens(access))) {
-      return api(method, path, body, { headers, signal, retry: false });
+      return api(method, path, body, { headers, signal, retry: false, as });
     }
     const problem = (await parseError(resp)).problem;
     authLost();
@@ -175,11 +194,14 @@ export async function api(method, path, body, { headers = {}, signal, retry = tr
   }
   if (!resp.ok) throw await parseError(resp);
   if (resp.status === 204) return null;
+  if (as === "blob") return resp.blob();
   const text = await resp.text();
   return text ? JSON.parse(text) : null;
 }
 
 export const get = (path, opts) => api("GET", path, undefined, opts);
+/** GET an image or file with the bearer token (an <img src> could not send it) as a Blob. */
+export const getBlob = (path, opts) => api("GET", path, undefined, { ...opts, as: "blob", headers: { Accept: "*/*" } });
 export const post = (path, body, opts) => api("POST", path, body === undefined ? {} : body, opts);
 export const patch = (path, body, opts) => api("PATCH", path, body, opts);
 export const put = (path, body, opts) => api("PUT", path, body, opts);

@@ -1,4 +1,14 @@
-import { api, finishLogin, login, passkeyLogin, problemKind, refreshTokens, verifyMfa, verifyMfaPasskey } from "../api.js";
+import {
+  adoptSignOn,
+  api,
+  finishLogin,
+  login,
+  passkeyLogin,
+  problemKind,
+  signOnProviders,
+  verifyMfa,
+  verifyMfaPasskey,
+} from "../api.js";
 import { h, totpEnrolment } from "../ui.js";
 
 export function loginView(main, { params }) {
@@ -83,18 +93,6 @@ export function loginView(main, { params }) {
       submit.textContent = "Log in";
     }
   });
-  // Sign-in with an identity provider: one link per provider (the redirect is the server's).
-  const providers = h("div", { class: "login-providers", dataset: { testid: "oidc-providers" } });
-  api("GET", "/api/v1/auth/oidc/providers", undefined, { retry: false })
-    .then(({ providers: list }) => {
-      for (const p of list) {
-        const href = `/api/v1/auth/oidc/${encodeURIComponent(p.id)}/login?next=${encodeURIComponent(params.get("next") || "")}`;
-        providers.append(h("a", { class: "btn btn-block", href, dataset: { testid: `oidc-${p.id}` } }, `Sign in with ${p.name}`));
-      }
-    })
-    .catch(() => {});
-  form.append(providers);
-
   function done() {
     const next = params.get("next");
     location.replace(next && next.startsWith("#/") && !next.startsWith("#/login") ? next : "#/catalog");
@@ -161,6 +159,7 @@ export function loginView(main, { params }) {
     form.replaceWith(box);
   }
 
+  const signOn = h("div", { class: "login-sso", dataset: { testid: "sso-buttons" }, hidden: true });
   main.append(
     h(
       "div",
@@ -179,23 +178,39 @@ export function loginView(main, { params }) {
           ? h("p", { class: "notice", role: "status" }, "Your session expired — please log in again.")
           : null,
         form,
+        signOn,
       ),
     ),
   );
   username.focus();
-
-  // Back from an identity provider: the server set the refresh cookie (or asks for a second
-  // step with the mfa_token in this fragment, which no server sees); finish here.
-  if (params.get("sso")) {
-    refreshTokens(null).then((ok) => {
-      if (ok) return done();
-      error.textContent = "The sign-in did not complete — please try again.";
-      error.hidden = false;
-    });
-  } else if (params.get("mfa_token")) {
+  showSignOn(signOn);
+  if (params.get("sso")) finishSignOn();
+  if (params.get("mfa_token")) {
+    // Back from an identity provider that asks for a second step: the mfa_token came in this
+    // fragment, which no server sees.
     const mfaToken = params.get("mfa_token");
     history.replaceState(null, "", params.get("next") ? `#/login?next=${encodeURIComponent(params.get("next"))}` : "#/login");
     if (params.get("mfa") === "mfa-enrolment-required") enrolStep(mfaToken);
     else codeStep(mfaToken, (params.get("methods") || "").split(",").filter(Boolean));
   }
+
+  async function finishSignOn() {
+    if (await adoptSignOn()) {
+      done();
+    } else {
+      error.textContent = "The single sign-on did not complete; please try again.";
+      error.hidden = false;
+    }
+  }
+}
+
+// "Sign in with …": plain links, since the identity provider's pages are a full navigation.
+async function showSignOn(box) {
+  const providers = await signOnProviders();
+  for (const p of providers) {
+    box.append(
+      h("a", { class: "btn btn-block", href: p.login_url, dataset: { testid: `sso-${p.id}` } }, `Sign in with ${p.name}`),
+    );
+  }
+  box.hidden = providers.length === 0;
 }

@@ -1,4 +1,4 @@
-import { del, get, patch, post, qs } from "../api.js";
+import { del, get, getBlob, patch, post, qs } from "../api.js";
 import {
   ALL_STATES,
   STATE_LABELS,
@@ -23,6 +23,7 @@ const TAG_RE = /^[a-zA-Z0-9][a-zA-Z0-9._:/-]{0,63}$/;
 const ACTIVE = new Set(["pending", "scheduled", "starting", "running", "hibernating", "hibernated", "waking", "stopping"]);
 const SETTLING = new Set(["pending", "scheduled", "starting", "hibernating", "waking", "stopping"]);
 const SETTLE_POLL_MS = 5000;
+const THUMB_POLL_MS = 5000;
 
 /** Microseconds since the epoch from the API's ISO timestamps (for ordering updates). */
 function stamp(iso) {
@@ -41,7 +42,7 @@ export async function sessionsView(main, { ctx, params }) {
     offset: Math.max(0, Number.parseInt(params.get("offset") || "0", 10) || 0),
   };
   let highlight = params.get("highlight") || "";
-  const rows = new Map(); // id -> {data, el, expanded, confirming, addingTag, events}
+  const rows = new Map(); // id -> {data, el, expanded, confirming, addingTag, events, thumb}
   let page = null;
   let templates = new Map();
   let disposed = false;
@@ -241,8 +242,10 @@ export async function sessionsView(main, { ctx, params }) {
         addingTag: old?.addingTag || false,
         tagDraft: old?.tagDraft || "",
         events: old?.events || null,
+        thumb: old?.thumb || null,
       });
     }
+    for (const [id, old] of previous) if (!keep.has(id)) dropThumb(old);
     rows.clear();
     for (const [k, v] of keep) rows.set(k, v);
     list.replaceChildren();
@@ -345,7 +348,9 @@ export async function sessionsView(main, { ctx, params }) {
     const changedState = row.data.state !== s.state;
     row.data = { ...s, events: undefined };
     if (changedState) row.confirming = false;
+    if (s.state !== "running") dropThumb(row);
     updateRow(row);
+    if (changedState && s.state === "running") refreshThumb(row);
     if (row.expanded) loadHistory(row);
   }
 
@@ -506,12 +511,70 @@ export async function sessionsView(main, { ctx, params }) {
           reason,
           renderTags(row, name),
         ),
+        s.state === "running" ? thumbFor(row, name, actions.has("connect")) : null,
         h("div", { class: "session-actions" }, buttons),
       ),
       row.expanded ? renderHistory(row, historyId) : null,
     );
     return el;
   }
+
+  // ---- live thumbnails ---------------------------------------------------------------------
+  // One <img> per running row, kept across re-renders; its image is fetched with the bearer
+  // token (an <img src> cannot send it) and shown through an object URL, renewed every few
+  // seconds while this list is on screen. The control plane caches each session's image
+  // briefly, so several open tabs cost the agent one capture.
+  function thumbFor(row, name, linked) {
+    if (!row.thumb) {
+      row.thumb = {
+        url: "",
+        loading: false,
+        img: h("img", {
+          class: "session-thumb-img",
+          alt: `Screen of ${name}`,
+          width: 160,
+          height: 100,
+          dataset: { testid: "thumbnail" },
+        }),
+      };
+      refreshThumb(row);
+    }
+    const box = linked
+      ? h("a", { class: "session-thumb", href: `#/view/${row.data.id}`, tabindex: "-1", "aria-hidden": "true" }, row.thumb.img)
+      : h("span", { class: "session-thumb" }, row.thumb.img);
+    return box;
+  }
+
+  async function refreshThumb(row) {
+    const t = row.thumb;
+    if (!t || t.loading || disposed || row.data.state !== "running") return;
+    t.loading = true;
+    try {
+      const blob = await getBlob(`/api/v1/sessions/${row.data.id}/thumbnail`);
+      if (disposed || row.thumb !== t) return;
+      const url = URL.createObjectURL(blob);
+      const old = t.url;
+      t.url = url;
+      t.img.src = url;
+      t.img.classList.remove("session-thumb-stale");
+      if (old) URL.revokeObjectURL(old);
+    } catch {
+      // Not running any more, or the agent could not answer now: the next tick tries again.
+      t.img.classList.add("session-thumb-stale");
+    } finally {
+      t.loading = false;
+    }
+  }
+
+  function dropThumb(row) {
+    if (row.thumb?.url) URL.revokeObjectURL(row.thumb.url);
+    row.thumb = null;
+  }
+
+  const thumbTimer = setInterval(() => {
+    if (disposed || document.hidden) return;
+    for (const row of rows.values()) if (row.data.state === "running") refreshThumb(row);
+  }, THUMB_POLL_MS);
 
   function renderTags(row, name) {
     const s = row.data;
@@ -732,5 +795,7 @@ export async function sessionsView(main, { ctx, params }) {
     clearTimeout(quotaTimer);
     clearTimeout(highlightTimer);
     clearInterval(settleTimer);
+    clearInterval(thumbTimer);
+    for (const row of rows.values()) dropThumb(row);
   };
 }
