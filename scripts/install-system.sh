@@ -6,9 +6,12 @@ set -euo pipefail
 what="${1:-product}"
 product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap tini novnc x11-utils)
 test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
-           postgresql redis-server iproute2 procps nginx slapd ldap-utils xmlsec1)
+           postgresql redis-server iproute2 procps nginx slapd ldap-utils xmlsec1 nodejs)
 pkgs=("${product[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
+# The OIDC tests' provider is an npm package: Debian's nodejs comes without npm (a NodeSource
+# nodejs has it built in, and Debian's npm package would conflict with it).
+[ "$what" = test ] && ! command -v npm >/dev/null && pkgs+=(npm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -52,6 +52,59 @@ def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "streamspace"
 
 
+class OidcProvider(BaseModel):
+    """One OpenID Provider users may sign in with (an item of `STREAMSPACE_OIDC_PROVIDERS`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,10}$",
+        description="Short name in URLs and in accounts' `auth_source` (`oidc:<id>`): lowercase "
+        "letters, digits and `-`, at most 11.",
+    )
+    name: str = Field(
+        min_length=1, max_length=64, description='Shown on the button: "Sign in with <name>".'
+    )
+    issuer: str = Field(
+        description="The issuer URL; its `/.well-known/openid-configuration` is read at the "
+        "first login, and ID tokens must name exactly this `iss`."
+    )
+    client_id: str = Field(min_length=1, description="The client registered at the provider.")
+    client_secret: str = Field(
+        default="", description="Its secret (sent with HTTP Basic); empty for a public client."
+    )
+    scopes: list[str] = Field(
+        default=["openid", "profile", "email"], description="Scopes asked for (`openid` added)."
+    )
+    username_claim: str = Field(
+        default="preferred_username",
+        description="The ID token / userinfo claim that names the account here.",
+    )
+    groups_claim: str = Field(default="groups", description="The claim holding group names.")
+    allowed_email_domains: list[str] = Field(
+        default=[],
+        description="When set, only users whose verified `email` is in one of these domains "
+        "may sign in.",
+    )
+    group_map: dict[str, str] = Field(
+        default={},
+        description="Provider group → StreamSpace group. Only mapped groups are joined; the "
+        "provider's other groups are ignored.",
+    )
+    admin_group: str = Field(default="", description="Provider group whose members are admins.")
+    operator_group: str = Field(
+        default="", description="Provider group whose members are operators."
+    )
+
+    @field_validator("issuer")
+    @classmethod
+    def _check_issuer(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"issuer: {value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+
 class Settings(BaseSettings):
     """Every field's description is its documentation: docs/configuration.md is generated
     from them (`streamspace config docs`). `shown_default` (in json_schema_extra) says what an
@@ -326,6 +379,35 @@ class Settings(BaseSettings):
         "`directory-unavailable`; local users still log in.",
     )
 
+    oidc_providers: list[OidcProvider] = Field(
+        default=[],
+        description="OpenID Connect sign-in: a JSON list of providers, each "
+        '`{"id", "name", "issuer", "client_id", "client_secret", "scopes", "username_claim", '
+        '"groups_claim", "allowed_email_domains", "group_map", "admin_group", '
+        '"operator_group"}` (see docs/identity.md). Each is a "Sign in with …" button on the '
+        "login page; its redirect URI is `<public_url>/api/v1/auth/oidc/<id>/callback`.",
+        json_schema_extra={"shown_default": "*(none)*"},
+    )
+    oidc_clock_skew_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=300,
+        description="How far the provider's clock may be off when an ID token's `iat`, `nbf` "
+        "and `exp` are checked.",
+    )
+    oidc_keys_refetch_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="An ID token signed with a key id the provider's cached keys lack fetches "
+        "its `jwks_uri` again (a key rotation), at most once in this many seconds; until then "
+        "such a token is refused.",
+    )
+    oidc_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="Limit for each call to a provider (discovery, keys, token). A provider "
+        "that does not answer makes its sign-in fail with 503 `identity-provider-unavailable`.",
+    )
     saml_providers: list[SamlProvider] = Field(
         default_factory=list,
         description="SAML 2.0 identity providers, as a JSON list of objects: `id`, `name`, "
@@ -639,6 +721,13 @@ class Settings(BaseSettings):
             raise ValueError("ldap_user_filter: must contain {username}")
         if self.ldap_bind_dn and not self.ldap_bind_password:
             raise ValueError("ldap_bind_password: needed with ldap_bind_dn")
+        return self
+
+    @model_validator(mode="after")
+    def _check_oidc(self) -> Settings:
+        ids = [p.id for p in self.oidc_providers]
+        if len(ids) != len(set(ids)):
+            raise ValueError("oidc_providers: two providers have the same id")
         return self
 
     def resolved_database_url(self) -> str:

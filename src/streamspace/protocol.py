@@ -307,7 +307,6 @@ class OpenStream(_Msg):
         default="",
         description="ws(s) base of the replica holding the viewer; empty = the agent's server",
     )
-    purpose: StreamPurpose = "vnc"
     file_path: str = Field(
         default="",
         max_length=HOME_PATH_MAX,

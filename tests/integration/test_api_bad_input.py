@@ -159,6 +159,7 @@ def fill(route: str, ids: dict[str, str]) -> str:
                 "key_id",
                 "passkey_id",
                 "sign_in_id",
+                "provider_id",
             )
         }
     )

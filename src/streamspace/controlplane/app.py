@@ -27,6 +27,7 @@ from streamspace.controlplane.api import (
     apikeys,
     audit,
     auth,
+    auth_oidc,
     auth_saml,
     files,
     health,
@@ -243,6 +244,7 @@ def create_app(settings: Settings) -> FastAPI:
             await loops.stop()
             await state.hub.close_all()
             await state.peers.close()
+            await state.oidc.close()
             await state.saml.aclose()
             await engine.dispose()
 
@@ -257,8 +259,9 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     problems.install(app)
-    for module in (
+    routers = (
         auth,
+        auth_oidc,
         auth_saml,
         signins,
         mfa,
@@ -270,8 +273,8 @@ def create_app(settings: Settings) -> FastAPI:
         files,
         agents,
         audit,
-        health,
-    ):
+    )
+    for module in (*routers, health):
         app.include_router(module.router)
 
     app.add_middleware(Observe)

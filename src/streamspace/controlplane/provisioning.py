@@ -31,6 +31,17 @@ log = logs.get_logger("streamspace.provisioning")
 
 LDAP = "ldap"
 SAML = "saml"
+OIDC = "oidc"
+OIDC_PREFIX = "oidc:"
+LOCAL = "local"
+
+
+def uses_outside_password(auth_source: str) -> bool:
+    """Whether the account's credentials live elsewhere (a directory, an identity provider):
+    it has no password here to log in with or to change."""
+    return auth_source != LOCAL
+
+
 VALID_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
 """What the API accepts for a username or a group name (api.schemas); a directory name outside
 it cannot become one."""
@@ -88,14 +99,17 @@ def role_for(groups: tuple[str, ...], origin: Origin) -> str:
     return "user"
 
 
-async def provision(db: AsyncSession, entry: DirectoryUser, origin: Origin) -> Provisioned:
+async def provision(
+    db: AsyncSession, entry: DirectoryUser, origin: Origin, role: str | None = None
+) -> Provisioned:
     """In the caller's transaction: the user's account, made to match what the origin says."""
     if not VALID_NAME.match(entry.username):
         raise NotProvisioned(
             f"username {entry.username!r} from {origin.account_source} is not valid"
         )
     user = await db.scalar(select(User).where(func.lower(User.username) == entry.username.lower()))
-    role = role_for(entry.groups, origin)
+    if role is None:  # OIDC settles it from the provider's groups before they are mapped
+        role = role_for(entry.groups, origin)
     if user is None:
         user = User(
             username=entry.username, password_hash=NO_PASSWORD, auth_source=origin.account_source

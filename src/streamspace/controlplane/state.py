@@ -21,6 +21,7 @@ from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loginthrottle import LoginThrottle
+from streamspace.controlplane.oidc import OpenIdProviders
 from streamspace.controlplane.peers import Peers
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
 from streamspace.controlplane.revocation import Revocations
@@ -55,6 +56,8 @@ class AppState:
     api_keys: ApiKeys
     directory: Directory | None
     """LDAP / Active Directory login; None when `STREAMSPACE_LDAP_URL` is not set."""
+    oidc: OpenIdProviders
+    """The OpenID Providers users may sign in with (`STREAMSPACE_OIDC_PROVIDERS`)."""
     saml: SamlProviders
     """The SAML identity providers of `STREAMSPACE_SAML_PROVIDERS` (none: an empty registry)."""
     db_slots: asyncio.Semaphore

@@ -23,6 +23,7 @@ from streamspace.controlplane.hub import Hub
 from streamspace.controlplane.lifecycle import Lifecycle
 from streamspace.controlplane.loginthrottle import LoginThrottle
 from streamspace.controlplane.loops import LeaderLease, Loops
+from streamspace.controlplane.oidc import OpenIdProviders
 from streamspace.controlplane.peers import InProcessPeers, Peers
 from streamspace.controlplane.placement import Placement
 from streamspace.controlplane.ratelimit import InFlight, TokenBuckets
@@ -124,6 +125,7 @@ def build_state(
         auth_cache=auth_cache,
         api_keys=ApiKeys(db=db, ttl=settings.auth_cache_seconds),
         directory=Directory.from_settings(settings),
+        oidc=OpenIdProviders.from_settings(settings),
         saml=SamlProviders(settings),
         db_slots=asyncio.Semaphore(request_slots(settings)),
         revocations=revocations,

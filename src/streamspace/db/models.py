@@ -67,7 +67,7 @@ class User(TimestampMixin, Base):
     )
     """`local`: a StreamSpace password (or none); `ldap`: created at a directory login, which
     alone authenticates it (its password hash is NO_PASSWORD); `saml:<provider>`: likewise, by
-    that SAML identity provider."""
+    that SAML identity provider; `oidc:<provider>`: likewise, by that OpenID Provider."""
 
     __table_args__ = (CheckConstraint("role IN ('admin', 'operator', 'user')", name="role"),)
 

@@ -43,7 +43,7 @@ from streamspace.controlplane.deps import DbDep, StateDep, UserDep, client_ip, w
 from streamspace.controlplane.loginthrottle import TooManyFailures
 from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import Problem, problem_response
-from streamspace.controlplane.provisioning import LDAP, Provisioned
+from streamspace.controlplane.provisioning import LDAP, Provisioned, uses_outside_password
 from streamspace.controlplane.revocation import end_sign_ins
 from streamspace.controlplane.security import (
     hash_password,
@@ -384,11 +384,12 @@ async def me(user: UserDep) -> User:
 async def change_password(
     body: PasswordChangeIn, request: Request, user: UserDep, state: StateDep, db: DbDep
 ) -> Response:
-    if user.auth_source == LDAP:
+    if uses_outside_password(user.auth_source):
+        where = "the directory's" if user.auth_source == LDAP else "your identity provider's"
         raise Problem(
             400,
             "Bad request",
-            "your password is the directory's: change it there",
+            f"your password is {where}: change it there",
             kind="bad-request",
         )
     if not await asyncio.to_thread(

@@ -11,6 +11,7 @@ is done here too, so the work a login costs does not tell whether a name is loca
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from sqlalchemy.exc import IntegrityError
@@ -81,11 +82,27 @@ async def provision_login(
 ) -> Provisioned | None:
     """The entry's account, created or brought up to date, in the caller's transaction; None
     when it cannot have one (the reason is logged)."""
+    return await provision_retrying(
+        db,
+        lambda: provision(db, entry, ldap_origin(settings)),
+        "ldap_login_refused",
+        entry.username,
+    )
+
+
+async def provision_retrying(
+    db: AsyncSession,
+    attempt_once: Callable[[], Awaitable[Provisioned]],
+    refused_event: str,
+    username: str,
+) -> Provisioned | None:
+    """`attempt_once` until it settles the account (directory and OpenID logins share this);
+    None when the account cannot be had (the reason is logged as `refused_event`)."""
     for attempt in range(PROVISION_ATTEMPTS):
         try:
-            return await provision(db, entry, ldap_origin(settings))
+            return await attempt_once()
         except NotProvisioned as exc:
-            log.warning("ldap_login_refused", username=entry.username, reason=str(exc))
+            log.warning(refused_event, username=username, reason=str(exc))
             return None
         except IntegrityError:
             # Another login committed the same user, group or membership meanwhile (PostgreSQL;

@@ -24,7 +24,7 @@ from streamspace.controlplane.api.schemas import (
 from streamspace.controlplane.deps import AdminDep, DbDep, StateDep, UserDep, writer_turn
 from streamspace.controlplane.passwords import require_strong
 from streamspace.controlplane.problems import bad_request, conflict, not_found
-from streamspace.controlplane.provisioning import LDAP
+from streamspace.controlplane.provisioning import uses_outside_password
 from streamspace.controlplane.quotas import usage, user_limits
 from streamspace.controlplane.revocation import end_sign_ins
 from streamspace.controlplane.security import NO_PASSWORD, hash_password
@@ -129,8 +129,9 @@ async def patch_user(
         disabling = changes.get("is_active") is False and user.is_active
         if "password" in changes and user.service_account:
             raise bad_request("password: a service account has none (it uses API keys)")
-        if "password" in changes and user.auth_source == LDAP:
-            raise bad_request("password: this user logs in with the directory's password")
+        if "password" in changes and uses_outside_password(user.auth_source):
+            where = "the directory's" if user.auth_source == "ldap" else "an identity provider's"
+            raise bad_request(f"password: this user logs in with {where} password")
         if "password" in changes:
             password = changes.pop("password")
             await require_strong(

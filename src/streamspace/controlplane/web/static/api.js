@@ -114,11 +114,13 @@ export async function adoptSignOn() {
 
 /** The identity providers the login page offers ("Sign in with …"). */
 export async function signOnProviders() {
-  try {
-    return await api("GET", "/api/v1/auth/saml", undefined, { retry: false });
-  } catch {
-    return [];
-  }
+  const saml = api("GET", "/api/v1/auth/saml", undefined, { retry: false }).catch(() => []);
+  const oidc = api("GET", "/api/v1/auth/oidc/providers", undefined, { retry: false })
+    .then(({ providers }) =>
+      providers.map((p) => ({ ...p, login_url: `/api/v1/auth/oidc/${encodeURIComponent(p.id)}/login` })),
+    )
+    .catch(() => []);
+  return [...(await oidc), ...(await saml)];
 }
 
 let onAuthLost = () => {};

@@ -113,9 +113,12 @@ function buildShell() {
           class: "btn btn-ghost btn-small",
           dataset: { testid: "logout" },
           onclick: async () => {
+            const viaProvider = (auth.user?.auth_source || "").startsWith("oidc:");
             live.stop();
             await logout();
-            location.hash = "#/login";
+            // An identity provider's sign-in ends there too (RP-initiated logout).
+            if (viaProvider) location.assign("/api/v1/auth/oidc/logout");
+            else location.hash = "#/login";
           },
         },
         "Log out",

@@ -185,6 +185,14 @@ export function loginView(main, { params }) {
   username.focus();
   showSignOn(signOn);
   if (params.get("sso")) finishSignOn();
+  if (params.get("mfa_token")) {
+    // Back from an identity provider that asks for a second step: the mfa_token came in this
+    // fragment, which no server sees.
+    const mfaToken = params.get("mfa_token");
+    history.replaceState(null, "", params.get("next") ? `#/login?next=${encodeURIComponent(params.get("next"))}` : "#/login");
+    if (params.get("mfa") === "mfa-enrolment-required") enrolStep(mfaToken);
+    else codeStep(mfaToken, (params.get("methods") || "").split(",").filter(Boolean));
+  }
 
   async function finishSignOn() {
     if (await adoptSignOn()) {
