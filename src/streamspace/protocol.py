@@ -20,6 +20,9 @@ sessions as its own user, so it is refused rather than served."""
 
 BackendKind = Literal["local", "docker", "kubernetes"]
 CommandAction = Literal["start", "stop", "hibernate", "wake"]
+StreamPurpose = Literal["vnc", "audio"]
+"""What a viewer stream carries: the RFB byte stream, or the session's sound (Opus packets,
+framed as in docs/streaming.md#sound)."""
 IsolationMode = Literal["uid-sandbox", "userns-sandbox", "container", "insecure-shared-user"]
 """How sessions are kept from the agent and from each other (see docs/security.md):
 `uid-sandbox` a Unix uid per user plus bubblewrap; `userns-sandbox` bubblewrap in a user
@@ -251,6 +254,7 @@ class OpenStream(_Msg):
         default="",
         description="ws(s) base of the replica holding the viewer; empty = the agent's server",
     )
+    purpose: StreamPurpose = "vnc"
 
 
 class ErrorMessage(_Msg):

@@ -120,6 +120,12 @@ class Backend(abc.ABC):
             raise BackendError(f"session {session_id} is not running on this agent")
         return await vnc.open_endpoint(item.endpoint, connect_timeout)
 
+    async def open_audio(self, session_id: str) -> int:
+        """An O_PATH descriptor of the session's PulseAudio socket, checked to be the session's
+        own, for the agent's encoder to connect through (see agent/audio.py); the caller owns
+        it. Backends whose sessions have no sound server say so."""
+        raise BackendError(f"sessions of the {self.kind} backend have no sound")
+
     async def healthy(self) -> tuple[bool, str]:
         """Whether the backend can take new sessions (e.g. engine reachable), and why not."""
         return True, ""
