@@ -13,8 +13,8 @@ class OpusListener:
 
     def __init__(self) -> None:
         self._codec = av.CodecContext.create("libopus", "r")
-        self._codec.sample_rate = SAMPLE_RATE  # type: ignore[attr-defined]
-        self._codec.layout = "stereo"  # type: ignore[attr-defined]
+        self._codec.sample_rate = SAMPLE_RATE
+        self._codec.layout = "stereo"
 
     def decode(self, message: bytes) -> np.ndarray:
         _channels, _pts, packet = unframe(message)

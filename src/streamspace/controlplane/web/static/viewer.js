@@ -1,5 +1,6 @@
 // The session viewer: noVNC over the control plane's stream tunnel, one fresh ticket per connect.
 import { ApiError, get, post } from "./api.js";
+import { soundControl } from "./audio.js";
 import { appIcon, busy, copyText, h, shortId, showError, stateBadge, toast } from "./ui.js";
 
 const SCALE_KEY = "streamspace.viewer.scale";
@@ -92,6 +93,8 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     "Fullscreen",
   );
 
+  const sound = soundControl({ sessionId: id, running: () => session?.state === "running" });
+
   const sendText = h("textarea", {
     id: "clip-send",
     rows: 4,
@@ -150,7 +153,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     backLinkBar,
     h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
     connStatus,
-    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, fsBtn),
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, fsBtn, ...sound.elements),
   );
   const root = h(
     "div",
@@ -408,6 +411,10 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       e.preventDefault();
       e.stopPropagation();
       backLinkBar.focus();
+    } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyS") {
+      e.preventDefault();
+      e.stopPropagation();
+      sound.toggle();
     }
   };
   window.addEventListener("keydown", onKey, true);
@@ -419,6 +426,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       const before = session?.state;
       setSession(data.session);
       if (data.session.state === "running") {
+        sound.resume();
         if (!rfb && !connecting && before !== "running") {
           attempt = 0;
           connect();
@@ -443,6 +451,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     return () => {
       disposed = true;
       unsubscribe();
+      sound.stop();
       document.removeEventListener("fullscreenchange", onFullscreen);
       window.removeEventListener("keydown", onKey, true);
     };
@@ -456,14 +465,17 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   titleText.replaceChildren(name, " ", h("code", { class: "muted" }, shortId(id)));
   iconSlot.replaceChildren(appIcon(template || { name: session.template }, 24));
   setTitle(name);
-  if (session.state === "running") connect();
-  else explainState();
+  if (session.state === "running") {
+    connect();
+    sound.resume();
+  } else explainState();
 
   return () => {
     disposed = true;
     stopTimers();
     unsubscribe();
     dropRfb();
+    sound.stop();
     document.removeEventListener("fullscreenchange", onFullscreen);
     window.removeEventListener("keydown", onKey, true);
     if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
