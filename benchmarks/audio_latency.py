@@ -7,7 +7,7 @@ Runs `streamspace up` (control plane + embedded local agent, sandboxed sessions)
 whose app is a small Python program inside the sandbox: it writes PCM to `pacat` (10 ms target
 latency) in real time, 5 ms at a time, silence with a 1 kHz tone burst every 600 ms, and logs
 the wall-clock time it wrote each burst's first samples (same host clock as the client here).
-The client takes a ticket, opens /api/v1/streams/audio, decodes each packet with libopus
+(The pipe to pacat is shrunk to one page: a full default pipe is 340 ms of delay.) The client takes a ticket, opens /api/v1/streams/audio, decodes each packet with libopus
 (PyAV) and notes when a packet's level first rises above the silence; latency = detection -
 onset of the burst just before it. Covers pacat -> PulseAudio -> the agent's encoder (pulsesrc,
 opusenc, 10 ms frames) -> agent WebSocket -> control plane -> client. Not covered: the
@@ -31,11 +31,15 @@ from benchmarks.common import describe_machine, login, percentile, product
 from streamspace_testing.opus import OpusListener, rms
 
 TONE_APP = r"""
-import math, os, struct, subprocess, sys, time
+import fcntl, math, os, struct, subprocess, sys, time
 log = open(os.path.expanduser("~/" + sys.argv[1]), "a", buffering=1)
 pacat = subprocess.Popen(
     ["pacat", "--raw", "--latency-msec=10", "--rate=48000", "--channels=2", "--format=s16le"],
     stdin=subprocess.PIPE, bufsize=0)
+# A pipe holds 340 ms of this PCM; written while pacat is still connecting, that backlog would
+# stay for good and be measured as latency. One page (21 ms) at most, and a second to connect.
+fcntl.fcntl(pacat.stdin.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+time.sleep(1)
 chunk = 240  # 5 ms
 silence = b"\0" * (chunk * 4)
 tone = b"".join(struct.pack("<hh", v, v) for v in
