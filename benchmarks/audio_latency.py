@@ -7,7 +7,8 @@ Runs `streamspace up` (control plane + embedded local agent, sandboxed sessions)
 whose app is a small Python program inside the sandbox: it writes PCM to `pacat` (10 ms target
 latency) in real time, 5 ms at a time, silence with a 1 kHz tone burst every 600 ms, and logs
 the wall-clock time it wrote each burst's first samples (same host clock as the client here).
-(The pipe to pacat is shrunk to one page: a full default pipe is 340 ms of delay.) The client takes a ticket, opens /api/v1/streams/audio, decodes each packet with libopus
+(The pipe to pacat is shrunk to one page: a full default pipe is 340 ms of delay.)
+The client takes a ticket, opens /api/v1/streams/audio, decodes each packet with libopus
 (PyAV) and notes when a packet's level first rises above the silence; latency = detection -
 onset of the burst just before it. Covers pacat -> PulseAudio -> the agent's encoder (pulsesrc,
 opusenc, 10 ms frames) -> agent WebSocket -> control plane -> client. Not covered: the
