@@ -4,7 +4,9 @@
 #   test:    additionally what `make test` needs (browser for UI tests, podman, databases, slapd, xmlsec1 for the test SAML IdP)
 set -euo pipefail
 what="${1:-product}"
-product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap tini novnc x11-utils)
+product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewrap tini novnc x11-utils
+    pulseaudio pulseaudio-utils gstreamer1.0-tools gstreamer1.0-plugins-base
+    gstreamer1.0-plugins-good gstreamer1.0-pulseaudio)
 test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
            postgresql redis-server iproute2 procps nginx slapd ldap-utils xmlsec1 nodejs)
 pkgs=("${product[@]}")

@@ -1,16 +1,18 @@
-"""Viewer streams: OpenStream -> the backend's connection to the session's VNC server -> a fresh
-binary WebSocket dialled back to the control plane, bytes pumped both ways."""
+"""Viewer streams: OpenStream -> the backend's connection to the session's VNC server (or, for
+purpose "audio", its sound encoded as Opus: agent/audio.py) -> a fresh binary WebSocket dialled
+back to the control plane, bytes pumped both ways (audio: one way)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streamspace import logs
-from streamspace.agent import snapshot
+from streamspace.agent import audio, snapshot
 from streamspace.agent.backends.base import Backend, BackendError, VNCStream
 from streamspace.agent.enrolment import Enrolment
 from streamspace.agent.files import FileStreams
@@ -70,7 +72,8 @@ class StreamTunnel:
         return url
 
     async def run(self, msg: OpenStream) -> None:
-        """Serve one dialled-back stream: a viewer's tunnel, one thumbnail, or a file operation."""
+        """Serve one dialled-back stream: a viewer's tunnel or sound, one thumbnail, or a file
+        operation."""
         if msg.purpose == "thumbnail":
             await self._send_thumbnail(msg)
         else:
@@ -112,6 +115,9 @@ class StreamTunnel:
         """Bridge one viewer: a fresh binary WebSocket to the control plane <-> the RFB port."""
         url = self._url(msg)
         if url is None:
+            return
+        if msg.purpose == "audio":
+            await self._run_audio(msg, url)
             return
         if msg.purpose != "vnc":
             await self._run_files(msg, url)
@@ -170,6 +176,38 @@ class StreamTunnel:
         finally:
             await ws.close()
 
+    async def _run_audio(self, msg: OpenStream, url: str) -> None:
+        """Encode the session's sound for one listener, one framed Opus packet per message."""
+        try:
+            audio.find_encoder()
+            server_fd = await self._backend.open_audio(msg.session_id)
+        except (BackendError, audio.AudioUnavailable) as exc:
+            self._failed(msg, str(exc))
+            return
+        try:
+            ws = await self._server.dial(
+                url,
+                self._identity.credential,
+                compression=None,
+                max_size=STREAM_MAX_MESSAGE_BYTES,
+            )
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            os.close(server_fd)
+            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+            return
+        fields = {
+            "agent_id": self._identity.agent_id,
+            "stream_id": msg.stream_id,
+            "session_id": msg.session_id,
+            "purpose": msg.purpose,
+        }
+        log.event("stream_open", **fields)
+        try:
+            await _pump_audio(ws, server_fd)
+        finally:
+            await ws.close()
+            log.event("stream_closed", **fields)
+
     def _failed(self, msg: OpenStream, error: str) -> None:
         log.warning(
             "stream_failed",
@@ -203,6 +241,33 @@ async def _pump(ws: ClientConnection, reader: ByteStreamReader, writer: ByteStre
     tasks = [
         asyncio.create_task(ws_to_tcp(), name="stream-ws-to-tcp"),
         asyncio.create_task(tcp_to_ws(), name="stream-tcp-to-ws"),
+    ]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    for outcome in results:
+        if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionClosed | OSError):
+            raise outcome
+
+
+async def _pump_audio(ws: ClientConnection, server_fd: int) -> None:
+    """Packets to the viewer until it leaves (anything it sends is ignored) or the session's
+    sound server goes; each send is awaited before the next packet is read (backpressure)."""
+
+    async def send() -> None:
+        async for packet in audio.opus_packets(server_fd, bitrate=audio.BITRATE):
+            await ws.send(packet)
+
+    async def drain() -> None:
+        async for _ in ws:
+            pass
+
+    tasks = [
+        asyncio.create_task(send(), name="audio-to-ws"),
+        asyncio.create_task(drain(), name="audio-ws-drain"),
     ]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

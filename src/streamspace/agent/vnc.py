@@ -111,6 +111,18 @@ class SocketRefused(ConnectionError):
     """The path is not the socket it should be (a symlink or another file planted there)."""
 
 
+def checked_socket_fd(path: Path, owner: int | None = None) -> int:
+    """An O_PATH descriptor of the Unix socket at `path` (never a symlink; owned by `owner`
+    when given), for a child process to connect through `/proc/self/fd/N`. Blocking (open,
+    fstat: microseconds)."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISSOCK(st.st_mode) or (owner is not None and st.st_uid != owner):
+        os.close(fd)
+        raise SocketRefused(f"{path} is not the session's socket")
+    return fd
+
+
 @contextlib.contextmanager
 def socket_handle(path: Path, owner: int | None = None) -> Iterator[str]:
     """A connectable name for the Unix socket at `path`, never a symlink planted there.

@@ -121,7 +121,9 @@ class StreamBroker:
 
     # ---- browser side ---------------------------------------------------------------------
 
-    async def serve_browser(self, ws: WebSocket) -> None:
+    async def serve_browser(self, ws: WebSocket, purpose: protocol.ViewerPurpose = "vnc") -> None:
+        """One viewer socket. A ticket opens one stream of whichever purpose its socket's path
+        says (the same owner check either way): the viewer asks /connect for one per socket."""
         try:
             ticket = await self.consume_ticket(ws.query_params.get("ticket", ""))
         except Exception as exc:  # Redis down: refuse clearly instead of failing the handshake
@@ -142,7 +144,7 @@ class StreamBroker:
         with self.revocations.track(
             ticket.user_id, ticket.token_version, "stream", on_revoke
         ) as conn:
-            serving = asyncio.create_task(self._serve_ticket(ws, ticket, conn))
+            serving = asyncio.create_task(self._serve_ticket(ws, ticket, conn, purpose))
             try:
                 await serving
             except asyncio.CancelledError:
@@ -158,7 +160,9 @@ class StreamBroker:
             finally:
                 serving.cancel()
 
-    async def _serve_ticket(self, ws: WebSocket, ticket: Ticket, conn: Connection) -> None:
+    async def _serve_ticket(
+        self, ws: WebSocket, ticket: Ticket, conn: Connection, purpose: protocol.ViewerPurpose
+    ) -> None:
         async with self.db() as db:
             session = await db.get(SessionRow, ticket.session_id)
             user = await db.get(User, ticket.user_id)
@@ -179,7 +183,7 @@ class StreamBroker:
             return
         subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", []) else None
         await ws.accept(subprotocol=subprotocol)
-        local = self.local_agent.serving(session.agent_id)
+        local = self.local_agent.serving(session.agent_id) if purpose == "vnc" else None
         if local is not None:
             await self._serve_local(ws, local, session, user.id if user else "", conn)
             return
@@ -196,6 +200,7 @@ class StreamBroker:
                     session_id=session.id,
                     path=protocol.AGENT_STREAM_PATH_PREFIX + stream_id,
                     base_url=self.stream_base_url(),
+                    purpose=purpose,
                 ),
             )
             if not sent:
@@ -213,6 +218,7 @@ class StreamBroker:
                 session_id=session.id,
                 agent_id=session.agent_id,
                 user_id=user.id if user else "",
+                purpose=purpose,
             )
             await self._pump_pair(ws, agent_ws, session.id, conn)
         finally:

@@ -150,6 +150,12 @@ class Backend(abc.ABC):
         reach homes from the agent's host at all (this default)."""
         raise NotSupportedByBackend(f"file transfer is not supported by the {self.kind} backend")
 
+    async def open_audio(self, session_id: str) -> int:
+        """An O_PATH descriptor of the session's PulseAudio socket, checked to be the session's
+        own, for the agent's encoder to connect through (see agent/audio.py); the caller owns
+        it. Backends whose sessions have no sound server say so."""
+        raise BackendError(f"sessions of the {self.kind} backend have no sound")
+
     async def healthy(self) -> tuple[bool, str]:
         """Whether the backend can take new sessions (e.g. engine reachable), and why not."""
         return True, ""

@@ -299,10 +299,20 @@ async def agent_stream_socket(ws: WebSocket, stream_id: str) -> None:
 
 @router.websocket("/api/v1/streams/ws")
 async def browser_stream_socket(ws: WebSocket) -> None:
+    await _browser_stream(ws, "vnc")
+
+
+@router.websocket("/api/v1/streams/audio")
+async def browser_audio_socket(ws: WebSocket) -> None:
+    """The session's sound: one framed Opus packet per message (docs/streaming.md#sound)."""
+    await _browser_stream(ws, "audio")
+
+
+async def _browser_stream(ws: WebSocket, purpose: protocol.ViewerPurpose) -> None:
     state: AppState = ws.app.state.ss
     if not origin_allowed(ws, state.settings):
         # Before the ticket is looked at: a page on another site learns nothing and burns
         # nothing (cross-site WebSocket hijacking).
         await ws.close(code=CLOSE_DENIED, reason="cross-origin viewer refused")
         return
-    await state.streams.serve_browser(ws)
+    await state.streams.serve_browser(ws, purpose)

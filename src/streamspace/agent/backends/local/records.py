@@ -61,6 +61,13 @@ class SessionRecord:
         """Where the agent keeps it once the session is up: a directory only the agent uses."""
         return Path(self.run_dir) / "vnc.sock"
 
+    @property
+    def audio_socket(self) -> Path:
+        """The session's PulseAudio socket (PULSE_SERVER), in the session user's runtime dir:
+        opened only through `vnc.socket_handle`, which refuses anything but a socket of the
+        session's uid."""
+        return Path(self.run_dir) / "session" / "xdg" / "pulse" / "native"
+
     def endpoint(self) -> Endpoint | None:
         if self.state != "running":
             return None

@@ -5,7 +5,10 @@
 #
 # Environment (set by the agent): SS_XVNC (the Xvnc binary), SS_DISPLAY, SS_GEOMETRY, SS_DEPTH,
 # SS_DESKTOP, SS_RFB_SOCKET (Unix socket for RFB, no TCP port), SS_APP_LOG (the app's stderr),
-# XAUTHORITY. Arguments: the app.
+# XAUTHORITY, PULSE_SERVER (where the session's sound server listens). Arguments: the app.
+# The sound server (PulseAudio with one null sink, when installed) runs as the session user
+# here like everything else; the agent encodes what plays into it for the viewer
+# (docs/streaming.md#sound). A session without it simply has no sound.
 # A stop (SIGTERM/SIGINT/SIGHUP) goes to the app first; the display server is stopped after
 # it, so apps can still save their state with their display up.
 set -u
@@ -80,6 +83,25 @@ if [ -n "$stopping" ]; then
     exit 143
 fi
 
+pulse_pid=""
+pulse_dir=${PULSE_SERVER#unix:}
+pulse_dir=${pulse_dir%/*}
+if command -v pulseaudio >/dev/null 2>&1 && mkdir -p -m 0700 "$pulse_dir" 2>/dev/null; then
+    pulseaudio -n --daemonize=no --use-pid-file=no --exit-idle-time=-1 --disallow-exit \
+        --disallow-module-loading --realtime=no --high-priority=no --log-target=stderr \
+        --log-level=error \
+        -L "module-null-sink sink_name=streamspace rate=48000 channels=2" \
+        -L "module-native-protocol-unix socket=${PULSE_SERVER#unix:} auth-anonymous=1" \
+        -L "module-always-sink" 2>>"$SS_APP_LOG" &
+    pulse_pid=$!
+    tries=0
+    while [ ! -S "${PULSE_SERVER#unix:}" ] && [ "$tries" -lt 150 ]; do
+        kill -0 "$pulse_pid" 2>/dev/null || break
+        tries=$((tries + 1))
+        sleep 0.02
+    done
+fi
+
 "$@" 2>>"$SS_APP_LOG" &
 app_pid=$!
 
@@ -110,6 +132,9 @@ else
     note "reason=app exited with code $status"
 fi
 
+if [ -n "$pulse_pid" ]; then
+    kill -TERM "$pulse_pid" 2>/dev/null
+fi
 kill -TERM "$xvnc_pid" 2>/dev/null
 tries=0
 while ! display_gone && [ "$tries" -lt 100 ]; do

@@ -1,5 +1,6 @@
 // The session viewer: noVNC over the control plane's stream tunnel, one fresh ticket per connect.
 import { ApiError, get, post } from "./api.js";
+import { soundControl } from "./audio.js";
 import { appIcon, busy, copyText, h, shortId, showError, stateBadge, toast } from "./ui.js";
 import { filesPanel } from "./files.js";
 
@@ -93,6 +94,8 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     "Fullscreen",
   );
 
+  const sound = soundControl({ sessionId: id, running: () => session?.state === "running" });
+
   const sendText = h("textarea", {
     id: "clip-send",
     rows: 4,
@@ -153,7 +156,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     backLinkBar,
     h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
     connStatus,
-    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, files.button, fsBtn),
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, files.button, fsBtn, ...sound.elements),
   );
   const root = h(
     "div",
@@ -415,6 +418,10 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       e.preventDefault();
       e.stopPropagation();
       files.toggle();
+    } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyS") {
+      e.preventDefault();
+      e.stopPropagation();
+      sound.toggle();
     }
   };
   window.addEventListener("keydown", onKey, true);
@@ -426,6 +433,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       const before = session?.state;
       setSession(data.session);
       if (data.session.state === "running") {
+        sound.resume();
         if (!rfb && !connecting && before !== "running") {
           attempt = 0;
           connect();
@@ -450,6 +458,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     return () => {
       disposed = true;
       unsubscribe();
+      sound.stop();
       document.removeEventListener("fullscreenchange", onFullscreen);
       window.removeEventListener("keydown", onKey, true);
       files.dispose();
@@ -464,14 +473,17 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   titleText.replaceChildren(name, " ", h("code", { class: "muted" }, shortId(id)));
   iconSlot.replaceChildren(appIcon(template || { name: session.template }, 24));
   setTitle(name);
-  if (session.state === "running") connect();
-  else explainState();
+  if (session.state === "running") {
+    connect();
+    sound.resume();
+  } else explainState();
 
   return () => {
     disposed = true;
     stopTimers();
     unsubscribe();
     dropRfb();
+    sound.stop();
     document.removeEventListener("fullscreenchange", onFullscreen);
     window.removeEventListener("keydown", onKey, true);
     files.dispose();
