@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from streamspace.agent.backends.base import BackendError
@@ -58,6 +59,17 @@ def new_spec(
         local=LocalLaunch(command=command or XTERM),
         **fields,  # type: ignore[arg-type]
     )
+
+
+async def app_processes(session_id: str, name: str = "xterm") -> list[psutil.Process]:
+    """The session's app: it starts a moment after the display is ready (once the session's
+    sound server listens), so after `start` returns it may still be on its way."""
+    for _ in range(150):
+        found = [p for p in session_processes(session_id) if p.name() == name]
+        if found:
+            return found
+        await asyncio.sleep(0.02)
+    return []
 
 
 def record(backend: LocalBackend, session_id: str) -> dict[str, object]:
@@ -136,7 +148,7 @@ async def test_start_stream_type_and_stop(backend: LocalBackend) -> None:
     for path in (home, home.parent):
         st = path.stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (uid, uid, 0o700)
-    app = [p for p in session_processes(spec.session_id) if p.name() == "xterm"]
+    app = await app_processes(spec.session_id)
     assert len(app) == 1
     assert app[0].uids().real == uid
     assert app[0].environ()["HOME"] == "/home/streamspace"
@@ -449,7 +461,7 @@ async def test_insecure_shared_user_runs_as_the_agent_and_says_so(tmp_path: Path
         assert isolation.detail.startswith("INSECURE")
         spec = new_spec()
         await be.start(spec)
-        app = [p for p in session_processes(spec.session_id) if p.name() == "xterm"]
+        app = await app_processes(spec.session_id)
         assert app and app[0].uids().real == os.getuid()
         client = await viewer(be, spec.session_id)
         await client.close()

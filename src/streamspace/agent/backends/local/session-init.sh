@@ -42,6 +42,24 @@ display_gone() {
 
 rm -f "$SS_RFB_SOCKET" "/tmp/.X$SS_DISPLAY-lock" "/tmp/.X11-unix/X$SS_DISPLAY"
 
+# The session's own sound server (a null sink the agent's encoder reads), started now so it
+# comes up while the display server does.
+pulse_pid=""
+pulse_dir=${PULSE_SERVER#unix:}
+pulse_dir=${pulse_dir%/*}
+if command -v pulseaudio >/dev/null 2>&1 && mkdir -p -m 0700 "$pulse_dir" 2>/dev/null; then
+    pulseaudio -n --daemonize=no --use-pid-file=no --exit-idle-time=-1 --disallow-exit \
+        --disallow-module-loading --realtime=no --high-priority=no --log-target=stderr \
+        --log-level=error \
+        -L "module-null-sink sink_name=streamspace rate=48000 channels=2" \
+        -L "module-native-protocol-unix socket=${PULSE_SERVER#unix:} auth-anonymous=1" \
+        -L "module-always-sink" 2>>"$SS_APP_LOG" &
+    pulse_pid=$!
+fi
+stop_pulse() {
+    [ -z "$pulse_pid" ] || kill -TERM "$pulse_pid" 2>/dev/null
+}
+
 # No TCP listener (-rfbport -1, -nolisten tcp) and no abstract X socket (-nolisten local):
 # sessions sharing the host's network namespace would otherwise see each other's.
 "$SS_XVNC" ":$SS_DISPLAY" \
@@ -63,16 +81,19 @@ tries=0
 while [ ! -S "/tmp/.X11-unix/X$SS_DISPLAY" ]; do
     if display_gone; then
         note "reason=display server exited during startup"
+        stop_pulse
         exit 125
     fi
     if [ -n "$stopping" ]; then
         kill -TERM "$xvnc_pid" 2>/dev/null
+        stop_pulse
         exit 143
     fi
     tries=$((tries + 1))
     if [ "$tries" -gt 1000 ]; then
         note "reason=display server did not open display :$SS_DISPLAY within 20 s"
         kill -KILL "$xvnc_pid" 2>/dev/null
+        stop_pulse
         exit 125
     fi
     sleep 0.02
@@ -80,20 +101,12 @@ done
 
 if [ -n "$stopping" ]; then
     kill -TERM "$xvnc_pid" 2>/dev/null
+    stop_pulse
     exit 143
 fi
 
-pulse_pid=""
-pulse_dir=${PULSE_SERVER#unix:}
-pulse_dir=${pulse_dir%/*}
-if command -v pulseaudio >/dev/null 2>&1 && mkdir -p -m 0700 "$pulse_dir" 2>/dev/null; then
-    pulseaudio -n --daemonize=no --use-pid-file=no --exit-idle-time=-1 --disallow-exit \
-        --disallow-module-loading --realtime=no --high-priority=no --log-target=stderr \
-        --log-level=error \
-        -L "module-null-sink sink_name=streamspace rate=48000 channels=2" \
-        -L "module-native-protocol-unix socket=${PULSE_SERVER#unix:} auth-anonymous=1" \
-        -L "module-always-sink" 2>>"$SS_APP_LOG" &
-    pulse_pid=$!
+# The sound server started beside the display server; the app connects to it at once.
+if [ -n "$pulse_pid" ]; then
     tries=0
     while [ ! -S "${PULSE_SERVER#unix:}" ] && [ "$tries" -lt 150 ]; do
         kill -0 "$pulse_pid" 2>/dev/null || break
