@@ -5,7 +5,8 @@
 #
 # Environment (set by the agent): SS_XVNC (the Xvnc binary), SS_DISPLAY, SS_GEOMETRY, SS_DEPTH,
 # SS_DESKTOP, SS_RFB_SOCKET (Unix socket for RFB, no TCP port), SS_APP_LOG (the app's stderr),
-# XAUTHORITY. Arguments: the app.
+# SS_CLIPBOARD_IN / SS_CLIPBOARD_OUT (1 or 0: text may cross into / out of the session; the
+# session's own X clients cannot override them), XAUTHORITY. Arguments: the app.
 # A stop (SIGTERM/SIGINT/SIGHUP) goes to the app first; the display server is stopped after
 # it, so apps can still save their state with their display up.
 set -u
@@ -50,6 +51,9 @@ rm -f "$SS_RFB_SOCKET" "/tmp/.X$SS_DISPLAY-lock" "/tmp/.X11-unix/X$SS_DISPLAY"
     -SecurityTypes None \
     -UseBlacklist 0 \
     -AlwaysShared \
+    -AcceptCutText "${SS_CLIPBOARD_IN:-1}" \
+    -SendCutText "${SS_CLIPBOARD_OUT:-1}" \
+    -AllowOverride desktop \
     -nolisten tcp \
     -nolisten local \
     -auth "$XAUTHORITY" \
