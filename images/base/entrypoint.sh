@@ -6,8 +6,10 @@
 # The VNC server requires VNC Authentication: STREAMSPACE_VNC_PASSWD holds the obfuscated
 # password bytes (vncpasswd file format) as octal printf escapes, set by the StreamSpace agent,
 # which alone knows the password. Without it the container refuses to start rather than serve
-# an open VNC port. With STREAMSPACE_VNC_SOCKET (the agent sets it) Xvnc listens on that Unix
-# socket only, in a directory the agent bind-mounts, and on no TCP port at all.
+# an open VNC port. VNC_CLIPBOARD_IN / VNC_CLIPBOARD_OUT (1 or 0) say whether text may cross
+# into / out of the session; -AllowOverride keeps X clients (vncconfig) from changing that.
+# With STREAMSPACE_VNC_SOCKET (the agent sets it) Xvnc listens on that Unix socket only, in a
+# directory the agent bind-mounts, and on no TCP port at all.
 set -eu
 
 geometry="${VNC_GEOMETRY:-1280x800}"
@@ -53,6 +55,9 @@ Xvnc :1 \
     -PasswordFile "$passwd_file" \
     -UseBlacklist 0 \
     -AlwaysShared \
+    -AcceptCutText "${VNC_CLIPBOARD_IN:-1}" \
+    -SendCutText "${VNC_CLIPBOARD_OUT:-1}" \
+    -AllowOverride desktop \
     -desktop "${VNC_DESKTOP_NAME:-StreamSpace}" \
     -nolisten tcp &
 xvnc_pid=$!

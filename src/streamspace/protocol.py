@@ -112,6 +112,14 @@ class Display(_Msg):
     vnc_port: int = Field(default=5901, ge=1, le=65535)
 
 
+class Clipboard(_Msg):
+    """Which way text may cross between the viewer and the session; the session's VNC server
+    enforces it (TigerVNC's AcceptCutText / SendCutText), so no client can get around it."""
+
+    copy_in: bool = Field(default=True, description="the viewer's text may reach the session")
+    copy_out: bool = Field(default=True, description="the session's text may reach the viewer")
+
+
 class SessionSpec(_Msg):
     """Everything a backend needs to run one session; sent with start and wake.
 
@@ -144,6 +152,7 @@ class SessionSpec(_Msg):
         max_length=32,
         description="the template's taints its pods tolerate (kubernetes backend only)",
     )
+    clipboard: Clipboard = Field(default_factory=Clipboard)
 
 
 class CatalogEntry(_Msg):

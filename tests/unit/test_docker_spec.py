@@ -168,3 +168,12 @@ def test_a_template_without_an_image_is_refused() -> None:
 def test_an_unsafe_session_id_is_refused() -> None:
     with pytest.raises(BackendError, match="invalid session id"):
         _config(_spec(session_id="../x"))
+
+
+@pytest.mark.parametrize(("copy_in", "copy_out"), [(True, True), (False, True), (True, False)])
+def test_the_clipboard_policy_reaches_the_entrypoint(copy_in: bool, copy_out: bool) -> None:
+    from streamspace.protocol import Clipboard
+
+    env = _config(_spec(clipboard=Clipboard(copy_in=copy_in, copy_out=copy_out)))["environment"]
+    assert env["VNC_CLIPBOARD_IN"] == ("1" if copy_in else "0")
+    assert env["VNC_CLIPBOARD_OUT"] == ("1" if copy_out else "0")

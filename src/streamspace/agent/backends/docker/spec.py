@@ -45,6 +45,8 @@ _RESERVED_ENV = frozenset(
         "USER",
         VNC_PASSWORD_ENV,
         VNC_SOCKET_ENV,
+        "VNC_CLIPBOARD_IN",
+        "VNC_CLIPBOARD_OUT",
     }
 )
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -106,6 +108,14 @@ def _printf_octal(data: bytes) -> str:
     return "".join(f"\\{b:03o}" for b in data)
 
 
+def clipboard_env(spec: SessionSpec) -> dict[str, str]:
+    """What the image's entrypoint turns into Xvnc's AcceptCutText / SendCutText."""
+    return {
+        "VNC_CLIPBOARD_IN": "1" if spec.clipboard.copy_in else "0",
+        "VNC_CLIPBOARD_OUT": "1" if spec.clipboard.copy_out else "0",
+    }
+
+
 def container_config(
     spec: SessionSpec,
     *,
@@ -125,6 +135,7 @@ def container_config(
     env = {k: v for k, v in spec.image.env.items() if k not in _RESERVED_ENV}
     env["VNC_GEOMETRY"] = f"{spec.display.width}x{spec.display.height}"
     env["VNC_DEPTH"] = str(spec.display.depth)
+    env.update(clipboard_env(spec))
     env[VNC_PASSWORD_ENV] = _printf_octal(vnc.obfuscated_password(vnc_password))
     env[VNC_SOCKET_ENV] = f"{CONTAINER_RUN_DIR}/vnc.sock"
     memory_mb = spec.resources.memory_mb

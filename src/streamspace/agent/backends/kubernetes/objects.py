@@ -54,7 +54,17 @@ HOME_VOLUME = "home"
 
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
-_RESERVED_ENV = frozenset({"VNC_GEOMETRY", "VNC_DEPTH", "DISPLAY", "HOME", "USER"})
+_RESERVED_ENV = frozenset(
+    {
+        "VNC_GEOMETRY",
+        "VNC_DEPTH",
+        "VNC_CLIPBOARD_IN",
+        "VNC_CLIPBOARD_OUT",
+        "DISPLAY",
+        "HOME",
+        "USER",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -238,6 +248,8 @@ def make_pod(
     env += [
         {"name": "VNC_GEOMETRY", "value": f"{spec.display.width}x{spec.display.height}"},
         {"name": "VNC_DEPTH", "value": str(spec.display.depth)},
+        {"name": "VNC_CLIPBOARD_IN", "value": "1" if spec.clipboard.copy_in else "0"},
+        {"name": "VNC_CLIPBOARD_OUT", "value": "1" if spec.clipboard.copy_out else "0"},
         {
             "name": VNC_PASSWORD_ENV,
             "valueFrom": {

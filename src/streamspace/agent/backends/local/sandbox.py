@@ -138,6 +138,8 @@ def session_env(
     shell: str,
     template_env: Mapping[str, str],
     host_env: Mapping[str, str],
+    clipboard_in: bool = True,
+    clipboard_out: bool = True,
 ) -> dict[str, str]:
     """The environment of every process of the session (Xvnc, the init script, the app)."""
     env = {
@@ -166,6 +168,8 @@ def session_env(
             "SS_DEPTH": str(depth),
             "SS_DESKTOP": desktop,
             "SS_RFB_SOCKET": rfb_socket,
+            "SS_CLIPBOARD_IN": "1" if clipboard_in else "0",
+            "SS_CLIPBOARD_OUT": "1" if clipboard_out else "0",
             "SS_APP_LOG": f"{run_dir}/app.log",
             SESSION_ENV_MARKER: session_id,
         }

@@ -5,7 +5,9 @@
 #
 # Environment (set by the agent): SS_XVNC (the Xvnc binary), SS_DISPLAY, SS_GEOMETRY, SS_DEPTH,
 # SS_DESKTOP, SS_RFB_SOCKET (Unix socket for RFB, no TCP port), SS_APP_LOG (the app's stderr),
-# XAUTHORITY, PULSE_SERVER (where the session's sound server listens). Arguments: the app.
+# SS_CLIPBOARD_IN / SS_CLIPBOARD_OUT (1 or 0: text may cross into / out of the session; the
+# session's own X clients cannot override them), XAUTHORITY, PULSE_SERVER (where the session's
+# sound server listens). Arguments: the app.
 # The sound server (PulseAudio with one null sink, when installed) runs as the session user
 # here like everything else; the agent encodes what plays into it for the viewer
 # (docs/streaming.md#sound). A session without it simply has no sound.
@@ -71,6 +73,9 @@ stop_pulse() {
     -SecurityTypes None \
     -UseBlacklist 0 \
     -AlwaysShared \
+    -AcceptCutText "${SS_CLIPBOARD_IN:-1}" \
+    -SendCutText "${SS_CLIPBOARD_OUT:-1}" \
+    -AllowOverride desktop \
     -nolisten tcp \
     -nolisten local \
     -auth "$XAUTHORITY" \

@@ -172,6 +172,8 @@ class Spawner:
             shell=shell,
             template_env=spec.local.env,
             host_env=os.environ,
+            clipboard_in=spec.clipboard.copy_in,
+            clipboard_out=spec.clipboard.copy_out,
         )
         argv: list[str] = []
         if self._limits is not None:
