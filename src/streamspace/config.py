@@ -459,6 +459,18 @@ class Settings(BaseSettings):
         "groups says (a group's allow_download overrides it; any group's False denies).",
     )
 
+    clipboard_allow_in: bool = Field(
+        default=True,
+        description="Whether text may be pasted into users' sessions when none of their groups "
+        "says (a group's clipboard_in overrides it; any group's False denies). Enforced by the "
+        "session's VNC server (`-AcceptCutText`), which the session cannot override.",
+    )
+    clipboard_allow_out: bool = Field(
+        default=True,
+        description="Whether text copied in users' sessions may reach their browsers when none "
+        "of their groups says (`clipboard_out`; `-SendCutText` in the session's VNC server).",
+    )
+
     stream_ticket_ttl_seconds: int = Field(
         default=30, description="Lifetime of a single-use stream ticket."
     )

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session as OrmSession
 
 from streamspace import logs, protocol
 from streamspace.config import Settings
+from streamspace.controlplane import grouppolicy
 from streamspace.controlplane.catalog import TemplateSpec
 from streamspace.controlplane.events import EventBus
 from streamspace.controlplane.hub import Hub
@@ -182,6 +183,14 @@ class Transitions:
             home_limit_mb=session.home_limit_mb,
             node_selector=tpl.launch.kubernetes.node_selector if tpl.launch.kubernetes else {},
             tolerations=tpl.launch.kubernetes.tolerations if tpl.launch.kubernetes else [],
+            clipboard=protocol.Clipboard(
+                copy_in=await grouppolicy.allowed(
+                    db, self.settings, session.owner_id, "clipboard_in"
+                ),
+                copy_out=await grouppolicy.allowed(
+                    db, self.settings, session.owner_id, "clipboard_out"
+                ),
+            ),
         )
 
     # ---- requested transitions ----------------------------------------------------------

@@ -93,6 +93,10 @@ class Group(TimestampMixin, Base):
     of a user's groups saying False denies."""
     allow_download: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     """Members may download files from sessions; same rules as allow_upload."""
+    clipboard_in: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """Text may be pasted into members' sessions (Xvnc -AcceptCutText); same rules."""
+    clipboard_out: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """Text copied in members' sessions may leave them (Xvnc -SendCutText); same rules."""
 
 
 class GroupMembership(Base):

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from starlette.websockets import WebSocketDisconnect
 
 from streamspace import logs, protocol
-from streamspace.controlplane import audit, filepolicy
+from streamspace.controlplane import audit, grouppolicy
 from streamspace.controlplane.api.schemas import Page
 from streamspace.controlplane.api.sessions import load_owned
 from streamspace.controlplane.deps import DbDep, StateDep, UserDep
@@ -105,10 +105,10 @@ def _unavailable(exc: Exception) -> Problem:
 
 
 async def _check_policy(
-    db: DbDep, state: AppState, user: User, request: Request, direction: filepolicy.Direction,
+    db: DbDep, state: AppState, user: User, request: Request, direction: grouppolicy.Direction,
     session_id: str, path: str,
 ) -> None:  # fmt: skip
-    if await filepolicy.allowed(db, state.settings, user, direction):
+    if await grouppolicy.allowed(db, state.settings, user.id, direction):
         return
     audit.record(
         db,

@@ -156,6 +156,8 @@ class QuotaUsageOut(BaseModel):
 
 _ALLOW_UPLOAD = "members may upload files into sessions; null: no say (the setting decides)"
 _ALLOW_DOWNLOAD = "members may download files from sessions; null: no say"
+_CLIPBOARD_IN = "text may be pasted into members' sessions; null: no say"
+_CLIPBOARD_OUT = "text copied in members' sessions may leave them; null: no say"
 
 
 class GroupIn(Strict):
@@ -163,6 +165,8 @@ class GroupIn(Strict):
     description: str = Field(default="", max_length=512)
     allow_upload: bool | None = Field(default=None, description=_ALLOW_UPLOAD)
     allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
+    clipboard_in: bool | None = Field(default=None, description=_CLIPBOARD_IN)
+    clipboard_out: bool | None = Field(default=None, description=_CLIPBOARD_OUT)
 
 
 class GroupPatchIn(Strict):
@@ -171,6 +175,8 @@ class GroupPatchIn(Strict):
     description: str | None = Field(default=None, max_length=512)
     allow_upload: bool | None = Field(default=None, description=_ALLOW_UPLOAD)
     allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
+    clipboard_in: bool | None = Field(default=None, description=_CLIPBOARD_IN)
+    clipboard_out: bool | None = Field(default=None, description=_CLIPBOARD_OUT)
 
 
 class GroupOut(Out):
@@ -186,6 +192,8 @@ class GroupOut(Out):
     quota: QuotaOut | None = None
     allow_upload: bool | None = Field(default=None, description=_ALLOW_UPLOAD)
     allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
+    clipboard_in: bool | None = Field(default=None, description=_CLIPBOARD_IN)
+    clipboard_out: bool | None = Field(default=None, description=_CLIPBOARD_OUT)
 
 
 class ResourcesIn(Strict):

@@ -32,6 +32,8 @@ from streamspace.db.models import Group, GroupMembership, Quota, User
 
 router = APIRouter(prefix="/api/v1", tags=["users"])
 
+POLICY_SWITCHES = ("allow_upload", "allow_download", "clipboard_in", "clipboard_out")
+
 
 async def find_user(db: DbDep, user_id: str) -> User:
     user = await db.get(User, user_id)
@@ -336,6 +338,8 @@ async def _group_out(db: DbDep, group: Group) -> GroupOut:
         quota=QuotaOut.model_validate(quota) if quota else None,
         allow_upload=group.allow_upload,
         allow_download=group.allow_download,
+        clipboard_in=group.clipboard_in,
+        clipboard_out=group.clipboard_out,
     )
 
 
@@ -354,6 +358,8 @@ async def create_group(body: GroupIn, request: Request, admin: AdminDep, db: DbD
         description=body.description,
         allow_upload=body.allow_upload,
         allow_download=body.allow_download,
+        clipboard_in=body.clipboard_in,
+        clipboard_out=body.clipboard_out,
     )
     db.add(group)
     await db.flush()
@@ -382,7 +388,7 @@ async def patch_group(
     group = await _group(db, group_id)
     if body.description is not None:
         group.description = body.description
-    policy = {k: getattr(body, k) for k in ("allow_upload", "allow_download")}
+    policy = {k: getattr(body, k) for k in POLICY_SWITCHES}
     policy = {k: v for k, v in policy.items() if k in body.model_fields_set}
     for key, value in policy.items():
         setattr(group, key, value)
