@@ -110,6 +110,11 @@ class Display(_Msg):
     height: int = Field(default=800, ge=200, le=4320)
     depth: Literal[16, 24, 32] = 24
     vnc_port: int = Field(default=5901, ge=1, le=65535)
+    resizable: bool = Field(
+        default=True,
+        description="the viewer may resize the remote desktop to its window (RFB "
+        "ExtendedDesktopSize); false pins width x height and the viewer scales instead",
+    )
 
 
 class Clipboard(_Msg):

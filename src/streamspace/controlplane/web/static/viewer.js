@@ -5,6 +5,7 @@ import { appIcon, busy, copyText, h, shortId, showError, stateBadge, toast } fro
 import { filesPanel } from "./files.js";
 
 const SCALE_KEY = "streamspace.viewer.scale";
+const RESIZE_KEY = "streamspace.viewer.resize";
 let RFBClass = null;
 
 async function loadRFB() {
@@ -38,6 +39,9 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   let countdownTimer = null;
   let disposed = false;
   let scale = localStorage.getItem(SCALE_KEY) !== "off";
+  // Resize the remote desktop to the window (noVNC sends ExtendedDesktopSize requests, debounced,
+  // on every window, fullscreen and panel change), unless the template pins its size.
+  let resize = localStorage.getItem(RESIZE_KEY) === "on";
 
   // ---- layout ------------------------------------------------------------------------------
   const screen = h("div", { class: "screen", dataset: { testid: "screen" }, "aria-label": "Remote screen" });
@@ -68,6 +72,18 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       onclick: () => setScale(!scale),
     },
     "Fit to window",
+  );
+  const resizeBtn = h(
+    "button",
+    {
+      type: "button",
+      class: "btn btn-bar",
+      "aria-pressed": String(resize),
+      title: "Resize the remote desktop to this window (Ctrl+Alt+Shift+R)",
+      dataset: { testid: "toggle-resize" },
+      onclick: () => setResize(!resize),
+    },
+    "Resize desktop",
   );
   const clipBtn = h(
     "button",
@@ -156,7 +172,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     backLinkBar,
     h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
     connStatus,
-    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, clipBtn, files.button, fsBtn, ...sound.elements),
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, resizeBtn, clipBtn, files.button, fsBtn, ...sound.elements),
   );
   const root = h(
     "div",
@@ -272,7 +288,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       const client = new RFB(screen, url, { wsProtocols: ["binary"], shared: true });
       rfb = client;
       client.scaleViewport = scale;
-      client.resizeSession = false;
+      client.resizeSession = resize && resizable();
       client.clipViewport = false;
       client.focusOnClick = true;
       client.background = "#1b1d23";
@@ -383,6 +399,26 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     if (rfb) rfb.scaleViewport = on;
   }
 
+  function resizable() {
+    return template?.spec?.display?.resizable !== false;
+  }
+
+  function setResize(on) {
+    resize = on;
+    localStorage.setItem(RESIZE_KEY, on ? "on" : "off");
+    resizeBtn.setAttribute("aria-pressed", String(on));
+    if (rfb) rfb.resizeSession = on && resizable();
+  }
+
+  function showResizable() {
+    const can = resizable();
+    resizeBtn.disabled = !can;
+    resizeBtn.title = can
+      ? "Resize the remote desktop to this window (Ctrl+Alt+Shift+R)"
+      : "This app has a fixed screen size; use Fit to window";
+    if (rfb) rfb.resizeSession = resize && can;
+  }
+
   function toggleClipboard(force) {
     const open = force === undefined ? clipPanel.hidden : force;
     clipPanel.hidden = !open;
@@ -418,6 +454,10 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       e.preventDefault();
       e.stopPropagation();
       files.toggle();
+    } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyR") {
+      e.preventDefault();
+      e.stopPropagation();
+      if (resizable()) setResize(!resize);
     } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyS") {
       e.preventDefault();
       e.stopPropagation();
@@ -469,6 +509,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   } catch {
     template = null;
   }
+  showResizable();
   const name = template?.display_name || session.template;
   titleText.replaceChildren(name, " ", h("code", { class: "muted" }, shortId(id)));
   iconSlot.replaceChildren(appIcon(template || { name: session.template }, 24));
