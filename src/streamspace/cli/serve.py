@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,41 @@ from streamspace.cli.backends import build_backend
 from streamspace.cli.base import CLIError, app, console, err, run, settings_for
 from streamspace.config import Settings
 
+SHUTDOWN_HIBERNATE_SECONDS = 60.0
+"""How long `streamspace up` waits on Ctrl-C for its sessions to hibernate before it stops."""
 
-async def _serve(settings: Settings, with_local_agent: bool) -> None:
+
+async def _hibernate_local_sessions(ss: Any, agent_id: str | None) -> None:
+    """Before the embedded agent stops: hibernate its sessions through the control plane (the
+    agent, still connected, runs the commands), so no Xvnc or app outlives the process and each
+    can be woken at the next start; give up after SHUTDOWN_HIBERNATE_SECONDS."""
+    from sqlalchemy import select
+
+    from streamspace.controlplane.deps import writer_turn
+    from streamspace.db.models import Session as SessionRow
+
+    if agent_id is None:
+        return
+    async with ss.db() as db, writer_turn(ss, db):
+        ids = await ss.lifecycle.end_agent_sessions(
+            db, agent_id, "hibernated: streamspace up was stopped (wake it after the next start)"
+        )
+    if not ids:
+        return
+    console.print(f"hibernating {len(ids)} session(s) before stopping (Ctrl-C again to skip)")
+    deadline = asyncio.get_running_loop().time() + SHUTDOWN_HIBERNATE_SECONDS
+    while asyncio.get_running_loop().time() < deadline:
+        async with ss.db() as db:
+            states = set(
+                (await db.scalars(select(SessionRow.state).where(SessionRow.id.in_(ids)))).all()
+            )
+        if states <= {"hibernated", "stopped", "failed"}:
+            return
+        await asyncio.sleep(0.2)
+    err.print("[yellow]some sessions did not hibernate in time; they keep running[/]")
+
+
+async def _serve(settings: Settings, with_local_agent: bool, keep_sessions: bool = False) -> None:
     import uvicorn
 
     from streamspace.controlplane.app import create_app
@@ -37,7 +71,17 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
         # from STREAMSPACE_TRUSTED_PROXIES only (see controlplane/app.py).
         proxy_headers=False,
     )
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        """The signals are this function's (below), not uvicorn's: uvicorn would stop serving
+        at the first Ctrl-C, while the embedded agent still needs the control plane to
+        hibernate its sessions."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    server = Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -62,6 +106,23 @@ async def _serve(settings: Settings, with_local_agent: bool) -> None:
     if agent_task is not None:
         waiters.add(agent_task)
     done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if (
+        agent is not None
+        and not keep_sessions
+        and agent_task not in done
+        and serve_task not in done
+    ):
+        stop.clear()
+        hibernating = asyncio.ensure_future(
+            _hibernate_local_sessions(application.state.ss, agent.agent_id)
+        )
+        # A second Ctrl-C skips the wait: the sessions then keep running, as with
+        # --keep-sessions, and the next start adopts them.
+        await asyncio.wait(
+            {hibernating, asyncio.ensure_future(stop.wait())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        hibernating.cancel()
     if agent is not None:
         await agent.stop()
     if agent_task is not None and agent_task in done and agent_task.exception():
@@ -144,15 +205,23 @@ def up(
         "--insecure-shared-user",
         help="Run sessions as this user, unsandboxed (a single-person laptop only).",
     ),
+    keep_sessions: bool = typer.Option(
+        False,
+        "--keep-sessions",
+        help="On Ctrl-C / SIGTERM leave the sessions running for the next start to adopt, "
+        "instead of hibernating them (homes are kept either way).",
+    ),
 ) -> None:
-    """Everything on this machine: control plane (SQLite) plus a local desktop agent."""
+    """Everything on this machine: control plane (SQLite) plus a local desktop agent.
+
+    Stopping it hibernates its sessions (they can be woken after the next start)."""
     s = settings_for(data_dir, port=port, host=host)
     if insecure_shared_user:
         s.local_insecure_shared_user = True
     if "STREAMSPACE_METRICS_LOOPBACK_ONLY" not in os.environ:
         s.metrics_loopback_only = True  # whatever --host says; a metrics token opens them
     logs.configure(s.log_level, s.log_format)
-    run(_serve(s, with_local_agent=True))
+    run(_serve(s, with_local_agent=True, keep_sessions=keep_sessions))
 
 
 @app.command()

@@ -180,8 +180,19 @@ class Lifecycle:
         in the caller's transaction, and commit. With `hibernate`, a session that cannot
         hibernate now (queued, starting, waking) is stopped instead; one already on its way down
         is left alone. Returns the sessions changed."""
+        return await self._end_sessions(db, SessionRow.owner_id == owner_id, why, hibernate)
+
+    async def end_agent_sessions(self, db: AsyncSession, agent_id: str, why: str) -> list[str]:
+        """Hibernate every active session on one agent (`streamspace up` shutting down: homes
+        kept, no process left), as end_owner_sessions does; the ids of those changed."""
+        changed = await self._end_sessions(db, SessionRow.agent_id == agent_id, why, True)
+        return [s.id for s in changed]
+
+    async def _end_sessions(
+        self, db: AsyncSession, which: Any, why: str, hibernate: bool
+    ) -> list[SessionRow]:
         query = select(SessionRow).where(
-            SessionRow.owner_id == owner_id,
+            which,
             SessionRow.state.in_([s.value for s in ACTIVE_STATES]),
         )
         if not self.writer_turn.sqlite:
