@@ -8,7 +8,7 @@ product=(tigervnc-standalone-server xterm firefox-esr fonts-dejavu-core bubblewr
     pulseaudio pulseaudio-utils gstreamer1.0-tools gstreamer1.0-plugins-base
     gstreamer1.0-plugins-good gstreamer1.0-pulseaudio)
 test_pkgs=(chromium podman runc debootstrap uidmap slirp4netns fuse-overlayfs
-           postgresql redis-server iproute2 procps nginx slapd ldap-utils xmlsec1 nodejs)
+           postgresql redis-server iproute2 procps nginx slapd ldap-utils xmlsec1 nodejs xclip)
 pkgs=("${product[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 # The OIDC tests' provider is an npm package: Debian's nodejs comes without npm (a NodeSource

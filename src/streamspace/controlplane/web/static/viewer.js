@@ -309,7 +309,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       });
       client.addEventListener("clipboard", (e) => {
         received.value = e.detail.text;
-        if (clipPanel.hidden) clipBtn.classList.add("has-news");
+        if (!copyToLocal(e.detail.text) && clipPanel.hidden) clipBtn.classList.add("has-news");
       });
       client.addEventListener("desktopname", (e) => {
         if (e.detail?.name) screen.setAttribute("aria-label", `Remote screen: ${e.detail.name}`);
@@ -419,6 +419,35 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     if (rfb) rfb.resizeSession = resize && can;
   }
 
+  // Seamless clipboard where the browser allows it (the async Clipboard API: Chromium-based
+  // browsers write for a focused page and ask the user once before reading); the panel stays
+  // the fallback. Local text goes to the session when the page gains focus, so what was copied
+  // elsewhere is there to paste; text copied in the session lands on the local clipboard.
+  let lastShared = null;
+  function copyToLocal(text) {
+    if (!navigator.clipboard?.writeText || !document.hasFocus()) return false;
+    lastShared = text;
+    navigator.clipboard.writeText(text).catch(() => {
+      lastShared = null;
+      if (clipPanel.hidden) clipBtn.classList.add("has-news");
+    });
+    return true;
+  }
+  async function sendLocalClipboard() {
+    if (!rfb || !navigator.clipboard?.readText || document.visibilityState !== "visible") return;
+    try {
+      const text = await navigator.clipboard.readText();
+      if (text && text !== lastShared && rfb) {
+        lastShared = text;
+        rfb.clipboardPasteFrom(text);
+      }
+    } catch {
+      // Reading was not allowed: the panel remains.
+    }
+  }
+  window.addEventListener("focus", sendLocalClipboard);
+  document.addEventListener("visibilitychange", sendLocalClipboard);
+
   function toggleClipboard(force) {
     const open = force === undefined ? clipPanel.hidden : force;
     clipPanel.hidden = !open;
@@ -501,6 +530,8 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       sound.stop();
       document.removeEventListener("fullscreenchange", onFullscreen);
       window.removeEventListener("keydown", onKey, true);
+      window.removeEventListener("focus", sendLocalClipboard);
+      document.removeEventListener("visibilitychange", sendLocalClipboard);
       files.dispose();
     };
   }
@@ -527,6 +558,8 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     sound.stop();
     document.removeEventListener("fullscreenchange", onFullscreen);
     window.removeEventListener("keydown", onKey, true);
+    window.removeEventListener("focus", sendLocalClipboard);
+    document.removeEventListener("visibilitychange", sendLocalClipboard);
     files.dispose();
     if (document.fullscreenElement) document.exitFullscreen().catch(() => {});
   };
