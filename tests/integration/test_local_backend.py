@@ -8,6 +8,7 @@ the uid sandbox: their own uid, bubblewrap, a PID namespace.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -65,7 +66,11 @@ async def app_processes(session_id: str, name: str = "xterm") -> list[psutil.Pro
     """The session's app: it starts a moment after the display is ready (once the session's
     sound server listens), so after `start` returns it may still be on its way."""
     for _ in range(150):
-        found = [p for p in session_processes(session_id) if p.name() == name]
+        found = []
+        for proc in session_processes(session_id):
+            with contextlib.suppress(psutil.Error):  # the wait loop's `sleep`s come and go
+                if proc.name() == name:
+                    found.append(proc)
         if found:
             return found
         await asyncio.sleep(0.02)

@@ -42,8 +42,14 @@ def idp(tmp_path: Path) -> Iterator[SamlIdp]:
     server.stop()
 
 
-def saml_cp(tmp_path: Path, idp: SamlIdp, database_url: str = "", **provider: Any) -> ControlPlane:
-    cp = ControlPlane(tmp_path / "cp", database_url=database_url)
+def saml_cp(
+    tmp_path: Path,
+    idp: SamlIdp,
+    database_url: str = "",
+    settings: dict[str, Any] | None = None,
+    **provider: Any,
+) -> ControlPlane:
+    cp = ControlPlane(tmp_path / "cp", database_url=database_url, **(settings or {}))
     config = {
         "id": PROVIDER,
         "name": "Corp SSO",
@@ -119,7 +125,7 @@ def finish(b: httpx.Client, acs_answer: httpx.Response) -> dict[str, Any]:
     assert acs_answer.status_code == 303, acs_answer.text
     done = b.get(acs_answer.headers["location"])
     assert done.status_code == 303, done.text
-    assert done.headers["location"] == "/#/login?sso=1"
+    assert done.headers["location"] == f"/#/login?sso={PROVIDER}"
     r = b.post("/api/v1/auth/refresh", headers={"X-StreamSpace-CSRF": "1"})
     assert r.status_code == 200, r.text
     tokens: dict[str, Any] = r.json()
@@ -288,6 +294,29 @@ def test_bad_input_answers_problem_json(cp: ControlPlane) -> None:
         done = f"/api/v1/auth/saml/{PROVIDER}/complete"
         assert_problem(b.get(done), 422)
         assert_problem(b.get(done, params={"grant": "x" * 40}), 401)
+
+
+def test_the_mfa_policy_holds_for_saml_accounts(tmp_path: Path, idp: SamlIdp) -> None:
+    """An admin by IdP group, with admins required to use a second factor: no tokens, the
+    login page's enrolment step instead."""
+    plane = saml_cp(tmp_path, idp, settings={"mfa_required_roles": ["admin"]})
+    try:
+        with browser(plane) as b:
+            page = at_idp(begin(b), "frank", USERS["frank"].password)
+            acs, fields = posted_form(page.text)
+            r = post_response(b, acs, fields["SAMLResponse"], fields["RelayState"])
+            done = b.get(r.headers["location"])
+            assert done.status_code == 303
+            where = done.headers["location"]
+            assert where.startswith("/#/login?mfa=") and "mfa_token=" in where, where
+            assert "mfa-enrolment-required" in where
+            assert "streamspace_refresh" not in done.headers.get("set-cookie", "")
+            refused = b.post("/api/v1/auth/refresh", headers={"X-StreamSpace-CSRF": "1"})
+            assert refused.status_code == 401
+        erin = sign_in(plane, "erin")  # a plain user: no factor required, signed in
+        assert erin["user"]["role"] == "user"
+    finally:
+        plane.stop()
 
 
 def test_an_unreachable_idp_is_a_503(tmp_path: Path, idp: SamlIdp) -> None:

@@ -317,7 +317,9 @@ def _identity(cfg: OidcProvider, claims: dict[str, Any]) -> Identity:
     )
 
 
-def _login_page(params: dict[str, str]) -> str:
+def login_page(params: dict[str, str]) -> str:
+    """Where a single sign-on lands the browser: the login page finishes it (or asks for the
+    second factor with the `mfa_token`)."""
     query = "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items() if v)
     return f"/#/login?{query}"
 
@@ -346,9 +348,9 @@ async def _signed_in(
     try:
         await demand_second_step(db, state.settings, state.secret, user, "cookie")
         _, refresh = await issue_tokens(state, db, user, request=request, method=method)
-        target = _login_page({"sso": provider.config.id, "next": next_view})
+        target = login_page({"sso": provider.config.id, "next": next_view})
     except Problem as step:
-        target = _login_page(
+        target = login_page(
             {
                 "mfa": step.kind,
                 "mfa_token": str(step.extra.get("mfa_token", "")),

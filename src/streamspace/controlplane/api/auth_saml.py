@@ -15,8 +15,9 @@ Without step 3's cookie check, anyone holding a valid Response could sign a vict
 into the attacker's account (login CSRF). A failure answers problem JSON that says only that
 the sign-in failed; the reason goes to the log and the audit row.
 
-StreamSpace's own second factor applies to password and directory logins; an IdP sign-in is
-trusted to have done the IdP's MFA (configure it there; `docs/identity.md`).
+The MFA policy (`STREAMSPACE_MFA_REQUIRED_ROLES/_GROUPS`) and a user's own factors hold for
+SAML accounts too: instead of the tokens, the completion then lands on the login page with an
+`mfa_token`, where the second step (or the enrolment) follows as after a password.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from streamspace import logs
 from streamspace.controlplane import audit
 from streamspace.controlplane.api.auth import issue_tokens, set_refresh_cookie
 from streamspace.controlplane.api.auth_directory import PROVISION_ATTEMPTS
+from streamspace.controlplane.api.auth_oidc import login_page
+from streamspace.controlplane.api.mfagate import demand_second_step
 from streamspace.controlplane.api.schemas import SamlProviderOut
 from streamspace.controlplane.browser import is_tls
 from streamspace.controlplane.deps import DbDep, StateDep, writer_turn
@@ -297,7 +300,20 @@ async def complete(
             state.revocations.revoke(
                 user.id, f"signed out: the identity provider's groups made the role {user.role}"
             )
-        _tokens, refresh = await issue_tokens(state, db, user, request=request, method="saml")
+        refresh: str | None = None
+        try:
+            # The MFA policy holds for SSO accounts too: the login page asks for the factor.
+            await demand_second_step(db, state.settings, state.secret, user, "cookie")
+            _tokens, refresh = await issue_tokens(state, db, user, request=request, method="saml")
+            target = login_page({"sso": sp.id})
+        except Problem as step:
+            target = login_page(
+                {
+                    "mfa": step.kind,
+                    "mfa_token": str(step.extra.get("mfa_token", "")),
+                    "methods": ",".join(step.extra.get("methods", [])),
+                }
+            )
         audit.record(
             db,
             actor=user,
@@ -307,10 +323,12 @@ async def complete(
             request=request,
             method="saml",
             provider=sp.id,
+            second_step=refresh is None,
         )
         await db.commit()
-    log.event("saml_login", provider=sp.id, user_id=user.id)
-    resp = RedirectResponse("/#/login?sso=1", status_code=303)
-    set_refresh_cookie(request, state, resp, refresh)
+    log.event("saml_login", provider=sp.id, user_id=user.id, second_step=refresh is None)
+    resp = RedirectResponse(target, status_code=303)
+    if refresh is not None:
+        set_refresh_cookie(request, state, resp, refresh)
     resp.delete_cookie(BROWSER_COOKIE, path=f"/api/v1/auth/saml/{sp.id}")
     return resp
