@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_browser import (
+from test_browser import (  # noqa: F401 - `watched` is a fixture (on this module's browser)
     CHROMIUM,
     CHROMIUM_ARGS,
     MISSING,
@@ -17,35 +17,17 @@ from test_browser import (
     artifacts_on_failure,
     log_in,
     poll,
+    watched,
 )
 
 from conftest import require
 from product_support import Product
+from streamspace_testing.opus import tone_template
 
 pytestmark = pytest.mark.browser
 
 TONE_HZ = 660
-TONE = {
-    "name": "tone-e2e",
-    "display_name": "Tone",
-    "category": "Test",
-    "resources": {"cpu_millis": 200, "memory_mb": 128},
-    "display": {"width": 640, "height": 480, "depth": 24},
-    "launch": {
-        "local": {
-            "command": [
-                "gst-launch-1.0",
-                "-q",
-                "audiotestsrc",
-                f"freq={TONE_HZ}",
-                "volume=0.5",
-                "is-live=true",
-                "!",
-                "pulsesink",
-            ]
-        }
-    },
-}
+TONE = tone_template("tone-e2e", "Tone", TONE_HZ, 640, 480)
 
 PEAK_HZ = """() => {
   const btn = document.querySelector('[data-testid="toggle-sound"]');
@@ -91,17 +73,6 @@ def browser() -> Iterator[Any]:
             yield b
         finally:
             b.close()
-
-
-@pytest.fixture
-def watched(browser: Any) -> Iterator[Watched]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    try:
-        yield Watched(page)
-    finally:
-        context.close()
 
 
 def test_a_tone_in_the_session_reaches_the_pages_audio_graph(

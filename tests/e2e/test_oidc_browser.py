@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_browser import MISSING, Watched, artifacts_on_failure, browser  # noqa: F401
+from test_browser import MISSING, Watched, artifacts_on_failure, browser, watched  # noqa: F401
 
 from conftest import require
 from product_support import Product
@@ -41,17 +41,6 @@ def with_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pr
     finally:
         p.stop()
         op.stop()
-
-
-@pytest.fixture
-def watched(browser: Any) -> Iterator[Watched]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    page = context.new_page()
-    page.set_default_timeout(15_000)
-    try:
-        yield Watched(page)
-    finally:
-        context.close()
 
 
 def test_sign_in_with_a_provider_lands_on_the_catalog(

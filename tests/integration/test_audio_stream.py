@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,33 +19,13 @@ from test_streams_support import Desk, desk
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from streamspace_testing.opus import OpusListener, dominant_frequency, rms
+from streamspace_testing.opus import OpusListener, dominant_frequency, rms, tone_template
 
 pytestmark = pytest.mark.xvnc
 
 AUDIO_PATH = "/api/v1/streams/audio"
 TONE_HZ = 880
-TONE_TEMPLATE: dict[str, Any] = {
-    "name": "tone",
-    "display_name": "Tone (audio tests)",
-    "category": "Test",
-    "resources": {"cpu_millis": 200, "memory_mb": 128},
-    "display": {"width": 320, "height": 240, "depth": 24},
-    "launch": {
-        "local": {
-            "command": [
-                "gst-launch-1.0",
-                "-q",
-                "audiotestsrc",
-                f"freq={TONE_HZ}",
-                "volume=0.5",
-                "is-live=true",
-                "!",
-                "pulsesink",
-            ]
-        }
-    },
-}
+TONE_TEMPLATE = tone_template("tone", "Tone (audio tests)", TONE_HZ, 320, 240)
 
 
 @pytest.fixture(scope="module")

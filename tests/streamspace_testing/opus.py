@@ -8,6 +8,27 @@ import numpy as np
 from streamspace.agent.audio import SAMPLE_RATE, unframe
 
 
+def tone_template(
+    name: str, display_name: str, hz: int, width: int, height: int
+) -> dict[str, object]:
+    """A catalog template whose app plays a steady sine of `hz` into the session's sound server."""
+    return {
+        "name": name,
+        "display_name": display_name,
+        "category": "Test",
+        "resources": {"cpu_millis": 200, "memory_mb": 128},
+        "display": {"width": width, "height": height, "depth": 24},
+        "launch": {
+            "local": {
+                "command": [
+                    "gst-launch-1.0", "-q", "audiotestsrc", f"freq={hz}", "volume=0.5",
+                    "is-live=true", "!", "pulsesink",
+                ]
+            }
+        },
+    }  # fmt: skip
+
+
 class OpusListener:
     """Opus packets in, mono float samples out (PyAV's libopus decoder)."""
 

@@ -238,19 +238,10 @@ async def _pump(ws: ClientConnection, reader: ByteStreamReader, writer: ByteStre
         while data := await reader.read(STREAM_CHUNK_BYTES):
             await ws.send(data)
 
-    tasks = [
+    await _until_one_ends(
         asyncio.create_task(ws_to_tcp(), name="stream-ws-to-tcp"),
         asyncio.create_task(tcp_to_ws(), name="stream-tcp-to-ws"),
-    ]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-    for outcome in results:
-        if isinstance(outcome, Exception) and not isinstance(outcome, ConnectionClosed | OSError):
-            raise outcome
+    )
 
 
 async def _pump_audio(ws: ClientConnection, server_fd: int) -> None:
@@ -265,10 +256,15 @@ async def _pump_audio(ws: ClientConnection, server_fd: int) -> None:
         async for _ in ws:
             pass
 
-    tasks = [
+    await _until_one_ends(
         asyncio.create_task(send(), name="audio-to-ws"),
         asyncio.create_task(drain(), name="audio-ws-drain"),
-    ]
+    )
+
+
+async def _until_one_ends(*tasks: asyncio.Task[None]) -> None:
+    """Both directions of a stream until one ends (a side closed); the other is cancelled. A
+    closed connection is how streams end; anything else is re-raised."""
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
