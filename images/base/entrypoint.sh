@@ -9,7 +9,10 @@
 # an open VNC port. VNC_CLIPBOARD_IN / VNC_CLIPBOARD_OUT (1 or 0) say whether text may cross
 # into / out of the session; -AllowOverride keeps X clients (vncconfig) from changing that.
 # With STREAMSPACE_VNC_SOCKET (the agent sets it) Xvnc listens on that Unix socket only, in a
-# directory the agent bind-mounts, and on no TCP port at all.
+# directory the agent bind-mounts, and on no TCP port at all. With STREAMSPACE_PULSE_SOCKET (the
+# agent sets it too) the session's own PulseAudio plays into one null sink and serves its native
+# protocol on that socket, which the agent's encoder reads (docs/streaming.md#sound); the app
+# finds it through PULSE_SERVER.
 set -eu
 
 geometry="${VNC_GEOMETRY:-1280x800}"
@@ -45,6 +48,22 @@ if [ -n "$socket" ]; then
     listen="-rfbunixpath $socket -rfbunixmode 0600 -rfbport -1"
 else
     listen="-rfbport 5901"
+fi
+
+# The sound server starts first so it comes up while the display server does.
+pulse_socket="${STREAMSPACE_PULSE_SOCKET:-}"
+unset STREAMSPACE_PULSE_SOCKET
+pulse_pid=""
+if [ -n "$pulse_socket" ] && command -v pulseaudio >/dev/null 2>&1; then
+    rm -f "$pulse_socket"
+    pulseaudio -n --daemonize=no --use-pid-file=no --exit-idle-time=-1 --disallow-exit \
+        --disallow-module-loading --realtime=no --high-priority=no --log-target=stderr \
+        --log-level=error \
+        -L "module-null-sink sink_name=streamspace rate=48000 channels=2" \
+        -L "module-native-protocol-unix socket=$pulse_socket auth-anonymous=1" \
+        -L "module-always-sink" &
+    pulse_pid=$!
+    export PULSE_SERVER="unix:$pulse_socket"
 fi
 
 Xvnc :1 \
@@ -91,10 +110,19 @@ if command -v openbox >/dev/null 2>&1; then
     done
 fi
 
+# The app's first sound must not race the server's socket (up to 3 s).
+if [ -n "$pulse_pid" ]; then
+    tries=0
+    while [ ! -S "$pulse_socket" ] && [ "$tries" -lt 150 ] && kill -0 "$pulse_pid" 2>/dev/null; do
+        tries=$((tries + 1))
+        sleep 0.02
+    done
+fi
+
 "$@" &
 app_pid=$!
 set +e
 wait "$app_pid"
 status=$?
-kill "$xvnc_pid" 2>/dev/null
+kill "$xvnc_pid" $pulse_pid 2>/dev/null
 exit "$status"

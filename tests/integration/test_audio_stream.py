@@ -13,13 +13,12 @@ import asyncio
 import shutil
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 from test_streams_support import Desk, desk
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from streamspace_testing.opus import OpusListener, dominant_frequency, rms, tone_template
+from streamspace_testing.opus import dominant_frequency, listen, rms, tone_template
 
 pytestmark = pytest.mark.xvnc
 
@@ -37,27 +36,10 @@ def d(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Desk]:
         yield shared
 
 
-async def listen(d: Desk, ticket: str, seconds: float) -> np.ndarray:
-    decoder = OpusListener()
-    samples: list[np.ndarray] = []
-    async with connect(
-        d.ws_url(ticket, AUDIO_PATH), max_size=None, compression=None, open_timeout=20
-    ) as ws:
-        async with asyncio.timeout(seconds + 20):
-            decoded = 0
-            while decoded < seconds * 48_000:
-                message = await ws.recv()
-                assert isinstance(message, bytes)
-                chunk = decoder.decode(message)
-                decoded += len(chunk)
-                samples.append(chunk)
-    return np.concatenate(samples)
-
-
 def test_tone_in_the_session_arrives_as_opus_of_that_frequency(d: Desk) -> None:
     session = d.start_session(template="tone")
     ticket = d.connect(session["id"])["ticket"]
-    samples = asyncio.run(listen(d, ticket, 1.5))
+    samples = asyncio.run(listen(d.ws_url(ticket, AUDIO_PATH), 1.5))
     tail = samples[-48_000:]
     assert rms(tail) > 0.05, f"the stream is silent (rms {rms(tail):.4f})"
     assert abs(dominant_frequency(tail) - TONE_HZ) < 10

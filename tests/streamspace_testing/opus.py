@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import av
 import numpy as np
+from websockets.asyncio.client import connect
 
 from streamspace.agent.audio import SAMPLE_RATE, unframe
 
@@ -58,3 +61,31 @@ def dominant_frequency(samples: np.ndarray) -> float:
 
 def rms(samples: np.ndarray) -> float:
     return float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
+
+
+async def listen(url: str, seconds: float) -> np.ndarray:
+    """Decode `seconds` of sound from an audio stream socket (ticket in `url`)."""
+    decoder = OpusListener()
+    samples: list[np.ndarray] = []
+    async with connect(url, max_size=None, compression=None, open_timeout=20) as ws:
+        async with asyncio.timeout(seconds + 20):
+            decoded = 0
+            while decoded < seconds * SAMPLE_RATE:
+                message = await ws.recv()
+                assert isinstance(message, bytes)
+                chunk = decoder.decode(message)
+                decoded += len(chunk)
+                samples.append(chunk)
+    return np.concatenate(samples)
+
+
+def pacat_tone_command(hz: int) -> list[str]:
+    """A container app that plays a square wave of `hz` (its fundamental dominates) with
+    `pacat`, for images that have PulseAudio's tools but no GStreamer: one period of 48 kHz
+    s16le stereo frames (±0x2000) written by printf in a loop. `hz` must divide 24 kHz."""
+    half = SAMPLE_RATE // hz // 2
+    if half * 2 * hz != SAMPLE_RATE:
+        raise ValueError(f"{hz} Hz is not a whole number of samples at {SAMPLE_RATE} Hz")
+    period = r"\000\040\000\040" * half + r"\000\340\000\340" * half
+    play = "pacat --playback --raw --format=s16le --rate=48000 --channels=2 --latency-msec=30"
+    return ["sh", "-c", f"while :; do printf '{period}'; done | {play}"]

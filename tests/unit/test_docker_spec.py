@@ -79,10 +79,11 @@ def test_no_port_is_published(network: bool) -> None:
     assert "5999" not in repr(config)
 
 
-def test_vnc_is_a_unix_socket_in_the_bind_mounted_run_dir() -> None:
+def test_vnc_and_sound_are_unix_sockets_in_the_bind_mounted_run_dir() -> None:
     config = _config()
     assert config["volumes"][str(RUN_DIR)] == {"bind": "/run/streamspace", "mode": "rw"}
     assert config["environment"]["STREAMSPACE_VNC_SOCKET"] == "/run/streamspace/vnc.sock"
+    assert config["environment"]["STREAMSPACE_PULSE_SOCKET"] == "/run/streamspace/pulse.sock"
 
 
 def test_the_vnc_password_reaches_the_entrypoint_obfuscated_as_printf_octal() -> None:
@@ -145,7 +146,16 @@ def test_the_environment_sets_the_display_and_keeps_the_templates_own() -> None:
 
 @pytest.mark.parametrize(
     "key",
-    ["VNC_GEOMETRY", "DISPLAY", "HOME", "USER", VNC_PASSWORD_ENV, "STREAMSPACE_VNC_SOCKET"],
+    [
+        "VNC_GEOMETRY",
+        "DISPLAY",
+        "HOME",
+        "USER",
+        VNC_PASSWORD_ENV,
+        "STREAMSPACE_VNC_SOCKET",
+        "STREAMSPACE_PULSE_SOCKET",
+        "PULSE_SERVER",
+    ],
 )
 def test_template_env_cannot_override_what_the_agent_sets(key: str) -> None:
     image = ImageLaunch(image="img:1", env={key: "/evil"})

@@ -18,9 +18,11 @@ from streamspace.agent.backends.docker.spec import (
     AGENT_LABEL,
     CONTAINER_USER,
     OWNER_LABEL,
+    PULSE_SOCKET_NAME,
     SESSION_ID_RE,
     SESSION_LABEL,
     TEMPLATE_LABEL,
+    VNC_SOCKET_NAME,
 )
 from streamspace.protocol import Endpoint, InventoryItem
 
@@ -71,7 +73,10 @@ class Containers:
         )
 
     def socket(self, session_id: str) -> Path:
-        return self._run_root / session_id / "vnc.sock"
+        return self._run_root / session_id / VNC_SOCKET_NAME
+
+    def audio_socket(self, session_id: str) -> Path:
+        return self._run_root / session_id / PULSE_SOCKET_NAME
 
     def prepare_run_dir(self, session_id: str) -> Path:
         """The session's socket directory: a real directory owned by the container's uid."""

@@ -27,6 +27,11 @@ AGENT_LABEL = "org.streamspace.agent"
 
 CONTAINER_RUN_DIR = "/run/streamspace"
 VNC_SOCKET_ENV = "STREAMSPACE_VNC_SOCKET"
+PULSE_SOCKET_ENV = "STREAMSPACE_PULSE_SOCKET"
+"""Where the image's entrypoint has the session's PulseAudio serve (beside the VNC socket);
+images without pulseaudio ignore it and have no sound."""
+VNC_SOCKET_NAME = "vnc.sock"
+PULSE_SOCKET_NAME = "pulse.sock"
 CONTAINER_USER = "1000:1000"
 CONTAINER_HOME = "/home/streamspace"
 CONTAINER_UID = int(CONTAINER_USER.split(":")[0])
@@ -45,6 +50,8 @@ _RESERVED_ENV = frozenset(
         "USER",
         VNC_PASSWORD_ENV,
         VNC_SOCKET_ENV,
+        PULSE_SOCKET_ENV,
+        "PULSE_SERVER",
         "VNC_CLIPBOARD_IN",
         "VNC_CLIPBOARD_OUT",
     }
@@ -128,7 +135,8 @@ def container_config(
 
     uid 1000, every capability dropped, no-new-privileges, a pids limit, CPU/memory from the
     spec's resources; no network unless the template asks; no published port: the VNC server
-    listens on a socket in `run_dir`, bind-mounted at /run/streamspace.
+    listens on a socket in `run_dir`, bind-mounted at /run/streamspace, and so does the sound
+    server.
     """
     if spec.image is None:
         raise BackendError(f"template {spec.template!r} has no container image")
@@ -137,7 +145,8 @@ def container_config(
     env["VNC_DEPTH"] = str(spec.display.depth)
     env.update(clipboard_env(spec))
     env[VNC_PASSWORD_ENV] = _printf_octal(vnc.obfuscated_password(vnc_password))
-    env[VNC_SOCKET_ENV] = f"{CONTAINER_RUN_DIR}/vnc.sock"
+    env[VNC_SOCKET_ENV] = f"{CONTAINER_RUN_DIR}/{VNC_SOCKET_NAME}"
+    env[PULSE_SOCKET_ENV] = f"{CONTAINER_RUN_DIR}/{PULSE_SOCKET_NAME}"
     memory_mb = spec.resources.memory_mb
     volumes = {str(run_dir): {"bind": CONTAINER_RUN_DIR, "mode": "rw"}}
     if home_volume is not None:
