@@ -71,6 +71,23 @@ class StreamTunnel:
             return None
         return url
 
+    async def _dial(
+        self, msg: OpenStream, url: str, max_queue: int = 16
+    ) -> ClientConnection | None:
+        """The stream's WebSocket back to the control plane, or None once the failure is
+        reported (`max_queue`: frames received ahead of the reader)."""
+        try:
+            return await self._server.dial(
+                url,
+                self._identity.credential,
+                compression=None,
+                max_size=STREAM_MAX_MESSAGE_BYTES,
+                max_queue=max_queue,
+            )
+        except (OSError, InvalidHandshake, InvalidURI) as exc:
+            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+            return None
+
     async def run(self, msg: OpenStream) -> None:
         """Serve one dialled-back stream: a viewer's tunnel or sound, one thumbnail, or a file
         operation."""
@@ -91,12 +108,8 @@ class StreamTunnel:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             self._failed(msg, f"cannot take a thumbnail: {reason}")
             return
-        try:
-            ws = await self._server.dial(
-                url, self._identity.credential, compression=None, max_size=STREAM_MAX_MESSAGE_BYTES
-            )
-        except (OSError, InvalidHandshake, InvalidURI) as exc:
-            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+        ws = await self._dial(msg, url)
+        if ws is None:
             return
         try:
             await ws.send(image)
@@ -129,16 +142,9 @@ class StreamTunnel:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             self._failed(msg, f"cannot connect to the session: {reason}")
             return
-        try:
-            ws = await self._server.dial(
-                url,
-                self._identity.credential,
-                compression=None,
-                max_size=STREAM_MAX_MESSAGE_BYTES,
-            )
-        except (OSError, InvalidHandshake, InvalidURI) as exc:
+        ws = await self._dial(msg, url)
+        if ws is None:
             writer.close()
-            self._failed(msg, f"cannot dial the stream websocket: {exc}")
             return
         fields = {
             "agent_id": self._identity.agent_id,
@@ -160,16 +166,8 @@ class StreamTunnel:
     async def _run_files(self, msg: OpenStream, url: str) -> None:
         """A file operation on the session's home (agent/files.py); refusals travel on the
         stream itself, so only a failed dial is a StreamFailed."""
-        try:
-            ws = await self._server.dial(
-                url,
-                self._identity.credential,
-                compression=None,
-                max_size=STREAM_MAX_MESSAGE_BYTES,
-                max_queue=4,
-            )
-        except (OSError, InvalidHandshake, InvalidURI) as exc:
-            self._failed(msg, f"cannot dial the stream websocket: {exc}")
+        ws = await self._dial(msg, url, max_queue=4)
+        if ws is None:
             return
         try:
             await self._files.serve(msg, ws)
@@ -184,16 +182,9 @@ class StreamTunnel:
         except (BackendError, audio.AudioUnavailable) as exc:
             self._failed(msg, str(exc))
             return
-        try:
-            ws = await self._server.dial(
-                url,
-                self._identity.credential,
-                compression=None,
-                max_size=STREAM_MAX_MESSAGE_BYTES,
-            )
-        except (OSError, InvalidHandshake, InvalidURI) as exc:
+        ws = await self._dial(msg, url)
+        if ws is None:
             os.close(server_fd)
-            self._failed(msg, f"cannot dial the stream websocket: {exc}")
             return
         fields = {
             "agent_id": self._identity.agent_id,
