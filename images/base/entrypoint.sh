@@ -50,21 +50,41 @@ else
     listen="-rfbport 5901"
 fi
 
-# The sound server starts first so it comes up while the display server does.
+# The sound server starts first so it comes up while the display server does. For a pod
+# (STREAMSPACE_PULSE_PORT with its cookie) it also serves the agent on that TCP port, cookie
+# authentication only; the app always uses the Unix socket.
 pulse_socket="${STREAMSPACE_PULSE_SOCKET:-}"
-unset STREAMSPACE_PULSE_SOCKET
+pulse_port="${STREAMSPACE_PULSE_PORT:-}"
+pulse_cookie="${STREAMSPACE_PULSE_COOKIE:-}"
+unset STREAMSPACE_PULSE_SOCKET STREAMSPACE_PULSE_PORT STREAMSPACE_PULSE_COOKIE
+if [ -z "$pulse_cookie" ]; then
+    pulse_port=""
+fi
+if [ -z "$pulse_socket" ] && [ -n "$pulse_port" ]; then
+    pulse_socket="$runtime/pulse.sock"
+fi
 pulse_pid=""
-if [ -n "$pulse_socket" ] && command -v pulseaudio >/dev/null 2>&1; then
-    rm -f "$pulse_socket"
+start_pulse() {
     pulseaudio -n --daemonize=no --use-pid-file=no --exit-idle-time=-1 --disallow-exit \
         --disallow-module-loading --realtime=no --high-priority=no --log-target=stderr \
         --log-level=error \
         -L "module-null-sink sink_name=streamspace rate=48000 channels=2" \
         -L "module-native-protocol-unix socket=$pulse_socket auth-anonymous=1" \
-        -L "module-always-sink" &
+        -L "module-always-sink" "$@" &
     pulse_pid=$!
+}
+if [ -n "$pulse_socket" ] && command -v pulseaudio >/dev/null 2>&1; then
+    rm -f "$pulse_socket"
+    if [ -n "$pulse_port" ]; then
+        cookie_file="$runtime/pulse-cookie"
+        (umask 077 && printf "$pulse_cookie" > "$cookie_file")
+        start_pulse -L "module-native-protocol-tcp port=$pulse_port auth-anonymous=0 auth-cookie-enabled=1 auth-cookie=$cookie_file"
+    else
+        start_pulse
+    fi
     export PULSE_SERVER="unix:$pulse_socket"
 fi
+unset pulse_cookie
 
 Xvnc :1 \
     -geometry "$geometry" \

@@ -10,9 +10,11 @@ instead of waiting for the start timeout.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from kube_support import new_namespace
 from test_docker_e2e import _stream_nonblank
 
 from conftest import PODMAN_MISSING, AgentProcess, ControlPlane, require, wait_for, wait_state
+from streamspace_testing.opus import dominant_frequency, listen, pacat_tone_command, rms
 
 pytestmark = pytest.mark.podman
 
@@ -35,6 +38,20 @@ BROKEN_TEMPLATE: dict[str, Any] = {
     "category": "Development",
     "resources": {"cpu_millis": 250, "memory_mb": 256},
     "launch": {"kubernetes": {"image": MISSING_IMAGE}},
+}
+TONE_HZ = 750
+TONE_TEMPLATE: dict[str, Any] = {
+    "name": "tone-pod",
+    "display_name": "Tone (pod audio test)",
+    "category": "Test",
+    "resources": {"cpu_millis": 250, "memory_mb": 256},
+    "display": {"width": 320, "height": 240, "depth": 24},
+    "launch": {
+        "kubernetes": {
+            "image": "localhost/streamspace/xterm:latest",
+            "command": pacat_tone_command(TONE_HZ),
+        }
+    },
 }
 
 
@@ -70,8 +87,9 @@ def setup(make_control_plane: Any, kube_apiserver: Any, k8s_node: Any, tmp_path:
     kubeconfig = kube_apiserver.write_kubeconfig(tmp_path / "agent-kubeconfig", None, namespace)
     cp: ControlPlane = make_control_plane(agent_heartbeat_seconds=1.0, loop_interval_seconds=0.5)
     admin = cp.login()
-    r = admin.post("/api/v1/templates", json=BROKEN_TEMPLATE)
-    assert r.status_code == 201, r.text
+    for template in (BROKEN_TEMPLATE, TONE_TEMPLATE):
+        r = admin.post("/api/v1/templates", json=template)
+        assert r.status_code == 201, r.text
     agent = AgentProcess(
         cp.url,
         tmp_path / "kube-agent",
@@ -86,7 +104,7 @@ def setup(make_control_plane: Any, kube_apiserver: Any, k8s_node: Any, tmp_path:
     ).start()
     wait_for(
         lambda: any(
-            a["status"] == "online" and {"xterm", "broken-image"} <= set(a["templates"])
+            a["status"] == "online" and {"xterm", "broken-image", "tone-pod"} <= set(a["templates"])
             for a in admin.get("/api/v1/agents").json()
         ),
         60,
@@ -219,3 +237,59 @@ def test_a_missing_image_fails_the_session_fast_with_the_pull_error(setup: Setup
     assert s["state"] == "failed", json.dumps(s)
     assert "ErrImagePull" in (s.get("failure_reason") or ""), s
     assert elapsed < START_TIMEOUT / 2  # the pull error, not the start timeout, ended it
+
+
+def _pactl_info(server: str, home: Path, cookie: bytes | None) -> subprocess.CompletedProcess[str]:
+    """`pactl info` against `server` as a client with no PulseAudio state of its own (and the
+    given cookie, if any)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "XDG_RUNTIME_DIR": str(home)}
+    if cookie is not None:
+        (home / "cookie").write_bytes(cookie)
+        env["PULSE_COOKIE"] = str(home / "cookie")
+    return subprocess.run(
+        ["pactl", "--server", server, "info"], env=env, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_a_tone_in_the_pod_reaches_the_viewer_and_its_sound_port_wants_the_cookie(
+    setup: Setup, tmp_path: Path
+) -> None:
+    for tool in ("gst-launch-1.0", "pactl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (scripts/install-system.sh)")
+    r = setup.admin.post("/api/v1/sessions", json={"template": "tone-pod"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert wait_state(setup.admin, sid, {"running", "failed"}, START_TIMEOUT)["state"] == "running"
+
+    ticket = setup.admin.post(f"/api/v1/sessions/{sid}/connect").json()["ticket"]
+    url = f"ws://127.0.0.1:{setup.cp.port}/api/v1/streams/audio?ticket={ticket}"
+    samples = asyncio.run(listen(url, 1.5))
+    tail = samples[-48_000:]
+    assert rms(tail) > 0.05, f"the stream is silent (rms {rms(tail):.4f})"
+    assert abs(dominant_frequency(tail) - TONE_HZ) < 10
+
+    # The sound port is on the pod network, where other pods (or a test node's neighbours)
+    # reach it: without the session's cookie it refuses; with the one in its Secret it answers.
+    from streamspace.agent.backends.kubernetes.objects import (
+        SECRET_COOKIE_KEY,
+        SOUND_PORT,
+        secret_name,
+    )
+
+    pod = _pod(setup, sid)
+    server = f"tcp:{pod.status.pod_ip}:{SOUND_PORT}"
+    secret = asyncio.run(
+        _admin_call(setup.kubeconfig, "read_namespaced_secret", secret_name(sid), setup.namespace)
+    )
+    cookie = bytes.fromhex(base64.b64decode(secret.data[SECRET_COOKIE_KEY]).decode())
+    (tmp_path / "stranger").mkdir()
+    refused = _pactl_info(server, tmp_path / "stranger", None)
+    assert refused.returncode != 0 and "denied" in (refused.stdout + refused.stderr).lower()
+    (tmp_path / "wrong").mkdir()
+    wrong = _pactl_info(server, tmp_path / "wrong", bytes(256))
+    assert wrong.returncode != 0 and "denied" in (wrong.stdout + wrong.stderr).lower()
+    (tmp_path / "agent").mkdir()
+    allowed = _pactl_info(server, tmp_path / "agent", cookie)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "streamspace" in allowed.stdout  # the session's null sink is its default

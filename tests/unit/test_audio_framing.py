@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamspace.agent import audio
+from streamspace.agent.backends.base import SoundServer
 from streamspace.protocol import OpenStream
 
 
@@ -21,13 +22,21 @@ def test_an_unknown_frame_version_is_refused() -> None:
 
 
 def test_the_encoder_drops_to_the_given_uid_and_reads_the_inherited_socket() -> None:
-    argv = audio.encoder_argv("/usr/bin/gst-launch-1.0", 5, 96_000, run_as=65534)
+    server = audio.server_address(SoundServer(socket_fd=5))
+    argv = audio.encoder_argv("/usr/bin/gst-launch-1.0", server, 96_000, run_as=65534)
     assert argv[0] == "setpriv" and "--reuid=65534" in argv and "--no-new-privs" in argv
     assert "server=unix:/proc/self/fd/5" in argv
     assert f"device={audio.SINK_MONITOR}" in argv
     assert "opusenc" in argv and "rtpstreampay" in argv
-    unprivileged = audio.encoder_argv("/usr/bin/gst-launch-1.0", 5, 96_000, run_as=None)
+    unprivileged = audio.encoder_argv("/usr/bin/gst-launch-1.0", server, 96_000, run_as=None)
     assert unprivileged[0] == "/usr/bin/gst-launch-1.0"
+
+
+def test_a_pod_sound_server_is_named_by_its_address() -> None:
+    assert audio.server_address(SoundServer(host="10.244.1.7", port=4713)) == "tcp:10.244.1.7:4713"
+    assert audio.server_address(SoundServer(host="fd00::7", port=4713)) == "tcp:[fd00::7]:4713"
+    with pytest.raises(ValueError):
+        audio.server_address(SoundServer(host="10.244.1.7"))
 
 
 def test_open_stream_defaults_to_vnc_and_accepts_audio() -> None:

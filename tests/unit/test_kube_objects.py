@@ -12,17 +12,20 @@ import pytest
 
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import BackendError
+from streamspace.agent.backends.imageenv import PULSE_COOKIE_ENV, PULSE_PORT_ENV, VNC_PASSWORD_ENV
 from streamspace.agent.backends.kubernetes import PodSettings, podstate
 from streamspace.agent.backends.kubernetes.objects import (
     AGENT_LABEL,
     OWNER_ANNOTATION,
+    SECRET_COOKIE_ENTRYPOINT_KEY,
+    SECRET_COOKIE_KEY,
     SECRET_ENTRYPOINT_KEY,
     SECRET_PASSWORD_KEY,
     SESSION_ANNOTATION,
     SESSION_LABEL,
+    SOUND_PORT,
     TEMPLATE_LABEL,
     USER_ID_LABEL,
-    VNC_PASSWORD_ENV,
     home_claim_name,
     label_value,
     make_egress_policy,
@@ -32,6 +35,7 @@ from streamspace.agent.backends.kubernetes.objects import (
     make_vnc_secret,
     pod_name,
     secret_name,
+    sound_cookie,
     vnc_password,
 )
 from streamspace.agent.backends.kubernetes.settings import (
@@ -242,7 +246,10 @@ def test_secret_holds_the_password_and_the_entrypoint_form() -> None:
     password = vnc_password(b"k" * 32, "s-1")
     assert len(password) == vnc.PASSWORD_BYTES
     assert password == vnc_password(b"k" * 32, "s-1") != vnc_password(b"k" * 32, "s-2")
-    secret = make_vnc_secret(_spec(), agent_id="agent-1", namespace="desks", password=password)
+    cookie = sound_cookie(b"k" * 32, "s-1")
+    secret = make_vnc_secret(
+        _spec(), agent_id="agent-1", namespace="desks", password=password, cookie=cookie
+    )
     assert secret["metadata"]["name"] == secret_name("s-1")
     assert secret["metadata"]["labels"][AGENT_LABEL] == "agent-1"
     data = secret["stringData"]
@@ -251,9 +258,38 @@ def test_secret_holds_the_password_and_the_entrypoint_form() -> None:
     decoded = bytes(int(octal[i + 1 : i + 4], 8) for i in range(0, len(octal), 4))
     assert decoded == vnc.obfuscated_password(password)
     assert base64.b64encode(password)  # plain ASCII: stores as-is
+    assert bytes.fromhex(data[SECRET_COOKIE_KEY]) == cookie
+    octal = data[SECRET_COOKIE_ENTRYPOINT_KEY]
+    assert bytes(int(octal[i + 1 : i + 4], 8) for i in range(0, len(octal), 4)) == cookie
 
 
-def test_network_policy_admits_vnc_only_from_the_agent() -> None:
+def test_the_sound_cookie_is_per_session_and_the_size_pulseaudio_takes() -> None:
+    cookie = sound_cookie(b"k" * 32, "s-1")
+    assert len(cookie) == 256 == len(set(cookie[i : i + 32] for i in range(0, 256, 32))) * 32
+    assert cookie == sound_cookie(b"k" * 32, "s-1") != sound_cookie(b"k" * 32, "s-2")
+    assert cookie != sound_cookie(b"j" * 32, "s-1")
+
+
+def test_the_pod_serves_sound_with_the_cookie_from_its_secret_only() -> None:
+    (container,) = _pod()["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[PULSE_PORT_ENV]["value"] == str(SOUND_PORT)
+    # Optional, so a session whose Secret predates sound still wakes (without it).
+    assert env[PULSE_COOKIE_ENV]["valueFrom"] == {
+        "secretKeyRef": {
+            "name": secret_name("s-1"),
+            "key": SECRET_COOKIE_ENTRYPOINT_KEY,
+            "optional": True,
+        }
+    }
+    assert {"name": "sound", "containerPort": SOUND_PORT, "protocol": "TCP"} in container["ports"]
+    planted = ImageLaunch(image="x:1", env={PULSE_COOKIE_ENV: "\\000", PULSE_PORT_ENV: "1"})
+    (c,) = _pod(_spec(image=planted))["spec"]["containers"]
+    assert all("value" not in e for e in c["env"] if e["name"] == PULSE_COOKIE_ENV)
+    assert [e["value"] for e in c["env"] if e["name"] == PULSE_PORT_ENV] == [str(SOUND_PORT)]
+
+
+def test_network_policy_admits_vnc_and_sound_only_from_the_agent() -> None:
     policy = make_network_policy(
         agent_id="agent-1",
         namespace="desks",
@@ -264,7 +300,10 @@ def test_network_policy_admits_vnc_only_from_the_agent() -> None:
     assert spec["podSelector"]["matchLabels"][AGENT_LABEL] == "agent-1"
     assert spec["policyTypes"] == ["Ingress"]
     (rule,) = spec["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 5901}]
+    assert rule["ports"] == [
+        {"protocol": "TCP", "port": 5901},
+        {"protocol": "TCP", "port": SOUND_PORT},
+    ]
     assert rule["from"] == [
         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "streamspace-agent"}}}
     ]

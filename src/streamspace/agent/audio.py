@@ -1,11 +1,13 @@
 """The session's sound as Opus packets: the session's audio server -> a GStreamer encoder
 subprocess -> one framed packet per viewer WebSocket message.
 
-The session's PulseAudio (started by its init script, as the session user, inside its sandbox)
-plays everything into a null sink. The backend hands over its native-protocol socket as an
-O_PATH descriptor it checked (a socket of the session's uid, no symlink: see
-`vnc.socket_handle`); the encoder inherits it and connects through `/proc/self/fd/N`, so it
-needs no access to the directories on the way. The encoder is `gst-launch-1.0` (Debian's
+The session's PulseAudio (started by its init script or the image's entrypoint, as the session
+user, inside its isolation) plays everything into a null sink. The backend says where it is
+(`SoundServer`): an O_PATH descriptor of its native-protocol socket it checked (a socket of the
+session's uid, no symlink: see `vnc.socket_handle`), which the encoder inherits and connects
+through `/proc/self/fd/N`, so it needs no access to the directories on the way; or, for a pod,
+its TCP address and the session's cookie, which the encoder reads from an inherited memfd
+(`PULSE_COOKIE`), never from a file on disk. The encoder is `gst-launch-1.0` (Debian's
 GStreamer): `pulsesrc` on the sink's monitor with a 10 ms fragment, Opus, and RTP with RFC 4571
 length prefixes, which keep packet boundaries across the pipe. It runs as `nobody` when the
 agent is root: it parses what the session's server says, which is no code to run with the
@@ -25,6 +27,8 @@ import os
 import shutil
 import struct
 from collections.abc import AsyncIterator
+
+from streamspace.agent.backends.base import SoundServer
 
 SAMPLE_RATE = 48_000
 CHANNELS = 2
@@ -58,11 +62,21 @@ SINK_MONITOR = "streamspace.monitor"
 """The monitor of the null sink session-init.sh loads (`sink_name=streamspace`)."""
 
 
-def encoder_argv(gst_launch: str, server_fd: int, bitrate: int, run_as: int | None) -> list[str]:
+def server_address(source: SoundServer) -> str:
+    """PulseAudio's name for the server (pure): the inherited socket, or host:port."""
+    if source.socket_fd is not None:
+        return f"unix:/proc/self/fd/{source.socket_fd}"
+    if not source.host or not source.port:
+        raise ValueError("a sound server needs a socket or a host and port")
+    host = f"[{source.host}]" if ":" in source.host else source.host
+    return f"tcp:{host}:{source.port}"
+
+
+def encoder_argv(gst_launch: str, server: str, bitrate: int, run_as: int | None) -> list[str]:
     """The encoder's command line (pure: the unit tests check it as data)."""
     pipeline = [
         "pulsesrc",
-        f"server=unix:/proc/self/fd/{server_fd}",
+        f"server={server}",
         f"device={SINK_MONITOR}",
         "buffer-time=40000",
         f"latency-time={FRAME_MS * 1000}",
@@ -98,6 +112,19 @@ def encoder_argv(gst_launch: str, server_fd: int, bitrate: int, run_as: int | No
     return [*drop, *argv]
 
 
+def _memfd_with(data: bytes) -> int:
+    """An anonymous in-memory file holding `data`, for a child to open by /proc/self/fd/N
+    (libpulse reopens the cookie file itself, so a pipe would not do)."""
+    fd = os.memfd_create("streamspace-sound-cookie", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o600 if os.geteuid() != 0 else 0o644)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def find_encoder() -> str:
     found = shutil.which("gst-launch-1.0")
     if found is None:
@@ -105,26 +132,37 @@ def find_encoder() -> str:
     return found
 
 
-async def opus_packets(server_fd: int, *, bitrate: int) -> AsyncIterator[bytes]:
+async def opus_packets(source: SoundServer, *, bitrate: int) -> AsyncIterator[bytes]:
     """Framed Opus packets of the session's sound, until the server or the encoder ends.
-    Takes ownership of `server_fd` (closed once the encoder holds it).
+    Takes ownership of `source` (its descriptor is closed once the encoder holds it).
 
     Backpressure: the caller awaits each send before asking for the next packet; meanwhile the
     encoder blocks on its stdout pipe and the audio server drops what its client cannot take,
     so a slow viewer loses sound rather than growing any buffer."""
     run_as = NOBODY if os.geteuid() == 0 else None
+    env = {"PATH": "/usr/bin:/bin"}
+    inherited: list[int] = []
+    cookie_fd: int | None = None
     try:
-        command = encoder_argv(find_encoder(), server_fd, bitrate, run_as)
+        if source.socket_fd is not None:
+            inherited.append(source.socket_fd)
+        if source.cookie:
+            cookie_fd = _memfd_with(source.cookie)
+            inherited.append(cookie_fd)
+            env["PULSE_COOKIE"] = f"/proc/self/fd/{cookie_fd}"
+        command = encoder_argv(find_encoder(), server_address(source), bitrate, run_as)
         proc = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
-            pass_fds=(server_fd,),
-            env={"PATH": "/usr/bin:/bin"},
+            pass_fds=tuple(inherited),
+            env=env,
         )
     finally:
-        os.close(server_fd)
+        source.close()
+        if cookie_fd is not None:
+            os.close(cookie_fd)
     assert proc.stdout is not None
     first_ts: int | None = None
     try:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from streamspace import logs
 from streamspace.agent import audio, snapshot
-from streamspace.agent.backends.base import Backend, BackendError, VNCStream
+from streamspace.agent.backends.base import Backend, BackendError, SoundServer, VNCStream
 from streamspace.agent.enrolment import Enrolment
 from streamspace.agent.files import FileStreams
 from streamspace.agent.outbox import Outbox
@@ -178,13 +177,13 @@ class StreamTunnel:
         """Encode the session's sound for one listener, one framed Opus packet per message."""
         try:
             audio.find_encoder()
-            server_fd = await self._backend.open_audio(msg.session_id)
+            source = await self._backend.open_audio(msg.session_id)
         except (BackendError, audio.AudioUnavailable) as exc:
             self._failed(msg, str(exc))
             return
         ws = await self._dial(msg, url)
         if ws is None:
-            os.close(server_fd)
+            source.close()
             return
         fields = {
             "agent_id": self._identity.agent_id,
@@ -194,7 +193,7 @@ class StreamTunnel:
         }
         log.event("stream_open", **fields)
         try:
-            await _pump_audio(ws, server_fd)
+            await _pump_audio(ws, source)
         finally:
             await ws.close()
             log.event("stream_closed", **fields)
@@ -235,12 +234,12 @@ async def _pump(ws: ClientConnection, reader: ByteStreamReader, writer: ByteStre
     )
 
 
-async def _pump_audio(ws: ClientConnection, server_fd: int) -> None:
+async def _pump_audio(ws: ClientConnection, source: SoundServer) -> None:
     """Packets to the viewer until it leaves (anything it sends is ignored) or the session's
     sound server goes; each send is awaited before the next packet is read (backpressure)."""
 
     async def send() -> None:
-        async for packet in audio.opus_packets(server_fd, bitrate=audio.BITRATE):
+        async for packet in audio.opus_packets(source, bitrate=audio.BITRATE):
             await ws.send(packet)
 
     async def drain() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import os
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,24 @@ class HomeAccess:
     root: Path
     uid: int
     gid: int
+
+
+@dataclass(frozen=True)
+class SoundServer:
+    """Where the agent's encoder reaches a session's PulseAudio (see agent/audio.py): an
+    O_PATH descriptor of its Unix socket, checked to be the session's own (local, docker; the
+    receiver owns the descriptor), or a TCP address on the pod network with the session's auth
+    cookie (kubernetes: the port is reachable inside the cluster, so it is not open)."""
+
+    socket_fd: int | None = None
+    host: str | None = None
+    port: int = 0
+    cookie: bytes = b""
+
+    def close(self) -> None:
+        if self.socket_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.socket_fd)
 
 
 class Backend(abc.ABC):
@@ -150,10 +169,9 @@ class Backend(abc.ABC):
         reach homes from the agent's host at all (this default)."""
         raise NotSupportedByBackend(f"file transfer is not supported by the {self.kind} backend")
 
-    async def open_audio(self, session_id: str) -> int:
-        """An O_PATH descriptor of the session's PulseAudio socket, checked to be the session's
-        own, for the agent's encoder to connect through (see agent/audio.py); the caller owns
-        it. Backends whose sessions have no sound server say so."""
+    async def open_audio(self, session_id: str) -> SoundServer:
+        """Where the agent's encoder connects to the session's sound server; the caller owns
+        what it holds. Backends whose sessions have no sound server say so."""
         raise BackendError(f"sessions of the {self.kind} backend have no sound")
 
     async def healthy(self) -> tuple[bool, str]:

@@ -51,6 +51,7 @@ from streamspace.agent.backends.base import (
     BackendOptions,
     ExitCallback,
     HomeAccess,
+    SoundServer,
     VNCStream,
     rfb_answers,
 )
@@ -259,14 +260,14 @@ class DockerBackend(Backend):
             return HomeAccess(root=where, uid=uid, gid=gid)
         raise BackendError(f"session {session_id} is not on this agent")
 
-    async def open_audio(self, session_id: str) -> int:
+    async def open_audio(self, session_id: str) -> SoundServer:
         """The session's PulseAudio socket beside its VNC socket, checked like that one (a
         socket of the container's uid, no symlink): the container can write that directory."""
         item = await self.status(session_id)
         if item.state != "running":
             raise BackendError(f"session {session_id} is not running on this agent")
         try:
-            return await asyncio.to_thread(
+            fd = await asyncio.to_thread(
                 vnc.checked_socket_fd, self._containers.audio_socket(session_id), _socket_owner()
             )
         except FileNotFoundError:
@@ -275,6 +276,7 @@ class DockerBackend(Backend):
             ) from None
         except OSError as exc:
             raise BackendError(f"cannot reach the session's sound server: {exc}") from exc
+        return SoundServer(socket_fd=fd)
 
     async def healthy(self) -> tuple[bool, str]:
         try:

@@ -17,6 +17,13 @@ from typing import Any
 
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import BackendError
+from streamspace.agent.backends.imageenv import (
+    PULSE_SOCKET_ENV,
+    RESERVED_ENV,
+    VNC_PASSWORD_ENV,
+    VNC_SOCKET_ENV,
+    printf_octal,
+)
 from streamspace.protocol import SessionSpec
 
 SESSION_LABEL = "org.streamspace.session"
@@ -26,10 +33,6 @@ TEMPLATE_LABEL = "org.streamspace.template"
 AGENT_LABEL = "org.streamspace.agent"
 
 CONTAINER_RUN_DIR = "/run/streamspace"
-VNC_SOCKET_ENV = "STREAMSPACE_VNC_SOCKET"
-PULSE_SOCKET_ENV = "STREAMSPACE_PULSE_SOCKET"
-"""Where the image's entrypoint has the session's PulseAudio serve (beside the VNC socket);
-images without pulseaudio ignore it and have no sound."""
 VNC_SOCKET_NAME = "vnc.sock"
 PULSE_SOCKET_NAME = "pulse.sock"
 CONTAINER_USER = "1000:1000"
@@ -37,25 +40,7 @@ CONTAINER_HOME = "/home/streamspace"
 CONTAINER_UID = int(CONTAINER_USER.split(":")[0])
 """Owner of the session's VNC socket under a rootful engine; the container can plant other
 files in that directory, so a root agent connects only to a socket of this uid."""
-VNC_PASSWORD_ENV = "STREAMSPACE_VNC_PASSWD"
-"""The obfuscated vncpasswd bytes as a printf format (octal escapes); the image's entrypoint
-writes them to a 0600 file for Xvnc and drops the variable before starting the app."""
 PIDS_LIMIT = 2048
-_RESERVED_ENV = frozenset(
-    {
-        "VNC_GEOMETRY",
-        "VNC_DEPTH",
-        "DISPLAY",
-        "HOME",
-        "USER",
-        VNC_PASSWORD_ENV,
-        VNC_SOCKET_ENV,
-        PULSE_SOCKET_ENV,
-        "PULSE_SERVER",
-        "VNC_CLIPBOARD_IN",
-        "VNC_CLIPBOARD_OUT",
-    }
-)
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 ID_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 _VOLUME_OK_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -111,10 +96,6 @@ def vnc_password(key: bytes, session_id: str) -> bytes:
     return bytes(alphabet[b % len(alphabet)] for b in digest[: vnc.PASSWORD_BYTES])
 
 
-def _printf_octal(data: bytes) -> str:
-    return "".join(f"\\{b:03o}" for b in data)
-
-
 def clipboard_env(spec: SessionSpec) -> dict[str, str]:
     """What the image's entrypoint turns into Xvnc's AcceptCutText / SendCutText."""
     return {
@@ -140,11 +121,11 @@ def container_config(
     """
     if spec.image is None:
         raise BackendError(f"template {spec.template!r} has no container image")
-    env = {k: v for k, v in spec.image.env.items() if k not in _RESERVED_ENV}
+    env = {k: v for k, v in spec.image.env.items() if k not in RESERVED_ENV}
     env["VNC_GEOMETRY"] = f"{spec.display.width}x{spec.display.height}"
     env["VNC_DEPTH"] = str(spec.display.depth)
     env.update(clipboard_env(spec))
-    env[VNC_PASSWORD_ENV] = _printf_octal(vnc.obfuscated_password(vnc_password))
+    env[VNC_PASSWORD_ENV] = printf_octal(vnc.obfuscated_password(vnc_password))
     env[VNC_SOCKET_ENV] = f"{CONTAINER_RUN_DIR}/{VNC_SOCKET_NAME}"
     env[PULSE_SOCKET_ENV] = f"{CONTAINER_RUN_DIR}/{PULSE_SOCKET_NAME}"
     memory_mb = spec.resources.memory_mb

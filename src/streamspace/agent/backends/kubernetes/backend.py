@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import os
 import time
@@ -47,6 +48,7 @@ from streamspace.agent.backends.base import (
     BackendOptions,
     ExitCallback,
     ProgressCallback,
+    SoundServer,
     VNCStream,
     rfb_answers,
 )
@@ -67,6 +69,8 @@ from streamspace.protocol import (
 log = logs.get_logger("streamspace.agent.kubernetes")
 
 SYNC_TIMEOUT = resources.SYNC_TIMEOUT
+SOUND_PROBE_SECONDS = 3.0
+"""How long the pod's sound port may take to accept before the session counts as soundless."""
 
 
 class KubernetesBackend(Backend):
@@ -275,6 +279,26 @@ class KubernetesBackend(Backend):
         front = vnc.NoneSecurityFront(reader, writer)
         return front, front
 
+    async def open_audio(self, session_id: str) -> SoundServer:
+        """The pod's sound port (cookie authentication; its cookie from the session's Secret),
+        once it accepts a connection: an image without pulseaudio has nothing listening."""
+        item = await self.status(session_id)
+        if item.state != "running" or item.endpoint is None or item.endpoint.host is None:
+            raise BackendError(f"session {session_id} is not running on this agent")
+        host = item.endpoint.host
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, objects.SOUND_PORT), SOUND_PROBE_SECONDS
+            )
+        except (OSError, TimeoutError):
+            raise BackendError(
+                "the session has no sound server (its image has no pulseaudio)"
+            ) from None
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return SoundServer(host=host, port=objects.SOUND_PORT, cookie=self._cookie(session_id))
+
     async def healthy(self) -> tuple[bool, str]:
         try:
             pods, secrets = await self._ready()
@@ -459,6 +483,14 @@ class KubernetesBackend(Backend):
         if not encoded:
             return objects.vnc_password(self._vnc_key, session_id)
         return base64.b64decode(encoded)
+
+    def _cookie(self, session_id: str) -> bytes:
+        secret = self._secret(session_id)
+        data = (secret or {}).get("data") or {}
+        encoded = data.get(objects.SECRET_COOKIE_KEY)
+        if not encoded:
+            return objects.sound_cookie(self._vnc_key, session_id)
+        return bytes.fromhex(base64.b64decode(encoded).decode("ascii"))
 
     # ---- callbacks and locks ------------------------------------------------------------
 

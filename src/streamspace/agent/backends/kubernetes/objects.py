@@ -21,6 +21,13 @@ from typing import Any
 
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import BackendError
+from streamspace.agent.backends.imageenv import (
+    PULSE_COOKIE_ENV,
+    PULSE_PORT_ENV,
+    RESERVED_ENV,
+    VNC_PASSWORD_ENV,
+    printf_octal,
+)
 from streamspace.protocol import SessionSpec
 
 GROUP = "streamspace.org"
@@ -40,8 +47,6 @@ CONTAINER_NAME = "session"
 CONTAINER_UID = 1000
 """The images' user `streamspace`; the docker backend runs the same uid."""
 CONTAINER_HOME = "/home/streamspace"
-VNC_PASSWORD_ENV = "STREAMSPACE_VNC_PASSWD"
-"""What the images' entrypoint reads the obfuscated VNC password from (see entrypoint.sh)."""
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VNC_PORT = 5901
 """The port StreamSpace's images' Xvnc listens on when no socket is asked for (entrypoint.sh)."""
@@ -49,22 +54,18 @@ SECRET_PASSWORD_KEY = "password"
 """The plain 8-byte VNC password, which the agent reads back to authenticate after a restart."""
 SECRET_ENTRYPOINT_KEY = "vncpasswd-printf"
 """The same password obfuscated for vncpasswd, as the printf octal escapes entrypoint.sh takes."""
+SOUND_PORT = 4713
+"""PulseAudio's native protocol port, where the images' entrypoint serves the session's sound
+to the agent (cookie authentication) when STREAMSPACE_PULSE_PORT says so."""
+SECRET_COOKIE_KEY = "sound-cookie"
+"""The cookie in hex, which the agent's encoder authenticates with."""
+SECRET_COOKIE_ENTRYPOINT_KEY = "sound-cookie-printf"
+SOUND_COOKIE_BYTES = 256
 SHM_VOLUME = "dshm"
 HOME_VOLUME = "home"
 
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _LABEL_VALUE_RE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?")
-_RESERVED_ENV = frozenset(
-    {
-        "VNC_GEOMETRY",
-        "VNC_DEPTH",
-        "VNC_CLIPBOARD_IN",
-        "VNC_CLIPBOARD_OUT",
-        "DISPLAY",
-        "HOME",
-        "USER",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,16 @@ def vnc_password(key: bytes, session_id: str) -> bytes:
     alphabet = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789"
     digest = hmac.new(key, session_id.encode(), hashlib.sha256).digest()
     return bytes(alphabet[b % len(alphabet)] for b in digest[: vnc.PASSWORD_BYTES])
+
+
+def sound_cookie(key: bytes, session_id: str) -> bytes:
+    """The session's PulseAudio cookie, derived like its VNC password (HMAC blocks of its id),
+    so every agent replica computes the same one."""
+    blocks = (
+        hmac.new(key, f"sound\0{session_id}\0{i}".encode(), hashlib.sha256).digest()
+        for i in range(SOUND_COOKIE_BYTES // 32)
+    )
+    return b"".join(blocks)
 
 
 def _digest(*parts: str, length: int = 10) -> str:
@@ -168,10 +179,10 @@ def _quantity_memory(mb: int) -> str:
 
 
 def make_vnc_secret(
-    spec: SessionSpec, *, agent_id: str, namespace: str, password: bytes
+    spec: SessionSpec, *, agent_id: str, namespace: str, password: bytes, cookie: bytes
 ) -> dict[str, Any]:
-    """The session's VNC password, for its pod's entrypoint and for the agent alone."""
-    printf = "".join(f"\\{b:03o}" for b in vnc.obfuscated_password(password))
+    """The session's VNC password and sound cookie, for its pod's entrypoint and for the agent
+    alone."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -184,7 +195,9 @@ def make_vnc_secret(
         "type": "Opaque",
         "stringData": {
             SECRET_PASSWORD_KEY: password.decode("ascii"),
-            SECRET_ENTRYPOINT_KEY: printf,
+            SECRET_ENTRYPOINT_KEY: printf_octal(vnc.obfuscated_password(password)),
+            SECRET_COOKIE_KEY: cookie.hex(),
+            SECRET_COOKIE_ENTRYPOINT_KEY: printf_octal(cookie),
         },
     }
 
@@ -256,6 +269,19 @@ def make_pod(
                 "secretKeyRef": {"name": secret_name(spec.session_id), "key": SECRET_ENTRYPOINT_KEY}
             },
         },
+        {"name": PULSE_PORT_ENV, "value": str(SOUND_PORT)},
+        {
+            # Optional: a Secret made before sessions had sound lacks the key, and its session
+            # must still wake (without sound).
+            "name": PULSE_COOKIE_ENV,
+            "valueFrom": {
+                "secretKeyRef": {
+                    "name": secret_name(spec.session_id),
+                    "key": SECRET_COOKIE_ENTRYPOINT_KEY,
+                    "optional": True,
+                }
+            },
+        },
     ]
     resources = {
         "cpu": _quantity_cpu(spec.resources.cpu_millis),
@@ -274,7 +300,10 @@ def make_pod(
         "image": spec.image.image,
         "imagePullPolicy": settings.image_pull_policy,
         "env": env,
-        "ports": [{"name": "vnc", "containerPort": settings.vnc_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "vnc", "containerPort": settings.vnc_port, "protocol": "TCP"},
+            {"name": "sound", "containerPort": SOUND_PORT, "protocol": "TCP"},
+        ],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": {
             "runAsNonRoot": True,
@@ -333,7 +362,7 @@ def make_pod(
 
 
 def _env_allowed(name: str) -> bool:
-    return name not in _RESERVED_ENV and name != VNC_PASSWORD_ENV
+    return name not in RESERVED_ENV
 
 
 def make_network_policy(
@@ -344,8 +373,8 @@ def make_network_policy(
     agent_namespace: str = "",
     vnc_port: int = VNC_PORT,
 ) -> dict[str, Any]:
-    """Ingress to this agent's session pods: the VNC port, only from the agent's own pods (in
-    `agent_namespace` when it runs in another one), nothing else."""
+    """Ingress to this agent's session pods: the VNC and sound ports, only from the agent's own
+    pods (in `agent_namespace` when it runs in another one), nothing else."""
     peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(agent_pod_labels)}}
     if agent_namespace:
         peer["namespaceSelector"] = {
@@ -364,7 +393,15 @@ def make_network_policy(
                 "matchLabels": {AGENT_LABEL: label_value(agent_id), COMPONENT_LABEL: "session"}
             },
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": [peer], "ports": [{"protocol": "TCP", "port": vnc_port}]}],
+            "ingress": [
+                {
+                    "from": [peer],
+                    "ports": [
+                        {"protocol": "TCP", "port": vnc_port},
+                        {"protocol": "TCP", "port": SOUND_PORT},
+                    ],
+                }
+            ],
         },
     }
 

@@ -45,6 +45,7 @@ from streamspace.agent.backends.base import (
     BackendOptions,
     ExitCallback,
     HomeAccess,
+    SoundServer,
     VNCStream,
 )
 from streamspace.agent.backends.local import processes
@@ -283,18 +284,19 @@ class LocalBackend(Backend):
             raise BackendError(f"session {session_id} is not on this agent")
         return HomeAccess(root=Path(rec.home), uid=rec.uid, gid=rec.gid)
 
-    async def open_audio(self, session_id: str) -> int:
+    async def open_audio(self, session_id: str) -> SoundServer:
         rec = self._sessions.records.get(session_id)
         if rec is None or rec.state != "running":
             raise BackendError(f"session {session_id} is not running on this agent")
         try:
-            return await asyncio.to_thread(vnc.checked_socket_fd, rec.audio_socket, rec.uid)
+            fd = await asyncio.to_thread(vnc.checked_socket_fd, rec.audio_socket, rec.uid)
         except FileNotFoundError:
             raise BackendError(
                 "the session has no sound server (is pulseaudio installed on the agent's host?)"
             ) from None
         except OSError as exc:
             raise BackendError(f"cannot reach the session's sound server: {exc}") from exc
+        return SoundServer(socket_fd=fd)
 
     async def close(self) -> None:
         """Stop watching; the sessions themselves keep running for the next agent."""
