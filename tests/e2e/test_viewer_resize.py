@@ -201,6 +201,21 @@ def test_sharp_asks_for_device_pixels_on_a_hidpi_screen(product: Product, watche
             assert page.evaluate(FIRE_RESOLUTION_CHANGES) >= 1
             poll(lambda d=density: fits(page, d), 20, f"a framebuffer at density {density}")
 
+        # Remembered: the next viewer, in a smaller window, asks for device pixels at once.
+        viewer = page.url
+        page.goto(f"{product.url}/#/sessions")
+        cdp.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 900, "height": 600, "deviceScaleFactor": 2, "mobile": False},
+        )
+        page.goto(viewer)
+        page.locator('[data-testid="connection-status"][data-status="connected"]').wait_for(
+            timeout=30_000
+        )
+        assert sharp.get_attribute("aria-pressed") == "true"
+        again = poll(lambda: fits(page, 2), 20, "device pixels in the next viewer")
+        assert again["width"] == 1800
+
         sharp.click()
         assert sharp.get_attribute("aria-pressed") == "false"
         one = poll(lambda: fits(page), 20, "the framebuffer back at the screen's CSS size")
