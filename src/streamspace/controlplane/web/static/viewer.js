@@ -495,10 +495,12 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       ? "Sharp (HiDPI) fits the remote screen into the window while it is on"
       : "Fit the remote screen into the window";
     if (!rfb) return;
+    const wantResize = resize && can;
+    const askAgain = rfb.sharp !== sharpNow || rfb.resizeSession !== wantResize;
     rfb.sharp = sharpNow;
     rfb.scaleViewport = scale || sharpNow;
     // Assigning resizeSession true makes noVNC ask for the size again, now in the new unit.
-    rfb.resizeSession = resize && can;
+    if (askAgain) rfb.resizeSession = wantResize;
   }
 
   // The ratio changes when the window moves to a screen of another density (or on zoom, which
