@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +114,23 @@ def tcp_listeners(pid: int) -> list[str]:
                 if parts[3] == "0A" and parts[9] in inodes:
                     found.append(parts[1])
     return found
+
+
+def in_session(session_id: str, *args: str, text: str | None = None) -> subprocess.Popen[bytes]:
+    """Run an X client as the session's user on its display, in its mount namespace."""
+    (xvnc,) = xvnc_processes(session_id)
+    cmd = xvnc.cmdline()
+    display = next(a for a in cmd if a.startswith(":"))
+    auth = cmd[cmd.index("-auth") + 1]
+    uid, gid = xvnc.uids().real, xvnc.gids().real
+    proc = subprocess.Popen(
+        ["nsenter", "-t", str(xvnc.pid), "-m", "--",
+         "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+         "env", f"DISPLAY={display}", f"XAUTHORITY={auth}", *args],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    if text is not None:
+        assert proc.stdin is not None
+        proc.stdin.write(text.encode())
+        proc.stdin.close()
+    return proc

@@ -148,7 +148,9 @@ class Watched:
 
 @pytest.fixture
 def watched(browser: Any, request: pytest.FixtureRequest) -> Iterator[Watched]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    """A fresh browser context's page; indirect parametrization adds context options."""
+    options = {"viewport": {"width": 1280, "height": 800}, **getattr(request, "param", {})}
+    context = browser.new_context(**options)
     page = context.new_page()
     page.set_default_timeout(15_000)
     try:

@@ -24,32 +24,12 @@ from test_browser import (  # noqa: F401 - fixtures
 from test_viewer_resize import open_viewer
 
 from product_support import Product
-from vnc_support import xvnc_processes
+from vnc_support import in_session
 
 pytestmark = pytest.mark.browser
 
 FROM_SESSION = "Grüße aus der Sitzung: € ß é — Привет, мир — 日本語のテキスト"
 FROM_BROWSER = "Du navigateur : ça coûte 5 € — Съешь же ещё — 中文剪贴板"
-
-
-def in_session(session_id: str, *args: str, text: str | None = None) -> subprocess.Popen[bytes]:
-    """Run an X client as the session's user on its display, in its mount namespace."""
-    (xvnc,) = xvnc_processes(session_id)
-    cmd = xvnc.cmdline()
-    display = next(a for a in cmd if a.startswith(":"))
-    auth = cmd[cmd.index("-auth") + 1]
-    uid, gid = xvnc.uids().real, xvnc.gids().real
-    proc = subprocess.Popen(
-        ["nsenter", "-t", str(xvnc.pid), "-m", "--",
-         "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
-         "env", f"DISPLAY={display}", f"XAUTHORITY={auth}", *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    if text is not None:
-        assert proc.stdin is not None
-        proc.stdin.write(text.encode())
-        proc.stdin.close()
-    return proc
 
 
 def session_clipboard(session_id: str) -> str:

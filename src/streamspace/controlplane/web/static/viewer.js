@@ -6,12 +6,52 @@ import { filesPanel } from "./files.js";
 
 const SCALE_KEY = "streamspace.viewer.scale";
 const RESIZE_KEY = "streamspace.viewer.resize";
+const SHARP_KEY = "streamspace.viewer.sharp";
 let RFBClass = null;
+
+/**
+ * noVNC's RFB, able to ask the server for a desktop in device pixels rather than CSS pixels
+ * ("Sharp (HiDPI)"): on a screen with devicePixelRatio 2 a desktop the element's CSS size is
+ * half the device resolution and the browser upscales it, blurred.
+ *
+ * noVNC has no public hook for the size it requests, so this overrides two private methods of
+ * the vendored noVNC (pinned: Debian's novnc 1.3, see scripts/vendor-novnc.sh) and nothing else:
+ * `_requestRemoteResize` marks the moment the size is asked for, and `_screenSize` multiplies by
+ * the ratio only then. noVNC's autoscale and clipping keep reading the CSS size, so with
+ * scaleViewport on the canvas is shown at 1/ratio, fills the element and lands 1:1 on device
+ * pixels; pointer positions stay right because noVNC divides them by its display scale.
+ * tests/e2e/test_viewer_resize.py fails if a noVNC upgrade renames these.
+ */
+function withSharp(RFB) {
+  return class SharpRFB extends RFB {
+    constructor(...args) {
+      super(...args);
+      this.sharp = false;
+      this.sizingRemote = false;
+    }
+
+    _requestRemoteResize() {
+      this.sizingRemote = true;
+      try {
+        super._requestRemoteResize();
+      } finally {
+        this.sizingRemote = false;
+      }
+    }
+
+    _screenSize() {
+      const size = super._screenSize();
+      if (!this.sharp || !this.sizingRemote) return size;
+      const ratio = window.devicePixelRatio || 1;
+      return { w: Math.floor(size.w * ratio), h: Math.floor(size.h * ratio) };
+    }
+  };
+}
 
 async function loadRFB() {
   if (!RFBClass) {
     try {
-      RFBClass = (await import("/vendor/novnc/core/rfb.js")).default;
+      RFBClass = withSharp((await import("/vendor/novnc/core/rfb.js")).default);
     } catch (err) {
       throw new Error(
         "the noVNC client is not installed on this server (run `make vendor`); the viewer cannot start",
@@ -42,6 +82,9 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   // Resize the remote desktop to the window (noVNC sends ExtendedDesktopSize requests, debounced,
   // on every window, fullscreen and panel change), unless the template pins its size.
   let resize = localStorage.getItem(RESIZE_KEY) === "on";
+  // Sharp (HiDPI): while resizing, ask for the screen's size in device pixels and show it at
+  // 1/devicePixelRatio (Fit to window is forced on meanwhile; the user's choice comes back after).
+  let sharp = localStorage.getItem(SHARP_KEY) === "on";
 
   // ---- layout ------------------------------------------------------------------------------
   const screen = h("div", { class: "screen", dataset: { testid: "screen" }, "aria-label": "Remote screen" });
@@ -84,6 +127,17 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       onclick: () => setResize(!resize),
     },
     "Resize desktop",
+  );
+  const sharpBtn = h(
+    "button",
+    {
+      type: "button",
+      class: "btn btn-bar",
+      "aria-pressed": String(sharp),
+      dataset: { testid: "toggle-sharp" },
+      onclick: () => setSharp(!sharp),
+    },
+    "Sharp (HiDPI)",
   );
   const clipBtn = h(
     "button",
@@ -172,7 +226,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     backLinkBar,
     h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
     connStatus,
-    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, resizeBtn, clipBtn, files.button, fsBtn, ...sound.elements),
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, resizeBtn, sharpBtn, clipBtn, files.button, fsBtn, ...sound.elements),
   );
   const root = h(
     "div",
@@ -287,7 +341,8 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       screen.replaceChildren();
       const client = new RFB(screen, url, { wsProtocols: ["binary"], shared: true });
       rfb = client;
-      client.scaleViewport = scale;
+      client.sharp = sharpOn();
+      client.scaleViewport = scale || sharpOn();
       client.resizeSession = resize && resizable();
       client.clipViewport = false;
       client.focusOnClick = true;
@@ -395,29 +450,72 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   function setScale(on) {
     scale = on;
     localStorage.setItem(SCALE_KEY, on ? "on" : "off");
-    scaleBtn.setAttribute("aria-pressed", String(on));
-    if (rfb) rfb.scaleViewport = on;
+    showTools();
   }
 
   function resizable() {
     return template?.spec?.display?.resizable !== false;
   }
 
+  function sharpOn() {
+    return sharp && resize && resizable();
+  }
+
   function setResize(on) {
     resize = on;
     localStorage.setItem(RESIZE_KEY, on ? "on" : "off");
-    resizeBtn.setAttribute("aria-pressed", String(on));
-    if (rfb) rfb.resizeSession = on && resizable();
+    showTools();
   }
 
-  function showResizable() {
+  function setSharp(on) {
+    sharp = on;
+    localStorage.setItem(SHARP_KEY, on ? "on" : "off");
+    showTools();
+  }
+
+  /** Bring the display buttons and the connection in line with resize, sharp and scale. */
+  function showTools() {
     const can = resizable();
+    const sharpNow = sharpOn();
     resizeBtn.disabled = !can;
+    resizeBtn.setAttribute("aria-pressed", String(resize));
     resizeBtn.title = can
       ? "Resize the remote desktop to this window (Ctrl+Alt+Shift+R)"
       : "This app has a fixed screen size; use Fit to window";
-    if (rfb) rfb.resizeSession = resize && can;
+    sharpBtn.disabled = !(can && resize);
+    sharpBtn.setAttribute("aria-pressed", String(sharp));
+    sharpBtn.title = !can
+      ? "This app has a fixed screen size, so it cannot follow the screen's pixel density"
+      : !resize
+        ? "Sharp (HiDPI) works with Resize desktop: turn that on first"
+        : "Give the remote desktop this screen's device pixels, for sharp text on HiDPI screens (Ctrl+Alt+Shift+H)";
+    scaleBtn.disabled = sharpNow;
+    scaleBtn.setAttribute("aria-pressed", String(scale || sharpNow));
+    scaleBtn.title = sharpNow
+      ? "Sharp (HiDPI) fits the remote screen into the window while it is on"
+      : "Fit the remote screen into the window";
+    if (!rfb) return;
+    const wantResize = resize && can;
+    const askAgain = rfb.sharp !== sharpNow || rfb.resizeSession !== wantResize;
+    rfb.sharp = sharpNow;
+    rfb.scaleViewport = scale || sharpNow;
+    // Assigning resizeSession true makes noVNC ask for the size again, now in the new unit.
+    if (askAgain) rfb.resizeSession = wantResize;
   }
+
+  // The ratio changes when the window moves to a screen of another density (or on zoom, which
+  // noVNC notices anyway as a size change); a media query on the current ratio tells which.
+  let ratioQuery = null;
+  function watchRatio() {
+    ratioQuery?.removeEventListener("change", onRatio);
+    ratioQuery = window.matchMedia(`(resolution: ${window.devicePixelRatio}dppx)`);
+    ratioQuery.addEventListener("change", onRatio);
+  }
+  function onRatio() {
+    watchRatio();
+    if (rfb && sharpOn()) rfb.resizeSession = true;
+  }
+  watchRatio();
 
   // Seamless clipboard where the browser allows it (the async Clipboard API: Chromium-based
   // browsers write for a focused page and ask the user once before reading); the panel stays
@@ -487,6 +585,10 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       e.preventDefault();
       e.stopPropagation();
       if (resizable()) setResize(!resize);
+    } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyH") {
+      e.preventDefault();
+      e.stopPropagation();
+      if (resize && resizable()) setSharp(!sharp);
     } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyS") {
       e.preventDefault();
       e.stopPropagation();
@@ -530,6 +632,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       sound.stop();
       document.removeEventListener("fullscreenchange", onFullscreen);
       window.removeEventListener("keydown", onKey, true);
+      ratioQuery.removeEventListener("change", onRatio);
       window.removeEventListener("focus", sendLocalClipboard);
       document.removeEventListener("visibilitychange", sendLocalClipboard);
       files.dispose();
@@ -540,7 +643,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   } catch {
     template = null;
   }
-  showResizable();
+  showTools();
   const name = template?.display_name || session.template;
   titleText.replaceChildren(name, " ", h("code", { class: "muted" }, shortId(id)));
   iconSlot.replaceChildren(appIcon(template || { name: session.template }, 24));
@@ -558,6 +661,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     sound.stop();
     document.removeEventListener("fullscreenchange", onFullscreen);
     window.removeEventListener("keydown", onKey, true);
+    ratioQuery.removeEventListener("change", onRatio);
     window.removeEventListener("focus", sendLocalClipboard);
     document.removeEventListener("visibilitychange", sendLocalClipboard);
     files.dispose();
