@@ -64,9 +64,12 @@ async def populate(kubeconfig: Path, namespace: str, sessions: int) -> None:
 
     from streamspace.agent.backends.kubernetes.objects import (
         PodSettings,
+        files_keys,
         make_pod,
         make_vnc_secret,
     )
+
+    keys = files_keys(b"k" * 32, "bench")
 
     api = await new_client_from_config(config_file=str(kubeconfig))
     core = k8s.CoreV1Api(api)
@@ -90,6 +93,8 @@ async def populate(kubeconfig: Path, namespace: str, sessions: int) -> None:
             agent_id=AGENT_ID,
             namespace=namespace,
             password=b"Abcdefgh",
+            cookie=bytes(256),
+            files=keys,
         )
         async with limit:
             await core.create_namespaced_secret(namespace, secret)

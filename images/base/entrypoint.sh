@@ -12,7 +12,9 @@
 # directory the agent bind-mounts, and on no TCP port at all. With STREAMSPACE_PULSE_SOCKET (the
 # agent sets it too) the session's own PulseAudio plays into one null sink and serves its native
 # protocol on that socket, which the agent's encoder reads (docs/streaming.md#sound); the app
-# finds it through PULSE_SERVER.
+# finds it through PULSE_SERVER. With STREAMSPACE_FILES_PORT, STREAMSPACE_FILES_HOST_KEY and
+# STREAMSPACE_FILES_CLIENT_KEY (a pod: the agent sets them from the session's Secret) OpenSSH
+# serves SFTP of this user's files on that port, to that one client key only, no shell.
 set -eu
 
 geometry="${VNC_GEOMETRY:-1280x800}"
@@ -86,6 +88,52 @@ if [ -n "$pulse_socket" ] && command -v pulseaudio >/dev/null 2>&1; then
 fi
 unset pulse_cookie
 
+files_port="${STREAMSPACE_FILES_PORT:-}"
+files_host_key="${STREAMSPACE_FILES_HOST_KEY:-}"
+files_client_key="${STREAMSPACE_FILES_CLIENT_KEY:-}"
+unset STREAMSPACE_FILES_PORT STREAMSPACE_FILES_HOST_KEY STREAMSPACE_FILES_CLIENT_KEY
+sshd_pid=""
+if [ -n "$files_port" ] && [ -n "$files_host_key" ] && [ -n "$files_client_key" ] \
+    && [ -x /usr/sbin/sshd ]; then
+    sshd_dir="$runtime/sshd"
+    mkdir -p "$sshd_dir"
+    chmod 0700 "$sshd_dir"
+    (umask 077 \
+        && printf '%s\n' "$files_host_key" > "$sshd_dir/host_key" \
+        && printf '%s\n' "$files_client_key" > "$sshd_dir/authorized_keys" \
+        && cat > "$sshd_dir/sshd_config" <<EOF
+Port $files_port
+HostKey $sshd_dir/host_key
+PidFile none
+AuthorizedKeysFile $sshd_dir/authorized_keys
+AuthenticationMethods publickey
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+AllowUsers $(id -un)
+PermitRootLogin no
+AllowTcpForwarding no
+AllowStreamLocalForwarding no
+AllowAgentForwarding no
+X11Forwarding no
+PermitTTY no
+PermitTunnel no
+PermitUserRC no
+PermitUserEnvironment no
+GatewayPorts no
+StrictModes no
+MaxAuthTries 2
+LoginGraceTime 20
+Subsystem sftp internal-sftp
+ForceCommand internal-sftp -d $HOME
+LogLevel ERROR
+EOF
+    )
+    /usr/sbin/sshd -f "$sshd_dir/sshd_config" -D -e &
+    sshd_pid=$!
+fi
+unset files_host_key
+
 Xvnc :1 \
     -geometry "$geometry" \
     -depth "$depth" \
@@ -144,5 +192,5 @@ app_pid=$!
 set +e
 wait "$app_pid"
 status=$?
-kill "$xvnc_pid" $pulse_pid 2>/dev/null
+kill "$xvnc_pid" $pulse_pid $sshd_pid 2>/dev/null
 exit "$status"

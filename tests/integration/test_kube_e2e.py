@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from api_support import assert_problem
 from kube_support import new_namespace
 from test_docker_e2e import _stream_nonblank
 
@@ -293,3 +296,90 @@ def test_a_tone_in_the_pod_reaches_the_viewer_and_its_sound_port_wants_the_cooki
     allowed = _pactl_info(server, tmp_path / "agent", cookie)
     assert allowed.returncode == 0, allowed.stderr
     assert "streamspace" in allowed.stdout  # the session's null sink is its default
+
+
+def test_files_reach_the_pod_home_through_its_sftp_server_and_links_are_refused(
+    setup: Setup,
+) -> None:
+    admin = setup.admin
+    r = admin.post("/api/v1/sessions", json={"template": "xterm", "cluster_id": "pods"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert wait_state(admin, sid, {"running", "failed"}, START_TIMEOUT)["state"] == "running"
+    content = f"/api/v1/sessions/{sid}/files/content"
+
+    payload = os.urandom(2 * 1024 * 1024 + 5)
+    r = admin.put(content, params={"path": "Uploads/in.bin"}, content=payload)
+    assert r.status_code == 201, r.text
+    seen = _exec(setup, sid, ["stat", "-c", "%u:%s", "/home/streamspace/Uploads/in.bin"])
+    assert seen.stdout.strip() == f"1000:{len(payload)}", seen.stderr
+    made = _exec(
+        setup,
+        sid,
+        ["sh", "-c", "echo made-inside > /home/streamspace/inside.txt && "
+         "ln -s /etc /home/streamspace/etc-link && ln -s /etc/passwd /home/streamspace/pw"],
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert admin.get(content, params={"path": "inside.txt"}).content == b"made-inside\n"
+    assert admin.get(content, params={"path": "Uploads/in.bin"}).content == payload
+    assert_problem(admin.get(content, params={"path": "etc-link/passwd"}), 403, "link")
+    assert_problem(admin.get(content, params={"path": "pw"}), 403, "link")
+    assert_problem(admin.put(content, params={"path": "etc-link/x"}, content=b"x"), 403)
+    assert_problem(admin.get(content, params={"path": "nothing-here"}), 404)
+
+    listed = admin.get(f"/api/v1/sessions/{sid}/files").json()["items"]
+    kinds = {e["name"]: e["type"] for e in listed}
+    assert kinds["etc-link"] == "symlink" and kinds["Uploads"] == "dir"
+    assert kinds["inside.txt"] == "file"
+
+    with zipfile.ZipFile(io.BytesIO(admin.get(content, params={"path": ""}).content)) as zf:
+        assert zf.read("Uploads/in.bin") == payload
+        assert zf.read("inside.txt") == b"made-inside\n"
+        assert not [n for n in zf.namelist() if n.startswith(("etc-link", "pw"))]
+
+
+def test_the_pods_file_service_admits_only_the_sessions_agent_key_and_no_shell(
+    setup: Setup,
+) -> None:
+    """Anyone on the pod network reaches port 2222: a key of their own is refused, and even
+    the agent's key gets SFTP only, never a command."""
+    import asyncssh
+
+    from streamspace.agent.backends.kubernetes.objects import (
+        FILES_PORT,
+        SECRET_FILES_CLIENT_KEY,
+        SECRET_FILES_HOST_PUBLIC,
+        secret_name,
+    )
+
+    r = setup.admin.post("/api/v1/sessions", json={"template": "xterm", "cluster_id": "pods"})
+    sid = r.json()["id"]
+    assert wait_state(setup.admin, sid, {"running", "failed"}, START_TIMEOUT)["state"] == "running"
+    host = _pod(setup, sid).status.pod_ip
+    secret = asyncio.run(
+        _admin_call(setup.kubeconfig, "read_namespaced_secret", secret_name(sid), setup.namespace)
+    )
+    agent_key = asyncssh.import_private_key(base64.b64decode(secret.data[SECRET_FILES_CLIENT_KEY]))
+    host_key = asyncssh.import_public_key(base64.b64decode(secret.data[SECRET_FILES_HOST_PUBLIC]))
+
+    async def attempt(key: asyncssh.SSHKey) -> str:
+        try:
+            async with asyncssh.connect(
+                host,
+                FILES_PORT,
+                username="streamspace",
+                client_keys=[key],
+                known_hosts=([host_key], [], []),
+                config=None,
+                agent_path=None,
+                connect_timeout=10,
+            ) as conn:
+                done = await conn.run("id; touch /home/streamspace/ran", check=False)
+                return f"ran: {done.exit_status} {done.stdout!r} {done.stderr!r}"
+        except asyncssh.PermissionDenied:
+            return "denied"
+
+    assert asyncio.run(attempt(asyncssh.generate_private_key("ssh-ed25519"))) == "denied"
+    outcome = asyncio.run(attempt(agent_key))
+    assert "uid=" not in outcome and "sftp connections only" in outcome, outcome
+    assert _exec(setup, sid, ["test", "-e", "/home/streamspace/ran"]).returncode == 1

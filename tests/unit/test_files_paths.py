@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from streamspace.agent.backends.base import Backend, NotSupportedByBackend
-from streamspace.agent.backends.kubernetes.backend import KubernetesBackend
 from streamspace.protocol import HomePathError, OpenStream, home_path_parts
 
 
@@ -33,11 +32,9 @@ def test_open_stream_defaults_to_a_viewer_stream() -> None:
     assert msg.purpose == "vnc" and msg.file_path == ""
 
 
-def test_kubernetes_says_file_transfer_is_not_supported() -> None:
-    assert KubernetesBackend.home_access is Backend.home_access
-
+def test_a_backend_without_homes_says_file_transfer_is_not_supported() -> None:
     class Probe:
-        kind = "kubernetes"
+        kind = "nowhere"
 
-    with pytest.raises(NotSupportedByBackend, match="not supported by the kubernetes backend"):
+    with pytest.raises(NotSupportedByBackend, match="not supported by the nowhere backend"):
         asyncio.run(Backend.home_access(Probe(), "s"))  # type: ignore[arg-type]

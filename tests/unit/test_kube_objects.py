@@ -9,23 +9,37 @@ import re
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import BackendError
-from streamspace.agent.backends.imageenv import PULSE_COOKIE_ENV, PULSE_PORT_ENV, VNC_PASSWORD_ENV
+from streamspace.agent.backends.imageenv import (
+    FILES_CLIENT_KEY_ENV,
+    FILES_HOST_KEY_ENV,
+    FILES_PORT_ENV,
+    PULSE_COOKIE_ENV,
+    PULSE_PORT_ENV,
+    VNC_PASSWORD_ENV,
+)
 from streamspace.agent.backends.kubernetes import PodSettings, podstate
 from streamspace.agent.backends.kubernetes.objects import (
     AGENT_LABEL,
+    FILES_PORT,
     OWNER_ANNOTATION,
     SECRET_COOKIE_ENTRYPOINT_KEY,
     SECRET_COOKIE_KEY,
     SECRET_ENTRYPOINT_KEY,
+    SECRET_FILES_CLIENT_KEY,
+    SECRET_FILES_CLIENT_PUBLIC,
+    SECRET_FILES_HOST_KEY,
     SECRET_PASSWORD_KEY,
     SESSION_ANNOTATION,
     SESSION_LABEL,
     SOUND_PORT,
     TEMPLATE_LABEL,
     USER_ID_LABEL,
+    files_keys,
     home_claim_name,
     label_value,
     make_egress_policy,
@@ -247,8 +261,14 @@ def test_secret_holds_the_password_and_the_entrypoint_form() -> None:
     assert len(password) == vnc.PASSWORD_BYTES
     assert password == vnc_password(b"k" * 32, "s-1") != vnc_password(b"k" * 32, "s-2")
     cookie = sound_cookie(b"k" * 32, "s-1")
+    keys = files_keys(b"k" * 32, "s-1")
     secret = make_vnc_secret(
-        _spec(), agent_id="agent-1", namespace="desks", password=password, cookie=cookie
+        _spec(),
+        agent_id="agent-1",
+        namespace="desks",
+        password=password,
+        cookie=cookie,
+        files=keys,
     )
     assert secret["metadata"]["name"] == secret_name("s-1")
     assert secret["metadata"]["labels"][AGENT_LABEL] == "agent-1"
@@ -261,6 +281,50 @@ def test_secret_holds_the_password_and_the_entrypoint_form() -> None:
     assert bytes.fromhex(data[SECRET_COOKIE_KEY]) == cookie
     octal = data[SECRET_COOKIE_ENTRYPOINT_KEY]
     assert bytes(int(octal[i + 1 : i + 4], 8) for i in range(0, len(octal), 4)) == cookie
+    assert data[SECRET_FILES_HOST_KEY] == keys.host_private
+    assert data[SECRET_FILES_CLIENT_PUBLIC] == keys.client_public
+
+
+def test_file_transfer_keys_are_per_session_ed25519_pairs() -> None:
+    keys = files_keys(b"k" * 32, "s-1")
+    again = files_keys(b"k" * 32, "s-1")  # the same keys (OpenSSH's check bytes vary)
+    assert (keys.host_public, keys.client_public) == (again.host_public, again.client_public)
+    other = files_keys(b"k" * 32, "s-2")
+    mine, theirs = {keys.host_public, keys.client_public}, {other.host_public, other.client_public}
+    assert mine.isdisjoint(theirs)
+    assert keys.host_public != keys.client_public
+    for private, public in (
+        (keys.host_private, keys.host_public),
+        (keys.client_private, keys.client_public),
+    ):
+        loaded = serialization.load_ssh_private_key(private.encode(), None)
+        assert isinstance(loaded, ed25519.Ed25519PrivateKey)
+        line = loaded.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        assert line.decode() == public and public.startswith("ssh-ed25519 ")
+
+
+def test_the_pods_sftp_server_gets_its_host_key_and_the_one_client_key_from_the_secret() -> None:
+    (container,) = _pod()["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env[FILES_PORT_ENV]["value"] == str(FILES_PORT)
+    for name, key in (
+        (FILES_HOST_KEY_ENV, SECRET_FILES_HOST_KEY),
+        (FILES_CLIENT_KEY_ENV, SECRET_FILES_CLIENT_PUBLIC),
+    ):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {
+            "name": secret_name("s-1"),
+            "key": key,
+            "optional": True,
+        }
+    # The agent's own private key never reaches the pod.
+    refs = [e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e]
+    assert SECRET_FILES_CLIENT_KEY not in refs
+    assert {"name": "files", "containerPort": FILES_PORT, "protocol": "TCP"} in container["ports"]
+    planted = ImageLaunch(image="x:1", env={FILES_CLIENT_KEY_ENV: "ssh-ed25519 AAAA evil"})
+    (c,) = _pod(_spec(image=planted))["spec"]["containers"]
+    assert all("value" not in e for e in c["env"] if e["name"] == FILES_CLIENT_KEY_ENV)
 
 
 def test_the_sound_cookie_is_per_session_and_the_size_pulseaudio_takes() -> None:
@@ -303,6 +367,7 @@ def test_network_policy_admits_vnc_and_sound_only_from_the_agent() -> None:
     assert rule["ports"] == [
         {"protocol": "TCP", "port": 5901},
         {"protocol": "TCP", "port": SOUND_PORT},
+        {"protocol": "TCP", "port": FILES_PORT},
     ]
     assert rule["from"] == [
         {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "streamspace-agent"}}}

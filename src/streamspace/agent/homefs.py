@@ -26,7 +26,7 @@ from streamspace.agent.backends.base import HomeAccess
 from streamspace.agent.homeusage import tree_bytes
 from streamspace.protocol import MAX_LISTING, FileEntry, FileErrorCode, FileType
 
-__all__ = ["FileOpError", "Home", "Upload"]
+__all__ = ["CHUNK", "ChunkSink", "FileOpError", "Home", "Upload", "zip_time"]
 
 CHUNK = 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -214,12 +214,12 @@ class Home:
     def zip_dir(self, fd: int, write: Callable[[bytes], None]) -> None:
         """Write a zip of the tree under the directory `fd` to `write` (an unseekable
         stream), entries stored uncompressed; symlinks and unreadable entries are skipped."""
-        sink = _ChunkSink(write)
+        sink = ChunkSink(write)
         archive = zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True)  # type: ignore[call-overload]
         with archive as zf:
             for rel, file_fd, st in self._walk(fd, ""):
                 try:
-                    info = zipfile.ZipInfo(rel, _zip_time(st.st_mtime))
+                    info = zipfile.ZipInfo(rel, zip_time(st.st_mtime))
                     info.file_size = st.st_size
                     info.external_attr = (st.st_mode & 0o777) << 16
                     with zf.open(info, "w", force_zip64=st.st_size > 2**31) as out:
@@ -350,12 +350,12 @@ class Upload:
         self.fd = self.parent = -1
 
 
-def _zip_time(ts: float) -> tuple[int, int, int, int, int, int]:
+def zip_time(ts: float) -> tuple[int, int, int, int, int, int]:
     t = datetime.fromtimestamp(max(ts, 315532800), UTC)
     return (t.year, t.month, t.day, t.hour, t.minute, t.second)
 
 
-class _ChunkSink:
+class ChunkSink:
     """An unseekable file object that hands the zip on in ~1 MiB pieces."""
 
     def __init__(self, write: Callable[[bytes], None]) -> None:

@@ -67,6 +67,20 @@ class HomeAccess:
 
 
 @dataclass(frozen=True)
+class SftpAccess:
+    """A session's home reached over SFTP (a pod: its image's sshd, on the pod network), for
+    file transfer: the agent logs in as `user` with `client_key` (OpenSSH private key) and
+    trusts only `host_key` (OpenSSH public key line); paths are under `root` on that host."""
+
+    host: str
+    port: int
+    user: str
+    client_key: bytes
+    host_key: str
+    root: str
+
+
+@dataclass(frozen=True)
 class SoundServer:
     """Where the agent's encoder reaches a session's PulseAudio (see agent/audio.py): an
     O_PATH descriptor of its Unix socket, checked to be the session's own (local, docker; the
@@ -163,10 +177,11 @@ class Backend(abc.ABC):
             raise BackendError(f"session {session_id} is not running on this agent")
         return await vnc.open_endpoint(item.endpoint, connect_timeout)
 
-    async def home_access(self, session_id: str) -> HomeAccess:
-        """The session's home as a directory on this host, for file transfer. Raises
-        BackendError if the session is not here, NotSupportedByBackend if this backend cannot
-        reach homes from the agent's host at all (this default)."""
+    async def home_access(self, session_id: str) -> HomeAccess | SftpAccess:
+        """The session's home for file transfer: a directory on this host, or an SFTP server
+        the session runs. Raises BackendError if the session is not here (or cannot serve its
+        files now), NotSupportedByBackend if this backend cannot reach homes at all (this
+        default)."""
         raise NotSupportedByBackend(f"file transfer is not supported by the {self.kind} backend")
 
     async def open_audio(self, session_id: str) -> SoundServer:

@@ -17,6 +17,12 @@ PULSE_PORT_ENV = "STREAMSPACE_PULSE_PORT"
 """... or on this TCP port, for the agent over the pod network (kubernetes), cookie only."""
 PULSE_COOKIE_ENV = "STREAMSPACE_PULSE_COOKIE"
 """The 256-byte cookie for that port, as a printf format (octal escapes)."""
+FILES_PORT_ENV = "STREAMSPACE_FILES_PORT"
+"""OpenSSH serves SFTP of the session user's files on this TCP port (kubernetes)..."""
+FILES_HOST_KEY_ENV = "STREAMSPACE_FILES_HOST_KEY"
+"""... with this host key (OpenSSH private key, the session's own)..."""
+FILES_CLIENT_KEY_ENV = "STREAMSPACE_FILES_CLIENT_KEY"
+"""... to this one client key (an authorized_keys line: the agent's key for the session)."""
 
 RESERVED_ENV = frozenset(
     {
@@ -33,6 +39,9 @@ RESERVED_ENV = frozenset(
         PULSE_SOCKET_ENV,
         PULSE_PORT_ENV,
         PULSE_COOKIE_ENV,
+        FILES_PORT_ENV,
+        FILES_HOST_KEY_ENV,
+        FILES_CLIENT_KEY_ENV,
     }
 )
 

@@ -48,6 +48,7 @@ from streamspace.agent.backends.base import (
     BackendOptions,
     ExitCallback,
     ProgressCallback,
+    SftpAccess,
     SoundServer,
     VNCStream,
     rfb_answers,
@@ -299,6 +300,26 @@ class KubernetesBackend(Backend):
             await writer.wait_closed()
         return SoundServer(host=host, port=objects.SOUND_PORT, cookie=self._cookie(session_id))
 
+    async def home_access(self, session_id: str) -> SftpAccess:
+        """The pod's SFTP server (the image's sshd, as the session user, admitting only this
+        session's agent key), while the pod runs: a hibernated session's home is its claim,
+        which only a pod can mount."""
+        item = await self.status(session_id)
+        if item.state != "running" or item.endpoint is None or item.endpoint.host is None:
+            raise BackendError(
+                f"session {session_id} is not running on this agent (a pod's files are "
+                "reachable while it runs)"
+            )
+        client_key, host_key = self._files_keys(session_id)
+        return SftpAccess(
+            host=item.endpoint.host,
+            port=objects.FILES_PORT,
+            user=objects.FILES_USER,
+            client_key=client_key,
+            host_key=host_key,
+            root=objects.CONTAINER_HOME,
+        )
+
     async def healthy(self) -> tuple[bool, str]:
         try:
             pods, secrets = await self._ready()
@@ -491,6 +512,16 @@ class KubernetesBackend(Backend):
         if not encoded:
             return objects.sound_cookie(self._vnc_key, session_id)
         return bytes.fromhex(base64.b64decode(encoded).decode("ascii"))
+
+    def _files_keys(self, session_id: str) -> tuple[bytes, str]:
+        """(the agent's private key, the pod's host key line), as the Secret holds them."""
+        data = (self._secret(session_id) or {}).get("data") or {}
+        client = data.get(objects.SECRET_FILES_CLIENT_KEY)
+        host = data.get(objects.SECRET_FILES_HOST_PUBLIC)
+        if client and host:
+            return base64.b64decode(client), base64.b64decode(host).decode("ascii")
+        keys = objects.files_keys(self._vnc_key, session_id)
+        return keys.client_private.encode("ascii"), keys.host_public
 
     # ---- callbacks and locks ------------------------------------------------------------
 

@@ -19,9 +19,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
 from streamspace.agent import vnc
 from streamspace.agent.backends.base import BackendError
 from streamspace.agent.backends.imageenv import (
+    FILES_CLIENT_KEY_ENV,
+    FILES_HOST_KEY_ENV,
+    FILES_PORT_ENV,
     PULSE_COOKIE_ENV,
     PULSE_PORT_ENV,
     RESERVED_ENV,
@@ -61,6 +72,16 @@ SECRET_COOKIE_KEY = "sound-cookie"
 """The cookie in hex, which the agent's encoder authenticates with."""
 SECRET_COOKIE_ENTRYPOINT_KEY = "sound-cookie-printf"
 SOUND_COOKIE_BYTES = 256
+FILES_PORT = 2222
+"""Where the images' entrypoint has OpenSSH serve SFTP of the home (file transfer), to the
+agent's per-session key only, when STREAMSPACE_FILES_PORT says so."""
+FILES_USER = "streamspace"
+SECRET_FILES_HOST_KEY = "files-host-key"
+"""The pod's SSH host key (OpenSSH private key), for its sshd."""
+SECRET_FILES_HOST_PUBLIC = "files-host-public"
+SECRET_FILES_CLIENT_KEY = "files-client-key"
+"""The agent's SSH key for this session (OpenSSH private key): for the agent alone."""
+SECRET_FILES_CLIENT_PUBLIC = "files-client-public"
 SHM_VOLUME = "dshm"
 HOME_VOLUME = "home"
 
@@ -97,6 +118,33 @@ def sound_cookie(key: bytes, session_id: str) -> bytes:
         for i in range(SOUND_COOKIE_BYTES // 32)
     )
     return b"".join(blocks)
+
+
+@dataclass(frozen=True)
+class FilesKeys:
+    """The SSH keys of a session's file transfer: the pod's host key and the agent's client
+    key, each an OpenSSH private key with its public line."""
+
+    host_private: str
+    host_public: str
+    client_private: str
+    client_public: str
+
+
+def files_keys(key: bytes, session_id: str) -> FilesKeys:
+    """Ed25519 keys from HMAC seeds of the session's id (as its VNC password), so every agent
+    replica derives the same ones and the agent knows the pod's host key before it exists."""
+
+    def derive(label: str) -> tuple[str, str]:
+        seed = hmac.new(key, f"{label}\0{session_id}".encode(), hashlib.sha256).digest()
+        private = Ed25519PrivateKey.from_private_bytes(seed)
+        pem = private.private_bytes(Encoding.PEM, PrivateFormat.OpenSSH, NoEncryption())
+        public = private.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        return pem.decode("ascii"), public.decode("ascii")
+
+    host_private, host_public = derive("files-host")
+    client_private, client_public = derive("files-client")
+    return FilesKeys(host_private, host_public, client_private, client_public)
 
 
 def _digest(*parts: str, length: int = 10) -> str:
@@ -179,10 +227,16 @@ def _quantity_memory(mb: int) -> str:
 
 
 def make_vnc_secret(
-    spec: SessionSpec, *, agent_id: str, namespace: str, password: bytes, cookie: bytes
+    spec: SessionSpec,
+    *,
+    agent_id: str,
+    namespace: str,
+    password: bytes,
+    cookie: bytes,
+    files: FilesKeys,
 ) -> dict[str, Any]:
-    """The session's VNC password and sound cookie, for its pod's entrypoint and for the agent
-    alone."""
+    """The session's VNC password, sound cookie and file transfer keys, for its pod's
+    entrypoint (the keys its env names) and for the agent alone."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -198,6 +252,10 @@ def make_vnc_secret(
             SECRET_ENTRYPOINT_KEY: printf_octal(vnc.obfuscated_password(password)),
             SECRET_COOKIE_KEY: cookie.hex(),
             SECRET_COOKIE_ENTRYPOINT_KEY: printf_octal(cookie),
+            SECRET_FILES_HOST_KEY: files.host_private,
+            SECRET_FILES_HOST_PUBLIC: files.host_public,
+            SECRET_FILES_CLIENT_KEY: files.client_private,
+            SECRET_FILES_CLIENT_PUBLIC: files.client_public,
         },
     }
 
@@ -282,6 +340,23 @@ def make_pod(
                 }
             },
         },
+        {"name": FILES_PORT_ENV, "value": str(FILES_PORT)},
+        *(
+            {
+                "name": name,
+                "valueFrom": {
+                    "secretKeyRef": {
+                        "name": secret_name(spec.session_id),
+                        "key": key,
+                        "optional": True,
+                    }
+                },
+            }
+            for name, key in (
+                (FILES_HOST_KEY_ENV, SECRET_FILES_HOST_KEY),
+                (FILES_CLIENT_KEY_ENV, SECRET_FILES_CLIENT_PUBLIC),
+            )
+        ),
     ]
     resources = {
         "cpu": _quantity_cpu(spec.resources.cpu_millis),
@@ -303,6 +378,7 @@ def make_pod(
         "ports": [
             {"name": "vnc", "containerPort": settings.vnc_port, "protocol": "TCP"},
             {"name": "sound", "containerPort": SOUND_PORT, "protocol": "TCP"},
+            {"name": "files", "containerPort": FILES_PORT, "protocol": "TCP"},
         ],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": {
@@ -373,8 +449,8 @@ def make_network_policy(
     agent_namespace: str = "",
     vnc_port: int = VNC_PORT,
 ) -> dict[str, Any]:
-    """Ingress to this agent's session pods: the VNC and sound ports, only from the agent's own
-    pods (in `agent_namespace` when it runs in another one), nothing else."""
+    """Ingress to this agent's session pods: the VNC, sound and file ports, only from the
+    agent's own pods (in `agent_namespace` when it runs in another one), nothing else."""
     peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(agent_pod_labels)}}
     if agent_namespace:
         peer["namespaceSelector"] = {
@@ -399,6 +475,7 @@ def make_network_policy(
                     "ports": [
                         {"protocol": "TCP", "port": vnc_port},
                         {"protocol": "TCP", "port": SOUND_PORT},
+                        {"protocol": "TCP", "port": FILES_PORT},
                     ],
                 }
             ],

@@ -88,6 +88,7 @@ class SessionObjects:
             namespace=self.namespace,
             password=objects.vnc_password(self._vnc_key, spec.session_id),
             cookie=objects.sound_cookie(self._vnc_key, spec.session_id),
+            files=objects.files_keys(self._vnc_key, spec.session_id),
         )
         await self._call(
             self._core.create_namespaced_secret(self.namespace, body(manifest)),
