@@ -53,6 +53,10 @@ def download_item(page: Any, name: str, dest: Path) -> bytes:
     item = page.locator(f'[data-testid="files-item"][data-name="{name}"]')
     with page.expect_download() as info:
         item.get_by_test_id("download").click()
+    # The browser's download manager fetched it from a single-use link (streamed to disk),
+    # not a blob the page had to hold whole.
+    assert "/files/download?ticket=" in info.value.url, info.value.url
+    assert info.value.suggested_filename == name
     info.value.save_as(dest)
     return dest.read_bytes()
 

@@ -380,6 +380,20 @@ def test_authorization_matrix(make_control_plane: Any) -> None:
             {U: 404, OP: 404, A: 409},
             body={"raw": "bytes"},
         ),
+        Row(
+            "POST",
+            "/api/v1/sessions/{session_id}/files/link",
+            f"{s}/files/link?path=Uploads/x",
+            {U: 404, OP: 404, A: 409},
+        ),
+        Row(
+            "GET",
+            "/api/v1/sessions/{session_id}/files/download",
+            f"{s}/files/download?ticket=forged",
+            {U: 403, OP: 403, A: 403},
+            anon=403,
+            note="the single-use link from /files/link is the credential; a token is not one",
+        ),
         Row("DELETE", "/api/v1/sessions/{session_id}", s, {U: 404, OP: 404, A: 202}),
         # users and quotas
         Row("GET", "/api/v1/users", "/api/v1/users", admin_only(200)),
@@ -685,6 +699,7 @@ def test_users_cannot_touch_each_others_sessions(make_control_plane: Any) -> Non
         ("GET", "/files", None),
         ("GET", "/files/content?path=Uploads/x", None),
         ("PUT", "/files/content?path=Uploads/x", {"raw": "bytes"}),
+        ("POST", "/files/link?path=Uploads/x", None),
         ("DELETE", "", None),
     ]
     failures = []

@@ -185,3 +185,88 @@ def test_group_policy_denies_with_403(d: Desk) -> None:
     codes = sorted(row["status_code"] for row in audit["items"] if row["actor"] == "policed")
     assert codes == [201, 403]
     d.stop_session(sid)
+
+
+def test_a_download_link_works_once_without_credentials_for_its_path_only(
+    d: Desk, owner: tuple[httpx.Client, str]
+) -> None:
+    """The viewer hands downloads to the browser's download manager with a single-use link;
+    it must carry its user and path, and open nothing else."""
+    c, sid = owner
+    payload = os.urandom(1024 * 1024 + 3)
+    r = c.put(f"{files(sid)}/content", params={"path": "Uploads/linked.bin"}, content=payload)
+    assert r.status_code == 201, r.text
+    base = f"http://127.0.0.1:{d.cp.port}"
+
+    r = c.post(f"{files(sid)}/link", params={"path": "Uploads/linked.bin"})
+    assert r.status_code == 201, r.text
+    url = r.json()["url"]
+    assert url.startswith(f"/api/v1/sessions/{sid}/files/download?ticket=")
+    got = httpx.get(base + url)
+    assert got.status_code == 200, got.text
+    assert got.content == payload
+    assert "attachment" in got.headers["content-disposition"]
+    assert_problem(httpx.get(base + url), 403, "used")  # single use
+
+    # The path is the link's: a query parameter cannot point it elsewhere.
+    url = c.post(f"{files(sid)}/link", params={"path": "Uploads/linked.bin"}).json()["url"]
+    got = httpx.get(base + url + "&path=Uploads")
+    assert got.status_code == 200 and got.content == payload
+
+    # A link for one session opens no other, and a viewer's ticket opens no download.
+    url = c.post(f"{files(sid)}/link", params={"path": "Uploads/linked.bin"}).json()["url"]
+    assert_problem(httpx.get(base + url.replace(sid, "another-session")), 403)
+    viewer_ticket = d.connect(sid, c)["ticket"]
+    assert_problem(
+        httpx.get(f"{base}/api/v1/sessions/{sid}/files/download", params={"ticket": viewer_ticket}),
+        403,
+    )
+    assert_problem(httpx.get(f"{base}/api/v1/sessions/{sid}/files/download"), 403)
+
+    # Another user cannot ask for a link to it, and bad paths are refused up front.
+    assert_problem(d.user("link-snoop").post(f"{files(sid)}/link", params={"path": ""}), 404)
+    assert_problem(c.post(f"{files(sid)}/link", params={"path": "../etc"}), 400)
+
+
+def test_a_download_link_cannot_open_a_viewer_stream(
+    d: Desk, owner: tuple[httpx.Client, str]
+) -> None:
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    c, sid = owner
+    url = c.post(f"{files(sid)}/link", params={"path": ""}).json()["url"]
+    ticket = url.rsplit("ticket=", 1)[1]
+
+    async def attempt(ticket: str) -> str:
+        try:
+            async with connect(d.ws_url(ticket), open_timeout=20) as ws:
+                banner = await ws.recv()
+        except InvalidStatus as exc:
+            return f"status {exc.response.status_code}"
+        return "RFB" if isinstance(banner, bytes) and banner.startswith(b"RFB") else "other"
+
+    assert asyncio.run(attempt(ticket)) == "status 403"
+    # The same session, owner and socket with a viewer's ticket: it opens.
+    assert asyncio.run(attempt(d.connect(sid, c)["ticket"])) == "RFB"
+
+
+def test_a_download_link_dies_with_a_sign_out(d: Desk) -> None:
+    c = d.user("link-leaver")
+    sid = d.start_session(c)["id"]
+    url = c.post(f"{files(sid)}/link", params={"path": ""}).json()["url"]
+    r = c.post("/api/v1/auth/sessions/revoke-all")
+    assert r.status_code in (200, 204), r.text
+    got = httpx.get(f"http://127.0.0.1:{d.cp.port}{url}")
+    assert_problem(got, 403, "signed out")
+    d.admin.delete(f"/api/v1/sessions/{sid}")
+
+
+def test_a_download_link_is_refused_when_downloads_are_off_for_the_group(d: Desk) -> None:
+    c = d.user("link-policed")
+    sid = d.start_session(c)["id"]
+    _group(d, "no-downloads", "link-policed", allow_download=False)
+    assert_problem(c.post(f"{files(sid)}/link", params={"path": ""}), 403, "download")
+    d.stop_session(sid)

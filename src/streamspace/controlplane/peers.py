@@ -15,7 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+TicketPurpose = Literal["stream", "download"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class Ticket:
     token_version: int
     """The user's token_version when the ticket was issued: a ticket issued before a sign-out
     opens nothing after it."""
+    purpose: TicketPurpose = "stream"
+    """What it opens: a viewer socket, or one file download (never the other)."""
+    path: str = ""
+    """For a download: the file or folder, relative to the home, fixed when it was issued."""
 
 
 class Inbox(Protocol):

@@ -228,6 +228,8 @@ class RedisPeers:
             "user_id": value.user_id,
             "expires_at": value.expires_at.isoformat(),
             "token_version": str(value.token_version),
+            "purpose": value.purpose,
+            "path": value.path,
         }
         await self.redis.set(TICKET_PREFIX + ticket, json.dumps(stored), ex=ttl_seconds)
 
@@ -241,6 +243,8 @@ class RedisPeers:
             stored["user_id"],
             datetime.fromisoformat(stored["expires_at"]),
             int(stored.get("token_version", -1)),
+            "download" if stored.get("purpose") == "download" else "stream",
+            stored.get("path", ""),
         )
 
 

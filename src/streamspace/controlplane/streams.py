@@ -28,7 +28,7 @@ from streamspace.controlplane.embedded import (
     SessionWriter,
 )
 from streamspace.controlplane.hub import Hub
-from streamspace.controlplane.peers import Peers, Ticket
+from streamspace.controlplane.peers import Peers, Ticket, TicketPurpose
 from streamspace.controlplane.revocation import Connection, Revocations
 from streamspace.controlplane.security import random_secret
 from streamspace.controlplane.statemachine import State
@@ -93,13 +93,19 @@ class StreamBroker:
     # ---- tickets --------------------------------------------------------------------------
 
     async def issue_ticket(
-        self, session_id: str, user_id: str, token_version: int
+        self,
+        session_id: str,
+        user_id: str,
+        token_version: int,
+        *,
+        purpose: TicketPurpose = "stream",
+        path: str = "",
     ) -> tuple[str, datetime]:
         ticket = random_secret(32)
         ttl = self.settings.stream_ticket_ttl_seconds
         expires = datetime.now(UTC) + timedelta(seconds=ttl)
         await self.peers.put_ticket(
-            ticket, Ticket(session_id, user_id, expires, token_version), ttl
+            ticket, Ticket(session_id, user_id, expires, token_version, purpose, path), ttl
         )
         return ticket, expires
 
@@ -130,7 +136,7 @@ class StreamBroker:
             log.warning("ticket_store_unavailable", error=exc)
             await ws.close(code=CLOSE_UNAVAILABLE, reason="ticket store unavailable; retry")
             return
-        if ticket is None:
+        if ticket is None or ticket.purpose != "stream":
             await ws.close(code=CLOSE_DENIED, reason="stream ticket invalid, used or expired")
             return
         # Tracked before the user is read: a revocation committed after that read reaches this

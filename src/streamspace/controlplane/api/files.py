@@ -201,9 +201,75 @@ async def download_file(
     db: DbDep,
     path: str = PATH_QUERY,
 ) -> StreamingResponse:
+    return await _download(session_id, _parts(path), request, user, state, db)
+
+
+class DownloadLinkOut(BaseModel):
+    url: str = Field(description="GET it without credentials, once, before it expires")
+    expires_at: datetime
+
+
+@router.post("/{session_id}/files/link", response_model=DownloadLinkOut, status_code=201)
+async def download_link(
+    session_id: str,
+    request: Request,
+    user: UserDep,
+    state: StateDep,
+    db: DbDep,
+    path: str = PATH_QUERY,
+) -> DownloadLinkOut:
+    """A single-use link to one download, for the browser's own download manager: a page
+    cannot put the bearer token on a navigation, and fetching the file into the page would
+    hold all of it in the tab's memory. Checked now (owner, state, policy) and again when
+    used."""
     parts = _parts(path)
     session = await _session_for_files(db, session_id, user)
-    await _check_policy(db, state, user, request, "download", session_id, path)
+    await _check_policy(db, state, user, request, "download", session_id, "/".join(parts))
+    ticket, expires = await state.streams.issue_ticket(
+        session.id, user.id, user.token_version, purpose="download", path="/".join(parts)
+    )
+    return DownloadLinkOut(
+        url=f"/api/v1/sessions/{session.id}/files/download?ticket={quote(ticket)}",
+        expires_at=expires,
+    )
+
+
+@router.get("/{session_id}/files/download", response_model=None)
+async def download_by_link(
+    session_id: str,
+    request: Request,
+    state: StateDep,
+    db: DbDep,
+    ticket: str = Query("", max_length=128),
+) -> StreamingResponse:
+    """What a link from /files/link downloads: the ticket, not a token, says who asks (its
+    user, as of when it was issued: a sign-out since voids it) and what (its path)."""
+    try:
+        found = await state.streams.consume_ticket(ticket)
+    except Exception as exc:  # Redis down: say so instead of a 500
+        log.warning("ticket_store_unavailable", error=exc)
+        raise Problem(
+            503, "Service unavailable", "the link store is unreachable; retry", kind="unavailable"
+        ) from None
+    if found is None or found.purpose != "download" or found.session_id != session_id:
+        raise forbidden("download link invalid, used or expired; ask for a new one")
+    user = await db.get(User, found.user_id)
+    if user is None or not user.is_active or user.token_version != found.token_version:
+        raise forbidden("download link no longer valid: its user signed out or was disabled")
+    request.state.user = user
+    return await _download(session_id, _parts(found.path), request, user, state, db)
+
+
+async def _download(
+    session_id: str,
+    parts: list[str],
+    request: Request,
+    user: User,
+    state: AppState,
+    db: DbDep,
+) -> StreamingResponse:
+    session = await _session_for_files(db, session_id, user)
+    await _check_policy(db, state, user, request, "download", session_id, "/".join(parts))
     agent_id = session.agent_id or ""
     audit.record(
         db,

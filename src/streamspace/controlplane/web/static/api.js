@@ -204,22 +204,6 @@ export function authHeaders() {
   return session?.access_token ? { Authorization: `Bearer ${session.access_token}` } : {};
 }
 
-/** A non-JSON response (a download), with `api`'s one token refresh on 401. */
-export async function fetchRaw(path, { retry = true } = {}) {
-  const access = session?.access_token;
-  let resp;
-  try {
-    resp = await fetch(path, { headers: authHeaders() });
-  } catch {
-    throw new ApiError(0, { detail: "cannot reach the StreamSpace server; check your connection" });
-  }
-  if (resp.status === 401 && retry && access && (await refreshTokens(access))) {
-    return fetchRaw(path, { retry: false });
-  }
-  if (!resp.ok) throw await parseError(resp);
-  return resp;
-}
-
 export const get = (path, opts) => api("GET", path, undefined, opts);
 /** GET an image or file with the bearer token (an <img src> could not send it) as a Blob. */
 export const getBlob = (path, opts) => api("GET", path, undefined, { ...opts, as: "blob", headers: { Accept: "*/*" } });

@@ -1,6 +1,6 @@
 // The viewer's Files panel: browse the session's home, download a file or a folder (zip),
 // upload with a progress bar (button, or files dropped onto the remote screen) into ~/Uploads.
-import { ApiError, authHeaders, fetchRaw, get, qs, refreshTokens } from "./api.js";
+import { ApiError, authHeaders, get, post, qs, refreshTokens } from "./api.js";
 import { h, showError, toast } from "./ui.js";
 
 const UPLOADS = "Uploads";
@@ -133,16 +133,16 @@ export function filesPanel(sessionId, dropTarget) {
     crumbs.replaceChildren(...items);
   }
 
+  // The browser's download manager fetches a single-use link and writes the file to disk as it
+  // arrives (fetching it here would hold all of it in the tab); the server names the file.
   async function download(path, folder) {
     try {
-      const resp = await fetchRaw(`${base}/content${qs({ path })}`);
-      const blob = await resp.blob();
+      const link = await post(`${base}/link${qs({ path })}`);
       const name = (path.split("/").pop() || "home") + (folder ? ".zip" : "");
-      const a = h("a", { href: URL.createObjectURL(blob), download: name, hidden: true });
+      const a = h("a", { href: link.url, download: name, hidden: true });
       document.body.append(a);
       a.click();
       a.remove();
-      setTimeout(() => URL.revokeObjectURL(a.href), 30000);
     } catch (err) {
       showError(err);
     }
