@@ -383,3 +383,33 @@ def test_the_pods_file_service_admits_only_the_sessions_agent_key_and_no_shell(
     outcome = asyncio.run(attempt(agent_key))
     assert "uid=" not in outcome and "sftp connections only" in outcome, outcome
     assert _exec(setup, sid, ["test", "-e", "/home/streamspace/ran"]).returncode == 1
+
+    # The agent trusts only the host key it gave the pod: whoever answers on that address with
+    # another key (a pod that took over the IP, a man in the middle) gets no files.
+    from streamspace.agent import sftphome
+    from streamspace.agent.backends.base import SftpAccess
+    from streamspace.agent.homefs import FileOpError
+
+    stranger = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    access = SftpAccess(
+        host=host,
+        port=FILES_PORT,
+        user="streamspace",
+        client_key=base64.b64decode(secret.data[SECRET_FILES_CLIENT_KEY]),
+        host_key=stranger,
+        root="/home/streamspace",
+    )
+    with pytest.raises(FileOpError, match="cannot reach the session's file service"):
+        asyncio.run(sftphome.connect(access))
+    trusted = SftpAccess(**{**access.__dict__, "host_key": host_key.export_public_key().decode()})
+
+    async def listing() -> list[str]:
+        home = await sftphome.connect(trusted)
+        try:
+            entries, _ = await home.list_dir([])
+            return [e.name for e in entries]
+        finally:
+            await home.close()
+
+    assert _exec(setup, sid, ["touch", "/home/streamspace/marker"]).returncode == 0
+    assert "marker" in asyncio.run(listing())
