@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ POD_UID_LABEL = "io.kubernetes.pod.uid"
 POD_NAME_LABEL = "io.kubernetes.pod.name"
 POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
 CONTAINER_LABEL = "io.kubernetes.container.name"
+IMAGE_CACHE_SECONDS = 10.0
 INFRA = "POD"
 """The container-name label of a pod's sandbox, as dockershim named it."""
 
@@ -42,6 +44,7 @@ class Podman:
     def __init__(self, containers_conf: Path, podman: str = "podman") -> None:
         self.exe = podman
         self.env = {**os.environ, "CONTAINERS_CONF": str(containers_conf)}
+        self._images: dict[str, tuple[float, dict[str, Any]]] = {}
 
     async def run(self, *args: str, timeout: float = 120.0) -> Result:
         proc = await asyncio.create_subprocess_exec(
@@ -70,12 +73,20 @@ class Podman:
 
     async def image(self, ref: str) -> dict[str, Any] | None:
         """The image's inspect data, or None when it is not in local storage (no pulls here:
-        there is no registry)."""
+        there is no registry). Found images are remembered for a few seconds, as a kubelet's
+        image manager caches what its runtime has; missing ones are asked again each time."""
+        cached = self._images.get(ref)
+        if cached is not None and time.monotonic() - cached[0] < IMAGE_CACHE_SECONDS:
+            return cached[1]
         result = await self.run("image", "inspect", ref)
         if result.returncode != 0:
+            self._images.pop(ref, None)
             return None
         data = json.loads(result.stdout)
-        return dict(data[0]) if data else None
+        found = dict(data[0]) if data else None
+        if found is not None:
+            self._images[ref] = (time.monotonic(), found)
+        return found
 
     async def inspect(self, name: str) -> dict[str, Any] | None:
         result = await self.run("container", "inspect", name)

@@ -174,11 +174,11 @@ class PodWorker:
         spec = self.pod["spec"]
         hostname = str(spec.get("hostname") or self.name)[:63]
         name = f"{self.prefix}_{INFRA}"
-        await self.ctx.podman.remove([name])
         labels = [a for k, v in self.labels(INFRA).items() for a in ("--label", f"{k}={v}")]
         await self.ctx.podman.check(
             "run",
             "-d",
+            "--replace",
             "--name",
             name,
             "--network",
@@ -316,13 +316,16 @@ class PodWorker:
         state.container_id = created.stdout.strip()
         exited = self.ctx.expect_exit(state.container_id)
         started = await podman.run("start", state.container_id)
-        info = await podman.inspect(state.container_id) or {}
-        if started.returncode == 0 and (info.get("State") or {}).get("Running"):
-            state.state = {"running": {"startedAt": terminated(info)["terminated"]["startedAt"]}}
+        if started.returncode == 0:
+            # Running once the runtime says it started, as a kubelet's PLEG reports it; a
+            # container that exits at once is seen by its exit event.
+            state.state = {"running": {"startedAt": now()}}
             await self.report()
             await exited
             info = await self._finished(state.container_id)
-        if started.returncode != 0:
+            state.state = terminated(info)
+            await self._termination_message(spec, state)
+        else:
             state.state = {
                 "terminated": {
                     "exitCode": 128,
@@ -332,9 +335,6 @@ class PodWorker:
                     "finishedAt": now(),
                 }
             }
-        else:
-            state.state = terminated(info)
-            await self._termination_message(spec, state)
         await self.report()
         return int(state.state["terminated"]["exitCode"])
 
