@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +21,8 @@ from test_streams_support import Desk, desk
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from sound_support import Recorder
 from streamspace_testing.opus import dominant_frequency, rms, tone_frames
-from vnc_support import in_session, xvnc_processes
 
 pytestmark = pytest.mark.xvnc
 
@@ -46,33 +45,6 @@ def group(d: Desk, name: str, member: str, **policy: Any) -> str:
     gid = str(r.json()["id"])
     assert d.admin.put(f"/api/v1/groups/{gid}/members/{member}").status_code == 200
     return gid
-
-
-class Recorder:
-    """`parec` from the default source, run inside the session as its user."""
-
-    def __init__(self, session_id: str) -> None:
-        (xvnc,) = xvnc_processes(session_id)
-        server = xvnc.environ()["PULSE_SERVER"]
-        self.proc = in_session(
-            session_id, "env", f"PULSE_SERVER={server}", "parec", "--raw",
-            "--format=s16le", "--rate=48000", "--channels=1", "--latency-msec=20",
-        )  # fmt: skip
-        self.chunks: list[bytes] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(65536):
-            self.chunks.append(chunk)
-
-    def stop(self) -> np.ndarray:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self._reader.join(timeout=10)
-        data = b"".join(self.chunks)
-        return np.frombuffer(data[: len(data) // 2 * 2], np.int16).astype(np.float64) / 32768
 
 
 async def speak(url: str, frames: list[bytes], frame_ms: int = 20) -> None:
@@ -105,7 +77,9 @@ def test_a_tone_from_the_browser_is_what_apps_in_the_session_record(d: Desk) -> 
     group(d, "speakers", "speaker", allow_microphone=True)
     sid = d.start_session(c)["id"]
     recorder = Recorder(sid)
-    ticket = d.connect(sid, c)["ticket"]
+    connected = d.connect(sid, c)
+    assert connected["microphone"] is True  # the viewer offers its toggle
+    ticket = connected["ticket"]
     asyncio.run(speak(d.ws_url(ticket, MIC_PATH), tone_frames(TONE_HZ, 3.0)))
     samples = recorder.stop()
     assert len(samples) > 48_000, f"the recorder got {len(samples)} samples"
@@ -121,7 +95,9 @@ def test_a_tone_from_the_browser_is_what_apps_in_the_session_record(d: Desk) -> 
 def test_the_microphone_is_off_by_default_and_any_group_can_deny_it(d: Desk) -> None:
     quiet = d.user("unheard")
     sid = d.start_session(quiet)["id"]
-    ticket = d.connect(sid, quiet)["ticket"]
+    connected = d.connect(sid, quiet)
+    assert connected["microphone"] is False
+    ticket = connected["ticket"]
     code, reason = asyncio.run(refusal(d.ws_url(ticket, MIC_PATH)))
     assert (code, reason) == (4403, "your groups do not allow the microphone")
 

@@ -428,6 +428,11 @@ class ConnectOut(BaseModel):
     ws_path: str
     expires_at: datetime
     viewer_url: str
+    microphone: bool = Field(
+        default=False,
+        description="whether this user's groups allow /api/v1/streams/microphone (the viewer "
+        "offers its Microphone toggle only then)",
+    )
 
 
 class AuditOut(Out):
