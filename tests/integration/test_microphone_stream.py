@@ -22,7 +22,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from sound_support import Recorder
-from streamspace_testing.opus import dominant_frequency, rms, tone_frames
+from streamspace_testing.opus import dominant_frequency, rms, speak, tone_frames
 
 pytestmark = pytest.mark.xvnc
 
@@ -45,16 +45,6 @@ def group(d: Desk, name: str, member: str, **policy: Any) -> str:
     gid = str(r.json()["id"])
     assert d.admin.put(f"/api/v1/groups/{gid}/members/{member}").status_code == 200
     return gid
-
-
-async def speak(url: str, frames: list[bytes], frame_ms: int = 20) -> None:
-    """Send the frames at the pace a microphone makes them, then close."""
-    async with connect(url, open_timeout=20, compression=None) as ws:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for i, message in enumerate(frames):
-            await ws.send(message)
-            await asyncio.sleep(max(0.0, start + (i + 1) * frame_ms / 1000 - loop.time()))
 
 
 async def refusal(url: str) -> tuple[int, str]:

@@ -111,3 +111,13 @@ def tone_frames(hz: int, seconds: float, frame_ms: int = 20) -> list[bytes]:
         for packet in encoder.encode(chunk):
             frames.append(audio_frame(len(frames) * frame_ms * 1000, bytes(packet), channels=1))
     return frames
+
+
+async def speak(url: str, frames: list[bytes], frame_ms: int = 20) -> None:
+    """Send the frames at the pace a microphone makes them, then close."""
+    async with connect(url, open_timeout=20, compression=None) as ws:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i, message in enumerate(frames):
+            await ws.send(message)
+            await asyncio.sleep(max(0.0, start + (i + 1) * frame_ms / 1000 - loop.time()))
