@@ -92,9 +92,14 @@ def test_the_microphone_is_off_by_default_and_any_group_can_deny_it(d: Desk) -> 
     assert (code, reason) == (4403, "your groups do not allow the microphone")
 
     group(d, "mic-open", "unheard", allow_microphone=True)
-    group(d, "mic-closed", "unheard", allow_microphone=False)  # False wins over True
+    closed = group(d, "mic-closed", "unheard", allow_microphone=False)  # False wins over True
+    assert d.admin.get(f"/api/v1/groups/{closed}").json()["allow_microphone"] is False
     ticket = d.connect(sid, quiet)["ticket"]
     assert asyncio.run(refusal(d.ws_url(ticket, MIC_PATH)))[0] == 4403
+
+    r = d.admin.patch(f"/api/v1/groups/{closed}", json={"allow_microphone": None})
+    assert r.status_code == 200 and r.json()["allow_microphone"] is None  # no say any more
+    assert d.connect(sid, quiet)["microphone"] is True  # the other group's True now decides
     assert d.agent_log_count("stream_open") == d.agent_log_count("stream_closed")
     d.stop_session(sid)
 
@@ -134,3 +139,9 @@ def test_a_frame_that_is_not_opus_framing_ends_the_stream_with_the_reason(d: Des
     code, reason = asyncio.run(garble())
     assert "unknown audio frame version 7" in reason, (code, reason)
     d.stop_session(sid)
+
+
+def test_a_bad_microphone_policy_value_is_422(d: Desk) -> None:
+    r = d.admin.post("/api/v1/groups", json={"name": "bad-mic", "allow_microphone": "sometimes"})
+    assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem")
+    assert "allow_microphone" in r.text
