@@ -69,7 +69,7 @@ def decoder_argv(gst_launch: str, server: str, run_as: int | None) -> list[str]:
         f"server={server}",
         f"device={MIC_SINK}",
         "client-name=streamspace-microphone",
-        "buffer-time=100000",
+        "buffer-time=40000",
         "latency-time=10000",
         "sync=false",
     ]
