@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import struct
 
 import pytest
@@ -40,3 +41,25 @@ def test_the_decoder_plays_into_the_microphone_sink_as_the_given_uid() -> None:
     assert argv[0] == "setpriv" and "--reuid=65534" in argv and "--no-new-privs" in argv
     assert "fdsrc" in argv and "rtpstreamdepay" in argv and "opusdec" in argv
     assert "server=unix:/proc/self/fd/5" in argv and f"device={microphone.MIC_SINK}" in argv
+
+
+async def test_a_decoder_that_does_not_keep_up_loses_packets_not_memory() -> None:
+    """A child that never reads its stdin (a stalled decoder): the pipe fills, then packets
+    are dropped and what waits in the agent stays under MAX_PENDING_BYTES plus one packet."""
+    proc = await asyncio.create_subprocess_exec(
+        "sleep", "60", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL
+    )
+    mic = microphone.Microphone(proc)
+    packet = audio.frame(0, bytes(1000), channels=1)
+    try:
+        for _ in range(500):  # ~0.5 MB: beyond any pipe buffer plus the agent's bound
+            mic.play(packet)
+            await asyncio.sleep(0)
+        assert proc.stdin is not None
+        pending = proc.stdin.transport.get_write_buffer_size()
+        assert mic.dropped > 0
+        assert pending <= microphone.MAX_PENDING_BYTES + len(packet) + 14
+    finally:
+        await mic.close()
+    with pytest.raises(BrokenPipeError):
+        mic.play(packet)
