@@ -16,10 +16,10 @@ from conftest import wait_for, wait_state
 from streamspace_testing.opus import (
     dominant_frequency,
     listen,
+    mic_loopback_command,
     pacat_tone_command,
     rms,
-    speak,
-    tone_frames,
+    round_trip,
 )
 
 pytestmark = pytest.mark.podman
@@ -67,7 +67,6 @@ def test_a_tone_in_the_container_arrives_as_opus_of_that_frequency(setup: Any) -
 
 
 MIC_HZ = 660
-RAW = "--raw --format=s16le --rate=48000 --channels=2"
 LOOPBACK_TEMPLATE: dict[str, Any] = {
     "name": "mic-loopback-docker",
     "display_name": "Microphone loopback (docker test)",
@@ -77,13 +76,10 @@ LOOPBACK_TEMPLATE: dict[str, Any] = {
     "launch": {
         "docker": {
             "image": "localhost/streamspace/xterm:latest",
-            "command": [
-                "sh", "-c",
-                f"parec {RAW} --latency-msec=20 | pacat --playback {RAW} --latency-msec=30",
-            ],
+            "command": mic_loopback_command(),
         }
     },
-}  # fmt: skip
+}
 
 
 def test_a_tone_sent_to_the_containers_microphone_is_what_it_records(setup: Any) -> None:
@@ -114,11 +110,6 @@ def test_a_tone_sent_to_the_containers_microphone_is_what_it_records(setup: Any)
         ticket = admin.post(f"/api/v1/sessions/{sid}/connect").json()["ticket"]
         return f"ws://127.0.0.1:{cp.port}/api/v1/streams/{path}?ticket={ticket}"
 
-    async def round_trip() -> Any:
-        mic, audio = url("microphone"), url("audio")
-        _, samples = await asyncio.gather(speak(mic, tone_frames(MIC_HZ, 4.0)), listen(audio, 3.0))
-        return samples
-
-    tail = asyncio.run(round_trip())[-48_000:]
+    tail = asyncio.run(round_trip(url("microphone"), url("audio"), MIC_HZ))[-48_000:]
     assert rms(tail) > 0.05, f"the loopback is silent (rms {rms(tail):.4f})"
     assert abs(dominant_frequency(tail) - MIC_HZ) < 10

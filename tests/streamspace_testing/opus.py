@@ -121,3 +121,16 @@ async def speak(url: str, frames: list[bytes], frame_ms: int = 20) -> None:
         for i, message in enumerate(frames):
             await ws.send(message)
             await asyncio.sleep(max(0.0, start + (i + 1) * frame_ms / 1000 - loop.time()))
+
+
+def mic_loopback_command() -> list[str]:
+    """A container app that plays back what it records from the session's default source
+    (`parec | pacat`): the browser's microphone comes back on the session's sound."""
+    raw = "--raw --format=s16le --rate=48000 --channels=2"
+    return ["sh", "-c", f"parec {raw} --latency-msec=20 | pacat --playback {raw} --latency-msec=30"]
+
+
+async def round_trip(mic_url: str, audio_url: str, hz: int) -> np.ndarray:
+    """Send 4 s of a tone to a microphone socket while decoding 3 s of the sound socket."""
+    _, samples = await asyncio.gather(speak(mic_url, tone_frames(hz, 4.0)), listen(audio_url, 3.0))
+    return samples
