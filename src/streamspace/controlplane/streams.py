@@ -376,10 +376,7 @@ class StreamBroker:
             self.active_streams -= 1
             for task in (to_agent, to_browser):
                 task.cancel()
-            ended = (
-                to_browser.result() if to_browser.done() and not to_browser.cancelled() else None
-            )
-            await _close(browser, conn, ended)
+            await _close(browser, conn, _said(to_browser))
             with contextlib.suppress(Exception):
                 await agent.close()
 
