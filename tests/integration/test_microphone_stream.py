@@ -20,6 +20,7 @@ import pytest
 from test_streams_support import Desk, desk
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from sound_support import Recorder
 from streamspace_testing.opus import dominant_frequency, rms, speak, tone_frames
@@ -145,3 +146,23 @@ def test_a_bad_microphone_policy_value_is_422(d: Desk) -> None:
     r = d.admin.post("/api/v1/groups", json={"name": "bad-mic", "allow_microphone": "sometimes"})
     assert r.status_code == 422 and r.headers["content-type"].startswith("application/problem")
     assert "allow_microphone" in r.text
+
+
+def test_another_sites_page_cannot_open_the_microphone_socket(d: Desk) -> None:
+    c = d.user("cross-site")
+    group(d, "cross-site-mic", "cross-site", allow_microphone=True)
+    sid = d.start_session(c)["id"]
+    url = d.ws_url(d.connect(sid, c)["ticket"], MIC_PATH)
+
+    async def from_origin(origin: str) -> int:
+        try:
+            ws = await connect(url, origin=Origin(origin), open_timeout=20)
+        except InvalidStatus as exc:
+            return exc.response.status_code
+        await ws.close()
+        return 101
+
+    assert asyncio.run(from_origin("https://evil.example")) == 403
+    # Refused before the ticket was looked at: the viewer's own origin still opens with it.
+    assert asyncio.run(from_origin(f"http://127.0.0.1:{d.cp.port}")) == 101
+    d.stop_session(sid)
