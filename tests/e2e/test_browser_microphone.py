@@ -102,14 +102,28 @@ def running_xterm(product: Product) -> str:
 def test_the_browsers_microphone_is_what_the_session_records(
     product: Product, watched: Watched
 ) -> None:
+    hears_the_tone(product, watched, "microphone", processor="function")
+
+
+def test_without_a_track_processor_an_audio_worklet_captures_it(
+    product: Product, watched: Watched
+) -> None:
+    """Firefox and Safari have no MediaStreamTrackProcessor: the page takes the AudioWorklet
+    path instead (here Chromium with the processor removed before the page loads)."""
+    watched.page.add_init_script("delete window.MediaStreamTrackProcessor")
+    hears_the_tone(product, watched, "microphone-worklet", processor="undefined")
+
+
+def hears_the_tone(product: Product, watched: Watched, name: str, processor: str) -> None:
     page = watched.page
     session_id = running_xterm(product)
-    with artifacts_on_failure(watched, product, "microphone"):
+    with artifacts_on_failure(watched, product, name):
         log_in(page, product.url)
         page.goto(f"{product.url}/#/view/{session_id}")
         page.locator('[data-testid="connection-status"][data-status="connected"]').wait_for(
             timeout=30_000
         )
+        assert page.evaluate("typeof MediaStreamTrackProcessor") == processor
         mic = page.get_by_test_id("toggle-microphone")
         poll(lambda: mic.is_enabled(), 10, "the Microphone toggle to be offered")
         assert mic.get_attribute("aria-pressed") == "false"  # off until the user asks

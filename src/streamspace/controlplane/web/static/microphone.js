@@ -1,5 +1,6 @@
-// The browser's microphone into the session: getUserMedia -> MediaStreamTrackProcessor ->
-// WebCodecs' AudioEncoder (Opus, 20 ms frames) -> its own ticketed WebSocket
+// The browser's microphone into the session: getUserMedia -> MediaStreamTrackProcessor (or,
+// where there is none, an AudioWorklet: static/mic-worklet.js) -> WebCodecs' AudioEncoder
+// (Opus, 20 ms frames) -> its own ticketed WebSocket
 // (/api/v1/streams/microphone), one packet per message with the sound stream's 12-byte header
 // (docs/streaming.md#microphone). Off on every page load: the browser asks for permission, and
 // the user's groups must allow it (the connect response says whether they do).
@@ -15,7 +16,7 @@ const DENIED = "Your groups do not allow the microphone in sessions";
 export function microphoneSupported() {
   return (
     typeof AudioEncoder === "function" &&
-    typeof MediaStreamTrackProcessor === "function" &&
+    (typeof MediaStreamTrackProcessor === "function" || typeof AudioWorkletNode === "function") &&
     typeof navigator.mediaDevices?.getUserMedia === "function"
   );
 }
@@ -32,6 +33,7 @@ export function microphoneControl({ sessionId, running }) {
   let track = null;
   let encoder = null;
   let reader = null;
+  let context = null;
   let firstTs = null;
   let channels = 1;
 
@@ -105,6 +107,33 @@ export function microphoneControl({ sessionId, running }) {
     }
   }
 
+  /** Samples through an AudioWorklet, 20 ms per AudioData, timed by their count. */
+  async function worklet(media) {
+    const ctx = new AudioContext({ latencyHint: "interactive" });
+    context = ctx;
+    await ctx.resume();
+    await ctx.audioWorklet.addModule("/static/mic-worklet.js");
+    if (context !== ctx) return;
+    const node = new AudioWorkletNode(ctx, "streamspace-mic-capture", { numberOfOutputs: 0 });
+    let frames = 0;
+    node.port.onmessage = ({ data }) => {
+      if (!enabled || context !== ctx) return;
+      const timestamp = Math.round((frames * 1e6) / ctx.sampleRate);
+      frames += data.length;
+      encode(
+        new AudioData({
+          format: "f32-planar",
+          sampleRate: ctx.sampleRate,
+          numberOfFrames: data.length,
+          numberOfChannels: 1,
+          timestamp,
+          data,
+        }),
+      );
+    };
+    ctx.createMediaStreamSource(media).connect(node);
+  }
+
   async function start() {
     if (!enabled || ws || !running()) return;
     let media;
@@ -143,8 +172,12 @@ export function microphoneControl({ sessionId, running }) {
     };
     socket.onopen = () => {
       if (ws !== socket || !track) return;
-      reader = new MediaStreamTrackProcessor({ track }).readable.getReader();
-      pump(reader).catch(() => setEnabled(false));
+      if (typeof MediaStreamTrackProcessor === "function") {
+        reader = new MediaStreamTrackProcessor({ track }).readable.getReader();
+        pump(reader).catch(() => setEnabled(false));
+      } else {
+        worklet(media).catch(() => setEnabled(false));
+      }
     };
     ws = socket;
   }
@@ -157,6 +190,8 @@ export function microphoneControl({ sessionId, running }) {
     reader = null;
     track?.stop();
     track = null;
+    context?.close().catch(() => {});
+    context = null;
     if (encoder && encoder.state !== "closed") encoder.close();
     encoder = null;
     firstTs = null;
