@@ -11,8 +11,9 @@
 # With STREAMSPACE_VNC_SOCKET (the agent sets it) Xvnc listens on that Unix socket only, in a
 # directory the agent bind-mounts, and on no TCP port at all. With STREAMSPACE_PULSE_SOCKET (the
 # agent sets it too) the session's own PulseAudio plays into one null sink and serves its native
-# protocol on that socket, which the agent's encoder reads (docs/streaming.md#sound); the app
-# finds it through PULSE_SERVER. With STREAMSPACE_FILES_PORT, STREAMSPACE_FILES_HOST_KEY and
+# protocol on that socket, which the agent's encoder reads (docs/streaming.md#sound), and its
+# default source `microphone` plays what the agent decodes from the browser's microphone
+# (docs/streaming.md#microphone); the app finds it through PULSE_SERVER. With STREAMSPACE_FILES_PORT, STREAMSPACE_FILES_HOST_KEY and
 # STREAMSPACE_FILES_CLIENT_KEY (a pod: the agent sets them from the session's Secret) OpenSSH
 # serves SFTP of this user's files on that port, to that one client key only, no shell.
 set -eu
@@ -71,6 +72,8 @@ start_pulse() {
         --disallow-module-loading --realtime=no --high-priority=no --log-target=stderr \
         --log-level=error \
         -L "module-null-sink sink_name=streamspace rate=48000 channels=2" \
+        -L "module-null-sink sink_name=streamspace_mic rate=48000 channels=1" \
+        -L "module-remap-source master=streamspace_mic.monitor source_name=microphone" \
         -L "module-native-protocol-unix socket=$pulse_socket auth-anonymous=1" \
         -L "module-always-sink" "$@" &
     pulse_pid=$!

@@ -471,6 +471,13 @@ class Settings(BaseSettings):
         "of their groups says (`clipboard_out`; `-SendCutText` in the session's VNC server).",
     )
 
+    microphone_allow: bool = Field(
+        default=False,
+        description="Whether users' browsers may send microphone sound into their sessions when "
+        "none of their groups says (a group's allow_microphone overrides it; any group's False "
+        "denies). Off by default: a session hearing the room is opt-in per group.",
+    )
+
     stream_ticket_ttl_seconds: int = Field(
         default=30, description="Lifetime of a single-use stream ticket."
     )

@@ -20,9 +20,10 @@ sessions as its own user, so it is refused rather than served."""
 
 BackendKind = Literal["local", "docker", "kubernetes"]
 CommandAction = Literal["start", "stop", "hibernate", "wake"]
-ViewerPurpose = Literal["vnc", "audio"]
-"""What a browser's viewer socket carries: the RFB byte stream, or the session's sound (Opus
-packets, framed as in docs/streaming.md#sound)."""
+ViewerPurpose = Literal["vnc", "audio", "microphone"]
+"""What a browser's viewer socket carries: the RFB byte stream, the session's sound (Opus
+packets, framed as in docs/streaming.md#sound), or the browser's microphone into the session
+(the same framing, the other way: docs/streaming.md#microphone)."""
 IsolationMode = Literal["uid-sandbox", "userns-sandbox", "container", "insecure-shared-user"]
 """How sessions are kept from the agent and from each other (see docs/security.md):
 `uid-sandbox` a Unix uid per user plus bubblewrap; `userns-sandbox` bubblewrap in a user
@@ -296,9 +297,12 @@ class Command(_Msg):
     spec: SessionSpec | None = None
 
 
-StreamPurpose = Literal["vnc", "audio", "thumbnail", "files_list", "files_read", "files_write"]
+StreamPurpose = Literal[
+    "vnc", "audio", "microphone", "thumbnail", "files_list", "files_read", "files_write"
+]
 """What a dialled-back stream carries: `vnc` the viewer's RFB bytes; `audio` the session's
-sound for one listener (ViewerPurpose: both are a browser's viewer socket); `thumbnail` one binary
+sound for one listener; `microphone` one browser's microphone into the session (ViewerPurpose:
+all three are a browser's viewer socket); `thumbnail` one binary
 frame, a JPEG of the session's screen at most THUMBNAIL_WIDTH wide, then the close; `files_*`
 one file operation on the session's home (see FileReply and docs/files.md). Add a purpose here
 and a handler on the agent's side for each new kind of stream."""

@@ -29,7 +29,14 @@ from kube_support import new_namespace
 from test_docker_e2e import _stream_nonblank
 
 from conftest import PODMAN_MISSING, AgentProcess, ControlPlane, require, wait_for, wait_state
-from streamspace_testing.opus import dominant_frequency, listen, pacat_tone_command, rms
+from streamspace_testing.opus import (
+    dominant_frequency,
+    listen,
+    mic_loopback_command,
+    pacat_tone_command,
+    rms,
+    round_trip,
+)
 
 pytestmark = pytest.mark.podman
 
@@ -296,6 +303,56 @@ def test_a_tone_in_the_pod_reaches_the_viewer_and_its_sound_port_wants_the_cooki
     allowed = _pactl_info(server, tmp_path / "agent", cookie)
     assert allowed.returncode == 0, allowed.stderr
     assert "streamspace" in allowed.stdout  # the session's null sink is its default
+
+
+MIC_HZ = 660
+MIC_LOOPBACK_TEMPLATE: dict[str, Any] = {
+    "name": "mic-loopback-pod",
+    "display_name": "Microphone loopback (pod test)",
+    "category": "Test",
+    "resources": {"cpu_millis": 250, "memory_mb": 256},
+    "display": {"width": 320, "height": 240, "depth": 24},
+    "launch": {
+        "kubernetes": {
+            "image": "localhost/streamspace/xterm:latest",
+            "command": mic_loopback_command(),
+        }
+    },
+}
+
+
+def test_the_browsers_microphone_reaches_the_pod_through_its_cookie_protected_port(
+    setup: Setup,
+) -> None:
+    """The agent's decoder reaches the pod's PulseAudio over TCP with the session's cookie;
+    an app in the pod that plays back its default source returns the tone on the sound."""
+    if shutil.which("gst-launch-1.0") is None:
+        pytest.skip("gst-launch-1.0 is not installed (scripts/install-system.sh)")
+    admin = setup.admin
+    r = admin.post("/api/v1/groups", json={"name": "mic-pods", "allow_microphone": True})
+    assert r.status_code == 201, r.text
+    assert admin.put(f"/api/v1/groups/{r.json()['id']}/members/admin").status_code == 200
+    r = admin.post("/api/v1/templates", json=MIC_LOOPBACK_TEMPLATE)
+    assert r.status_code == 201, r.text
+    wait_for(
+        lambda: any(
+            "mic-loopback-pod" in a["templates"] for a in admin.get("/api/v1/agents").json()
+        ),
+        60,
+        what="the kubernetes agent offering the loopback template",
+    )
+    r = admin.post("/api/v1/sessions", json={"template": "mic-loopback-pod"})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert wait_state(admin, sid, {"running", "failed"}, START_TIMEOUT)["state"] == "running"
+
+    def url(path: str) -> str:
+        ticket = admin.post(f"/api/v1/sessions/{sid}/connect").json()["ticket"]
+        return f"ws://127.0.0.1:{setup.cp.port}/api/v1/streams/{path}?ticket={ticket}"
+
+    tail = asyncio.run(round_trip(url("microphone"), url("audio"), MIC_HZ))[-48_000:]
+    assert rms(tail) > 0.05, f"the loopback is silent (rms {rms(tail):.4f})"
+    assert abs(dominant_frequency(tail) - MIC_HZ) < 10
 
 
 def test_files_reach_the_pod_home_through_its_sftp_server_and_links_are_refused(

@@ -101,7 +101,7 @@ async def test_connect_returns_a_ticket_and_never_the_jwt(d: Desk) -> None:
     r = alice.post(f"/api/v1/sessions/{session['id']}/connect")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert set(body) == {"ticket", "ws_path", "expires_at", "viewer_url"}
+    assert set(body) == {"ticket", "ws_path", "expires_at", "viewer_url", "microphone"}
     # Neither the access token, the refresh token nor any JWT-looking string is handed out.
     for secret in (tokens["access_token"], tokens["refresh_token"]):
         assert secret not in r.text

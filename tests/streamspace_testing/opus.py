@@ -9,6 +9,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 
 from streamspace.agent.audio import SAMPLE_RATE, unframe
+from streamspace.agent.audio import frame as audio_frame
 
 
 def tone_template(
@@ -89,3 +90,47 @@ def pacat_tone_command(hz: int) -> list[str]:
     period = r"\000\040\000\040" * half + r"\000\340\000\340" * half
     play = "pacat --playback --raw --format=s16le --rate=48000 --channels=2 --latency-msec=30"
     return ["sh", "-c", f"while :; do printf '{period}'; done | {play}"]
+
+
+def tone_frames(hz: int, seconds: float, frame_ms: int = 20) -> list[bytes]:
+    """`seconds` of a mono sine of `hz` as framed Opus packets (agent/audio.py framing), as a
+    browser's microphone sends them: libopus through PyAV."""
+    encoder = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate = SAMPLE_RATE
+    encoder.layout = "mono"
+    encoder.format = "s16"
+    encoder.options = {"frame_duration": str(frame_ms)}
+    size = SAMPLE_RATE * frame_ms // 1000
+    frames: list[bytes] = []
+    for i in range(int(seconds * 1000 / frame_ms)):
+        t = np.arange(i * size, (i + 1) * size) / SAMPLE_RATE
+        pcm = (0.5 * np.sin(2 * np.pi * hz * t) * 32767).astype(np.int16).reshape(1, -1)
+        chunk = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        chunk.sample_rate = SAMPLE_RATE
+        chunk.pts = i * size
+        for packet in encoder.encode(chunk):
+            frames.append(audio_frame(len(frames) * frame_ms * 1000, bytes(packet), channels=1))
+    return frames
+
+
+async def speak(url: str, frames: list[bytes], frame_ms: int = 20) -> None:
+    """Send the frames at the pace a microphone makes them, then close."""
+    async with connect(url, open_timeout=20, compression=None) as ws:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i, message in enumerate(frames):
+            await ws.send(message)
+            await asyncio.sleep(max(0.0, start + (i + 1) * frame_ms / 1000 - loop.time()))
+
+
+def mic_loopback_command() -> list[str]:
+    """A container app that plays back what it records from the session's default source
+    (`parec | pacat`): the browser's microphone comes back on the session's sound."""
+    raw = "--raw --format=s16le --rate=48000 --channels=2"
+    return ["sh", "-c", f"parec {raw} --latency-msec=20 | pacat --playback {raw} --latency-msec=30"]
+
+
+async def round_trip(mic_url: str, audio_url: str, hz: int) -> np.ndarray:
+    """Send 4 s of a tone to a microphone socket while decoding 3 s of the sound socket."""
+    _, samples = await asyncio.gather(speak(mic_url, tone_frames(hz, 4.0)), listen(audio_url, 3.0))
+    return samples

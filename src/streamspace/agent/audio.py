@@ -26,7 +26,7 @@ import contextlib
 import os
 import shutil
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from streamspace.agent.backends.base import SoundServer
 
@@ -96,6 +96,11 @@ def encoder_argv(gst_launch: str, server: str, bitrate: int, run_as: int | None)
         "fd=1",
         "sync=false",
     ]
+    return gst_argv(gst_launch, pipeline, run_as)
+
+
+def gst_argv(gst_launch: str, pipeline: list[str], run_as: int | None) -> list[str]:
+    """`gst-launch-1.0 -q <pipeline>`, as `run_as` with no capabilities when that is set."""
     argv = [gst_launch, "-q", *pipeline]
     if run_as is None:
         return argv
@@ -132,13 +137,16 @@ def find_encoder() -> str:
     return found
 
 
-async def opus_packets(source: SoundServer, *, bitrate: int) -> AsyncIterator[bytes]:
-    """Framed Opus packets of the session's sound, until the server or the encoder ends.
-    Takes ownership of `source` (its descriptor is closed once the encoder holds it).
-
-    Backpressure: the caller awaits each send before asking for the next packet; meanwhile the
-    encoder blocks on its stdout pipe and the audio server drops what its client cannot take,
-    so a slow viewer loses sound rather than growing any buffer."""
+async def spawn_gst(
+    source: SoundServer,
+    pipeline: Callable[[str, int | None], list[str]],
+    *,
+    stdin: int,
+    stdout: int,
+) -> asyncio.subprocess.Process:
+    """Start a GStreamer pipeline that talks to the session's sound server, as `nobody` when
+    the agent is root. `pipeline(server, run_as)` gives its command line. Takes ownership of
+    `source` (its descriptor is closed once the child holds it)."""
     run_as = NOBODY if os.geteuid() == 0 else None
     env = {"PATH": "/usr/bin:/bin"}
     inherited: list[int] = []
@@ -150,11 +158,10 @@ async def opus_packets(source: SoundServer, *, bitrate: int) -> AsyncIterator[by
             cookie_fd = _memfd_with(source.cookie)
             inherited.append(cookie_fd)
             env["PULSE_COOKIE"] = f"/proc/self/fd/{cookie_fd}"
-        command = encoder_argv(find_encoder(), server_address(source), bitrate, run_as)
-        proc = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
+        return await asyncio.create_subprocess_exec(
+            *pipeline(server_address(source), run_as),
+            stdin=stdin,
+            stdout=stdout,
             stderr=asyncio.subprocess.DEVNULL,
             pass_fds=tuple(inherited),
             env=env,
@@ -163,6 +170,22 @@ async def opus_packets(source: SoundServer, *, bitrate: int) -> AsyncIterator[by
         source.close()
         if cookie_fd is not None:
             os.close(cookie_fd)
+
+
+async def opus_packets(source: SoundServer, *, bitrate: int) -> AsyncIterator[bytes]:
+    """Framed Opus packets of the session's sound, until the server or the encoder ends.
+    Takes ownership of `source`.
+
+    Backpressure: the caller awaits each send before asking for the next packet; meanwhile the
+    encoder blocks on its stdout pipe and the audio server drops what its client cannot take,
+    so a slow viewer loses sound rather than growing any buffer."""
+    gst_launch = find_encoder()
+    proc = await spawn_gst(
+        source,
+        lambda server, run_as: encoder_argv(gst_launch, server, bitrate, run_as),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+    )
     assert proc.stdout is not None
     first_ts: int | None = None
     try:

@@ -1,6 +1,7 @@
 """Viewer streams: OpenStream -> the backend's connection to the session's VNC server (or, for
-purpose "audio", its sound encoded as Opus: agent/audio.py) -> a fresh binary WebSocket dialled
-back to the control plane, bytes pumped both ways (audio: one way)."""
+purpose "audio", its sound encoded as Opus: agent/audio.py; for "microphone", a decoder into its
+microphone: agent/microphone.py) -> a fresh binary WebSocket dialled back to the control plane,
+bytes pumped both ways (audio and microphone: one way each)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from streamspace.agent import audio, snapshot
 from streamspace.agent.backends.base import Backend, BackendError, SoundServer, VNCStream
 from streamspace.agent.enrolment import Enrolment
 from streamspace.agent.files import FileStreams
+from streamspace.agent.microphone import BadFrame, Microphone
 from streamspace.agent.outbox import Outbox
 from streamspace.agent.server import Server
 from streamspace.agent.vnc import ByteStreamReader, ByteStreamWriter
@@ -131,6 +133,9 @@ class StreamTunnel:
         if msg.purpose == "audio":
             await self._run_audio(msg, url)
             return
+        if msg.purpose == "microphone":
+            await self._run_microphone(msg, url)
+            return
         if msg.purpose != "vnc":
             await self._run_files(msg, url)
             return
@@ -198,6 +203,37 @@ class StreamTunnel:
             await ws.close()
             log.event("stream_closed", **fields)
 
+    async def _run_microphone(self, msg: OpenStream, url: str) -> None:
+        """Decode one browser's microphone into the session's `microphone` source."""
+        try:
+            audio.find_encoder()
+            source = await self._backend.open_audio(msg.session_id)
+        except (BackendError, audio.AudioUnavailable) as exc:
+            self._failed(msg, str(exc))
+            return
+        ws = await self._dial(msg, url)
+        if ws is None:
+            source.close()
+            return
+        fields = {
+            "agent_id": self._identity.agent_id,
+            "stream_id": msg.stream_id,
+            "session_id": msg.session_id,
+            "purpose": msg.purpose,
+        }
+        log.event("stream_open", **fields)
+        mic: Microphone | None = None
+        try:
+            mic = await Microphone.open(source)
+            await _pump_microphone(ws, mic)
+        finally:
+            await ws.close()
+            dropped = 0
+            if mic is not None:
+                dropped = mic.dropped
+                await mic.close()
+            log.event("stream_closed", dropped_packets=dropped, **fields)
+
     def _failed(self, msg: OpenStream, error: str) -> None:
         log.warning(
             "stream_failed",
@@ -250,6 +286,24 @@ async def _pump_audio(ws: ClientConnection, source: SoundServer) -> None:
         asyncio.create_task(send(), name="audio-to-ws"),
         asyncio.create_task(drain(), name="audio-ws-drain"),
     )
+
+
+async def _pump_microphone(ws: ClientConnection, mic: Microphone) -> None:
+    """The browser's packets into the decoder until either side ends; a message that is not a
+    framed Opus packet ends the stream with the reason."""
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            if isinstance(message, str):
+                await ws.close(code=1003, reason="microphone streams carry binary frames only")
+                return
+            try:
+                mic.play(message)
+            except BadFrame as exc:
+                await ws.close(code=1007, reason=str(exc)[:120])
+                return
+            except (BrokenPipeError, ConnectionResetError):
+                await ws.close(code=1011, reason="the session's microphone went away")
+                return
 
 
 async def _until_one_ends(*tasks: asyncio.Task[None]) -> None:

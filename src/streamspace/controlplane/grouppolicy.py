@@ -16,13 +16,14 @@ from streamspace.config import Settings
 from streamspace.db.models import Group, GroupMembership
 
 Direction = Literal["upload", "download"]
-Switch = Literal["upload", "download", "clipboard_in", "clipboard_out"]
+Switch = Literal["upload", "download", "clipboard_in", "clipboard_out", "microphone"]
 
 _COLUMNS = {
     "upload": Group.allow_upload,
     "download": Group.allow_download,
     "clipboard_in": Group.clipboard_in,
     "clipboard_out": Group.clipboard_out,
+    "microphone": Group.allow_microphone,
 }
 
 
@@ -32,6 +33,7 @@ def default(settings: Settings, switch: Switch) -> bool:
         "download": settings.files_allow_download,
         "clipboard_in": settings.clipboard_allow_in,
         "clipboard_out": settings.clipboard_allow_out,
+        "microphone": settings.microphone_allow,
     }[switch]
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import Table, bindparam, update
 
 from streamspace import logs, protocol
 from streamspace.config import Settings
-from streamspace.controlplane import agentauth
+from streamspace.controlplane import agentauth, grouppolicy
 from streamspace.controlplane.embedded import (
     EmbeddedAgent,
     EmbeddedAgentSlot,
@@ -46,6 +46,8 @@ MAX_AGENT_FRAME = 1024 * 1024
 RFB is a byte stream, so frame boundaries carry no meaning."""
 CLOSE_DENIED = 4401
 CLOSE_UNAVAILABLE = 4503
+CLOSE_FORBIDDEN = 4403
+"""The user may view the session but not open this kind of stream (a group policy)."""
 CLOSE_SIGNED_OUT = 4401
 """Also 4401: the viewer must not reconnect with what it holds; the reason says why."""
 
@@ -172,6 +174,10 @@ class StreamBroker:
         async with self.db() as db:
             session = await db.get(SessionRow, ticket.session_id)
             user = await db.get(User, ticket.user_id)
+            may_speak = purpose != "microphone" or (
+                user is not None
+                and await grouppolicy.allowed(db, self.settings, user.id, "microphone")
+            )
         if user is not None and user.token_version != ticket.token_version:
             await ws.close(code=CLOSE_SIGNED_OUT, reason="signed out since the ticket was issued")
             return
@@ -189,6 +195,11 @@ class StreamBroker:
             return
         subprotocol = "binary" if "binary" in ws.scope.get("subprotocols", []) else None
         await ws.accept(subprotocol=subprotocol)
+        if not may_speak:
+            # Accepted first so the viewer gets the reason (a close before the handshake is a
+            # bare 403); no agent stream has been asked for.
+            await ws.close(code=CLOSE_FORBIDDEN, reason="your groups do not allow the microphone")
+            return
         local = self.local_agent.serving(session.agent_id) if purpose == "vnc" else None
         if local is not None:
             await self._serve_local(ws, local, session, user.id if user else "", conn)
@@ -365,20 +376,26 @@ class StreamBroker:
             self.active_streams -= 1
             for task in (to_agent, to_browser):
                 task.cancel()
-            await _close(browser, conn)
+            await _close(browser, conn, _said(to_browser))
             with contextlib.suppress(Exception):
                 await agent.close()
 
-    async def _pump(self, src: WebSocket, dst: WebSocket, session_id: str, upstream: bool) -> None:
+    async def _pump(
+        self, src: WebSocket, dst: WebSocket, session_id: str, upstream: bool
+    ) -> tuple[int, str] | None:
+        """Copy until `src` closes; its close code and reason when it said one."""
         last_touch = 0.0
+        closed: dict[str, Any] = {}
         with contextlib.suppress(WebSocketDisconnect, RuntimeError, ConnectionError):
-            while (data := await _receive_bytes(src)) is not None:
+            while (data := await _receive_bytes(src, closed)) is not None:
                 if upstream and len(data) > MAX_AGENT_FRAME:
                     for i in range(0, len(data), MAX_AGENT_FRAME):
                         await dst.send_bytes(data[i : i + MAX_AGENT_FRAME])
                 else:
                     await dst.send_bytes(data)
                 last_touch = self._count(session_id, len(data), upstream, last_touch)
+        code = closed.get("code")
+        return (int(code), str(closed.get("reason") or "")) if code else None
 
     def _count(self, session_id: str, n: int, upstream: bool, last_touch: float) -> float:
         """Byte counters, and the session's activity at most every 5 s; returns last_touch."""
@@ -461,19 +478,38 @@ class StreamBroker:
         return len(activity)
 
 
-async def _close(browser: WebSocket, conn: Connection) -> None:
-    """Close the viewer's socket, saying why if its user was signed out (once: later calls
-    find it closed)."""
+def _said(pump: asyncio.Task[tuple[int, str] | None]) -> tuple[int, str] | None:
+    """How the agent closed its stream, if that is what ended the pump."""
+    if not pump.done() or pump.cancelled() or pump.exception() is not None:
+        return None
+    return pump.result()
+
+
+AGENT_CLOSE_CODES = frozenset({1003, 1007, 1011})
+"""Codes the agent ends a stream with for a reason the viewer should see (a malformed
+microphone frame, the session's sound server gone); passed on with the agent's reason."""
+
+
+async def _close(
+    browser: WebSocket, conn: Connection, agent_said: tuple[int, str] | None = None
+) -> None:
+    """Close the viewer's socket, saying why if its user was signed out or the agent gave a
+    reason (once: later calls find it closed)."""
     code, reason = (CLOSE_SIGNED_OUT, conn.revoked[:120]) if conn.revoked else (1000, "")
+    if not conn.revoked and agent_said is not None and agent_said[0] in AGENT_CLOSE_CODES:
+        code, reason = agent_said[0], agent_said[1][:120]
     with contextlib.suppress(Exception):
         await browser.close(code=code, reason=reason)
 
 
-async def _receive_bytes(ws: WebSocket) -> bytes | None:
-    """The next payload (text frames as UTF-8: RFB is bytes); None once the peer has gone."""
+async def _receive_bytes(ws: WebSocket, closed: dict[str, Any] | None = None) -> bytes | None:
+    """The next payload (text frames as UTF-8: RFB is bytes); None once the peer has gone
+    (its close message then in `closed`)."""
     while True:
         msg = await ws.receive()
         if msg["type"] == "websocket.disconnect":
+            if closed is not None:
+                closed.update(msg)
             return None
         data = msg.get("bytes")
         if data is not None:

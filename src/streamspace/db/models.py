@@ -97,6 +97,9 @@ class Group(TimestampMixin, Base):
     """Text may be pasted into members' sessions (Xvnc -AcceptCutText); same rules."""
     clipboard_out: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     """Text copied in members' sessions may leave them (Xvnc -SendCutText); same rules."""
+    allow_microphone: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """Members' browsers may send microphone sound into their sessions; same rules (the
+    setting's default is off)."""
 
 
 class GroupMembership(Base):

@@ -308,6 +308,13 @@ async def browser_audio_socket(ws: WebSocket) -> None:
     await _browser_stream(ws, "audio")
 
 
+@router.websocket("/api/v1/streams/microphone")
+async def browser_microphone_socket(ws: WebSocket) -> None:
+    """The browser's microphone into the session, framed like the sound, when the user's
+    groups allow it (docs/streaming.md#microphone)."""
+    await _browser_stream(ws, "microphone")
+
+
 async def _browser_stream(ws: WebSocket, purpose: protocol.ViewerPurpose) -> None:
     state: AppState = ws.app.state.ss
     if not origin_allowed(ws, state.settings):

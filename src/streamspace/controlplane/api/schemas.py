@@ -158,6 +158,7 @@ _ALLOW_UPLOAD = "members may upload files into sessions; null: no say (the setti
 _ALLOW_DOWNLOAD = "members may download files from sessions; null: no say"
 _CLIPBOARD_IN = "text may be pasted into members' sessions; null: no say"
 _CLIPBOARD_OUT = "text copied in members' sessions may leave them; null: no say"
+_ALLOW_MICROPHONE = "members' browsers may send microphone sound into sessions; null: no say"
 
 
 class GroupIn(Strict):
@@ -167,6 +168,7 @@ class GroupIn(Strict):
     allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
     clipboard_in: bool | None = Field(default=None, description=_CLIPBOARD_IN)
     clipboard_out: bool | None = Field(default=None, description=_CLIPBOARD_OUT)
+    allow_microphone: bool | None = Field(default=None, description=_ALLOW_MICROPHONE)
 
 
 class GroupPatchIn(Strict):
@@ -177,6 +179,7 @@ class GroupPatchIn(Strict):
     allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
     clipboard_in: bool | None = Field(default=None, description=_CLIPBOARD_IN)
     clipboard_out: bool | None = Field(default=None, description=_CLIPBOARD_OUT)
+    allow_microphone: bool | None = Field(default=None, description=_ALLOW_MICROPHONE)
 
 
 class GroupOut(Out):
@@ -194,6 +197,7 @@ class GroupOut(Out):
     allow_download: bool | None = Field(default=None, description=_ALLOW_DOWNLOAD)
     clipboard_in: bool | None = Field(default=None, description=_CLIPBOARD_IN)
     clipboard_out: bool | None = Field(default=None, description=_CLIPBOARD_OUT)
+    allow_microphone: bool | None = Field(default=None, description=_ALLOW_MICROPHONE)
 
 
 class ResourcesIn(Strict):
@@ -424,6 +428,11 @@ class ConnectOut(BaseModel):
     ws_path: str
     expires_at: datetime
     viewer_url: str
+    microphone: bool = Field(
+        default=False,
+        description="whether this user's groups allow /api/v1/streams/microphone (the viewer "
+        "offers its Microphone toggle only then)",
+    )
 
 
 class AuditOut(Out):

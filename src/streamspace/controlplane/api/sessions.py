@@ -7,7 +7,7 @@ from sqlalchemy import exists, func, literal_column, select, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from streamspace.controlplane import audit, entitlements
+from streamspace.controlplane import audit, entitlements, grouppolicy
 from streamspace.controlplane.api.schemas import (
     ConnectOut,
     Page,
@@ -290,6 +290,7 @@ async def connect_session(
             f"cannot connect to a session that is {session.state}", current_state=session.state
         )
     ticket, expires = await state.streams.issue_ticket(session.id, user.id, user.token_version)
+    microphone = await grouppolicy.allowed(db, state.settings, user.id, "microphone")
     audit.record(
         db,
         actor=user,
@@ -304,6 +305,7 @@ async def connect_session(
         ws_path="/api/v1/streams/ws",
         expires_at=expires,
         viewer_url=f"/#/view/{session.id}",
+        microphone=microphone,
     )
 
 

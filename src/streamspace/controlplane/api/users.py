@@ -32,7 +32,13 @@ from streamspace.db.models import Group, GroupMembership, Quota, User
 
 router = APIRouter(prefix="/api/v1", tags=["users"])
 
-POLICY_SWITCHES = ("allow_upload", "allow_download", "clipboard_in", "clipboard_out")
+POLICY_SWITCHES = (
+    "allow_upload",
+    "allow_download",
+    "clipboard_in",
+    "clipboard_out",
+    "allow_microphone",
+)
 
 
 async def find_user(db: DbDep, user_id: str) -> User:
@@ -340,6 +346,7 @@ async def _group_out(db: DbDep, group: Group) -> GroupOut:
         allow_download=group.allow_download,
         clipboard_in=group.clipboard_in,
         clipboard_out=group.clipboard_out,
+        allow_microphone=group.allow_microphone,
     )
 
 
@@ -360,6 +367,7 @@ async def create_group(body: GroupIn, request: Request, admin: AdminDep, db: DbD
         allow_download=body.allow_download,
         clipboard_in=body.clipboard_in,
         clipboard_out=body.clipboard_out,
+        allow_microphone=body.allow_microphone,
     )
     db.add(group)
     await db.flush()

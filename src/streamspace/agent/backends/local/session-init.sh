@@ -10,7 +10,10 @@
 # sound server listens). Arguments: the app.
 # The sound server (PulseAudio with one null sink, when installed) runs as the session user
 # here like everything else; the agent encodes what plays into it for the viewer
-# (docs/streaming.md#sound). A session without it simply has no sound.
+# (docs/streaming.md#sound). A second null sink's monitor, remapped as the source
+# `microphone` (the default source), is where the agent plays the browser's microphone when
+# the user's groups allow it (docs/streaming.md#microphone). A session without it simply has
+# no sound.
 # A stop (SIGTERM/SIGINT/SIGHUP) goes to the app first; the display server is stopped after
 # it, so apps can still save their state with their display up.
 set -u
@@ -54,6 +57,8 @@ if command -v pulseaudio >/dev/null 2>&1 && mkdir -p -m 0700 "$pulse_dir" 2>/dev
         --disallow-module-loading --realtime=no --high-priority=no --log-target=stderr \
         --log-level=error \
         -L "module-null-sink sink_name=streamspace rate=48000 channels=2" \
+        -L "module-null-sink sink_name=streamspace_mic rate=48000 channels=1" \
+        -L "module-remap-source master=streamspace_mic.monitor source_name=microphone" \
         -L "module-native-protocol-unix socket=${PULSE_SERVER#unix:} auth-anonymous=1" \
         -L "module-always-sink" 2>>"$SS_APP_LOG" &
     pulse_pid=$!

@@ -1,6 +1,7 @@
 // The session viewer: noVNC over the control plane's stream tunnel, one fresh ticket per connect.
 import { ApiError, get, post } from "./api.js";
 import { soundControl } from "./audio.js";
+import { microphoneControl } from "./microphone.js";
 import { appIcon, busy, copyText, h, shortId, showError, stateBadge, toast } from "./ui.js";
 import { filesPanel } from "./files.js";
 
@@ -165,6 +166,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
   );
 
   const sound = soundControl({ sessionId: id, running: () => session?.state === "running" });
+  const mic = microphoneControl({ sessionId: id, running: () => session?.state === "running" });
 
   const sendText = h("textarea", {
     id: "clip-send",
@@ -226,7 +228,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     backLinkBar,
     h("div", { class: "viewer-title" }, iconSlot, h("h1", {}, titleText), badgeSlot),
     connStatus,
-    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, resizeBtn, sharpBtn, clipBtn, files.button, fsBtn, ...sound.elements),
+    h("div", { class: "viewer-tools", role: "toolbar", "aria-label": "Viewer", title: "Ctrl+Alt+Shift+T moves the keyboard focus from the remote screen back here" }, reconnectBtn, scaleBtn, resizeBtn, sharpBtn, clipBtn, files.button, fsBtn, ...sound.elements, ...mic.elements),
   );
   const root = h(
     "div",
@@ -336,6 +338,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       const RFB = await loadRFB();
       ticket = await post(`/api/v1/sessions/${id}/connect`);
       if (disposed) return;
+      mic.allow(ticket.microphone);
       const proto = location.protocol === "https:" ? "wss:" : "ws:";
       const url = `${proto}//${location.host}${ticket.ws_path}?ticket=${encodeURIComponent(ticket.ticket)}`;
       screen.replaceChildren();
@@ -593,6 +596,10 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       e.preventDefault();
       e.stopPropagation();
       sound.toggle();
+    } else if (e.ctrlKey && e.altKey && e.shiftKey && e.code === "KeyM") {
+      e.preventDefault();
+      e.stopPropagation();
+      mic.toggle();
     }
   };
   window.addEventListener("keydown", onKey, true);
@@ -630,6 +637,8 @@ export async function viewerView(main, { match, ctx, setTitle }) {
       disposed = true;
       unsubscribe();
       sound.stop();
+    mic.stop();
+      mic.stop();
       document.removeEventListener("fullscreenchange", onFullscreen);
       window.removeEventListener("keydown", onKey, true);
       ratioQuery.removeEventListener("change", onRatio);
@@ -659,6 +668,7 @@ export async function viewerView(main, { match, ctx, setTitle }) {
     unsubscribe();
     dropRfb();
     sound.stop();
+    mic.stop();
     document.removeEventListener("fullscreenchange", onFullscreen);
     window.removeEventListener("keydown", onKey, true);
     ratioQuery.removeEventListener("change", onRatio);
