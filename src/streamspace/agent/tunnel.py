@@ -130,11 +130,8 @@ class StreamTunnel:
         url = self._url(msg)
         if url is None:
             return
-        if msg.purpose == "audio":
-            await self._run_audio(msg, url)
-            return
-        if msg.purpose == "microphone":
-            await self._run_microphone(msg, url)
+        if msg.purpose in ("audio", "microphone"):
+            await self._run_sound(msg, url)
             return
         if msg.purpose != "vnc":
             await self._run_files(msg, url)
@@ -178,8 +175,9 @@ class StreamTunnel:
         finally:
             await ws.close()
 
-    async def _run_audio(self, msg: OpenStream, url: str) -> None:
-        """Encode the session's sound for one listener, one framed Opus packet per message."""
+    async def _run_sound(self, msg: OpenStream, url: str) -> None:
+        """Through the session's sound server: its sound to one listener (`audio`, one framed
+        Opus packet per message), or one browser's microphone into its `microphone` source."""
         try:
             audio.find_encoder()
             source = await self._backend.open_audio(msg.session_id)
@@ -197,42 +195,20 @@ class StreamTunnel:
             "purpose": msg.purpose,
         }
         log.event("stream_open", **fields)
+        counts: dict[str, int] = {}
         try:
-            await _pump_audio(ws, source)
+            if msg.purpose == "audio":
+                await _pump_audio(ws, source)
+            else:
+                mic = await Microphone.open(source)
+                try:
+                    await _pump_microphone(ws, mic)
+                finally:
+                    counts["dropped_packets"] = mic.dropped
+                    await mic.close()
         finally:
             await ws.close()
-            log.event("stream_closed", **fields)
-
-    async def _run_microphone(self, msg: OpenStream, url: str) -> None:
-        """Decode one browser's microphone into the session's `microphone` source."""
-        try:
-            audio.find_encoder()
-            source = await self._backend.open_audio(msg.session_id)
-        except (BackendError, audio.AudioUnavailable) as exc:
-            self._failed(msg, str(exc))
-            return
-        ws = await self._dial(msg, url)
-        if ws is None:
-            source.close()
-            return
-        fields = {
-            "agent_id": self._identity.agent_id,
-            "stream_id": msg.stream_id,
-            "session_id": msg.session_id,
-            "purpose": msg.purpose,
-        }
-        log.event("stream_open", **fields)
-        mic: Microphone | None = None
-        try:
-            mic = await Microphone.open(source)
-            await _pump_microphone(ws, mic)
-        finally:
-            await ws.close()
-            dropped = 0
-            if mic is not None:
-                dropped = mic.dropped
-                await mic.close()
-            log.event("stream_closed", dropped_packets=dropped, **fields)
+            log.event("stream_closed", **fields, **counts)
 
     def _failed(self, msg: OpenStream, error: str) -> None:
         log.warning(
