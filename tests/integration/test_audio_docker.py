@@ -17,7 +17,7 @@ from streamspace_testing.opus import (
     dominant_frequency,
     listen,
     mic_loopback_command,
-    pacat_tone_command,
+    pacat_tone_template,
     rms,
     round_trip,
 )
@@ -27,19 +27,7 @@ pytestmark = pytest.mark.podman
 __all__ = ["setup"]
 
 TONE_HZ = 750
-TONE_TEMPLATE: dict[str, Any] = {
-    "name": "tone-docker",
-    "display_name": "Tone (docker audio test)",
-    "category": "Test",
-    "resources": {"cpu_millis": 250, "memory_mb": 256},
-    "display": {"width": 320, "height": 240, "depth": 24},
-    "launch": {
-        "docker": {
-            "image": "localhost/streamspace/xterm:latest",
-            "command": pacat_tone_command(TONE_HZ),
-        }
-    },
-}
+TONE_TEMPLATE = pacat_tone_template("tone-docker", "docker", TONE_HZ)
 
 
 def test_a_tone_in_the_container_arrives_as_opus_of_that_frequency(setup: Any) -> None:

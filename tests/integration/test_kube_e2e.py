@@ -33,7 +33,7 @@ from streamspace_testing.opus import (
     dominant_frequency,
     listen,
     mic_loopback_command,
-    pacat_tone_command,
+    pacat_tone_template,
     rms,
     round_trip,
 )
@@ -50,19 +50,7 @@ BROKEN_TEMPLATE: dict[str, Any] = {
     "launch": {"kubernetes": {"image": MISSING_IMAGE}},
 }
 TONE_HZ = 750
-TONE_TEMPLATE: dict[str, Any] = {
-    "name": "tone-pod",
-    "display_name": "Tone (pod audio test)",
-    "category": "Test",
-    "resources": {"cpu_millis": 250, "memory_mb": 256},
-    "display": {"width": 320, "height": 240, "depth": 24},
-    "launch": {
-        "kubernetes": {
-            "image": "localhost/streamspace/xterm:latest",
-            "command": pacat_tone_command(TONE_HZ),
-        }
-    },
-}
+TONE_TEMPLATE = pacat_tone_template("tone-pod", "kubernetes", TONE_HZ)
 
 
 @dataclass

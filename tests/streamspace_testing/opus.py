@@ -134,3 +134,21 @@ async def round_trip(mic_url: str, audio_url: str, hz: int) -> np.ndarray:
     """Send 4 s of a tone to a microphone socket while decoding 3 s of the sound socket."""
     _, samples = await asyncio.gather(speak(mic_url, tone_frames(hz, 4.0)), listen(audio_url, 3.0))
     return samples
+
+
+def pacat_tone_template(name: str, backend: str, hz: int) -> dict[str, object]:
+    """A catalog template for an image backend (docker, kubernetes) whose app plays a square
+    wave of `hz` with pacat, in the xterm image."""
+    return {
+        "name": name,
+        "display_name": f"Tone ({backend} audio test)",
+        "category": "Test",
+        "resources": {"cpu_millis": 250, "memory_mb": 256},
+        "display": {"width": 320, "height": 240, "depth": 24},
+        "launch": {
+            backend: {
+                "image": "localhost/streamspace/xterm:latest",
+                "command": pacat_tone_command(hz),
+            }
+        },
+    }

@@ -26,7 +26,16 @@ from streamspace.agent.backends.base import HomeAccess
 from streamspace.agent.homeusage import tree_bytes
 from streamspace.protocol import MAX_LISTING, FileEntry, FileErrorCode, FileType
 
-__all__ = ["CHUNK", "ChunkSink", "FileOpError", "Home", "Upload", "zip_time"]
+__all__ = [
+    "CHUNK",
+    "ChunkSink",
+    "FileOpError",
+    "Home",
+    "Upload",
+    "check_allowance",
+    "type_of",
+    "zip_time",
+]
 
 CHUNK = 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -64,7 +73,7 @@ def _is_link(name: str, dir_fd: int) -> bool:
         return False
 
 
-def _type_of(mode: int) -> FileType:
+def type_of(mode: int) -> FileType:
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
@@ -165,7 +174,7 @@ class Home:
                         entries.append(
                             FileEntry(
                                 name=entry.name,
-                                type=_type_of(st.st_mode),
+                                type=type_of(st.st_mode),
                                 size=st.st_size if stat.S_ISREG(st.st_mode) else 0,
                                 mtime=datetime.fromtimestamp(st.st_mtime, UTC),
                             )
@@ -310,16 +319,7 @@ class Upload:
     written: int = 0
 
     def write(self, data: bytes) -> None:
-        if self.allowance is not None and self.written + len(data) > self.allowance:
-            what = (
-                "the room left under the home's size limit"
-                if self.limited_by == "quota"
-                else "the upload size limit"
-            )
-            raise FileOpError(
-                self.limited_by,
-                f"the upload is larger than {self.allowance} bytes, {what}",
-            )
+        check_allowance(self.written + len(data), self.allowance, self.limited_by)
         view = memoryview(data)
         while view:
             try:
@@ -348,6 +348,19 @@ class Upload:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self.fd = self.parent = -1
+
+
+def check_allowance(total: int, allowance: int | None, limited_by: FileErrorCode) -> None:
+    """Refuse an upload that has grown past what it may write (`limited_by` says which limit
+    that is: the upload size limit, or the room left under the home's size limit)."""
+    if allowance is None or total <= allowance:
+        return
+    what = (
+        "the room left under the home's size limit"
+        if limited_by == "quota"
+        else "the upload size limit"
+    )
+    raise FileOpError(limited_by, f"the upload is larger than {allowance} bytes, {what}")
 
 
 def zip_time(ts: float) -> tuple[int, int, int, int, int, int]:

@@ -27,8 +27,15 @@ from typing import Literal
 import asyncssh
 
 from streamspace.agent.backends.base import SftpAccess
-from streamspace.agent.homefs import CHUNK, ChunkSink, FileOpError, zip_time
-from streamspace.protocol import MAX_LISTING, FileEntry, FileType
+from streamspace.agent.homefs import (
+    CHUNK,
+    ChunkSink,
+    FileOpError,
+    check_allowance,
+    type_of,
+    zip_time,
+)
+from streamspace.protocol import MAX_LISTING, FileEntry
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 
@@ -72,16 +79,6 @@ def _sftp_error(exc: asyncssh.SFTPError, name: str) -> FileOpError:
     if isinstance(exc, asyncssh.SFTPPermissionDenied):
         return FileOpError("forbidden", f"permission denied: {shown}")
     return FileOpError("failed", f"{shown}: {exc.reason or exc}")
-
-
-def _type_of(mode: int) -> FileType:
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "symlink"
-    return "other"
 
 
 @dataclass
@@ -141,7 +138,7 @@ class SftpHome:
             entries.append(
                 FileEntry(
                     name=name,
-                    type=_type_of(mode),
+                    type=type_of(mode),
                     size=(item.attrs.size or 0) if stat.S_ISREG(mode) else 0,
                     mtime=datetime.fromtimestamp(item.attrs.mtime or 0, UTC),
                 )
@@ -305,15 +302,7 @@ class _SftpUpload:
     _open: bool = field(default=True, repr=False)
 
     async def write(self, data: bytes) -> None:
-        if self.allowance is not None and self.written + len(data) > self.allowance:
-            what = (
-                "the room left under the home's size limit"
-                if self.limited_by == "quota"
-                else "the upload size limit"
-            )
-            raise FileOpError(
-                self.limited_by, f"the upload is larger than {self.allowance} bytes, {what}"
-            )
+        check_allowance(self.written + len(data), self.allowance, self.limited_by)
         try:
             await self.handle.write(data)
         except asyncssh.SFTPError as exc:
