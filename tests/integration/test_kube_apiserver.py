@@ -54,8 +54,12 @@ async def new_namespace(core: k8s.CoreV1Api) -> str:
     return name
 
 
-async def test_admin_creates_and_lists_a_pod(kube_apiserver: KubeAPIServer, tmp_path: Path) -> None:
-    async with api_client(kube_apiserver, tmp_path) as api:
+async def test_admin_creates_and_lists_a_pod(
+    nodeless_kube_apiserver: KubeAPIServer, tmp_path: Path
+) -> None:
+    # The node-less server: on the shared one the session's test node, once started, binds
+    # every pending pod, and this checks that the server alone only stores it.
+    async with api_client(nodeless_kube_apiserver, tmp_path) as api:
         core = k8s.CoreV1Api(api)
         namespace = await new_namespace(core)
         _, status, _ = await core.create_namespaced_pod_with_http_info(namespace, pod("desk-1"))
