@@ -153,8 +153,12 @@ class PodWorker:
     async def _run(self) -> None:
         try:
             await self.report()
-            await self._sandbox()
-            volumes = await self._volumes()
+            # The sandbox's runc start and the volumes' API reads are independent, so they
+            # overlap, as a kubelet's sandbox creation and volume manager do.
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._sandbox())
+                prepared = group.create_task(self._volumes())
+            volumes = prepared.result()
             for index in range(len(self.init_containers)):
                 if not await self._init(index, volumes):
                     self.init_failed = True
@@ -306,8 +310,13 @@ class PodWorker:
                 await self.report()
                 await asyncio.sleep(self.ctx.retry_seconds)
                 continue
-            await podman.remove([name])
+            if state.container_id:  # a restart: the previous run's container has the name
+                await podman.remove([name])
             created = await podman.run("create", *args)
+            if created.returncode != 0 and "already in use" in created.stderr:
+                # Left by an earlier worker for this pod (e.g. a node restarted mid-start).
+                await podman.remove([name])
+                created = await podman.run("create", *args)
             if created.returncode == 0:
                 break
             state.state = _waiting("CreateContainerError", created.stderr.strip()[-500:])
