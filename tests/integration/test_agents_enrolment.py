@@ -476,11 +476,16 @@ def test_progress_for_another_agents_session_is_not_recorded(
             await ws.send(forged)
             before = await asyncio.to_thread(last_seen)
             await asyncio.sleep(0.1)
-            await ws.send(heartbeat)  # frames are handled in order: once this lands, so has that
+            await ws.send(heartbeat)  # frames are read in order: once this lands, that is queued
             await asyncio.to_thread(
                 wait_for, lambda: last_seen() > before, 8, 0.2, "heartbeat after the progress"
             )
 
     asyncio.run(run())
+    # Milestones are applied in arrival order with the agents' results: once the stop's result
+    # (which came after the forged frame) has made the session stopped, that frame was handled.
+    assert alice.delete(f"/api/v1/sessions/{session['id']}").status_code == 202
+    wait_state(alice, session["id"], "stopped", timeout=30)
     events = alice.get(f"/api/v1/sessions/{session['id']}").json()["events"]
+    assert [e for e in events if "stopped on agent" in e["message"]], events
     assert not [e for e in events if "forged" in e["message"]], events

@@ -225,7 +225,7 @@ class AgentEndpoint:
             elif isinstance(msg, protocol.SessionStatus):
                 await results.on_session_status(conn.agent_id, msg)
             elif isinstance(msg, protocol.SessionProgress):
-                await results.on_session_progress(conn.agent_id, msg)
+                results.submit_progress(conn.agent_id, msg)
             elif isinstance(msg, protocol.StreamFailed):
                 self.streams.agent_failed(msg.stream_id, msg.error)
             elif isinstance(msg, protocol.ErrorMessage):

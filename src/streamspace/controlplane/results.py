@@ -1,8 +1,10 @@
 """Agent results: what the agents say happened, applied to the sessions they answer.
 
-Results and acks are queued by the agent socket and applied in batches, one transaction for
-everything that has arrived. Also here: a (re)connecting agent's inventory reconciled with
-the database, a session the agent reports ended, and the sessions of a revoked agent.
+Results, acks and start milestones are queued by the agent socket and applied in batches, in
+the order they came, one transaction for everything that has arrived: a milestone costs the
+agent's read loop nothing, and the ones just before a start's Result share its commit. Also
+here: a (re)connecting agent's inventory reconciled with the database, a session the agent
+reports ended, and the sessions of a revoked agent.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from streamspace.db.models import Session as SessionRow
 log = logs.get_logger("streamspace.lifecycle")
 
 PROGRESS_STATES = frozenset({State.SCHEDULED.value, State.STARTING.value, State.WAKING.value})
+Queued = protocol.Result | protocol.Ack | protocol.SessionProgress
 
 
 class Results:
@@ -31,7 +34,7 @@ class Results:
         self.db = db
         self.transitions = transitions
         self.placement = placement
-        self._results: asyncio.Queue[tuple[str, protocol.Result | protocol.Ack]] = asyncio.Queue()
+        self._results: asyncio.Queue[tuple[str, Queued]] = asyncio.Queue()
 
     def submit_ack(self, agent_id: str, ack: protocol.Ack) -> None:
         """An ack moves a scheduled session to starting (the agent has the command)."""
@@ -39,6 +42,9 @@ class Results:
 
     def submit_result(self, agent_id: str, result: protocol.Result) -> None:
         self._results.put_nowait((agent_id, result))
+
+    def submit_progress(self, agent_id: str, progress: protocol.SessionProgress) -> None:
+        self._results.put_nowait((agent_id, progress))
 
     async def process(self) -> None:
         """Apply agent results in batches: one transaction for everything that has arrived."""
@@ -54,16 +60,23 @@ class Results:
                     with contextlib.suppress(Exception):
                         await self.on_results([(agent_id, result)])
 
-    async def on_results(self, batch: list[tuple[str, protocol.Result | protocol.Ack]]) -> None:
+    async def on_results(self, batch: list[tuple[str, Queued]]) -> None:
         async with self.db() as db:
-            ids = [r.command_id for _, r in batch]
-            cmds = {
-                c.id: c
-                for c in (
-                    await db.scalars(select(AgentCommand).where(AgentCommand.id.in_(ids)))
-                ).all()
-            }
+            ids = [r.command_id for _, r in batch if not isinstance(r, protocol.SessionProgress)]
+            cmds = (
+                {
+                    c.id: c
+                    for c in (
+                        await db.scalars(select(AgentCommand).where(AgentCommand.id.in_(ids)))
+                    ).all()
+                }
+                if ids
+                else {}
+            )
             session_ids = {c.session_id for c in cmds.values() if c.session_id}
+            session_ids |= {
+                r.session_id for _, r in batch if isinstance(r, protocol.SessionProgress)
+            }
             sessions: dict[str, SessionRow] = {}
             if session_ids:
                 rows = await db.scalars(select(SessionRow).where(SessionRow.id.in_(session_ids)))
@@ -72,6 +85,9 @@ class Results:
             new_cmds: list[AgentCommand] = []
             freed = False
             for agent_id, result in batch:
+                if isinstance(result, protocol.SessionProgress):
+                    self._record_progress(db, sessions.get(result.session_id), agent_id, result)
+                    continue
                 cmd = cmds.get(result.command_id)
                 if isinstance(result, protocol.Ack):
                     session = sessions.get(cmd.session_id or "") if cmd else None
@@ -182,18 +198,21 @@ class Results:
                 await self.transitions.commit(db, [session], [cmd])
                 self.placement.wake_placer()
 
-    async def on_session_progress(self, agent_id: str, msg: protocol.SessionProgress) -> None:
+    def _record_progress(
+        self,
+        db: AsyncSession,
+        session: SessionRow | None,
+        agent_id: str,
+        msg: protocol.SessionProgress,
+    ) -> None:
         """A start milestone, recorded as a `progress` session event while the session is
         being started or woken on that agent; for any other session (another agent's, one
         already running or stopped) it is stale or false and dropped."""
-        async with self.db() as db:
-            session = await db.get(SessionRow, msg.session_id)
-            if session is None or session.agent_id != agent_id:
-                return
-            if session.state not in PROGRESS_STATES:
-                return
-            self.transitions.event(db, session, "progress", msg.message, agent_id=agent_id)
-            await self.transitions.commit(db, [])
+        if session is None or session.agent_id != agent_id:
+            return
+        if session.state not in PROGRESS_STATES:
+            return
+        self.transitions.event(db, session, "progress", msg.message, agent_id=agent_id)
 
     async def reconcile(
         self, db: AsyncSession, agent_id: str, inventory: list[protocol.InventoryItem]
