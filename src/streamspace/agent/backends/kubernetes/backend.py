@@ -375,9 +375,14 @@ class KubernetesBackend(Backend):
             created = self._pod(session_id) is None
             if created:
                 assert self._objects is not None
-                await self._objects.ensure_policies()
-                await self._objects.ensure_secret(spec)
-                claim = await self._objects.ensure_home(spec) if spec.persistent_home else None
+                session_objects = self._objects
+                # Independent objects, so one round trip instead of three; the pod waits for
+                # all of them: it must not mount a claim that turned out to be someone else's.
+                _, _, claim = await asyncio.gather(
+                    session_objects.ensure_policies(),
+                    session_objects.ensure_secret(spec),
+                    _maybe(session_objects.ensure_home(spec) if spec.persistent_home else None),
+                )
                 manifest = objects.make_pod(
                     spec,
                     agent_id=self.agent_id,
@@ -430,9 +435,16 @@ class KubernetesBackend(Backend):
             raise BackendError(f"the session's previous pod {name} is still being deleted")
 
     async def _wait_ready(self, pods: Reflector, session_id: str, deadline: float) -> Endpoint:
-        """Follow the pod's status through the cache until its VNC server answers."""
+        """Follow the pod's status through the cache until its VNC server answers.
+
+        The port is probed from the moment the pod has an address, not only once its status
+        says the container runs: that status is one more kubelet write and watch event, and
+        Xvnc may already listen. Ready is returned only when the cache says running too, so
+        what `status` and `open_vnc` read next agrees."""
         name = objects.pod_name(session_id)
         reported: set[str] = set()
+        answered = False
+        port = self.config.pod.vnc_port
         while True:
             pod = pods.items.get(name)
             if pod is None or podstate.terminating(pod):
@@ -445,19 +457,20 @@ class KubernetesBackend(Backend):
                     reported.add(milestone)
                     await self._progress(session_id, milestone)
             address = podstate.pod_ip(pod)
-            if podstate.container_running(pod) and address:
-                port = self.config.pod.vnc_port
-                if await rfb_answers(port, host=address, read_timeout=1.0):
-                    await self._progress(session_id, "VNC ready")
-                    return Endpoint(host=address, port=port)
+            if address and not answered:
+                answered = await rfb_answers(port, host=address, read_timeout=1.0)
+            if answered and podstate.container_running(pod):
+                await self._progress(session_id, "VNC ready")
+                return Endpoint(host=address, port=port)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise BackendError(
                     f"the session's VNC server did not answer within "
                     f"{self.config.start_timeout:.0f}s (pod phase {podstate.phase(pod)})"
                 )
-            # Running: probe the RFB port again soon; otherwise sleep until the pod changes.
-            wait = min(remaining, 0.1 if podstate.container_running(pod) else remaining)
+            # An address but no answer yet: probe again soon (as often as the docker backend
+            # does); otherwise sleep until the pod changes.
+            wait = min(remaining, 0.05 if address and not answered else remaining)
             await pods.wait_for(functools.partial(_changed, pods, name, _version(pod)), wait)
 
     async def _delete_pod(self, session_id: str) -> None:
@@ -544,6 +557,10 @@ class KubernetesBackend(Backend):
 
     def _lock(self, session_id: str) -> asyncio.Lock:
         return self._locks.setdefault(session_id, asyncio.Lock())
+
+
+async def _maybe(awaitable: Awaitable[str] | None) -> str | None:
+    return None if awaitable is None else await awaitable
 
 
 def _version(obj: dict[str, Any] | None) -> str:

@@ -90,15 +90,18 @@ class SessionObjects:
             cookie=objects.sound_cookie(self._vnc_key, spec.session_id),
             files=objects.files_keys(self._vnc_key, spec.session_id),
         )
-        await self._call(
+        made = await self._call(
             self._core.create_namespaced_secret(self.namespace, body(manifest)),
             "create",
             "secrets",
             ok=(409,),
         )
-        # The password is read back from the cache to authenticate: wait for it to arrive.
-        secrets, name = self._secrets, manifest["metadata"]["name"]
-        await secrets.wait_for(lambda: name in secrets.items, SYNC_TIMEOUT)
+        if made is None:
+            # Made by someone else just now (an earlier agent, whose key may differ): the
+            # password to authenticate with is the one in it, so wait for the cache to hold it.
+            # One made here holds what this agent derives, so nothing needs to wait for it.
+            secrets, name = self._secrets, manifest["metadata"]["name"]
+            await secrets.wait_for(lambda: name in secrets.items, SYNC_TIMEOUT)
 
     async def ensure_home(self, spec: SessionSpec) -> str:
         name = objects.home_claim_name(spec.user_id, spec.template)
