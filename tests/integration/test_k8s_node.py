@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,7 @@ from streamspace.agent import vnc
 from streamspace.images import image_ref
 from streamspace_testing.k8s_node import RunningNode
 from streamspace_testing.k8s_node.api import Kube, ns_path
+from streamspace_testing.k8s_node.node import CNI_CONFIG_DIR
 from streamspace_testing.kube import KubeAPIServer
 
 pytestmark = pytest.mark.podman
@@ -136,6 +138,9 @@ async def test_node_is_registered_ready_with_capacity_and_a_lease(
         f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{info.name}"
     )
     assert lease is not None and lease["spec"]["holderIdentity"] == info.name
+    # The pods' network is kubenet's: a bridge and its addresses, no per-start iptables work.
+    conflist = json.loads((CNI_CONFIG_DIR / f"{info.network}.conflist").read_text())
+    assert [plugin["type"] for plugin in conflist["plugins"]] == ["bridge"]
 
 
 async def test_session_image_pod_runs_serves_rfb_on_its_ip_and_deletion_removes_it(

@@ -20,6 +20,7 @@ from streamspace_testing.k8s_node.fit import (
     resource_problems,
     unschedulable_message,
 )
+from streamspace_testing.k8s_node.node import kubenet_plugins
 from streamspace_testing.k8s_node.spec import ConfigError, Mount, create_args, expand
 from streamspace_testing.k8s_node.status import ContainerState, phase, terminated
 
@@ -236,3 +237,50 @@ def test_podman_times_become_api_times() -> None:
         "terminated"
     ]
     assert zero["finishedAt"].startswith("20") and zero["reason"] == "OOMKilled"
+
+
+PODMAN_CONFLIST = {
+    "cniVersion": "0.4.0",
+    "name": "ss-k8s-n1",
+    "plugins": [
+        {
+            "type": "bridge",
+            "bridge": "cni-podman3",
+            "isGateway": True,
+            "ipMasq": True,
+            "hairpinMode": True,
+            "ipam": {
+                "type": "host-local",
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "ranges": [[{"subnet": "10.244.3.0/24", "gateway": "10.244.3.1"}]],
+            },
+            "capabilities": {"ips": True},
+        },
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+        {"type": "firewall", "backend": ""},
+        {"type": "tuning"},
+    ],
+    "args": {"podman_labels": {"org.streamspace.k8s-node": "n1"}},
+}
+
+
+def test_the_node_network_keeps_only_a_gateway_bridge_with_its_addresses(tmp_path: Any) -> None:
+    path = tmp_path / "ss-k8s-n1.conflist"
+    path.write_text(json.dumps(PODMAN_CONFLIST))
+    assert kubenet_plugins(path)
+    config = json.loads(path.read_text())
+    assert [p["type"] for p in config["plugins"]] == ["bridge"]
+    bridge = config["plugins"][0]
+    assert bridge["ipMasq"] is False and bridge["isGateway"] is True
+    assert bridge["ipam"] == PODMAN_CONFLIST["plugins"][0]["ipam"]  # type: ignore[index]
+    assert config["name"] == "ss-k8s-n1" and config["args"] == PODMAN_CONFLIST["args"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ss-k8s-n1.conflist"]
+
+
+def test_a_network_that_is_not_a_cni_bridge_file_is_left_alone(tmp_path: Any) -> None:
+    assert not kubenet_plugins(tmp_path / "absent.conflist")
+    other = tmp_path / "macvlan.conflist"
+    text = json.dumps({"name": "m", "plugins": [{"type": "macvlan"}]})
+    other.write_text(text)
+    assert not kubenet_plugins(other)
+    assert other.read_text() == text
