@@ -234,7 +234,27 @@ async def test_session_image_pod_runs_serves_rfb_on_its_ip_and_deletion_removes_
     finally:
         writer.close()
 
-    assert [c["State"] for c in k8s_node.containers(uid)] == ["running"]
+    [container] = k8s_node.containers(uid)
+    assert container["State"] == "running"
+    # The securityContext and limits as the kernel applies them to the container's PID 1.
+    proc = dict(
+        line.split(":\t", 1)
+        for line in k8s_node.exec(container["Id"], "cat", "/proc/1/status").splitlines()
+        if ":\t" in line
+    )
+    assert proc["Uid"].split()[:2] == ["1000", "1000"]
+    assert proc["Gid"].split()[0] == "1000" and "1000" in proc["Groups"].split()
+    assert proc["NoNewPrivs"] == "1"
+    assert int(proc["CapEff"], 16) == 0 and int(proc["CapBnd"], 16) == 0
+    assert proc["Seccomp"] == "2"  # RuntimeDefault: a filter
+    memory = k8s_node.exec(
+        container["Id"],
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/memory.max 2>/dev/null"
+        " || cat /sys/fs/cgroup/memory/memory.limit_in_bytes",  # cgroup v2, else v1
+    ).strip()
+    assert memory == str(384 * 2**20)
     await delete_and_wait(kube, namespace, "desk")
     assert k8s_node.containers(uid, include_sandbox=True) == []
 

@@ -21,7 +21,7 @@ from streamspace_testing.k8s_node.fit import (
     unschedulable_message,
 )
 from streamspace_testing.k8s_node.node import kubenet_plugins
-from streamspace_testing.k8s_node.spec import ConfigError, Mount, create_args, expand
+from streamspace_testing.k8s_node.spec import ConfigError, Mount, create_spec, expand
 from streamspace_testing.k8s_node.status import ContainerState, phase, terminated
 
 LABELS = {"kubernetes.io/hostname": "n1", "zone": "a", "gpus": "2"}
@@ -35,8 +35,8 @@ def pod(**spec: Any) -> dict[str, Any]:
     }
 
 
-def args_of(p: dict[str, Any], image_user: str = "1000:1000", **kw: Any) -> list[str]:
-    return create_args(
+def spec_of(p: dict[str, Any], image_user: str = "1000:1000", **kw: Any) -> dict[str, Any]:
+    return create_spec(
         p,
         p["spec"]["containers"][0],
         name="c",
@@ -45,7 +45,6 @@ def args_of(p: dict[str, Any], image_user: str = "1000:1000", **kw: Any) -> list
         env=kw.get("env", {}),
         mounts=kw.get("mounts", []),
         image_config={"User": image_user},
-        env_file="/e",
     )
 
 
@@ -130,18 +129,18 @@ def test_claims_and_messages() -> None:
 
 
 def test_command_and_args_map_onto_entrypoint_and_cmd() -> None:
-    both = args_of(
+    both = spec_of(
         pod(containers=[{"name": "m", "image": "img", "command": ["sh", "-c"], "args": ["x"]}])
     )
-    assert both[both.index("--entrypoint") + 1] == json.dumps(["sh", "-c"])
-    assert both[-2:] == ["img", "x"]
-    only_args = args_of(
+    assert (both["entrypoint"], both["command"], both["image"]) == (["sh", "-c"], ["x"], "img")
+    only_args = spec_of(
         pod(containers=[{"name": "m", "image": "img", "args": ["$(GREETING) $$HOME"]}]),
         env={"GREETING": "hi"},
     )
-    assert "--entrypoint" not in only_args
-    assert only_args[-2:] == ["img", "hi $HOME"]
-    assert args_of(pod())[-1] == "img"
+    assert "entrypoint" not in only_args  # the image's entrypoint stays
+    assert only_args["command"] == ["hi $HOME"]
+    neither = spec_of(pod())
+    assert "entrypoint" not in neither and "command" not in neither
 
 
 def test_security_context_and_limits() -> None:
@@ -155,18 +154,27 @@ def test_security_context_and_limits() -> None:
         },
         "resources": {"limits": {"cpu": "500m", "memory": "256Mi"}},
     }
-    args = args_of(
+    spec = spec_of(
         pod(
             containers=[container],
             securityContext={"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 2000},
-        )
+        ),
+        env={"SECRET": "s3cret"},
     )
-    assert args[args.index("--user") + 1] == "1001:1000"
-    assert args[args.index("--group-add") + 1] == "2000"
-    assert args[args.index("--cpus") + 1] == "0.500"
-    assert args[args.index("--memory") + 1] == f"{256 * 2**20}b"
-    assert "no-new-privileges" in args and args[args.index("--cap-drop") + 1] == "ALL"
-    assert "--network=container:s" in args and "--pull=never" in args
+    assert spec["user"] == "1001:1000" and spec["groups"] == ["2000"]
+    assert spec["resource_limits"] == {
+        "cpu": {"quota": 50_000, "period": 100_000},
+        "memory": {"limit": 256 * 2**20, "swap": 256 * 2**20},
+    }
+    assert spec["no_new_privileges"] is True and spec["cap_drop"] == ["ALL"]
+    assert "privileged" not in spec and "seccomp_profile_path" not in spec  # RuntimeDefault
+    assert spec["netns"] == spec["utsns"] == {"nsmode": "container", "value": "s"}
+    assert spec["env"] == {"SECRET": "s3cret"} and spec["labels"] == {"l": "v"}
+    unconfined = pod(
+        containers=[{"name": "m", "image": "img"}],
+        securityContext={"seccompProfile": {"type": "Unconfined"}},
+    )
+    assert spec_of(unconfined)["seccomp_profile_path"] == "unconfined"
 
 
 def test_mounts() -> None:
@@ -176,21 +184,29 @@ def test_mounts() -> None:
         Mount("/tmp/x", tmpfs_size=0),
         Mount("/s", "/host/s", read_only=True),
     ]
-    args = args_of(pod(), mounts=mounts)
-    assert "/host/claim:/data:rw" in args and "/host/s:/s:ro" in args
-    assert args[args.index("--shm-size") + 1] == f"{96 * 2**20}b"
-    assert "type=tmpfs,destination=/tmp/x,tmpfs-mode=1777" in args
+    spec = spec_of(pod(), mounts=mounts)
+    assert spec["mounts"] == [
+        {
+            "destination": "/data",
+            "type": "bind",
+            "source": "/host/claim",
+            "options": ["rw", "rbind"],
+        },
+        {"destination": "/tmp/x", "type": "tmpfs", "source": "tmpfs", "options": ["mode=1777"]},
+        {"destination": "/s", "type": "bind", "source": "/host/s", "options": ["ro", "rbind"]},
+    ]
+    assert spec["shm_size"] == 96 * 2**20
 
 
 def test_run_as_non_root_is_verified_like_the_kubelet() -> None:
     strict = pod(securityContext={"runAsNonRoot": True})
     with pytest.raises(ConfigError, match="image will run as root"):
-        args_of(strict, image_user="")
+        spec_of(strict, image_user="")
     with pytest.raises(ConfigError, match="non-numeric user"):
-        args_of(strict, image_user="streamspace")
-    assert args_of(strict, image_user="1000:1000")
+        spec_of(strict, image_user="streamspace")
+    assert spec_of(strict, image_user="1000:1000")["name"] == "c"
     with pytest.raises(ConfigError, match="runAsUser breaks non-root policy"):
-        args_of(pod(securityContext={"runAsNonRoot": True, "runAsUser": 0}))
+        spec_of(pod(securityContext={"runAsNonRoot": True, "runAsUser": 0}))
 
 
 def test_expand() -> None:

@@ -121,3 +121,13 @@ class RunningNode:
         if include_sandbox:
             return rows
         return [r for r in rows if (r.get("Labels") or {}).get(CONTAINER_LABEL) != INFRA]
+
+    def exec(self, container_id: str, *command: str) -> str:
+        """What `command` prints run inside one of the node's containers (`podman exec`)."""
+        return subprocess.run(
+            ["podman", "exec", container_id, *command],
+            env={**os.environ, "CONTAINERS_CONF": str(self.containers_conf)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout

@@ -31,8 +31,15 @@ from .engine import (
     EngineError,
     Podman,
 )
-from .sources import PodPaths, VolumeNotReady, container_mounts, prepare_volumes, resolve_env
-from .spec import ConfigError, create_args, env_file_text
+from .sources import (
+    PodPaths,
+    VolumeNotReady,
+    container_mounts,
+    needs_pod_ip,
+    prepare_volumes,
+    resolve_env,
+)
+from .spec import ConfigError, create_spec
 from .status import ContainerState, now, pod_status, terminated
 
 Obj = dict[str, Any]
@@ -79,6 +86,10 @@ class PodWorker:
         self.init_failed = False
         self.pod_ip = ""
         self.sandbox_ready = False
+        self._sandbox_up: asyncio.Future[None] | None = None
+        """Done once the sandbox runs, has its address and that is reported."""
+        self._sandbox_started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once the sandbox runs: its network namespace is there to join."""
         self.start_time = now()
         self.paths = PodPaths(ctx.state_dir / "pods" / self.uid, ctx.state_dir / "claims")
         self._last: Obj | None = None
@@ -152,13 +163,18 @@ class PodWorker:
 
     async def _run(self) -> None:
         try:
-            await self.report()
-            # The sandbox's runc start and the volumes' API reads are independent, so they
-            # overlap, as a kubelet's sandbox creation and volume manager do.
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._sandbox())
-                prepared = group.create_task(self._volumes())
-            volumes = prepared.result()
+            # Only starting a container needs its sandbox running (its network namespace
+            # exists once the sandbox is created), so the sandbox's runc start overlaps the
+            # volume reads and the app containers' creation. A kubelet's sandbox creation and
+            # volume manager overlap the same way; its container creation waits for the
+            # sandbox, which on this podman would add a whole runc start to every pod start.
+            # Status writes are ordered by the report lock, so the first need not be awaited
+            # before the sandbox is made.
+            pending = asyncio.ensure_future(self.report())
+            await self._create_sandbox()
+            await pending
+            self._sandbox_up = asyncio.ensure_future(self._start_sandbox())
+            volumes = await self._volumes()
             for index in range(len(self.init_containers)):
                 if not await self._init(index, volumes):
                     self.init_failed = True
@@ -173,28 +189,41 @@ class PodWorker:
             raise
         except Exception:
             log.exception("k8s_node.pod_failed", pod=f"{self.namespace}/{self.name}")
+        finally:
+            sandbox = self._sandbox_up
+            if sandbox is not None and not sandbox.done():
+                sandbox.cancel()
+            elif sandbox is not None and not sandbox.cancelled() and sandbox.exception():
+                log.warning(
+                    "k8s_node.sandbox_failed",
+                    pod=f"{self.namespace}/{self.name}",
+                    error=str(sandbox.exception()),
+                )
 
-    async def _sandbox(self) -> None:
-        spec = self.pod["spec"]
-        hostname = str(spec.get("hostname") or self.name)[:63]
-        name = f"{self.prefix}_{INFRA}"
-        labels = [a for k, v in self.labels(INFRA).items() for a in ("--label", f"{k}={v}")]
-        await self.ctx.podman.check(
-            "run",
-            "-d",
-            "--replace",
-            "--name",
-            name,
-            "--network",
-            self.ctx.network,
-            "--hostname",
-            hostname,
-            "--pull=never",
-            *labels,
-            "--entrypoint",
-            '["sleep","infinity"]',
+    @property
+    def _sandbox_name(self) -> str:
+        return f"{self.prefix}_{INFRA}"
+
+    async def _create_sandbox(self) -> None:
+        hostname = str(self.pod["spec"].get("hostname") or self.name)[:63]
+        await self.ctx.podman.create_on_network(
+            self._sandbox_name,
             self.ctx.infra_image,
+            network=self.ctx.network,
+            hostname=hostname,
+            labels=self.labels(INFRA),
+            entrypoint=["sleep", "infinity"],
         )
+
+    async def _start_sandbox(self) -> None:
+        name = self._sandbox_name
+        failed = await self.ctx.podman.start_container(name)
+        if failed:
+            error = EngineError(f"podman start {name} failed: {failed}")
+            self._sandbox_started.set_exception(error)
+            self._sandbox_started.exception()  # retrieved: raised below and where awaited
+            raise error
+        self._sandbox_started.set_result(None)
         info = await self.ctx.podman.inspect(name) or {}
         networks = (info.get("NetworkSettings") or {}).get("Networks") or {}
         self.pod_ip = str((networks.get(self.ctx.network) or {}).get("IPAddress") or "")
@@ -202,6 +231,10 @@ class PodWorker:
             raise EngineError(f"sandbox {name} got no address on {self.ctx.network}")
         self.sandbox_ready = True
         await self.report()
+
+    async def _sandbox_addressed(self) -> None:
+        assert self._sandbox_up is not None
+        await asyncio.shield(self._sandbox_up)
 
     async def _volumes(self) -> dict[str, Any]:
         while True:
@@ -288,22 +321,21 @@ class PodWorker:
         name = f"{self.prefix}_{spec['name']}"
         while True:
             image_config = await self._image(spec, state)
+            if needs_pod_ip(spec):
+                await self._sandbox_addressed()
             try:
                 env = await resolve_env(
                     self.ctx.kube, self.pod, spec, pod_ip=self.pod_ip, host_ip=self.ctx.host_ip
                 )
-                env_file = self.paths.pod_dir / f"{spec['name']}.env"
-                await asyncio.to_thread(_write_private, env_file, env_file_text(env))
-                args = create_args(
+                body = create_spec(
                     self.pod,
                     spec,
                     name=name,
-                    sandbox=f"{self.prefix}_{INFRA}",
+                    sandbox=self._sandbox_name,
                     labels=self.labels(spec["name"]),
                     env=env,
                     mounts=container_mounts(spec, volumes),
                     image_config=image_config,
-                    env_file=str(env_file),
                 )
             except ConfigError as exc:
                 state.state = _waiting("CreateContainerConfigError", str(exc))
@@ -312,20 +344,21 @@ class PodWorker:
                 continue
             if state.container_id:  # a restart: the previous run's container has the name
                 await podman.remove([name])
-            created = await podman.run("create", *args)
-            if created.returncode != 0 and "already in use" in created.stderr:
+            container_id, failed = await podman.create(body)
+            if "already in use" in failed:
                 # Left by an earlier worker for this pod (e.g. a node restarted mid-start).
                 await podman.remove([name])
-                created = await podman.run("create", *args)
-            if created.returncode == 0:
+                container_id, failed = await podman.create(body)
+            if not failed:
                 break
-            state.state = _waiting("CreateContainerError", created.stderr.strip()[-500:])
+            state.state = _waiting("CreateContainerError", failed[-500:])
             await self.report()
             await asyncio.sleep(self.ctx.retry_seconds)
-        state.container_id = created.stdout.strip()
+        state.container_id = container_id
+        await asyncio.shield(self._sandbox_started)
         exited = self.ctx.expect_exit(state.container_id)
-        started = await podman.run("start", state.container_id)
-        if started.returncode == 0:
+        start_error = await podman.start_container(state.container_id)
+        if not start_error:
             # Running once the runtime says it started, as a kubelet's PLEG reports it; a
             # container that exits at once is seen by its exit event.
             state.state = {"running": {"startedAt": now()}}
@@ -339,7 +372,7 @@ class PodWorker:
                 "terminated": {
                     "exitCode": 128,
                     "reason": "StartError",
-                    "message": started.stderr.strip()[-500:],
+                    "message": start_error[-500:],
                     "startedAt": now(),
                     "finishedAt": now(),
                 }
@@ -383,10 +416,3 @@ def _waiting(reason: str, message: str = "") -> Obj:
 
 def _no_time(condition: Obj) -> Obj:
     return {k: v for k, v in condition.items() if k != "lastTransitionTime"}
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.chmod(0o600)
-    path.write_text(text)

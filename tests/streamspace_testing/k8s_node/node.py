@@ -29,7 +29,7 @@ from streamspace.images import image_ref
 from streamspace.logs import get_logger
 
 from .api import Kube
-from .engine import CONTAINER_LABEL, INFRA, NODE_LABEL, Podman
+from .engine import CONTAINER_LABEL, INFRA, NODE_LABEL, EngineError, Podman
 from .fit import Capacity, quantity
 from .kubelet import NodeContext, PodWorker
 from .scheduler import Scheduler, needs_scheduling
@@ -109,6 +109,7 @@ class TestNode:
             kubeconfig = self.server.write_kubeconfig(self.state_dir / "kubeconfig")
             self._client = await new_client_from_config(config_file=str(kubeconfig))
             self.kube = Kube(self._client)
+            await self.podman.start(self.state_dir / "podman")
             await self._create_network()
             await self._register()
             ctx = NodeContext(
@@ -160,12 +161,13 @@ class TestNode:
             return_exceptions=True,
         )
         self.workers.clear()
-        ids = await self.podman.container_ids(f"{NODE_LABEL}={self.node_id}")
-        infra = await self.podman.container_ids(
-            f"{NODE_LABEL}={self.node_id}", f"{CONTAINER_LABEL}={INFRA}"
-        )
-        await self.podman.remove([i for i in ids if i not in infra])
-        await self.podman.remove(infra)
+        if self.podman.serving:
+            ids = await self.podman.container_ids(f"{NODE_LABEL}={self.node_id}")
+            infra = await self.podman.container_ids(
+                f"{NODE_LABEL}={self.node_id}", f"{CONTAINER_LABEL}={INFRA}"
+            )
+            await self.podman.remove([i for i in ids if i not in infra])
+            await self.podman.remove(infra)
         if self.subnet:
             await self.podman.run("network", "rm", "-f", self.network)
         if self.kube is not None:
@@ -179,6 +181,7 @@ class TestNode:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        await self.podman.close()
         await asyncio.to_thread(shutil.rmtree, self.state_dir, True)
 
     # ---- setup ------------------------------------------------------------------------------
@@ -370,16 +373,11 @@ class TestNode:
             await asyncio.sleep(5)
             if not self._exits:
                 continue
-            out = await self.podman.run(
-                "ps",
-                "-a",
-                "--no-trunc",
-                "--filter",
-                f"label={NODE_LABEL}={self.node_id}",
-                "--format",
-                "{{.ID}} {{.State}}",
-            )
-            states = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+            try:
+                states = await self.podman.container_states(f"{NODE_LABEL}={self.node_id}")
+            except EngineError as exc:
+                log.event("k8s_node.exit_poll_failed", error=str(exc)[:200])
+                continue
             for container_id in list(self._exits):
                 if states.get(container_id, "exited") != "running":
                     self._exited(container_id)

@@ -55,6 +55,16 @@ async def _keys(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, b
     return data
 
 
+def needs_pod_ip(container: Obj) -> bool:
+    """Whether the container's environment names the pod's IP, which exists only once the
+    sandbox runs."""
+    return any(
+        ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+        in ("status.podIP", "status.podIPs")
+        for var in container.get("env") or []
+    )
+
+
 def _field(pod: Obj, path: str, pod_ip: str, host_ip: str) -> str:
     meta, spec = pod.get("metadata") or {}, pod.get("spec") or {}
     simple = {

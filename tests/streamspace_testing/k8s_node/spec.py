@@ -1,13 +1,14 @@
-"""A pod's container as `podman create` arguments, as pure functions.
+"""A pod's container as a libpod container-create spec, as pure functions.
 
 What the kubelet and the CRI would make of the container spec: command/args against the image's
 entrypoint/cmd, `$(VAR)` expansion, the merged pod/container securityContext (with the kubelet's
 runAsNonRoot check against the image's user), CPU/memory limits, mounts prepared by the node.
+The spec is the body of podman's `POST /libpod/containers/create` (its SpecGenerator), which
+applies the image's config and the containers.conf defaults as `podman create` does.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -82,59 +83,88 @@ def verify_non_root(pod: Obj, container: Obj, image_user: str) -> None:
         raise ConfigError(f"container has runAsNonRoot and image will run as root {where}")
 
 
-def _security_args(pod: Obj, container: Obj) -> list[str]:
+CPU_PERIOD = 100_000
+"""The CFS period `--cpus` uses; the quota is the CPU limit times it."""
+
+
+def _security(pod: Obj, container: Obj) -> Obj:
     ctx = security(pod, container)
     pod_ctx = (pod.get("spec") or {}).get("securityContext") or {}
-    args: list[str] = []
+    out: Obj = {}
     uid, gid = ctx.get("runAsUser"), ctx.get("runAsGroup")
     if uid is not None:
-        args += ["--user", f"{uid}:{gid if gid is not None else 0}"]
+        out["user"] = f"{uid}:{gid if gid is not None else 0}"
     elif gid is not None:
         raise ConfigError("runAsGroup without runAsUser is not supported by the test node")
     groups = [*(pod_ctx.get("supplementalGroups") or [])]
     if pod_ctx.get("fsGroup") is not None:
         groups.append(pod_ctx["fsGroup"])
-    for group in dict.fromkeys(groups):
-        args += ["--group-add", str(group)]
+    if groups:
+        out["groups"] = [str(group) for group in dict.fromkeys(groups)]
     if ctx.get("privileged"):
-        args.append("--privileged")
+        out["privileged"] = True
     if ctx.get("allowPrivilegeEscalation") is False:
-        args += ["--security-opt", "no-new-privileges"]
+        out["no_new_privileges"] = True
     if ctx.get("readOnlyRootFilesystem"):
-        args.append("--read-only")
+        out["read_only_filesystem"] = True
     caps = ctx.get("capabilities") or {}
-    args += [arg for cap in caps.get("drop") or [] for arg in ("--cap-drop", cap)]
-    args += [arg for cap in caps.get("add") or [] for arg in ("--cap-add", cap)]
+    if caps.get("drop"):
+        out["cap_drop"] = [str(cap) for cap in caps["drop"]]
+    if caps.get("add"):
+        out["cap_add"] = [str(cap) for cap in caps["add"]]
     if (ctx.get("seccompProfile") or {}).get("type") == "Unconfined":
-        args += ["--security-opt", "seccomp=unconfined"]
-    return args
+        out["seccomp_profile_path"] = "unconfined"
+    return out
 
 
-def _limit_args(container: Obj) -> list[str]:
+def _limits(container: Obj) -> Obj:
     limits = (container.get("resources") or {}).get("limits") or {}
-    args: list[str] = []
+    resources: Obj = {}
     if "cpu" in limits:
-        args += ["--cpus", str(quantity(limits["cpu"]))]
+        resources["cpu"] = {
+            "quota": int(quantity(limits["cpu"]) * CPU_PERIOD),
+            "period": CPU_PERIOD,
+        }
     if "memory" in limits:
         memory = int(quantity(limits["memory"]))
-        args += ["--memory", f"{memory}b", "--memory-swap", f"{memory}b"]
-    return args
+        resources["memory"] = {"limit": memory, "swap": memory}
+    return {"resource_limits": resources} if resources else {}
 
 
-def _mount_args(mounts: Sequence[Mount]) -> list[str]:
-    args: list[str] = []
+def _mounts(mounts: Sequence[Mount]) -> Obj:
+    out: list[Obj] = []
+    spec: Obj = {}
     for mount in mounts:
         if mount.source:
-            args += ["-v", f"{mount.source}:{mount.target}:{'ro' if mount.read_only else 'rw'}"]
+            mode = "ro" if mount.read_only else "rw"
+            out.append(
+                {
+                    "destination": mount.target,
+                    "type": "bind",
+                    "source": mount.source,
+                    "options": [mode, "rbind"],
+                }
+            )
         elif mount.target == "/dev/shm":
-            args += ["--shm-size", f"{mount.tmpfs_size or 64 * 2**20}b"]
+            spec["shm_size"] = mount.tmpfs_size or 64 * 2**20
         else:
-            size = f",tmpfs-size={mount.tmpfs_size}" if mount.tmpfs_size else ""
-            args += ["--mount", f"type=tmpfs,destination={mount.target},tmpfs-mode=1777{size}"]
-    return args
+            options = ["mode=1777"]
+            if mount.tmpfs_size:
+                options.append(f"size={mount.tmpfs_size}")
+            out.append(
+                {
+                    "destination": mount.target,
+                    "type": "tmpfs",
+                    "source": "tmpfs",
+                    "options": options,
+                }
+            )
+    if out:
+        spec["mounts"] = out
+    return spec
 
 
-def create_args(
+def create_spec(
     pod: Obj,
     container: Obj,
     *,
@@ -144,42 +174,33 @@ def create_args(
     env: Mapping[str, str],
     mounts: Sequence[Mount],
     image_config: Obj,
-    env_file: str,
-) -> list[str]:
-    """`podman create ...` arguments (without `create`) for one app container in the pod's
-    sandbox (network, UTS): raises ConfigError when the kubelet would refuse it. The single-line
-    part of `env` goes through `env_file` (written by the caller, 0600: it holds secrets' values),
-    not the command line."""
+) -> Obj:
+    """The create spec for one app container in the pod's sandbox (its network and UTS
+    namespaces): raises ConfigError when the kubelet would refuse it. `env` holds secrets'
+    values; it travels in the request body over the node's own socket, never on a command
+    line."""
     verify_non_root(pod, container, str(image_config.get("User") or ""))
-    args = [
-        "--name",
-        name,
-        f"--network=container:{sandbox}",
-        f"--uts=container:{sandbox}",
-        "--pull=never",
-        *[arg for key, value in labels.items() for arg in ("--label", f"{key}={value}")],
-        *_security_args(pod, container),
-        *_limit_args(container),
-        *_mount_args(mounts),
-    ]
-    args += ["--env-file", env_file]
-    for key, value in env.items():
-        if "\n" in value:
-            args += ["--env", f"{key}={value}"]
+    spec: Obj = {
+        "name": name,
+        "image": str(container["image"]),
+        "labels": dict(labels),
+        "env": dict(env),
+        "netns": {"nsmode": "container", "value": sandbox},
+        "utsns": {"nsmode": "container", "value": sandbox},
+        **_security(pod, container),
+        **_limits(container),
+        **_mounts(mounts),
+    }
     if container.get("workingDir"):
-        args += ["--workdir", str(container["workingDir"])]
+        spec["work_dir"] = str(container["workingDir"])
     if container.get("tty"):
-        args.append("--tty")
+        spec["terminal"] = True
     if container.get("stdin"):
-        args.append("--interactive")
+        spec["stdin"] = True
     command = [expand(str(part), env) for part in container.get("command") or []]
-    cmd = [expand(str(part), env) for part in container.get("args") or []]
+    args = [expand(str(part), env) for part in container.get("args") or []]
     if command:
-        args += ["--entrypoint", json.dumps(command)]
-    args.append(str(container["image"]))
-    args += cmd
-    return args
-
-
-def env_file_text(env: Mapping[str, str]) -> str:
-    return "".join(f"{key}={value}\n" for key, value in env.items() if "\n" not in value)
+        spec["entrypoint"] = command
+    if args:
+        spec["command"] = args
+    return spec
