@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import agent_process, login, product
@@ -37,8 +39,34 @@ async def new_namespace(kubeconfig: Path) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class KubeProduct:
+    url: str
+    kubeconfig: Path
+    namespace: str
+
+    async def settled(self, timeout: float = 60.0) -> None:
+        """Until the namespace has no pods: a stopped session's pod is deleted from the API
+        at once, but the node (like a kubelet) removes its containers after that, and a run
+        that starts meanwhile would be timed against that teardown. The docker backend
+        removes its container before stop returns, so its runs need no such wait."""
+        from kubernetes_asyncio import client as k8s
+        from kubernetes_asyncio.config import new_client_from_config
+
+        api = await new_client_from_config(config_file=str(self.kubeconfig))
+        try:
+            core = k8s.CoreV1Api(api)
+            deadline = time.monotonic() + timeout
+            while (await core.list_namespaced_pod(self.namespace)).items:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"pods in {self.namespace} still there after {timeout}s")
+                await asyncio.sleep(0.05)
+        finally:
+            await api.close()
+
+
 @contextmanager
-def kube_product(templates: list[str]) -> Iterator[str]:
+def kube_product(templates: list[str]) -> Iterator[KubeProduct]:
     from streamspace.images import build_images
     from streamspace.podman import start_podman_service
     from streamspace_testing.k8s_node import RunningNode
@@ -66,7 +94,7 @@ def kube_product(templates: list[str]) -> Iterator[str]:
                         env={"STREAMSPACE_KUBE_KUBECONFIG": str(agent)},
                     ),
                 ):
-                    yield url
+                    yield KubeProduct(url, admin, namespace)
             finally:
                 node.stop()
     finally:

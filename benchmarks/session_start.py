@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -77,7 +78,15 @@ async def first_frame(url: str, token: str, template: str, timeout: float = 60) 
                 await asyncio.sleep(0.05)
 
 
-async def measure(url: str, templates: list[str], runs: int, label: str) -> dict[str, list[float]]:
+async def measure(
+    url: str,
+    templates: list[str],
+    runs: int,
+    label: str,
+    settled: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, list[float]]:
+    """`settled`, when given, is awaited after each session has stopped: until what the
+    backend removes after stop has returned is gone, so no run is timed against it."""
     token = login(url)
     results: dict[str, list[float]] = {}
     for template in templates:
@@ -85,6 +94,8 @@ async def measure(url: str, templates: list[str], runs: int, label: str) -> dict
         errors = 0
         await first_frame(url, token, template)  # warm caches (page cache, fonts)
         for _ in range(runs):
+            if settled is not None:
+                await settled()
             try:
                 times.append(await first_frame(url, token, template))
             except RuntimeError as exc:
@@ -125,8 +136,10 @@ def main() -> None:
     if args.backend == "kubernetes":
         from benchmarks.kube_env import kube_product
 
-        with kube_product(templates) as url:
-            kube = asyncio.run(measure(url, templates, args.runs, "kube"))
+        with kube_product(templates) as cluster:
+            kube = asyncio.run(
+                measure(cluster.url, templates, args.runs, "kube", settled=cluster.settled)
+            )
         for template, times in kube.items():
             if times and docker.get(template):
                 ratio = percentile(times, 50) / percentile(docker[template], 50)
