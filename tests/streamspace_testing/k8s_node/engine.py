@@ -1,11 +1,10 @@
 """The test node's container engine: podman, through its libpod REST API where it is hot.
 
 Each pod start makes several engine calls in a row (sandbox create and start, its address,
-image config, app start); a podman CLI run costs 30-130 ms of process start-up each here, the
-same request to a `podman system service` a few. So the node runs a service of its own and
-sends those calls there. The CLI stays for what runs once or rarely and is awkward through the
-API: `podman create` from the arguments spec.py builds (tested as data), networks, logs, and
-the event stream filtered by label.
+image config, app create and start); a podman CLI run costs 30-130 ms of process start-up
+each here, the same request to a `podman system service` a few. So the node runs a service of
+its own and sends those calls there. The CLI stays for what runs once or rarely: networks,
+logs, and the event stream filtered by label.
 """
 
 from __future__ import annotations
