@@ -7,9 +7,10 @@ Usage: python benchmarks/session_start.py [--runs 20] [--templates xterm,firefox
                                           [--unsandboxed]
 Prints p50/p95 per template and backend. --unsandboxed also runs the local backend with
 --insecure-shared-user, in the same run, as the anchor that shows what the sandbox costs.
---backend kubernetes runs the docker backend and then the kubernetes one (pods on a real
-kube-apiserver, run by the podman test node: see benchmarks/kube_env.py) in the same run, on
-the same podman, and prints the ratio of their p50s.
+--backend kubernetes runs the docker backend and the kubernetes one (pods on a real
+kube-apiserver, run by the podman test node: see benchmarks/kube_env.py) side by side, both up
+at once on the same podman storage, their runs alternating (each kube run once the previous
+session's pod is gone), and prints the ratio of their p50s.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 
@@ -78,34 +80,44 @@ async def first_frame(url: str, token: str, template: str, timeout: float = 60) 
                 await asyncio.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class Contender:
+    label: str
+    url: str
+    settled: Callable[[], Awaitable[None]] | None = None
+    """Awaited before each run (of any contender): until what the backend removes after a
+    stop has returned (a pod's containers) is gone, so no run is timed against it."""
+
+
 async def measure(
-    url: str,
-    templates: list[str],
-    runs: int,
-    label: str,
-    settled: Callable[[], Awaitable[None]] | None = None,
-) -> dict[str, list[float]]:
-    """`settled`, when given, is awaited after each session has stopped: until what the
-    backend removes after stop has returned is gone, so no run is timed against it."""
-    token = login(url)
-    results: dict[str, list[float]] = {}
+    contenders: list[Contender], templates: list[str], runs: int
+) -> dict[str, dict[str, list[float]]]:
+    """label -> template -> times. With several contenders the runs alternate between them,
+    so a drift in what else the machine does lands on all of them alike."""
+    tokens = {c.label: login(c.url) for c in contenders}
+    results: dict[str, dict[str, list[float]]] = {c.label: {} for c in contenders}
     for template in templates:
-        times: list[float] = []
-        errors = 0
-        await first_frame(url, token, template)  # warm caches (page cache, fonts)
+        times: dict[str, list[float]] = {c.label: [] for c in contenders}
+        errors = dict.fromkeys(times, 0)
+        for c in contenders:
+            await first_frame(c.url, tokens[c.label], template)  # warm caches (fonts, pages)
         for _ in range(runs):
-            if settled is not None:
-                await settled()
-            try:
-                times.append(await first_frame(url, token, template))
-            except RuntimeError as exc:
-                errors += 1
-                print(f"  {label} {template}: error {exc}")
-        print(
-            summary(f"{label:<7} {template:<8} create->first frame", times) + f" errors={errors}",
-            flush=True,
-        )
-        results[template] = times
+            for c in contenders:
+                for other in contenders:  # no run overlaps any backend's teardown
+                    if other.settled is not None:
+                        await other.settled()
+                try:
+                    times[c.label].append(await first_frame(c.url, tokens[c.label], template))
+                except RuntimeError as exc:
+                    errors[c.label] += 1
+                    print(f"  {c.label} {template}: error {exc}")
+        for c in contenders:
+            print(
+                summary(f"{c.label:<7} {template:<8} create->first frame", times[c.label])
+                + f" errors={errors[c.label]}",
+                flush=True,
+            )
+            results[c.label][template] = times[c.label]
     return results
 
 
@@ -123,26 +135,31 @@ def main() -> None:
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     if args.backend in ("local", "both"):
         with product("up") as url:
-            asyncio.run(measure(url, templates, args.runs, "local"))
+            asyncio.run(measure([Contender("local", url)], templates, args.runs))
         if args.unsandboxed:
             with product("up", args=["--insecure-shared-user"]) as url:
-                asyncio.run(measure(url, templates, args.runs, "nosbx"))
-    docker: dict[str, list[float]] = {}
-    if args.backend in ("docker", "both", "kubernetes"):
+                asyncio.run(measure([Contender("nosbx", url)], templates, args.runs))
+    if args.backend in ("docker", "both"):
         from benchmarks.docker_env import docker_product
 
         with docker_product() as url:
-            docker = asyncio.run(measure(url, templates, args.runs, "docker"))
+            asyncio.run(measure([Contender("docker", url)], templates, args.runs))
     if args.backend == "kubernetes":
+        from benchmarks.docker_env import docker_product
         from benchmarks.kube_env import kube_product
 
-        with kube_product(templates) as cluster:
-            kube = asyncio.run(
-                measure(cluster.url, templates, args.runs, "kube", settled=cluster.settled)
+        with docker_product() as url, kube_product(templates) as cluster:
+            results = asyncio.run(
+                measure(
+                    [Contender("docker", url), Contender("kube", cluster.url, cluster.settled)],
+                    templates,
+                    args.runs,
+                )
             )
-        for template, times in kube.items():
-            if times and docker.get(template):
-                ratio = percentile(times, 50) / percentile(docker[template], 50)
+        for template, times in results["kube"].items():
+            docker = results["docker"].get(template)
+            if times and docker:
+                ratio = percentile(times, 50) / percentile(docker, 50)
                 print(f"kube/docker p50 {template}: {ratio:.2f}x (target <= 1.5x)")
 
 
