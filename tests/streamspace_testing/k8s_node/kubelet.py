@@ -1,8 +1,9 @@
 """The kubelet half of the test node: one worker per pod bound to it.
 
-A worker starts the pod's sandbox (a `sleep` container on the node's podman network holding
-the pod's IP and hostname, which the app containers join), then runs each app container
-through the kubelet's states: waiting (ContainerCreating, ErrImagePull -> ImagePullBackOff,
+A worker creates the pod's sandbox (a `sleep` container on the node's podman network holding
+the pod's IP and hostname, which the app containers join) and starts it while it creates the
+app containers, which start once it runs. Each app container goes through the kubelet's
+states: waiting (ContainerCreating, ErrImagePull -> ImagePullBackOff,
 CreateContainerConfigError, CrashLoopBackOff), running, terminated; the restart policy decides
 what follows an exit. Every change is written to `pods/status` at once. Stopping a worker
 removes the pod's containers and its scratch directory; claims stay.
