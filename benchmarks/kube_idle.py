@@ -68,6 +68,7 @@ async def populate(kubeconfig: Path, namespace: str, sessions: int) -> None:
         make_pod,
         make_vnc_secret,
     )
+    from streamspace.agent.backends.kubernetes.resources import body
 
     keys = files_keys(b"k" * 32, "bench")
 
@@ -97,8 +98,8 @@ async def populate(kubeconfig: Path, namespace: str, sessions: int) -> None:
             files=keys,
         )
         async with limit:
-            await core.create_namespaced_secret(namespace, secret)
-            made = await core.create_namespaced_pod(namespace, pod)
+            await core.create_namespaced_secret(namespace, body(secret))
+            made = await core.create_namespaced_pod(namespace, body(pod))
             await core.patch_namespaced_pod_status(
                 made.metadata.name,
                 namespace,
@@ -171,7 +172,8 @@ def main() -> None:
     ap.add_argument("--hold", nargs=3, metavar=("KUBECONFIG", "NAMESPACE", "STATE_DIR"))
     args = ap.parse_args()
     if args.hold:
-        asyncio.run(hold(*args.hold, sessions=args.sessions))
+        kubeconfig, namespace, state_dir = args.hold
+        asyncio.run(hold(kubeconfig, namespace, state_dir, sessions=args.sessions))
         return
 
     from streamspace_testing.kube import running_kube_apiserver

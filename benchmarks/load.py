@@ -165,7 +165,7 @@ class ServiceCPU:
         self._scan()
         total, idle = self._machine()
         busy = 1 - (idle - self.machine0[1]) / max(total - self.machine0[0], 1e-9)
-        used: Counter[str] = Counter()
+        used: defaultdict[str, float] = defaultdict(float)
         for pid, base in self.base.items():
             used[self.kind[pid]] += self.last[pid] - base
             if not Path(f"/proc/{pid}").exists():
@@ -551,6 +551,7 @@ class User:
     async def stream(self, sid: str) -> None:
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed, WebSocketException
+        from websockets.typing import Subprotocol
 
         r, a, _ = await self.call("POST", "connect", f"/api/v1/sessions/{sid}/connect")
         if r is None:
@@ -564,7 +565,7 @@ class User:
                 asyncio.timeout(20),
                 connect(
                     url,
-                    subprotocols=["binary"],
+                    subprotocols=[Subprotocol("binary")],
                     compression=None,
                     max_size=None,
                     open_timeout=10,
@@ -1025,7 +1026,9 @@ Histograms = dict[tuple[str, str], dict[float, float]]
 
 
 def scrape_histograms(replicas: list[Replica]) -> Histograms:
-    found: dict[tuple[str, str], Counter[float]] = defaultdict(Counter)
+    found: defaultdict[tuple[str, str], defaultdict[float, float]] = defaultdict(
+        lambda: defaultdict(float)
+    )
     for rep in replicas:
         for line in httpx.get(rep.url + "/metrics", timeout=10).text.splitlines():
             for name in (FORWARD, LOOP_LAG):
@@ -1039,7 +1042,7 @@ def histogram_delta(
     after: Histograms, before: Histograms, name: str, replica_ids: list[str]
 ) -> dict[float, float]:
     """Bucket counts observed between two scrapes, summed over `replica_ids`."""
-    total: Counter[float] = Counter()
+    total: defaultdict[float, float] = defaultdict(float)
     for rid in replica_ids:
         old = before.get((rid, name), {})
         for le, n in after.get((rid, name), {}).items():

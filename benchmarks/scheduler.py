@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from datetime import UTC, datetime
+from multiprocessing.synchronize import Event as EventType
 from typing import Any
 
 import httpx
@@ -121,9 +122,9 @@ def _client_process(
     creds: list[tuple[str, str, str]],
     heartbeat: float,
     slots: int,
-    ready_q: mp.Queue,
-    stop_ev: mp.Event,
-) -> None:  # type: ignore[type-arg]
+    ready_q: mp.Queue[int],
+    stop_ev: EventType,
+) -> None:
     async def main() -> None:
         ready = [0]
         stop = asyncio.Event()
@@ -261,7 +262,7 @@ def main() -> None:
                 owner_id = c.get("/api/v1/auth/me").json()["id"]
             print(f"enrolled {args.agents} agents in {time.perf_counter() - t0:.1f} s")
             slots = max(20, 2 * args.sessions // max(args.agents, 1))
-            ready_q: mp.Queue = mp.Queue()  # type: ignore[type-arg]
+            ready_q: mp.Queue[int] = mp.Queue()
             per = (len(creds) + args.procs - 1) // args.procs
             t0 = time.perf_counter()
             for p in range(args.procs):
