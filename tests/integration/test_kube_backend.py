@@ -28,7 +28,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from streamspace.agent import vnc
-from streamspace.agent.backends.base import BackendError
+from streamspace.agent.backends.base import BackendError, rfb_answers
 from streamspace.agent.backends.kubernetes import KubeConfig, KubernetesBackend, PodSettings
 from streamspace.agent.backends.kubernetes.objects import (
     AGENT_LABEL,
@@ -340,6 +340,46 @@ async def running_status(cluster: Cluster, session_id: str, address: str) -> Non
             container_status(IMAGE, {"running": {"startedAt": "2026-01-01T00:00:00Z"}}, True)
         ],
     )
+
+
+async def test_vnc_answering_before_the_status_says_running_is_not_ready_yet(
+    cluster: Cluster, xvnc_at: Any
+) -> None:
+    """The agent probes the port from the moment the pod has an address, but reports ready
+    only once the pod's status says the container runs, so what `status` and `open_vnc` read
+    from the cache agrees with the endpoint start returned."""
+    address = host_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to stand in for a pod IP")
+    port = free_port(address)
+    backend = cluster.backend(pod=PodSettings(vnc_port=port))
+    starting = asyncio.create_task(backend.start(spec("s-early")))
+    await cluster.wait_pod("s-early")
+    secret = await eventually(
+        lambda: cluster.core.read_namespaced_secret(secret_name("s-early"), cluster.namespace),
+        what="the session secret",
+    )
+    xvnc_at(address, port, base64.b64decode(secret.data[SECRET_PASSWORD_KEY]))
+    await eventually(lambda: rfb_answers(port, host=address), what="Xvnc listening")
+    await cluster.status(
+        "s-early",
+        phase="Pending",
+        podIP=address,
+        podIPs=[{"ip": address}],
+        conditions=[{"type": "PodScheduled", "status": "True"}],
+        containerStatuses=[container_status(IMAGE, {"waiting": {"reason": "ContainerCreating"}})],
+    )
+    done, _ = await asyncio.wait({starting}, timeout=1.0)
+    assert not done, "start returned before the pod's status said its container runs"
+    assert (await backend.status("s-early")).endpoint is None
+
+    await running_status(cluster, "s-early", address)
+    endpoint = await asyncio.wait_for(starting, 10)
+    assert (endpoint.host, endpoint.port) == (address, port)
+    assert (await backend.status("s-early")).endpoint == endpoint
+    messages = [m for s, m in cluster.progress if s == "s-early"]
+    assert messages[-2:] == ["container started", "VNC ready"]
+    await backend.stop("s-early")
 
 
 async def test_running_session_serves_vnc_then_hibernates_wakes_stops_and_is_adopted(

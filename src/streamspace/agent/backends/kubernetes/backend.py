@@ -72,6 +72,14 @@ log = logs.get_logger("streamspace.agent.kubernetes")
 SYNC_TIMEOUT = resources.SYNC_TIMEOUT
 SOUND_PROBE_SECONDS = 3.0
 """How long the pod's sound port may take to accept before the session counts as soundless."""
+PROBE_INTERVAL = 0.05
+"""How often a starting pod's VNC port is tried: as often as the docker backend tries, for
+FAST_PROBE_SECONDS after the pod gets its address and whenever its container runs; in between
+(a long image pull keeps the container waiting with the address already there) every
+SLOW_PROBE_INTERVAL, so many slow starts do not hammer the pod network. A status change wakes
+the wait at once either way."""
+SLOW_PROBE_INTERVAL = 0.5
+FAST_PROBE_SECONDS = 2.0
 
 
 class KubernetesBackend(Backend):
@@ -444,6 +452,7 @@ class KubernetesBackend(Backend):
         name = objects.pod_name(session_id)
         reported: set[str] = set()
         answered = False
+        addressed_at: float | None = None
         port = self.config.pod.vnc_port
         while True:
             pod = pods.items.get(name)
@@ -457,6 +466,8 @@ class KubernetesBackend(Backend):
                     reported.add(milestone)
                     await self._progress(session_id, milestone)
             address = podstate.pod_ip(pod)
+            if address and addressed_at is None:
+                addressed_at = time.monotonic()
             if address and not answered:
                 answered = await rfb_answers(port, host=address, read_timeout=1.0)
             if answered and podstate.container_running(pod):
@@ -468,9 +479,15 @@ class KubernetesBackend(Backend):
                     f"the session's VNC server did not answer within "
                     f"{self.config.start_timeout:.0f}s (pod phase {podstate.phase(pod)})"
                 )
-            # An address but no answer yet: probe again soon (as often as the docker backend
-            # does); otherwise sleep until the pod changes.
-            wait = min(remaining, 0.05 if address and not answered else remaining)
+            # An address but no answer yet: probe again soon; otherwise sleep until the pod
+            # changes.
+            wait = remaining
+            if address and not answered and addressed_at is not None:
+                hurry = (
+                    podstate.container_running(pod)
+                    or time.monotonic() - addressed_at < FAST_PROBE_SECONDS
+                )
+                wait = min(remaining, PROBE_INTERVAL if hurry else SLOW_PROBE_INTERVAL)
             await pods.wait_for(functools.partial(_changed, pods, name, _version(pod)), wait)
 
     async def _delete_pod(self, session_id: str) -> None:
