@@ -342,24 +342,34 @@ async def running_status(cluster: Cluster, session_id: str, address: str) -> Non
     )
 
 
+async def start_with_xvnc(
+    cluster: Cluster, xvnc_at: Any, session_id: str
+) -> tuple[KubernetesBackend, asyncio.Task[Any], str, int]:
+    """A start in progress (backend, its task, the address and port) whose pod has a real Xvnc
+    at a host address standing in for its IP, serving the password the agent put in the
+    Secret (as the image does); no status yet."""
+    address = host_address()
+    if address is None:
+        pytest.skip("this host has no non-loopback IPv4 address to stand in for a pod IP")
+    port = free_port(address)
+    backend = cluster.backend(pod=PodSettings(vnc_port=port))
+    task = asyncio.create_task(backend.start(spec(session_id)))
+    await cluster.wait_pod(session_id)
+    secret = await eventually(
+        lambda: cluster.core.read_namespaced_secret(secret_name(session_id), cluster.namespace),
+        what="the session secret",
+    )
+    xvnc_at(address, port, base64.b64decode(secret.data[SECRET_PASSWORD_KEY]))
+    return backend, task, address, port
+
+
 async def test_vnc_answering_before_the_status_says_running_is_not_ready_yet(
     cluster: Cluster, xvnc_at: Any
 ) -> None:
     """The agent probes the port from the moment the pod has an address, but reports ready
     only once the pod's status says the container runs, so what `status` and `open_vnc` read
     from the cache agrees with the endpoint start returned."""
-    address = host_address()
-    if address is None:
-        pytest.skip("this host has no non-loopback IPv4 address to stand in for a pod IP")
-    port = free_port(address)
-    backend = cluster.backend(pod=PodSettings(vnc_port=port))
-    starting = asyncio.create_task(backend.start(spec("s-early")))
-    await cluster.wait_pod("s-early")
-    secret = await eventually(
-        lambda: cluster.core.read_namespaced_secret(secret_name("s-early"), cluster.namespace),
-        what="the session secret",
-    )
-    xvnc_at(address, port, base64.b64decode(secret.data[SECRET_PASSWORD_KEY]))
+    backend, starting, address, port = await start_with_xvnc(cluster, xvnc_at, "s-early")
     await eventually(lambda: rfb_answers(port, host=address), what="Xvnc listening")
     await cluster.status(
         "s-early",
@@ -385,19 +395,7 @@ async def test_vnc_answering_before_the_status_says_running_is_not_ready_yet(
 async def test_running_session_serves_vnc_then_hibernates_wakes_stops_and_is_adopted(
     cluster: Cluster, xvnc_at: Any
 ) -> None:
-    address = host_address()
-    if address is None:
-        pytest.skip("this host has no non-loopback IPv4 address to stand in for a pod IP")
-    port = free_port(address)
-    backend = cluster.backend(pod=PodSettings(vnc_port=port))
-    starting = asyncio.create_task(backend.start(spec("s-run")))
-    await cluster.wait_pod("s-run")
-    secret = await eventually(
-        lambda: cluster.core.read_namespaced_secret(secret_name("s-run"), cluster.namespace),
-        what="the session secret",
-    )
-    # The session's server takes the password the agent put in the Secret, as the image does.
-    xvnc_at(address, port, base64.b64decode(secret.data[SECRET_PASSWORD_KEY]))
+    backend, starting, address, port = await start_with_xvnc(cluster, xvnc_at, "s-run")
     await running_status(cluster, "s-run", address)
     endpoint = await asyncio.wait_for(starting, 15)
     assert (endpoint.host, endpoint.port) == (address, port)
